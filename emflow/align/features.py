@@ -1,0 +1,169 @@
+"""SIFT keypoints and descriptors of one EM slice, computed on a reduced working copy.
+
+Core representation: :class:`Features` holds keypoint positions as an ``(N, 2)`` float32
+array of ``(x, y)`` pixel coordinates at FULL resolution (pixel centres at integers, x to
+the right, y down) and their ``(N, 128)`` float32 SIFT descriptors. Features are small
+(~0.5 MB for 4000 keypoints) and picklable, so they travel between workers; the image
+does not.
+
+The working copy is the slice block-averaged by an integer factor ``downsample`` (``f``);
+working pixel ``(u, v)`` covers full-resolution pixels ``f*u .. f*u+f-1``, so its centre is
+at full-resolution ``x = f*u + (f-1)/2`` (same for y). Exact-zero fill (warped-in
+background, missing tiles) is masked and the mask eroded so that the fill edge does not
+create features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = ["Features", "choose_downsample", "compute_features", "working_copy"]
+
+#: Long side (px) above which the working copy is reduced; the working long side ends up
+#: in [WORKING_LONG_SIDE_PX, 2 * WORKING_LONG_SIDE_PX) for inputs at least this large.
+WORKING_LONG_SIDE_PX = 1024
+#: Erosion (working px) of the valid mask away from exact-zero fill.
+FILL_MARGIN_PX = 9
+#: Zero regions smaller than this square (working px) are dark pixels, not fill.
+MIN_FILL_SIZE_PX = 5
+
+
+@dataclass(frozen=True)
+class Features:
+    """Keypoints (full-resolution ``(x, y)`` px) and SIFT descriptors of one slice.
+
+    Attributes
+    ----------
+    keypoints_xy : numpy.ndarray
+        ``(N, 2)`` float32, full-resolution pixel coordinates ``(x, y)``.
+    descriptors : numpy.ndarray
+        ``(N, 128)`` float32 SIFT descriptors, row ``i`` belongs to keypoint ``i``.
+    shape_yx : tuple of int
+        Full-resolution slice shape ``(height, width)`` in px.
+    downsample : int
+        Integer block-averaging factor of the working copy the features came from.
+    """
+
+    keypoints_xy: np.ndarray
+    descriptors: np.ndarray
+    shape_yx: tuple[int, int]
+    downsample: int
+
+    def __len__(self) -> int:
+        return int(self.keypoints_xy.shape[0])
+
+
+def choose_downsample(shape_yx: tuple[int, int]) -> int:
+    """Integer reduction factor so the working copy's long side is ~1024-2048 px.
+
+    Cost of SIFT is set by the working size, and accuracy is unchanged down to a
+    ~512 px working copy (notes/ALIGNMENT.md), so large slices are reduced.
+
+    Parameters
+    ----------
+    shape_yx : tuple of int
+        Full-resolution slice shape ``(height, width)`` in px.
+
+    Returns
+    -------
+    int
+        ``max(1, long_side // 1024)``: 1 up to 2047 px, 2 for 2048-3071 px, 8 for 8192 px.
+
+    Examples
+    --------
+    >>> choose_downsample((1024, 1024)), choose_downsample((8192, 6000))
+    (1, 8)
+    """
+    long_side = max(int(shape_yx[0]), int(shape_yx[1]))
+    return max(1, long_side // WORKING_LONG_SIDE_PX)
+
+
+def working_copy(image: np.ndarray, downsample: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block-mean reduced uint8 copy of a slice and its valid (non-fill) mask, both (y, x).
+
+    The grey levels are stretched to 0..255 between the 0.1 and 99.9 percentiles of the
+    non-zero pixels (any input dtype; per-slice scaling is fine for features only).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(y, x)`` slice, any integer or float dtype; exact 0 is fill.
+    downsample : int
+        Integer factor ``f >= 1``; trailing rows/columns that do not fill a block are dropped.
+
+    Returns
+    -------
+    work : numpy.ndarray
+        ``(H // f, W // f)`` uint8 working copy.
+    valid : numpy.ndarray
+        Same shape, uint8, 255 where keypoints are allowed (fill removed and eroded).
+    """
+    if image.ndim != 2:
+        raise ValueError(f"expected a (y, x) slice, got shape {image.shape}")
+    f = int(downsample)
+    if f < 1:
+        raise ValueError(f"downsample must be >= 1, got {downsample}")
+    h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
+    img = image[:h, :w]
+    if f == 1:
+        small = img.astype(np.float32)
+        zero_frac = (img == 0).astype(np.float32)
+    else:
+        size = (w // f, h // f)
+        small = cv2.resize(img.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+        zero_frac = cv2.resize((img == 0).astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    fill = (zero_frac >= 0.5).astype(np.uint8)
+    k_small = cv2.getStructuringElement(cv2.MORPH_RECT, (MIN_FILL_SIZE_PX, MIN_FILL_SIZE_PX))
+    fill = cv2.morphologyEx(fill, cv2.MORPH_OPEN, k_small)
+    k_grow = cv2.getStructuringElement(
+        cv2.MORPH_ELLIPSE, (2 * FILL_MARGIN_PX + 1, 2 * FILL_MARGIN_PX + 1)
+    )
+    fill = cv2.dilate(fill, k_grow)
+    valid = np.where(fill > 0, 0, 255).astype(np.uint8)
+    values = small[(fill == 0) & (zero_frac < 1.0)]
+    if values.size < 16:
+        return np.zeros(small.shape, np.uint8), valid
+    lo, hi = np.percentile(values, [0.1, 99.9])
+    if not hi > lo:
+        return np.zeros(small.shape, np.uint8), valid
+    work = np.clip((small - lo) * (255.0 / (hi - lo)), 0, 255)
+    return np.rint(work).astype(np.uint8), valid
+
+
+def compute_features(
+    image: np.ndarray, *, downsample: int | None = None, nfeatures: int = 4000
+) -> Features:
+    """SIFT keypoints (full-res ``(x, y)`` px) and descriptors of a (y, x) slice for matching.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(y, x)`` slice, uint8/uint16/float; exact 0 is treated as fill and masked.
+    downsample : int, optional
+        Working-copy factor; default :func:`choose_downsample` of the slice shape.
+    nfeatures : int
+        Keep at most this many strongest keypoints (OpenCV SIFT ``nfeatures``).
+
+    Returns
+    -------
+    Features
+        Possibly with 0 keypoints (blank or featureless slice); never raises for those.
+    """
+    shape_yx = (int(image.shape[0]), int(image.shape[1]))
+    f = choose_downsample(shape_yx) if downsample is None else int(downsample)
+    work, valid = working_copy(image, f)
+    kps: list = []
+    desc = None
+    if work.size and work.max() > 0 and valid.any():
+        sift = cv2.SIFT_create(nfeatures=int(nfeatures))
+        kps, desc = sift.detectAndCompute(work, valid)
+    if not kps or desc is None:
+        return Features(
+            np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), shape_yx, f
+        )
+    uv = np.array([kp.pt for kp in kps], dtype=np.float64)
+    xy = uv * f + (f - 1) / 2.0
+    return Features(xy.astype(np.float32), np.asarray(desc, np.float32), shape_yx, f)

@@ -1,0 +1,334 @@
+"""Match the features of two slices and fit their relative 2x3 transform with RANSAC.
+
+Core representation: :class:`PairResult` for slices ``(z_a, z_b)`` carries a 2x3 float64
+matrix in FULL-resolution ``(x, y)`` pixel coordinates that maps a point of slice ``z_b``
+onto the same tissue in slice ``z_a`` (``p_a = M @ [x_b, y_b, 1]``). So, with
+``T_z`` the source->global transform of slice z, ``T_b = T_a @ M`` (3x3 homogeneous).
+
+Model choice ("auto"): fit the affine on the RANSAC inliers, fit translation and rigid
+on the same inliers, and keep the simplest model whose largest displacement from the
+affine over the four corners of slice ``z_b`` is below ``model_corner_threshold_px``
+(full-resolution px). The decision is made in pixels, never on a matrix coefficient.
+A pair that fails a check is a failure (``ok=False`` with a reason), never "identity".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import cv2
+import numpy as np
+
+from emflow.align.features import Features, compute_features
+
+__all__ = [
+    "MODELS",
+    "MatchConfig",
+    "PairResult",
+    "corner_points_xy",
+    "fit_affine",
+    "fit_rigid",
+    "fit_translation",
+    "linear_distortion",
+    "match",
+    "match_features",
+]
+
+MODELS = ("translation", "rigid", "affine")
+#: Keypoint count above which FLANN (KD-trees) replaces brute-force kNN.
+FLANN_MIN_KEYPOINTS = 3000
+
+Matrix2x3 = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Settings of pairwise matching; px are at the WORKING scale unless named full-res."""
+
+    ratio: float = 0.75  # Lowe ratio test on the 2 nearest descriptors
+    ransac_threshold_px: float = 3.0  # RANSAC inlier distance, working px
+    min_inliers: int = 20  # fewer inliers -> failed pair
+    min_inlier_ratio: float = 0.05  # inliers / ratio-test matches
+    max_residual_px: float = 2.0  # inlier RMS of the chosen model, working px
+    max_scale_deviation: float = 0.02  # |sqrt(det L) - 1| of the affine's linear part L
+    max_shear: float = 0.02  # anisotropy (s1 - s2) / (s1 + s2) of L's stretch
+    max_translation_fraction: float = 0.25  # centre shift / long side of the slice
+    model: str = "auto"  # "auto" | "translation" | "rigid" | "affine"
+    model_corner_threshold_px: float = 1.0  # full-res px, see module docstring
+    seed: int = 0  # cv2.setRNGSeed before FLANN and RANSAC
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """Outcome of matching slice ``z_b`` onto slice ``z_a``; matrix maps b's (x, y) into a's.
+
+    Attributes
+    ----------
+    z_a, z_b : int
+        The pair.
+    ok : bool
+        False if any acceptance check failed; ``reason`` then says which.
+    reason : str
+        Empty when ok, else e.g. ``"too few inliers (3 < 20)"``.
+    model : str
+        Chosen model, ``"translation"``, ``"rigid"`` or ``"affine"``.
+    matrix : tuple
+        Chosen model as a 2x3 nested tuple, full-resolution (x, y) px, b -> a.
+    affine : tuple
+        The affine fit (same convention), kept for QC.
+    inliers, matches : int
+        RANSAC inliers of the affine fit and ratio-test matches.
+    residual_px : float
+        Inlier RMS of the chosen model, full-resolution px.
+    corner_gap_px : float
+        Largest corner displacement between the chosen model and the affine fit, full-res px.
+    """
+
+    z_a: int
+    z_b: int
+    ok: bool
+    reason: str
+    model: str
+    matrix: Matrix2x3
+    affine: Matrix2x3
+    inliers: int
+    matches: int
+    residual_px: float
+    corner_gap_px: float
+
+    @property
+    def matrix_array(self) -> np.ndarray:
+        """The chosen 2x3 matrix as a float64 array (b -> a, full-res (x, y) px)."""
+        return np.array(self.matrix, dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (floats kept exact; json writes them with repr)."""
+        d = asdict(self)
+        d["matrix"] = [list(r) for r in self.matrix]
+        d["affine"] = [list(r) for r in self.affine]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PairResult:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            z_a=int(d["z_a"]),
+            z_b=int(d["z_b"]),
+            ok=bool(d["ok"]),
+            reason=str(d["reason"]),
+            model=str(d["model"]),
+            matrix=_as_tuple(d["matrix"]),
+            affine=_as_tuple(d["affine"]),
+            inliers=int(d["inliers"]),
+            matches=int(d["matches"]),
+            residual_px=float(d["residual_px"]),
+            corner_gap_px=float(d["corner_gap_px"]),
+        )
+
+
+def _as_tuple(m: Any) -> Matrix2x3:
+    a = np.asarray(m, dtype=np.float64).reshape(2, 3)
+    return (
+        (float(a[0, 0]), float(a[0, 1]), float(a[0, 2])),
+        (float(a[1, 0]), float(a[1, 1]), float(a[1, 2])),
+    )
+
+
+_IDENTITY: Matrix2x3 = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+
+
+def corner_points_xy(shape_yx: tuple[int, int]) -> np.ndarray:
+    """The 4 corner pixel centres of a (y, x) slice as a (4, 2) float64 array of (x, y)."""
+    h, w = shape_yx
+    return np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], dtype=np.float64)
+
+
+def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+def fit_affine(src_xy: np.ndarray, dst_xy: np.ndarray) -> np.ndarray:
+    """Least-squares 2x3 affine mapping (N, 2) src points onto dst points, (x, y) px."""
+    src = np.asarray(src_xy, np.float64)
+    dst = np.asarray(dst_xy, np.float64)
+    c_s, c_d = src.mean(axis=0), dst.mean(axis=0)
+    a = src - c_s
+    sol, *_ = np.linalg.lstsq(a, dst - c_d, rcond=None)
+    lin = sol.T
+    return np.hstack([lin, (c_d - lin @ c_s)[:, None]])
+
+
+def fit_rigid(src_xy: np.ndarray, dst_xy: np.ndarray) -> np.ndarray:
+    """Least-squares rotation + translation (no scale) mapping src onto dst, 2x3 (x, y) px."""
+    src = np.asarray(src_xy, np.float64)
+    dst = np.asarray(dst_xy, np.float64)
+    c_s, c_d = src.mean(axis=0), dst.mean(axis=0)
+    s, d = src - c_s, dst - c_d
+    theta = np.arctan2(
+        np.sum(s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]), np.sum(s[:, 0] * d[:, 0] + s[:, 1] * d[:, 1])
+    )
+    c, n = np.cos(theta), np.sin(theta)
+    lin = np.array([[c, -n], [n, c]])
+    return np.hstack([lin, (c_d - lin @ c_s)[:, None]])
+
+
+def fit_translation(src_xy: np.ndarray, dst_xy: np.ndarray) -> np.ndarray:
+    """Least-squares translation mapping src onto dst, 2x3 (x, y) px."""
+    t = np.mean(np.asarray(dst_xy, np.float64) - np.asarray(src_xy, np.float64), axis=0)
+    return np.array([[1.0, 0.0, t[0]], [0.0, 1.0, t[1]]])
+
+
+def linear_distortion(matrix: np.ndarray) -> tuple[float, float]:
+    """Isotropic scale change and anisotropic stretch of a 2x3 matrix's linear part.
+
+    Returns ``(sqrt(det L) - 1, (s1 - s2) / (s1 + s2))`` with ``s1 >= s2`` the singular
+    values of ``L``; both are 0 for a rigid transform (dimensionless).
+    """
+    lin = np.asarray(matrix, np.float64)[:, :2]
+    s = np.linalg.svd(lin, compute_uv=False)
+    det = float(np.linalg.det(lin))
+    scale = float(np.sqrt(det)) - 1.0 if det > 0 else float("inf")
+    return scale, float((s[0] - s[1]) / (s[0] + s[1]))
+
+
+def _corner_gap(m1: np.ndarray, m2: np.ndarray, shape_yx: tuple[int, int]) -> float:
+    c = corner_points_xy(shape_yx)
+    return float(np.max(np.linalg.norm(_apply(m1, c) - _apply(m2, c), axis=1)))
+
+
+def _failed(z_a: int, z_b: int, reason: str, matches: int = 0, inliers: int = 0) -> PairResult:
+    return PairResult(
+        z_a, z_b, False, reason, "affine", _IDENTITY, _IDENTITY, inliers, matches,
+        float("nan"), float("nan"),
+    )  # fmt: skip
+
+
+def _ratio_matches(fa: Features, fb: Features, config: MatchConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (into fb, into fa) of descriptor matches passing the ratio test."""
+    cv2.setRNGSeed(int(config.seed))
+    if min(len(fa), len(fb)) > FLANN_MIN_KEYPOINTS:
+        matcher = cv2.FlannBasedMatcher({"algorithm": 1, "trees": 4}, {"checks": 32})
+    else:
+        matcher = cv2.BFMatcher(cv2.NORM_L2)
+    knn = matcher.knnMatch(fb.descriptors, fa.descriptors, k=2)
+    ib, ia = [], []
+    for pair in knn:
+        if len(pair) == 2 and pair[0].distance < config.ratio * pair[1].distance:
+            ib.append(pair[0].queryIdx)
+            ia.append(pair[0].trainIdx)
+    return np.asarray(ib, np.int64), np.asarray(ia, np.int64)
+
+
+def match_features(
+    fa: Features,
+    fb: Features,
+    *,
+    z_a: int = 0,
+    z_b: int = 1,
+    config: MatchConfig = MatchConfig(),  # noqa: B008 - frozen, immutable default
+) -> PairResult:
+    """Fit the 2x3 transform (full-res (x, y) px) mapping slice ``z_b`` onto slice ``z_a``.
+
+    Ratio-test kNN matching, RANSAC affine at the working-scale threshold, least-squares
+    refit on the inliers, model choice (see module docstring) and acceptance checks.
+
+    Parameters
+    ----------
+    fa, fb : Features
+        Features of slices ``z_a`` (target) and ``z_b`` (moving).
+    z_a, z_b : int
+        Slice indices recorded in the result.
+    config : MatchConfig
+        Thresholds and model policy.
+
+    Returns
+    -------
+    PairResult
+        ``ok=False`` with a reason when a check fails; never raises for bad data.
+    """
+    if config.model not in (*MODELS, "auto"):
+        raise ValueError(f"MatchConfig.model must be auto|translation|rigid|affine, not {config.model!r}")
+    need = max(int(config.min_inliers), 3)
+    for z, f in ((z_a, fa), (z_b, fb)):
+        if len(f) < need:
+            return _failed(z_a, z_b, f"too few keypoints in slice {z} ({len(f)} < {need})")
+    ib, ia = _ratio_matches(fa, fb, config)
+    n_matches = int(ib.size)
+    if n_matches < need:
+        return _failed(z_a, z_b, f"too few matches ({n_matches} < {need})", n_matches)
+    pb = fb.keypoints_xy[ib].astype(np.float64)
+    pa = fa.keypoints_xy[ia].astype(np.float64)
+    ds = max(fa.downsample, fb.downsample)
+    thr = float(config.ransac_threshold_px) * ds
+    cv2.setRNGSeed(int(config.seed))
+    m0, mask = cv2.estimateAffine2D(
+        pb, pa, method=cv2.RANSAC, ransacReprojThreshold=thr, maxIters=2000,
+        confidence=0.999, refineIters=10,
+    )  # fmt: skip
+    if m0 is None or mask is None:
+        return _failed(z_a, z_b, "RANSAC found no model", n_matches)
+    inl = mask.ravel().astype(bool)
+    affine = np.asarray(m0, np.float64)
+    for _ in range(3):  # least-squares refit, re-selecting inliers against the refit
+        if inl.sum() < 3:
+            break
+        affine = fit_affine(pb[inl], pa[inl])
+        new = np.linalg.norm(_apply(affine, pb) - pa, axis=1) < thr
+        if np.array_equal(new, inl):
+            break
+        inl = new
+    n_inl = int(inl.sum())
+    if n_inl < need:
+        return _failed(z_a, z_b, f"too few inliers ({n_inl} < {config.min_inliers})", n_matches, n_inl)
+    src, dst = pb[inl], pa[inl]
+    fits = {"translation": fit_translation(src, dst), "rigid": fit_rigid(src, dst), "affine": affine}
+    gaps = {k: _corner_gap(v, affine, fb.shape_yx) for k, v in fits.items()}
+    if config.model == "auto":
+        model = next(k for k in MODELS if gaps[k] < config.model_corner_threshold_px or k == "affine")
+    else:
+        model = config.model
+    chosen = fits[model]
+    residual = float(np.sqrt(np.mean(np.sum((_apply(chosen, src) - dst) ** 2, axis=1))))
+    scale, shear = linear_distortion(affine)
+    h, w = fb.shape_yx
+    centre = np.array([[(w - 1) / 2.0, (h - 1) / 2.0]])
+    shift = float(np.linalg.norm(_apply(chosen, centre) - centre))
+    reason = ""
+    if n_inl / n_matches < config.min_inlier_ratio:
+        reason = f"inlier ratio too low ({n_inl}/{n_matches} < {config.min_inlier_ratio})"
+    elif residual / ds > config.max_residual_px:
+        reason = f"residual too high ({residual / ds:.2f} > {config.max_residual_px} working px)"
+    elif abs(scale) > config.max_scale_deviation:
+        reason = f"scale change out of range (|{scale:.4f}| > {config.max_scale_deviation})"
+    elif shear > config.max_shear:
+        reason = f"shear out of range ({shear:.4f} > {config.max_shear})"
+    elif shift > config.max_translation_fraction * max(h, w):
+        reason = (
+            f"translation out of range ({shift:.1f} px > "
+            f"{config.max_translation_fraction} x {max(h, w)} px)"
+        )
+    return PairResult(
+        int(z_a), int(z_b), reason == "", reason, model, _as_tuple(chosen), _as_tuple(affine),
+        n_inl, n_matches, residual, gaps[model],
+    )  # fmt: skip
+
+
+def match(a: np.ndarray, b: np.ndarray, **kw: Any) -> PairResult:
+    """Notebook helper: features of two (y, x) slices and their pair fit (b -> a, full-res px).
+
+    Keyword arguments ``downsample``, ``nfeatures``, ``z_a``, ``z_b`` and ``config`` are
+    passed on; any :class:`MatchConfig` field name (e.g. ``model="rigid"``) overrides the
+    config.
+    """
+    feat_kw = {k: kw.pop(k) for k in ("downsample", "nfeatures") if k in kw}
+    z_a, z_b = int(kw.pop("z_a", 0)), int(kw.pop("z_b", 1))
+    config = kw.pop("config", MatchConfig())
+    names = {f.name for f in fields(MatchConfig)}
+    unknown = set(kw) - names
+    if unknown:
+        raise TypeError(f"unknown argument(s) for match(): {sorted(unknown)}")
+    config = replace(config, **kw)
+    fa = compute_features(a, **feat_kw)
+    fb = compute_features(b, **feat_kw)
+    return match_features(fa, fb, z_a=z_a, z_b=z_b, config=config)

@@ -1,0 +1,38 @@
+"""The functions a notebook calls (re-exported from :mod:`emflow`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from emflow.discover import SliceCatalog, discover_recipe
+from emflow.pipeline import Plan, RunResult, plan_output
+from emflow.pipeline import run as _run
+from emflow.recipe import Recipe, load_recipe, recipe_from_dict
+
+
+def _as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return recipe_from_dict(recipe)
+    return load_recipe(recipe)
+
+
+def run(recipe: Recipe | str | Path | dict, *, client: Any = None, restart: bool = False,
+        progress: bool | None = None, log: Any = None) -> RunResult:
+    """Run an ingest. ``client=None`` runs serially in this process; pass a Dask Client to distribute."""
+    return _run(_as_recipe(recipe), client=client, restart=restart, progress=progress, log=log)
+
+
+def discover(recipe: Recipe | str | Path | dict) -> SliceCatalog:
+    """Discover the source slices of a recipe (headers only)."""
+    return discover_recipe(_as_recipe(recipe))
+
+
+def plan(recipe: Recipe | str | Path | dict, *, threads: int = 2, memory_per_thread: int = 4 << 30) -> Plan:
+    """Plan levels, slabs and passes (identity alignment frame; alignment may enlarge it)."""
+    r = _as_recipe(recipe)
+    cat = discover_recipe(r)
+    return plan_output(r, len(cat.slices), cat.shape_yx, cat.dtype, threads=threads,
+                       memory_per_thread=memory_per_thread)

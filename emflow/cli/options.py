@@ -1,0 +1,41 @@
+"""CLI options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+ClusterOpt = Annotated[
+    str,
+    typer.Option("--cluster", help="local | slurm | lsf | pbs | sge | kubernetes | tcp://host:port"),
+]
+ClusterConfigOpt = Annotated[
+    Path | None, typer.Option("--cluster-config", help="site YAML with dask-jobqueue / dask-kubernetes keys")
+]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="workers (adaptive minimum on HPC)")]
+MaxWorkersOpt = Annotated[int | None, typer.Option("--max-workers", help="adaptive maximum on HPC")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="threads per worker")]
+MemoryOpt = Annotated[str | None, typer.Option("--memory", help="memory per worker, e.g. 4GiB")]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="no TLS between scheduler and workers")]
+
+
+def cluster_request(recipe, cluster: str, cluster_config: Path | None, workers: int | None,
+                    max_workers: int | None, threads: int | None, memory: str | None,
+                    insecure: bool, log_dir: Path | None, dashboard_address: str = ":8787"):
+    """Merge recipe ``run`` settings and CLI flags (flags win) into a ClusterRequest."""
+    from emflow.cluster import ClusterRequest
+
+    return ClusterRequest(
+        kind=cluster,
+        config_path=cluster_config,
+        workers=workers or recipe.run.workers,
+        max_workers=max_workers,
+        threads_per_worker=threads or recipe.run.threads_per_worker,
+        memory_per_worker=memory or recipe.run.memory_per_worker,
+        insecure=insecure,
+        log_dir=log_dir,
+        dashboard_address=dashboard_address,
+    )

@@ -1,0 +1,1 @@
+"""Readers (PNG, TIFF, JPEG) and writers (neuroglancer precomputed, OME-Zarr)."""

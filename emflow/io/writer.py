@@ -1,0 +1,37 @@
+"""The Writer protocol every output format implements.
+
+A writer is created once by the driver (``create``: metadata and empty arrays),
+pickled to workers, and used there to write whole-frame blocks of one level
+(``write``); the driver calls ``finalize`` after every block is written. The
+pipeline guarantees that a block covers whole storage objects (chunks or shards)
+of that level, so writes never overlap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class Writer(Protocol):
+    """One output volume (all levels) in one format."""
+
+    name: str
+    path: Path
+
+    def create(self) -> None:
+        """Write metadata and create every level (replacing what is there)."""
+
+    def storage_z(self, level: int) -> int:
+        """Depth in z (level voxels) of this level's storage objects (chunk or shard)."""
+
+    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> None:
+        """Write a whole-frame block of ``level`` starting at z0 (level voxels)."""
+
+    def read(self, level: int, z0: int, z1: int) -> np.ndarray:
+        """Read back whole frames [z0, z1) of ``level`` as (z, y, x)."""
+
+    def finalize(self) -> None:
+        """Write the metadata that marks the volume complete."""

@@ -1,0 +1,182 @@
+"""Pyramid planning and mean downsampling with correct rounding.
+
+Levels are derived by downsampling by 2 along the axes that are finer than the
+coarsest one by more than √2 (serial sections: x and y first), then along all
+three once near-isotropic. Means are computed from integer block sums and
+rounded half to even once per level; partial blocks at the volume's far edges
+average only the voxels that exist (as neuroglancer and tinybrain do).
+Arrays are (z, y, x); factors are (fz, fy, fx) relative to level 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level: cumulative downsampling factor, shape and voxel size."""
+
+    index: int
+    factor_zyx: tuple[int, int, int]
+    shape_zyx: tuple[int, int, int]
+    voxel_size_nm_zyx: tuple[float, float, float]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_step(voxel_size_zyx: Sequence[float]) -> tuple[int, int, int]:
+    """Per-axis factor (1 or 2) of the next level: the fine axes, or all three when near-isotropic."""
+    coarsest = max(voxel_size_zyx)
+    fine = tuple(2 if v * math.sqrt(2) < coarsest else 1 for v in voxel_size_zyx)
+    return fine if any(f == 2 for f in fine) else (2, 2, 2)
+
+
+def plan_levels(
+    shape_zyx: Sequence[int],
+    voxel_size_nm_xyz: Sequence[float],
+    chunk_zyx: Sequence[int],
+    levels: int | None = None,
+) -> list[Level]:
+    """Plan the pyramid: ``levels`` levels, or until the coarsest fits in one chunk."""
+    vs = (float(voxel_size_nm_xyz[2]), float(voxel_size_nm_xyz[1]), float(voxel_size_nm_xyz[0]))
+    shape = tuple(int(s) for s in shape_zyx)
+    factor = (1, 1, 1)
+    out = [Level(0, factor, shape, vs)]  # type: ignore[arg-type]
+    while True:
+        last = out[-1]
+        if levels is not None and len(out) >= levels:
+            break
+        if levels is None and all(s <= c for s, c in zip(last.shape_zyx, chunk_zyx, strict=True)):
+            break
+        if all(s == 1 for s in last.shape_zyx):
+            break
+        step = next_step(last.voxel_size_nm_zyx)
+        factor = tuple(f * s for f, s in zip(last.factor_zyx, step, strict=True))
+        shape = tuple(_ceil_div(s, f) for s, f in zip(shape_zyx, factor, strict=True))
+        size = tuple(v * s for v, s in zip(last.voxel_size_nm_zyx, step, strict=True))
+        out.append(Level(len(out), factor, shape, size))  # type: ignore[arg-type]
+    return out
+
+
+def _sum_pairs(a: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
+    """Sum neighbouring pairs along ``axis`` (a trailing odd element is kept as is)."""
+    n = a.shape[axis]
+    even = np.take(a, np.arange(0, n - 1, 2), axis=axis)
+    odd = np.take(a, np.arange(1, n, 2), axis=axis)
+    out = even.astype(dtype, copy=False) + odd.astype(dtype, copy=False)
+    if n % 2:
+        last = np.take(a, [n - 1], axis=axis).astype(dtype, copy=False)
+        out = np.concatenate([out, last], axis=axis)
+    return out
+
+
+def _sum_pairs_fast(a: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
+    n = a.shape[axis]
+    if n % 2:
+        return _sum_pairs(a, axis, dtype)
+    sl_even = [slice(None)] * a.ndim
+    sl_odd = [slice(None)] * a.ndim
+    sl_even[axis] = slice(0, n, 2)
+    sl_odd[axis] = slice(1, n, 2)
+    return np.add(a[tuple(sl_even)], a[tuple(sl_odd)], dtype=dtype)
+
+
+def _counts_1d(n_in: int, counts_in: np.ndarray) -> np.ndarray:
+    """Voxel counts per output element after pairing ``counts_in`` (length n_in)."""
+    even = counts_in[0 : n_in - 1 : 2] + counts_in[1:n_in:2]
+    return np.concatenate([even, counts_in[-1:]]) if n_in % 2 else even
+
+
+def _divide_round_half_even(sums: np.ndarray, counts: np.ndarray | int, dtype: np.dtype) -> np.ndarray:
+    """round(sums / counts) with ties to even, exactly, in integers."""
+    if isinstance(counts, int) and counts & (counts - 1) == 0:
+        shift = counts.bit_length() - 1
+        q = sums >> shift
+        r = sums & (counts - 1)
+        half = counts >> 1
+        up = (r > half) | ((r == half) & (q & 1).astype(bool)) if half else np.zeros(sums.shape, bool)
+        return (q + up).astype(dtype)
+    q, r = np.divmod(sums, counts)
+    twice = 2 * r
+    up = (twice > counts) | ((twice == counts) & (q & 1).astype(bool))
+    return (q + up).astype(dtype)
+
+
+def _sum_dtype(max_value: int, n_voxels: int) -> np.dtype:
+    top = max_value * n_voxels
+    if top <= np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    if top <= np.iinfo(np.uint32).max:
+        return np.dtype(np.uint32)
+    return np.dtype(np.uint64)
+
+
+def downsample_levels(
+    block_zyx: np.ndarray, steps: Sequence[Sequence[int]]
+) -> list[np.ndarray]:
+    """Mean-downsample a block by successive per-axis steps of 1 or 2, rounding once per level.
+
+    Every level is computed from integer sums of the block's own voxels (not from
+    the rounded level above), then rounded half to even. The block must start on a
+    multiple of each level's cumulative factor (true for slabs cut on chunk grids);
+    blocks whose far edge is the volume's edge may have odd sizes.
+
+    Parameters
+    ----------
+    block_zyx
+        (z, y, x) unsigned-integer block.
+    steps
+        One (fz, fy, fx) step per output level, each entry 1 or 2.
+
+    Returns
+    -------
+    list of arrays
+        One (z, y, x) array per step, same dtype as the block.
+    """
+    dtype = block_zyx.dtype
+    if dtype.kind != "u":
+        raise TypeError(f"downsample_levels needs unsigned integers, got {dtype}")
+    max_value = int(np.iinfo(dtype).max)
+    sums: np.ndarray = block_zyx
+    counts = [np.ones(n, dtype=np.int64) for n in block_zyx.shape]
+    total = 1
+    out = []
+    for step in steps:
+        total *= int(np.prod(step))
+        sdtype = _sum_dtype(max_value, total)
+        for axis, f in enumerate(step):
+            if f == 1:
+                continue
+            if f != 2:
+                raise ValueError(f"steps must be 1 or 2 per axis, got {step}")
+            n = sums.shape[axis]
+            sums = _sum_pairs_fast(sums, axis, sdtype)
+            counts[axis] = _counts_1d(n, counts[axis])
+        cz, cy, cx = counts
+        if cz.min() == cz.max() and cy.min() == cy.max() and cx.min() == cx.max():
+            c: np.ndarray | int = int(cz[0] * cy[0] * cx[0])
+        else:
+            c = (cz[:, None, None] * cy[None, :, None] * cx[None, None, :]).astype(sums.dtype)
+        out.append(_divide_round_half_even(sums, c, dtype))
+    return out
+
+
+def steps_between(levels: Sequence[Level], first: int, last: int) -> list[tuple[int, int, int]]:
+    """Per-level steps to go from level ``first`` to each of levels first+1..last."""
+    out = []
+    for k in range(first + 1, last + 1):
+        a, b = levels[k - 1].factor_zyx, levels[k].factor_zyx
+        out.append(tuple(bb // aa for aa, bb in zip(a, b, strict=True)))
+    return out  # type: ignore[return-value]
+
+
+def reference_pyramid(volume_zyx: np.ndarray, levels: Sequence[Level]) -> list[np.ndarray]:
+    """Whole-volume pyramid in memory (level 0 included): the reference tests compare with."""
+    return [volume_zyx, *downsample_levels(volume_zyx, steps_between(levels, 0, len(levels) - 1))]

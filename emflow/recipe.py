@@ -1,0 +1,255 @@
+"""The recipe: one YAML file describing an ingest, validated into typed models.
+
+One pydantic model per stage (source, voxel size, outputs, pyramid, depth,
+align, enhance, run), composed into a frozen :class:`Recipe`. Unknown keys are
+rejected; every validation problem becomes a :class:`~emflow.errors.RecipeError`
+naming the YAML path (``outputs.0.encoding``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from emflow.errors import RecipeError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Model):
+    """Where the slices are: a printf pattern with a z range, a glob, or a directory."""
+
+    pattern: str | None = Field(None, description="printf pattern, e.g. 'raw/img%05d.png'")
+    z_start: int | None = Field(None, ge=0, description="first z (inclusive)")
+    z_stop: int | None = Field(None, ge=0, description="last z (exclusive)")
+    glob: str | None = Field(None, description="glob, e.g. 'raw/*.tif' (natural sort)")
+    directory: str | None = Field(None, description="every image file in this directory")
+    missing: Literal["error", "fill_zero", "fill_previous"] = "error"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Source:
+        kinds = [k for k in ("pattern", "glob", "directory") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                "give exactly one of 'pattern' (with z_start/z_stop), 'glob' or 'directory'"
+                + (f" (got {', '.join(kinds)})" if kinds else "")
+            )
+        if self.pattern is not None:
+            if "%" not in self.pattern:
+                raise ValueError("'pattern' needs a printf field for z, e.g. 'img%05d.png'")
+            if self.z_start is None or self.z_stop is None:
+                raise ValueError("'pattern' needs 'z_start' and 'z_stop' (stop exclusive)")
+        if self.z_start is not None and self.z_stop is not None and self.z_stop <= self.z_start:
+            raise ValueError(f"z_stop ({self.z_stop}) must be greater than z_start ({self.z_start})")
+        return self
+
+
+Xyz = tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
+
+
+class PrecomputedOutput(_Model):
+    """A neuroglancer precomputed volume (raw or JPEG chunks, optionally sharded)."""
+
+    format: Literal["precomputed"]
+    name: str = "precomputed"
+    encoding: Literal["raw", "jpeg"] = "jpeg"
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    sharded: bool = True
+    chunk_size_xyz: Xyz = (64, 64, 64)
+    shard_chunks_max: int = Field(
+        4096, ge=1, description="upper bound on chunks per shard file (power of 2 used)"
+    )
+
+
+class OmeZarrOutput(_Model):
+    """An OME-Zarr multiscale image: 0.4 (Zarr v2) or 0.5 (Zarr v3, sharded)."""
+
+    format: Literal["omezarr"]
+    name: str = "omezarr"
+    version: Literal["0.4", "0.5"] = "0.5"
+    chunk_size_xyz: Xyz = (64, 64, 64)
+    shard_size_xyz: Xyz | None = Field(
+        None, description="0.5 only; default: whole slab depth and up to 1024 px in x and y"
+    )
+    codec: Literal["zstd", "blosc-zstd", "none"] = "zstd"
+    codec_level: int = Field(1, ge=0, le=22)
+
+    @model_validator(mode="after")
+    def _shards(self) -> OmeZarrOutput:
+        if self.version == "0.4" and self.shard_size_xyz is not None:
+            raise ValueError("shard_size_xyz needs version '0.5' (Zarr v2 has no sharding)")
+        if self.shard_size_xyz is not None:
+            for c, s, ax in zip(self.chunk_size_xyz, self.shard_size_xyz, "xyz", strict=True):
+                if s % c:
+                    raise ValueError(f"shard_size_xyz {ax}={s} is not a multiple of chunk {c}")
+        return self
+
+
+Output = Annotated[PrecomputedOutput | OmeZarrOutput, Field(discriminator="format")]
+
+
+class Pyramid(_Model):
+    """Multiscale pyramid: mean downsampling by 2, finest axes first until near-isotropic."""
+
+    levels: int | None = Field(
+        None, ge=1, le=20, description="number of levels incl. level 0; default until one chunk"
+    )
+
+
+class Depth(_Model):
+    """Output bit depth; 16-bit input is windowed to 8-bit unless kept."""
+
+    output: Literal["uint8", "uint16"] = "uint8"
+    window: tuple[float, float] | None = Field(
+        None, description="input grey values mapped to 0..255 (16-bit input)"
+    )
+    percentiles: tuple[float, float] = Field(
+        (0.1, 99.9), description="used when window is not given: estimated from sampled slices"
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"window low ({v[0]}) must be below high ({v[1]})")
+        return v
+
+    @field_validator("percentiles")
+    @classmethod
+    def _pct(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 100:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        return v
+
+
+class Align(_Model):
+    """Pairwise SIFT/RANSAC alignment and global solve (False in YAML = identity)."""
+
+    enabled: bool = True
+    downsample: int | None = Field(None, ge=1, description="feature copy factor; default ~1-2k px")
+    nfeatures: int = Field(4000, ge=100)
+    model: Literal["auto", "translation", "rigid", "affine"] = "auto"
+    model_corner_threshold_px: float = Field(1.0, gt=0)
+    method: Literal["global", "chain"] = "global"
+    bad_slices: Literal["bridge", "fill_previous", "zero", "error"] = "bridge"
+
+
+class Enhance(_Model):
+    """CLAHE after warping; clip_limit 0 disables it."""
+
+    clip_limit: float = Field(0.0, ge=0, le=1, description="scikit-image sense; 0.02 is typical")
+    kernel_size_px: int = Field(1024, ge=8)
+
+
+class Run(_Model):
+    """Execution resources (overridable with CLI flags)."""
+
+    workers: int | None = Field(None, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
+    memory_per_worker: str | None = Field(None, description="e.g. '4GiB'")
+    slab_depth: int | None = Field(
+        None, ge=1, description="slices per slab; default from chunk depth and memory"
+    )
+    retries: int = Field(2, ge=0)
+
+
+class Recipe(_Model):
+    """A whole ingest: source slices → aligned, enhanced multiscale volumes."""
+
+    source: Source
+    voxel_size_nm: tuple[Annotated[float, Field(gt=0)], ...] = Field(
+        ..., description="(x, y, z) in nanometres"
+    )
+    output_dir: str
+    outputs: list[Output] = Field(..., min_length=1)
+    pyramid: Pyramid = Pyramid()
+    depth: Depth = Depth()
+    align: Align = Align(enabled=False)
+    enhance: Enhance = Enhance()
+    run: Run = Run()
+    base_dir: str = Field(".", exclude=True, description="directory relative paths resolve from")
+
+    @field_validator("voxel_size_nm")
+    @classmethod
+    def _xyz(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if len(v) != 3:
+            raise ValueError(f"give 3 values (x, y, z) in nm, got {len(v)}")
+        return v
+
+    @field_validator("align", mode="before")
+    @classmethod
+    def _align_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return {"enabled": v}
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        names = [o.name for o in self.outputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"outputs need distinct 'name's (got {names})")
+        return self
+
+    # ---- derived ------------------------------------------------------------------
+    def resolve(self, path: str) -> Path:
+        """Resolve a recipe path against the recipe's directory (absolute paths unchanged)."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve(self.output_dir)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe (all defaults filled in) as YAML."""
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def output_fingerprint(self) -> str:
+        """Hash of every field that changes output bytes (not resources, not paths' spelling)."""
+        data = self.model_dump(mode="json", exclude={"run"})
+        data["run"] = {"slab_depth": self.run.slab_depth}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "recipe"
+
+
+def recipe_from_dict(data: Any, *, base_dir: str | Path = ".", origin: str = "recipe") -> Recipe:
+    """Validate a mapping into a :class:`Recipe`, raising :class:`RecipeError` naming the field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: expected a mapping of recipe fields at the top level")
+    try:
+        return Recipe.model_validate({**data, "base_dir": str(base_dir)})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = _loc(first)
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see 'emflow validate --help' for the fields)"
+        elif first["type"] == "missing":
+            msg = "required field is missing"
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        raise RecipeError(f"{origin}: field '{loc}': {msg}{more}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file; relative paths in it resolve from its directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return recipe_from_dict(data, base_dir=path.parent.resolve(), origin=str(path))
