@@ -20,9 +20,13 @@ def _as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
 
 
 def run(recipe: Recipe | str | Path | dict, *, client: Any = None, restart: bool = False,
-        progress: bool | None = None, log: Any = None) -> RunResult:
-    """Run an ingest. ``client=None`` runs serially in this process; pass a Dask Client to distribute."""
-    return _run(_as_recipe(recipe), client=client, restart=restart, progress=progress, log=log)
+        progress: bool | None = None, log: Any = None, alignment: str | Path | None = None) -> RunResult:
+    """Run an ingest. ``client=None`` runs serially in this process; pass a Dask Client to distribute.
+
+    ``alignment`` names a saved alignment.json to re-export with (no feature matching).
+    """
+    return _run(_as_recipe(recipe), client=client, restart=restart, progress=progress, log=log,
+                alignment_path=alignment)
 
 
 def discover(recipe: Recipe | str | Path | dict) -> SliceCatalog:

@@ -128,7 +128,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
             "limits": {"cpu": "1", "memory": "4Gi"},
         },
         "env": {},
-        "worker_command": "dask-worker",
+        "worker_command": "dask worker",
         "scheduler_service_type": "ClusterIP",
         "idle_timeout": 0,
         "namespace": None,
@@ -641,7 +641,7 @@ def kubernetes_spec(request: ClusterRequest) -> dict[str, Any]:
         kw["n_workers"] = request.workers
     elif bounds is not None:
         kw["n_workers"] = bounds[0]
-    worker_command = str(kw.pop("worker_command", "dask-worker"))
+    worker_command = str(kw.pop("worker_command", "dask worker"))
     user_env = dict(kw.pop("env", None) or {})
     spec = make_cluster_spec(worker_command=worker_command, env=None, **kw)
     name = str(kw.get("name", "emflow"))
@@ -666,16 +666,20 @@ def kubernetes_spec(request: ClusterRequest) -> dict[str, Any]:
 
     sched_container = spec["spec"]["scheduler"]["spec"]["containers"][0]
     worker_container = spec["spec"]["worker"]["spec"]["containers"][0]
+    # distributed >= 2026.6 has no dask-scheduler/dask-worker scripts (dask/distributed#9335)
+    if sched_container["args"][:1] == ["dask-scheduler"]:
+        sched_container["args"] = ["dask", "scheduler", *sched_container["args"][1:]]
     sched_container["env"] = [{"name": k, "value": str(v)} for k, v in scheduler_env.items()]
     worker_container["env"] = [{"name": k, "value": str(v)} for k, v in worker_env.items()]
     if not request.insecure:
         sched_container["args"] = [*sched_container["args"], "--protocol", "tls"]
         # the operator sets DASK_SCHEDULER_ADDRESS to tcp://...; name the TLS address instead
         address = f"tls://{name}-scheduler.{namespace}:8786"
+        n_cmd = len(worker_command.split())
         worker_container["args"] = [
-            worker_container["args"][0],
+            *worker_container["args"][:n_cmd],
             address,
-            *worker_container["args"][1:],
+            *worker_container["args"][n_cmd:],
         ]
     if request.threads_per_worker is not None:
         worker_container["args"] += ["--nthreads", str(request.threads_per_worker)]

@@ -184,7 +184,7 @@ def discover(source: Source, base_dir: str | Path = ".") -> SliceCatalog:
         raise SourceError(
             f"no image files ({', '.join(IMAGE_SUFFIXES)}) match {what}: check the path and extension"
         )
-    paths.sort(key=lambda p: natural_key(Path(p).name))
+    paths.sort(key=natural_key)
     headers = _headers(paths)
     shape, dtype = _check_consistent(headers)
     # every page is a slice; z counts from 0 in natural order

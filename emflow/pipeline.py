@@ -412,10 +412,12 @@ def run(
     restart: bool = False,
     progress: bool | None = None,
     log: Any = None,
+    alignment_path: str | Path | None = None,
 ) -> RunResult:
     """Run a whole ingest: discover → (align) → slabs → coarse levels → finalize.
 
     ``client=None`` runs every unit here, in order (notebooks, debugging).
+    ``alignment_path`` re-exports with a saved alignment.json instead of matching again.
     """
     from emflow import lattice
 
@@ -454,14 +456,25 @@ def run(
     alignment = None
     transforms: list[Any] = [None] * len(catalog.slices)
     frame = catalog.shape_yx
-    if recipe.align.enabled:
-        from emflow.align_stage import align_stack
+    refs = list(catalog.slices)
+    if alignment_path is not None or recipe.align.enabled:
+        from emflow.align_stage import align_stack, load_alignment
 
-        alignment = align_stack(recipe, catalog, run_dir, stage, say)
+        if alignment_path is not None:
+            alignment = load_alignment(Path(alignment_path), catalog)
+            say(f"alignment from {alignment_path} (no feature matching)")
+        else:
+            alignment = align_stack(recipe, catalog, run_dir, stage, say)
         frame = tuple(alignment.frame_shape_yx)  # type: ignore[assignment]
         for i, ref in enumerate(catalog.slices):
             m = alignment.transforms.get(ref.z)
             transforms[i] = None if m is None else tuple(tuple(float(v) for v in row) for row in np.asarray(m))
+            src = alignment.source_slice(ref.z)
+            if src is None:
+                refs[i] = SliceRef(ref.z, ref.source_z, None, 0, fill="zero")
+            elif src != ref.z:
+                other = catalog.slices[src]
+                refs[i] = SliceRef(ref.z, ref.source_z, other.path, other.page, fill="previous")
     plan = plan_output(recipe, len(catalog.slices), frame, catalog.dtype,
                        threads=threads, memory_per_thread=mem_per_thread)
     say(plan.summary())
@@ -481,7 +494,7 @@ def run(
     slab_units = []
     for i, (z0, z1) in enumerate(p0.blocks):
         job = SlabJob(
-            z0=z0, refs=tuple(catalog.slices[z0:z1]), shape_yx=catalog.shape_yx, frame_shape_yx=frame,
+            z0=z0, refs=tuple(refs[z0:z1]), shape_yx=catalog.shape_yx, frame_shape_yx=frame,
             transforms=tuple(transforms[z0:z1]), window=window, out_dtype=plan.out_dtype,
             clip_limit=recipe.enhance.clip_limit, kernel_size_px=recipe.enhance.kernel_size_px,
             levels=plan.levels, last_level=p0.last, writers=tuple(writers),

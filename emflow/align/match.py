@@ -14,6 +14,7 @@ A pair that fails a check is a failure (``ok=False`` with a reason), never "iden
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -107,6 +108,9 @@ class PairResult:
         d = asdict(self)
         d["matrix"] = [list(r) for r in self.matrix]
         d["affine"] = [list(r) for r in self.affine]
+        for k in ("residual_px", "corner_gap_px"):  # NaN (failed pair) -> null: strict JSON
+            if math.isnan(d[k]):
+                d[k] = None
         return d
 
     @classmethod
@@ -122,9 +126,13 @@ class PairResult:
             affine=_as_tuple(d["affine"]),
             inliers=int(d["inliers"]),
             matches=int(d["matches"]),
-            residual_px=float(d["residual_px"]),
-            corner_gap_px=float(d["corner_gap_px"]),
+            residual_px=_float_or_nan(d["residual_px"]),
+            corner_gap_px=_float_or_nan(d["corner_gap_px"]),
         )
+
+
+def _float_or_nan(v: Any) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def _as_tuple(m: Any) -> Matrix2x3:

@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMAND_MODULES = ("run", "validate", "plan", "demo", "status")
+COMMAND_MODULES = ("run", "validate", "plan", "demo", "serve", "status")
 for _name in COMMAND_MODULES:
     try:
         _module = importlib.import_module(f"emflow.cli.{_name}")

@@ -68,7 +68,7 @@ def demo(
     out = (directory / "output").resolve()
     typer.echo(
         "\nview it:\n"
-        f"  python -m http.server 8000 --directory {out}   (CORS: see README)\n"
+        f"  emflow serve {out}   (serves it with CORS and prints a neuroglancer link)\n"
         "  neuroglancer: precomputed://http://localhost:8000/em_jpeg  or  zarr://http://localhost:8000/em.ome.zarr\n"
         f"  napari / zarr: {out / 'em.ome.zarr'}"
     )

@@ -41,6 +41,7 @@ def run(
     restart: Annotated[bool, typer.Option("--restart", help="discard earlier output of this recipe")] = False,
     dashboard: Annotated[str, typer.Option("--dashboard", help="local dashboard address")] = ":8787",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    alignment: Annotated[Path | None, typer.Option("--alignment", help="re-export with this alignment.json (no matching)")] = None,
 ) -> None:
     """Run a recipe: discover → align → render slabs → write pyramids. Resumes an interrupted run."""
     from emflow.pipeline import RUN_FOLDER
@@ -65,7 +66,7 @@ def run(
     t0 = time.perf_counter()
     progress = None if not quiet else False
     if serial:
-        result = run_pipeline(r, client=None, restart=restart, progress=progress, log=say)
+        result = run_pipeline(r, client=None, restart=restart, progress=progress, log=say, alignment_path=alignment)
     else:
         from emflow import cluster as clusters
 
@@ -79,7 +80,7 @@ def run(
                 say(f"lattice:   {dashboard_url(client)}")
             except Exception:  # dashboard page is optional (no bokeh route on a foreign scheduler)
                 pass
-            result = run_pipeline(r, client=client, restart=restart, progress=progress, log=say)
+            result = run_pipeline(r, client=client, restart=restart, progress=progress, log=say, alignment_path=alignment)
     secs = time.perf_counter() - t0
     say(
         f"done in {secs:.1f} s: {result.bytes_in / 1e6:.0f} MB of slices at {result.bytes_in / 1e6 / secs:.1f} MB/s"

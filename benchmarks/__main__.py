@@ -1,0 +1,263 @@
+"""``python -m benchmarks``: limits, end-to-end runs, peers, scaling, overhead, alignment.
+
+Everything runs in one process tree from here: kernels in this process (single thread),
+each end-to-end variant as a measured child process. Writes benchmarks/out/results.json and
+regenerates benchmarks/RESULTS.md (``--quick`` writes benchmarks/out/RESULTS.quick.md instead,
+so a smoke run never replaces the committed table).
+
+    python -m benchmarks                    # 128 x 2048² PNG, 3 repeats per variant
+    python -m benchmarks --quick            # 32 x 256², 1 repeat, small overhead plan
+    python -m benchmarks --sections limits,e2e --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks import e2e, limits, machine, report
+from benchmarks.data import OUT, ensure_png_stack, read_stack
+from benchmarks.proc import dir_stats, run_measured
+
+SECTIONS = ("limits", "e2e", "peers", "scaling", "overhead", "alignment", "profile")
+HERE = Path(__file__).resolve().parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load1 {machine.load1():.2f}] {msg}", file=sys.stderr,
+          flush=True)
+
+
+def section_limits(res: dict, quick: bool, size: int) -> None:
+    log("limits: generating inputs")
+    inputs = limits.sample_inputs(size=256 if quick else 2048, chunk=64)
+    l0 = machine.load1()
+    kernels = limits.measure_all(inputs, quick=quick, scratch=OUT / "scratch")
+    # emflow's own downsample kernel, for comparison with the reference kernel
+    try:
+        from emflow.pyramid import downsample_levels
+
+        steps = [(2, 2, 2)] * (limits.LEVELS - 1)
+        block = inputs["block"]
+        s = limits._timeit(lambda: downsample_levels(block, steps), 1 if quick else 3,
+                           1 if quick else 3)
+        kernels["downsample_emflow_pyramid"] = limits._result(
+            block.nbytes, s, "level-0 bytes", kernel="emflow.pyramid.downsample_levels")
+    except ImportError as exc:
+        res["notes"].append(f"emflow.pyramid.downsample_levels not measured: {exc}")
+    res["limits"] = {"kernels": kernels, "model": limits.cost_model(kernels, cores=2),
+                     "load1_before": l0, "load1_after": machine.load1(),
+                     "runs": 1 if quick else 3}
+    res["notes"].append(f"CLAHE limit measured with {kernels['clahe']['impl']}")
+    log("limits: " + ", ".join(f"{k} {v['mb_s']:.0f}" for k, v in kernels.items()))
+
+
+def _quality(res: dict, name: str, out_dir: Path, source) -> None:
+    from benchmarks.quality import check_tree, summarize
+
+    for key, rows in check_tree(out_dir, source).items():
+        res["quality"][f"{name} {key}"] = summarize(rows)
+        res["quality_levels"][f"{name} {key}"] = rows
+
+
+def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
+    work = OUT / "e2e"
+    work.mkdir(parents=True, exist_ok=True)
+    nz, lv = args.slices, args.levels
+    variants = []
+    if "e2e" in sections:
+        variants += [e2e.ceiling_variant(k, src, work, lv) for k in ("jpeg", "zarr", "both")]
+        variants += [e2e.emflow_variant(f"emflow-{k.replace('+', '-')}", k, src, nz, work, lv)
+                     for k in ("jpeg", "zarr", "both", "both+clahe", "full")]
+    if "peers" in sections:
+        for peer in e2e.PEER_VARIANTS:
+            log(f"peers: venv {peer}")
+            variants.append(e2e.peer_variant(peer, src, work, lv))
+    runs: dict[str, list] = {v.name: [] for v in variants}
+    frame = args.size * args.size
+    for rep in range(args.repeat):
+        for v in variants:
+            if v.skip:
+                continue
+            if rep > 0 and runs[v.name] and runs[v.name][-1].returncode != 0:
+                continue  # failed once: do not repeat a failure
+            m = e2e.measure_variant(v)
+            runs[v.name].append(m)
+            log(f"e2e {v.name} rep {rep}: rc {m.returncode} wall {m.wall_s:.2f} s cpu "
+                f"{m.cpu_s:.1f} s load1 {m.load1_before}")
+            if rep == 0 and m.returncode == 0:
+                _quality(res, v.name, v.out_dir, source)
+    model = res.get("limits", {}).get("model", {})
+    for v in variants:
+        if v.skip:
+            res["e2e"].append({"name": v.name, "family": v.family, "kind": v.kind,
+                               "format": v.format_note, "skip": v.skip})
+            res["notes"].append(f"{v.name} skipped: {v.skip}")
+            continue
+        row = e2e.summarize_runs(v, runs[v.name], source.nbytes, frame, model)
+        res["e2e"].append(row)
+        if "error" in row:
+            res["notes"].append(f"{v.name} failed: {row['error'][:300]}")
+    by = {r["name"]: r for r in res["e2e"] if r.get("wall_s")}
+
+    def ratio(key: str, num: str, den: str, meaning: str) -> None:
+        if num in by and den in by:
+            res["ratios"][key] = {"ratio": by[num]["wall_s"] / by[den]["wall_s"],
+                                  "meaning": meaning}
+
+    ratio("emflow JPEG vs igneous", "igneous-jpeg", "emflow-jpeg",
+          "igneous wall ÷ emflow wall (> 1: emflow faster); target ≥ 1.45")
+    ratio("emflow zarr vs ngff-zarr", "ngff-zarr", "emflow-zarr", "ngff-zarr wall ÷ emflow wall")
+    ratio("emflow zarr vs ome-zarr-py", "ome-zarr-py", "emflow-zarr",
+          "ome-zarr-py wall ÷ emflow wall")
+    for k in ("jpeg", "zarr", "both"):
+        ratio(f"emflow {k} vs ceiling", f"ceiling-{k}", f"emflow-{k}",
+              "ceiling wall ÷ emflow wall (1 = as fast as the hand-written pipeline)")
+    ratio("ceiling JPEG vs igneous", "igneous-jpeg", "ceiling-jpeg", "igneous ÷ ceiling")
+    ratio("CLAHE cost", "emflow-both-clahe", "emflow-both", "wall with CLAHE ÷ without")
+    ratio("alignment + CLAHE cost", "emflow-full", "emflow-both", "full pipeline ÷ pyramid only")
+
+
+def section_scaling(res: dict, args, src: Path, source) -> None:
+    work = OUT / "scaling"
+    frame = args.size * args.size
+    model = res.get("limits", {}).get("model", {})
+    out: dict = {"runs": {}, "ratios": {}}
+    variants = [
+        ("1 worker, pinned to 1 core", e2e.emflow_variant("scale-1w-1core", "both", src,
+                                                          args.slices, work, args.levels,
+                                                          workers=1, pin_cores="0")),
+        ("1 worker, 2 cores", e2e.emflow_variant("scale-1w", "both", src, args.slices, work,
+                                                 args.levels, workers=1)),
+        ("2 workers, 2 cores", e2e.emflow_variant("scale-2w", "both", src, args.slices, work,
+                                                  args.levels, workers=2)),
+    ]
+    for label, v in variants:
+        ms = []
+        for _ in range(args.repeat):
+            m = e2e.measure_variant(v)
+            ms.append(m)
+            log(f"scaling {label}: rc {m.returncode} wall {m.wall_s:.2f} s")
+            if m.returncode:
+                break
+        out["runs"][label] = e2e.summarize_runs(v, ms, source.nbytes, frame, model)
+    r = out["runs"]
+    one, two = r["1 worker, pinned to 1 core"].get("wall_s"), r["2 workers, 2 cores"].get("wall_s")
+    if one and two:
+        out["ratios"]["speed-up 2 workers vs 1 core"] = one / two
+        out["ratios"]["parallel efficiency (speed-up / 2)"] = one / two / 2
+    w1 = r["1 worker, 2 cores"].get("wall_s")
+    if w1 and two:
+        out["ratios"]["1 worker (2 decode threads) / 2 workers wall"] = w1 / two
+    res["scaling"] = out
+
+
+def section_overhead(res: dict, quick: bool) -> None:
+    slices, units = (5_000, 200) if quick else (100_000, 2_000)
+    l0 = machine.load1()
+    m = run_measured([sys.executable, "-m", "benchmarks.overhead", "--slices", str(slices),
+                      "--units", str(units)], cwd=HERE.parent, timeout_s=900)
+    o = dict(m.result) if m.result else {"error": m.stderr_tail[-800:]}
+    o["load1_before"] = l0
+    o["process_wall_s"] = m.wall_s
+    res["overhead"] = o
+    log(f"overhead: {json.dumps(o)[:400]}")
+
+
+def section_alignment(res: dict, quick: bool) -> None:
+    try:
+        mod = importlib.import_module("benchmarks.align_cost")
+    except ImportError as exc:
+        res["alignment"] = {"note": f"benchmarks/align_cost.py not present ({exc}); skipped"}
+        return
+    fn = getattr(mod, "measure", None)
+    if fn is None:
+        res["alignment"] = {"note": "benchmarks/align_cost.py has no measure(); skipped"}
+        return
+    sizes = (512,) if quick else (1024, 2048, 4096)
+    l0 = machine.load1()
+    try:
+        params = inspect.signature(fn).parameters
+        figures = fn(sizes=sizes) if "sizes" in params else fn()
+        res["alignment"] = {"figures": figures, "sizes": list(sizes), "load1_before": l0,
+                            "load1_after": machine.load1()}
+    except Exception as exc:  # noqa: BLE001 - report, do not stop the run
+        res["alignment"] = {"note": f"align_cost.measure() failed: {type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc()[-2000:]}
+
+
+def section_profile(res: dict, args, src: Path) -> None:
+    from benchmarks.profile import profile
+
+    res["profile"] = {}
+    for kind in ("both", "full"):
+        v = e2e.emflow_variant(f"profile-{kind}", kind, src, args.slices, OUT / "profile",
+                               args.levels)
+        log(f"profile: emflow {kind} under py-spy")
+        res["profile"][f"emflow {kind}"] = profile(v.cmd, OUT / "profile" / f"{kind}.raw",
+                                                   HERE.parent, v.env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke size: 32 x 256², 1 repeat")
+    p.add_argument("--size", type=int, default=2048, help="slice width = height (px)")
+    p.add_argument("--slices", type=int, default=128)
+    p.add_argument("--levels", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=3, help="runs per end-to-end variant")
+    p.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "profile"),
+                   help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument("--profile", action="store_true", help="also profile emflow with py-spy")
+    p.add_argument("--results-md", type=Path, default=None,
+                   help="where to write the table (default: benchmarks/RESULTS.md; "
+                        "--quick: benchmarks/out/RESULTS.quick.md)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.slices, args.levels, args.repeat = 256, 32, 3, 1
+    sections = set(args.sections.split(","))
+    if args.profile:
+        sections.add("profile")
+    OUT.mkdir(parents=True, exist_ok=True)
+    res: dict = {"machine": machine.describe(), "notes": [], "e2e": [], "quality": {},
+                 "quality_levels": {}, "ratios": {}}
+    log(f"machine: {res['machine']['cpu_model']}, load {res['machine']['loadavg_1_5_15']}")
+    src, paths = ensure_png_stack((args.slices, args.size, args.size))
+    source = read_stack(paths)  # also warms the page cache for every variant
+    res["config"] = {"size": args.size, "slices": args.slices, "levels": args.levels,
+                     "repeat": args.repeat, "quick": args.quick, "cores": 2,
+                     "sections": sorted(sections), "input_mb": source.nbytes / 1e6,
+                     "png_mb": dir_stats(src)[1],
+                     "command": "python -m benchmarks " + " ".join(argv if argv is not None
+                                                                    else sys.argv[1:])}
+    t0 = time.perf_counter()
+    if "limits" in sections:
+        section_limits(res, args.quick, args.size)
+    if sections & {"e2e", "peers"}:
+        section_e2e(res, args, src, source, sections)
+    if "scaling" in sections:
+        section_scaling(res, args, src, source)
+    if "overhead" in sections:
+        section_overhead(res, args.quick)
+    if "alignment" in sections:
+        section_alignment(res, args.quick)
+    if "profile" in sections:
+        section_profile(res, args, src)
+    res["total_s"] = time.perf_counter() - t0
+    res["machine"]["loadavg_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    (OUT / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    md = args.results_md or (OUT / "RESULTS.quick.md" if args.quick else HERE / "RESULTS.md")
+    report.write(res, md, HERE / "findings.md")
+    log(f"wrote {OUT / 'results.json'} and {md} in {res['total_s']:.0f} s")
+    shutil.rmtree(OUT / "scratch", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

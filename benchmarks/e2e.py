@@ -1,0 +1,214 @@
+"""End-to-end variants: emflow (as a subprocess), the tensorstore ceiling, and the peers.
+
+Every variant is one measured process tree (benchmarks.proc.run_measured) on the same PNG
+stack, followed by a read-back check (benchmarks.quality) and output file counts. Figures
+per variant: input MB/s (wall), CPU-s per GB of input, peak RSS per worker, files, MB out,
+% of the per-core-derived wall limit and CPU efficiency (benchmarks.limits.cost_model).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from benchmarks import venvs
+from benchmarks.proc import Measured, dir_stats, run_measured
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PEER_SCRIPTS = HERE / "peer_scripts"
+
+#: output kind -> cost-model key of its limit
+LIMIT_KEY = {"jpeg": "jpeg", "zarr": "zstd", "both": "jpeg+zstd", "both+clahe": "jpeg+zstd+clahe",
+             "full": "full"}
+CLAHE = {"clip_limit": 0.02, "kernel_size_px": 1024}
+
+
+@dataclass
+class Variant:
+    """One end-to-end configuration to measure."""
+
+    name: str
+    family: str  # emflow | ceiling | peer
+    kind: str  # jpeg | zarr | both | both+clahe | full
+    format_note: str
+    cmd: list[str] = field(default_factory=list)
+    out_dir: Path = Path()
+    cores: int = 2
+    env: dict[str, str] = field(default_factory=dict)
+    skip: str = ""  # reason, when it cannot run
+    planned_block_bytes: int = 0
+
+
+# --- builders ---------------------------------------------------------------------------
+
+
+def emflow_recipe(src: Path, nz: int, out_dir: Path, kind: str, levels: int,
+                  voxel_nm: float = 8.0) -> Path:
+    """Write the YAML recipe of an emflow variant and return its path."""
+    outputs = []
+    if kind in ("jpeg", "both", "both+clahe", "full"):
+        outputs.append({"format": "precomputed", "name": "precomputed", "encoding": "jpeg",
+                        "jpeg_quality": 90, "sharded": True})
+    if kind in ("zarr", "both", "both+clahe", "full"):
+        outputs.append({"format": "omezarr", "name": "omezarr", "version": "0.5",
+                        "codec": "zstd", "codec_level": 1})
+    recipe: dict = {
+        "source": {"pattern": str(src / "img%05d.png"), "z_start": 0, "z_stop": nz},
+        "voxel_size_nm": [voxel_nm] * 3,
+        "output_dir": str(out_dir),
+        "outputs": outputs,
+        "pyramid": {"levels": levels},
+    }
+    if kind in ("both+clahe", "full"):
+        recipe["enhance"] = dict(CLAHE)
+    if kind == "full":
+        recipe["align"] = {"enabled": True}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = out_dir.parent / f"{out_dir.name}.recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def emflow_variant(name: str, kind: str, src: Path, nz: int, work: Path, levels: int,
+                   workers: int = 2, pin_cores: str | None = None) -> Variant:
+    out = work / name
+    recipe = emflow_recipe(src, nz, out, kind, levels)
+    cmd = [sys.executable, "-m", "emflow", "run", str(recipe), "--workers", str(workers),
+           "--threads", "1", "--dashboard", ":0", "--quiet", "--restart"]
+    cores = 2
+    if pin_cores is not None:
+        cmd = ["taskset", "-c", pin_cores, *cmd]
+        cores = len(pin_cores.split(","))
+    note = {"jpeg": "prec JPEG q90 sharded", "zarr": "OME-Zarr 0.5 zstd-1 sharded",
+            "both": "JPEG + zstd OME-Zarr, one decode", "both+clahe": "both + CLAHE",
+            "full": "both + CLAHE + alignment"}[kind]
+    return Variant(name, "emflow", kind, note, cmd, out, cores,
+                   env={"PYTHONPATH": str(REPO)})
+
+
+def ceiling_variant(kind: str, src: Path, work: Path, levels: int, threads: int = 2) -> Variant:
+    fmts = {"jpeg": "jpeg", "zarr": "zarr", "both": "jpeg,zarr"}[kind]
+    out = work / f"ceiling-{kind}"
+    cmd = [sys.executable, "-m", "benchmarks.ceiling", str(src), str(out), "--formats", fmts,
+           "--threads", str(threads), "--levels", str(levels)]
+    note = {"jpeg": "prec JPEG q90 sharded", "zarr": "OME-Zarr 0.5 zstd-1 sharded",
+            "both": "JPEG + zstd OME-Zarr, one decode"}[kind]
+    return Variant(f"ceiling-{kind}", "ceiling", kind, note, cmd, out,
+                   env={"PYTHONPATH": str(REPO)})
+
+
+PEER_VARIANTS = {
+    # peer venv -> (variant name, kind, script, format note)
+    "igneous": ("igneous-jpeg", "jpeg", "igneous_run.py",
+                "prec JPEG q90 unsharded (igneous + CloudVolume)"),
+    "ngff-zarr": ("ngff-zarr", "zarr", "ngff_zarr_run.py",
+                  "OME-Zarr 0.5 zstd-1 sharded (DASK_BIN_SHRINK)"),
+    "ome-zarr-py": ("ome-zarr-py", "zarr", "ome_zarr_py_run.py",
+                    "OME-Zarr 0.5 zstd-1 sharded (local_mean)"),
+}
+
+
+def peer_variant(peer: str, src: Path, work: Path, levels: int) -> Variant:
+    name, kind, script, note = PEER_VARIANTS[peer]
+    out = work / name
+    env = venvs.ensure(peer)
+    if not env.ok:
+        return Variant(name, "peer", kind, note, [], out, skip=env.note or "venv failed")
+    cmd = [str(env.python), str(PEER_SCRIPTS / script), str(src), str(out),
+           "--levels", str(levels)]
+    return Variant(name, "peer", kind, note, cmd, out)
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+def _emflow_log(out_dir: Path) -> dict:
+    """Figures emflow logs itself: its run seconds, cluster start, planned slab depth."""
+    log = out_dir / "emflow-run" / "run.log"
+    info: dict = {}
+    if not log.exists():
+        return info
+    text = log.read_text()
+    m = re.search(r"done in ([0-9.]+) s", text)
+    if m:
+        info["emflow_run_s"] = float(m.group(1))
+    m = re.search(r"slabs: (\d+) of (\d+) z", text)
+    if m:
+        info["slabs"], info["slab_depth"] = int(m.group(1)), int(m.group(2))
+    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) (\S+)", text, re.M)
+    if len(stamps) >= 2:
+        from datetime import datetime
+
+        def ts(s: str) -> float:
+            return datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+        start = ts(stamps[0][0])
+        dash = next((ts(s) for s, w in stamps if w == "dashboard:"), None)
+        if dash is not None:
+            info["cluster_start_s"] = round(dash - start, 2)
+    return info
+
+
+def measure_variant(v: Variant, timeout_s: float = 1800.0) -> Measured:
+    if v.family != "emflow":
+        shutil.rmtree(v.out_dir, ignore_errors=True)
+    return run_measured(v.cmd, cwd=REPO, env=v.env, timeout_s=timeout_s)
+
+
+def summarize_runs(v: Variant, runs: list[Measured], input_bytes: int, frame_bytes: int,
+                   model: dict) -> dict:
+    """Median figures over repeats (failed runs excluded) + derived ratios."""
+    ok = [r for r in runs if r.returncode == 0]
+    row: dict = {"name": v.name, "family": v.family, "kind": v.kind, "format": v.format_note,
+                 "cores": v.cores, "cmd": " ".join(runs[0].cmd) if runs else "",
+                 "n": len(ok), "load1": [r.load1_before for r in runs]}
+    if not ok:
+        err = runs[-1].stderr_tail.strip().splitlines() if runs else []
+        row["error"] = " | ".join(err[-4:]) or f"returncode {runs[-1].returncode}"
+        return row
+    walls = [r.wall_s for r in ok]
+    wall = statistics.median(walls)
+    cpu = statistics.median([r.cpu_s for r in ok])
+    gb = input_bytes / 1e9
+    row.update({
+        "wall_s": wall, "wall_min_s": min(walls), "wall_max_s": max(walls),
+        "mb_s": input_bytes / 1e6 / wall,
+        "cpu_s": cpu, "cpu_s_per_gb": cpu / gb,
+        "cpu_poll_s": statistics.median([r.cpu_poll_s for r in ok]),
+        "peak_worker_rss_mb": max(r.peak_worker_rss_mb for r in ok),
+        "peak_driver_rss_mb": max(r.peak_driver_rss_mb for r in ok),
+        "peak_tree_rss_mb": max(r.peak_tree_rss_mb for r in ok),
+        "phases": ok[0].result,
+    })
+    key = LIMIT_KEY[v.kind]
+    lim = model.get(key)
+    if lim:
+        limit_mb_s = lim["mb_s_per_core"] * v.cores
+        row.update({"limit_key": key, "limit_mb_s": limit_mb_s,
+                    "pct_of_limit": row["mb_s"] / limit_mb_s,
+                    "cpu_efficiency": lim["cpu_s_per_gb"] / row["cpu_s_per_gb"]})
+    if v.family == "emflow":
+        info = _emflow_log(v.out_dir)
+        row.update(info)
+        if "emflow_run_s" in info:
+            row["mb_s_inside_run"] = input_bytes / 1e6 / info["emflow_run_s"]
+        if "slab_depth" in info:
+            block = info["slab_depth"] * frame_bytes
+            row["planned_block_mb"] = block / 1e6
+            row["rss_per_block"] = row["peak_worker_rss_mb"] / (block / 1e6)
+    files, mb = 0, 0.0
+    if v.out_dir.exists():
+        for child in v.out_dir.iterdir():
+            if child.name == "emflow-run":
+                continue
+            n, m = dir_stats(child) if child.is_dir() else (1, child.stat().st_size / 1e6)
+            files, mb = files + n, mb + m
+    row["files"], row["out_mb"] = files, mb
+    return row

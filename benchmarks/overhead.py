@@ -1,0 +1,200 @@
+"""Scheduling overhead of a huge run: a simulated 100,000-slice plan with no-op units.
+
+Run as its own process (the driver) by ``python -m benchmarks.overhead``. It starts a Dask
+scheduler and N one-thread workers as separate processes (so scheduler memory is measured
+apart from the driver's), then:
+
+1. plans: a SliceCatalog of ``slices`` fake 2048² PNG refs (no files) and emflow's own
+   ``pipeline.plan_output`` (levels, slabs, coarse passes), plus one no-op ``Unit`` per
+   slice (the per-slice stages, e.g. features) -- time and driver memory;
+2. runs that stage through ``emflow.execute.run_stage`` (bounded window, keys
+   ``("emflow-<stage>-<run>", i)``) and stops it after ``units`` results: time to the
+   first result (first window submitted + one round trip), units/s after that;
+3. reports peak RSS of driver and scheduler (polled) and the extrapolated overhead for all
+   units. Without emflow's planner it falls back to a plain-Dask bounded window (noted).
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+def noop(i: int) -> int:
+    """A unit that does nothing (returns its index)."""
+    return i
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Peak:
+    """Poll the RSS of some pids in a thread; keep the maxima (MB)."""
+
+    def __init__(self, pids: dict[str, int], every_s: float = 0.05) -> None:
+        self.pids, self.peak = pids, dict.fromkeys(pids, 0.0)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._every = every_s
+        self._t.start()
+
+    def _run(self) -> None:
+        procs = {k: psutil.Process(p) for k, p in self.pids.items()}
+        while not self._stop.is_set():
+            for k, p in procs.items():
+                try:
+                    self.peak[k] = max(self.peak[k], p.memory_info().rss / 1e6)
+                except psutil.Error:
+                    pass
+            self._stop.wait(self._every)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._t.join()
+        return {k: round(v, 1) for k, v in self.peak.items()}
+
+
+def _start_cluster(workers: int, tmp: Path) -> tuple[list[subprocess.Popen], str]:
+    sched_file = tmp / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", "0", "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    for _ in range(200):
+        if sched_file.exists() and sched_file.stat().st_size:
+            break
+        time.sleep(0.05)
+    for i in range(workers):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+             str(sched_file), "--nthreads", "1", "--no-nanny", "--name", f"w{i}",
+             "--dashboard-address", ":0", "--local-directory", str(tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=os.getcwd()))
+    return procs, str(sched_file)
+
+
+def run(slices: int, units: int, workers: int) -> dict:
+    from distributed import Client
+
+    me = psutil.Process()
+    rss0 = me.memory_info().rss / 1e6
+    out: dict = {"slices": slices, "units_run": units, "workers": workers}
+    with tempfile.TemporaryDirectory(prefix="emflow-overhead-") as td:
+        tmp = Path(td)
+        procs, sched_file = _start_cluster(workers, tmp)
+        try:
+            client = Client(scheduler_file=sched_file, timeout="60s")
+            client.wait_for_workers(workers, timeout=60)
+            peak = _Peak({"driver": os.getpid(), "scheduler": procs[0].pid})
+            out["rss_idle_mb"] = {"driver": round(me.memory_info().rss / 1e6, 1),
+                                  "scheduler": round(psutil.Process(procs[0].pid)
+                                                     .memory_info().rss / 1e6, 1)}
+            # 1. plan
+            t0 = time.perf_counter()
+            planner = "emflow.pipeline.plan_output + emflow.execute.run_stage"
+            try:
+                from emflow.discover import SliceCatalog, SliceRef
+                from emflow.execute import Unit, run_stage
+                from emflow.pipeline import plan_output
+                from emflow.recipe import recipe_from_dict
+
+                recipe = recipe_from_dict({
+                    "source": {"pattern": "/nonexistent/img%06d.png", "z_start": 0,
+                               "z_stop": slices},
+                    "voxel_size_nm": [8, 8, 8], "output_dir": str(tmp / "out"),
+                    "outputs": [{"format": "precomputed"}, {"format": "omezarr"}]})
+                cat = SliceCatalog(tuple(SliceRef(z, z, f"/nonexistent/img{z:06d}.png")
+                                         for z in range(slices)), (2048, 2048), "uint8", ())
+                plan = plan_output(recipe, len(cat.slices), cat.shape_yx, cat.dtype,
+                                   threads=workers)
+                unit_list = [Unit(i, noop, (i,), 2048 * 2048) for i in range(slices)]
+                out["plan"] = {"levels": len(plan.levels), "slab_depth": plan.slab_depth,
+                               "passes": [len(p.blocks) for p in plan.passes]}
+                have_emflow = True
+            except ImportError as exc:
+                planner = f"plain Dask window (emflow planner missing: {exc})"
+                unit_list = list(range(slices))
+                have_emflow = False
+            out["plan_s"] = round(time.perf_counter() - t0, 3)
+            out["driver_rss_after_plan_mb"] = round(me.memory_info().rss / 1e6, 1)
+            out["driver_plan_growth_mb"] = round(out["driver_rss_after_plan_mb"] - rss0, 1)
+            out["planner"] = planner
+            # 2. run the per-slice stage through the window, stop after `units` results
+            times: list[float] = []
+            t1 = time.perf_counter()
+
+            def on_result(_unit: object, _res: object) -> None:
+                times.append(time.perf_counter() - t1)
+                if len(times) >= units:
+                    raise _Stop
+
+            if have_emflow:
+                kw = {}
+                if "run_dir" in inspect.signature(run_stage).parameters:
+                    kw["run_dir"] = tmp / "run"
+                try:
+                    run_stage("noop", unit_list, client=client, run_id="bench",
+                              on_result=on_result, **kw)
+                except _Stop:
+                    pass
+            else:
+                from distributed import as_completed
+
+                window = 2 * workers
+                it = iter(unit_list)
+                ac = as_completed([client.submit(noop, next(it), pure=False)
+                                   for _ in range(window)])
+                try:
+                    for fut in ac:
+                        fut.release()
+                        on_result(None, None)
+                        ac.add(client.submit(noop, next(it), pure=False))
+                except _Stop:
+                    pass
+            out["first_result_s"] = round(times[0], 4) if times else None
+            out["plan_plus_first_window_s"] = round(out["plan_s"] + (times[0] if times else 0), 3)
+            if len(times) > 1:
+                rate = (len(times) - 1) / (times[-1] - times[0])
+                out["units_per_s"] = round(rate, 1)
+                out["ms_per_unit"] = round(1000 / rate, 3)
+                out["extrapolated_all_units_s"] = round(slices / rate, 1)
+            client.cancel(list(client.futures.values()) if hasattr(client, "futures") else [])
+            out["peak_rss_mb"] = peak.stop()
+            client.close()
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="no-op unit overhead on a simulated plan")
+    p.add_argument("--slices", type=int, default=100_000)
+    p.add_argument("--units", type=int, default=2000, help="units to run before stopping")
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args(argv)
+    print(json.dumps(run(a.slices, a.units, a.workers)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

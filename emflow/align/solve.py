@@ -1,0 +1,469 @@
+"""Turn pairwise matches into one source->global 2x3 transform per slice and a global frame.
+
+Core representation: :class:`Alignment` maps each z to a 2x3 float64 matrix in
+full-resolution ``(x, y)`` pixel coordinates taking slice z into the global aligned frame
+(pixel centres at integers), shifted so that the bounding box of all rendered slices
+starts at (0, 0); ``frame_shape_yx`` is that box's size. A pair ``(z_a, z_b)`` with matrix
+``M`` (b -> a) states ``T_b = T_a M``.
+
+Methods
+-------
+``"chain"``
+    Reference behaviour: ``T_z = T_a M_(a, z)`` with ``a`` the nearest earlier placed slice
+    that has a successful link to z (normally z-1; z-2 bridges a failed z-1).
+``"global"``
+    Linear least squares over all successful links (1st and 2nd neighbours): each link
+    asks that ``T_a(M q) = T_b(q)`` at the 4 corners ``q`` of slice b. The first good slice
+    is fixed to the identity. An optional term (weight ``regularisation`` relative to one
+    link) pulls every slice's linear part toward its nearest rotation (limits scale/shear
+    drift). Links that disagree with the solution by more than
+    ``max(outlier_px, 3.5 x median)`` (RMS over the corners) are rejected one at a time and
+    reported. x and y rows decouple, so two sparse solves share one factorisation.
+
+Bad slices (given by the caller, e.g. from :func:`emflow.align.quality.assess_slice`, or
+found here because none of their links succeeded) never constrain the solution; the
+``bad_slice_policy`` says what is rendered in their place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from emflow.align.match import PairResult, corner_points_xy
+from emflow.errors import AlignmentError
+
+__all__ = ["BAD_SLICE_POLICIES", "METHODS", "Alignment", "identity_alignment", "solve"]
+
+METHODS = ("global", "chain")
+BAD_SLICE_POLICIES = ("bridge", "fill_previous", "zero", "error")
+FORMAT = "emflow-alignment"
+VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Alignment:
+    """Per-slice source->global 2x3 transforms (full-res (x, y) px) and the global frame.
+
+    Attributes
+    ----------
+    transforms : dict of int to numpy.ndarray
+        z -> 2x3 float64, slice px -> global px; the frame's bounding box starts at 0.
+        Bad slices have one too (interpolated from neighbours, or the previous good slice's
+        for ``"fill_previous"``), see :meth:`source_slice`.
+    frame_shape_yx : tuple of int
+        Global frame ``(height, width)`` px covering every rendered slice.
+    method : str
+        ``"global"``, ``"chain"`` or ``"identity"``.
+    bad_slices : dict of int to str
+        z -> reason the slice was not used for alignment.
+    rejected_pairs : list of (int, int, str)
+        Links not used: failed matches and links rejected by the solver, with reasons.
+    pairs : list of PairResult
+        All pair results given to the solver (QC).
+    bad_slice_policy : str
+        ``"bridge"``, ``"fill_previous"`` or ``"zero"``: what the renderer shows for bad slices.
+    """
+
+    transforms: dict[int, np.ndarray]
+    frame_shape_yx: tuple[int, int]
+    method: str
+    bad_slices: dict[int, str] = field(default_factory=dict)
+    rejected_pairs: list[tuple[int, int, str]] = field(default_factory=list)
+    pairs: list[PairResult] = field(default_factory=list)
+    bad_slice_policy: str = "bridge"
+
+    def source_slice(self, z: int) -> int | None:
+        """Which source slice the renderer warps (with ``transforms[z]``) for output z.
+
+        ``z`` itself for good slices and under ``"bridge"``; the previous good slice (the
+        next one at the start of the stack) under ``"fill_previous"``; None (render zeros)
+        under ``"zero"``.
+        """
+        if z not in self.bad_slices or self.bad_slice_policy == "bridge":
+            return z
+        if self.bad_slice_policy == "zero":
+            return None
+        good = [g for g in sorted(self.transforms) if g not in self.bad_slices]
+        before = [g for g in good if g < z]
+        if before:
+            return before[-1]
+        after = [g for g in good if g > z]
+        return after[0] if after else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (floats exact: json writes them with repr)."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "method": self.method,
+            "frame_shape_yx": [int(v) for v in self.frame_shape_yx],
+            "bad_slice_policy": self.bad_slice_policy,
+            "transforms": {
+                str(z): [[float(v) for v in row] for row in np.asarray(m, np.float64)]
+                for z, m in sorted(self.transforms.items())
+            },
+            "bad_slices": {str(z): r for z, r in sorted(self.bad_slices.items())},
+            "rejected_pairs": [[int(a), int(b), str(r)] for a, b, r in self.rejected_pairs],
+            "pairs": [p.to_dict() for p in self.pairs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "alignment") -> Alignment:
+        """Inverse of :meth:`to_dict`; raises AlignmentError naming the bad field."""
+        if d.get("format") != FORMAT or d.get("version") != VERSION:
+            raise AlignmentError(
+                f"{where}: not an {FORMAT} v{VERSION} file (format={d.get('format')!r}, "
+                f"version={d.get('version')!r}); re-run the alignment to regenerate it"
+            )
+        try:
+            transforms = {int(z): np.array(m, dtype=np.float64) for z, m in d["transforms"].items()}
+            for z, m in transforms.items():
+                if m.shape != (2, 3) or not np.all(np.isfinite(m)):
+                    raise ValueError(f"transforms[{z}] must be a finite 2x3 matrix")
+            shape = d["frame_shape_yx"]
+            return cls(
+                transforms=transforms,
+                frame_shape_yx=(int(shape[0]), int(shape[1])),
+                method=str(d["method"]),
+                bad_slices={int(z): str(r) for z, r in d.get("bad_slices", {}).items()},
+                rejected_pairs=[(int(a), int(b), str(r)) for a, b, r in d.get("rejected_pairs", [])],
+                pairs=[PairResult.from_dict(p) for p in d.get("pairs", [])],
+                bad_slice_policy=str(d.get("bad_slice_policy", "bridge")),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise AlignmentError(f"{where}: invalid content ({e}); re-run the alignment") from e
+
+    def to_json(self, path: str | Path) -> None:
+        """Write alignment.json (lossless; floats via repr)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Alignment:
+        """Read an alignment.json written by :meth:`to_json`."""
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise AlignmentError(f"{p}: cannot read alignment file ({e}); check the path") from e
+        return cls.from_dict(d, where=str(p))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Alignment):
+            return NotImplemented
+        return json.dumps(self.to_dict()) == json.dumps(other.to_dict())
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def identity_alignment(z_values: Sequence[int], shape_yx: tuple[int, int]) -> Alignment:
+    """Alignment that leaves every slice where it is (frame = slice shape)."""
+    eye = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    return Alignment(
+        {int(z): eye.copy() for z in z_values}, (int(shape_yx[0]), int(shape_yx[1])), "identity"
+    )
+
+
+def _h(m: np.ndarray) -> np.ndarray:
+    return np.vstack([np.asarray(m, np.float64).reshape(2, 3), [0.0, 0.0, 1.0]])
+
+
+def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+def _nearest_rotation(lin: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(lin)
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        u[:, -1] *= -1
+        r = u @ vt
+    return r
+
+
+def _connected(ref: int, nodes: set[int], links: Sequence[PairResult]) -> set[int]:
+    adj: dict[int, set[int]] = {z: set() for z in nodes}
+    for p in links:
+        adj[p.z_a].add(p.z_b)
+        adj[p.z_b].add(p.z_a)
+    seen, todo = {ref}, [ref]
+    while todo:
+        for n in adj[todo.pop()]:
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+def _solve_chain(ref: int, good: list[int], links: Sequence[PairResult]) -> dict[int, np.ndarray]:
+    by_b: dict[int, list[PairResult]] = {}
+    for p in links:
+        if p.z_a < p.z_b:
+            by_b.setdefault(p.z_b, []).append(p)
+    out = {ref: np.eye(3)}
+    for z in good:
+        if z == ref:
+            continue
+        cands = sorted((p for p in by_b.get(z, []) if p.z_a in out), key=lambda p: -p.z_a)
+        if cands:
+            out[z] = out[cands[0].z_a] @ _h(cands[0].matrix_array)
+    return {z: m[:2] for z, m in out.items()}
+
+
+def _solve_global(
+    ref: int,
+    good: list[int],
+    links: Sequence[PairResult],
+    shape_yx: tuple[int, int],
+    regularisation: float,
+    iterations: int = 4,
+) -> dict[int, np.ndarray]:
+    """Least squares for all good slices (ref fixed to identity); see module docstring."""
+    h, w = shape_yx
+    c = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    r = max(float(np.hypot(w - 1, h - 1)) / 2.0, 1.0)
+    q = corner_points_xy(shape_yx)
+    qb = np.hstack([(q - c) / r, np.ones((4, 1))])  # basis of slice b at its corners
+    free = [z for z in good if z != ref]
+    col = {z: 3 * i for i, z in enumerate(free)}
+    n = 3 * len(free)
+    fixed = np.array([[r, 0.0, c[0]], [0.0, r, c[1]]])  # ref params: G = r I, t' = c
+    rows, cols, vals = [], [], []
+    rhs_x, rhs_y = [], []
+    row = 0
+    weights = _link_weights(links)
+    for p, wl in zip(links, weights):
+        u = _apply(p.matrix_array, q)
+        ua = np.hstack([(u - c) / r, np.ones((4, 1))]) * wl
+        qbw = qb * wl
+        for k in range(4):
+            bx = by = 0.0
+            for z, basis, sign in ((p.z_a, ua[k], 1.0), (p.z_b, qbw[k], -1.0)):
+                if z == ref:
+                    bx -= sign * float(basis @ fixed[0])
+                    by -= sign * float(basis @ fixed[1])
+                else:
+                    rows += [row] * 3
+                    cols += [col[z], col[z] + 1, col[z] + 2]
+                    vals += list(sign * basis)
+            rhs_x.append(bx)
+            rhs_y.append(by)
+            row += 1
+    n_data = row
+    lam = math.sqrt(max(float(regularisation), 0.0))
+    d = (q - c) / r
+    if lam > 0:
+        for z in free:
+            for k in range(4):
+                rows += [row, row]
+                cols += [col[z], col[z] + 1]
+                vals += [lam * d[k, 0], lam * d[k, 1]]
+                row += 1
+    a = sp.csr_matrix((vals, (rows, cols)), shape=(row, n))
+    at = a.T.tocsr()
+    lu = spla.splu((at @ a).tocsc())
+    bx_data, by_data = np.array(rhs_x), np.array(rhs_y)
+    # start the rotation targets from the chain solution (good first guess)
+    chain = _solve_chain(ref, good, links)
+    rot = {z: _nearest_rotation(chain[z][:, :2]) if z in chain else np.eye(2) for z in free}
+    sol_x = sol_y = np.zeros(n)
+    for _ in range(iterations if lam > 0 else 1):
+        bx, by = [bx_data], [by_data]
+        if lam > 0:
+            reg = np.array([lam * (d[k] @ (r * rot[z]).T) for z in free for k in range(4)])
+            bx.append(reg[:, 0])
+            by.append(reg[:, 1])
+        sol_x = lu.solve(at @ np.concatenate(bx))
+        sol_y = lu.solve(at @ np.concatenate(by))
+        rot = {
+            z: _nearest_rotation(
+                np.array([sol_x[col[z] : col[z] + 2], sol_y[col[z] : col[z] + 2]]) / r
+            )
+            for z in free
+        }
+    del n_data
+    out = {ref: np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])}
+    for z in free:
+        gx, gy = sol_x[col[z] : col[z] + 3], sol_y[col[z] : col[z] + 3]
+        lin = np.array([gx[:2], gy[:2]]) / r
+        t = np.array([gx[2], gy[2]]) - lin @ c
+        out[z] = np.hstack([lin, t[:, None]])
+    return out
+
+
+def _link_weights(links: Sequence[PairResult]) -> np.ndarray:
+    """Square-root weights of links: inverse standard error ``sqrt(inliers) / residual``,
+    normalised to a median of 1 (so ``regularisation`` stays relative to a typical link)."""
+    if not links:
+        return np.zeros(0)
+    res = np.array([p.residual_px for p in links], dtype=np.float64)
+    floor = max(float(np.median(res)) * 0.25, 1e-3)
+    w = np.sqrt([p.inliers for p in links]) / np.maximum(res, floor)
+    return w / float(np.median(w))
+
+
+def _link_error_px(p: PairResult, t: Mapping[int, np.ndarray], shape_yx: tuple[int, int]) -> float:
+    q = corner_points_xy(shape_yx)
+    e = _apply(t[p.z_a], _apply(p.matrix_array, q)) - _apply(t[p.z_b], q)
+    return float(np.sqrt(np.mean(np.sum(e**2, axis=1))))
+
+
+def _interpolate(z: int, placed: Mapping[int, np.ndarray]) -> np.ndarray:
+    before = [g for g in placed if g < z]
+    after = [g for g in placed if g > z]
+    if before and after:
+        a, b = max(before), min(after)
+        f = (z - a) / (b - a)
+        return (1 - f) * placed[a] + f * placed[b]
+    return placed[max(before)] if before else placed[min(after)]
+
+
+def solve(
+    pairs: Sequence[PairResult],
+    z_values: Sequence[int],
+    shape_yx: tuple[int, int],
+    *,
+    method: str = "global",
+    bad_slices: Mapping[int, str] | None = None,
+    bad_slice_policy: str = "bridge",
+    regularisation: float = 0.0,
+    outlier_px: float = 2.0,
+) -> Alignment:
+    """Per-slice source->global 2x3 transforms (full-res (x, y) px) from pairwise matches.
+
+    Parameters
+    ----------
+    pairs : sequence of PairResult
+        Usually all (z, z+1) and (z, z+2) results; failed ones are reported, not used.
+    z_values : sequence of int
+        All slice indices of the stack.
+    shape_yx : tuple of int
+        Full-resolution slice shape (all slices share it).
+    method : str
+        ``"global"`` (default, see module docstring) or ``"chain"``.
+    bad_slices : mapping of int to str, optional
+        Slices known to be unusable (z -> reason), e.g. from ``assess_slice``.
+    bad_slice_policy : str
+        ``"bridge"``, ``"fill_previous"``, ``"zero"`` or ``"error"`` (raise AlignmentError).
+    regularisation : float
+        Global only: weight, relative to one link, pulling each slice toward rigid.
+    outlier_px : float
+        Global only: links whose corner RMS disagreement exceeds
+        ``max(outlier_px, 3.5 x median)`` are rejected (worst first).
+
+    Returns
+    -------
+    Alignment
+    """
+    if method not in METHODS:
+        raise AlignmentError(f"align.method must be one of {METHODS}, not {method!r}")
+    if bad_slice_policy not in BAD_SLICE_POLICIES:
+        raise AlignmentError(
+            f"align.bad_slice_policy must be one of {BAD_SLICE_POLICIES}, not {bad_slice_policy!r}"
+        )
+    zs = sorted({int(z) for z in z_values})
+    if not zs:
+        raise AlignmentError("no slices to align: z_values is empty; check the source pattern")
+    zset = set(zs)
+    bad = {int(z): str(v) for z, v in (bad_slices or {}).items() if int(z) in zset}
+    rejected: list[tuple[int, int, str]] = []
+    pairs = list(pairs)
+    links = []
+    for p in pairs:
+        if p.z_a not in zset or p.z_b not in zset:
+            continue
+        if not p.ok:
+            rejected.append((p.z_a, p.z_b, p.reason))
+        elif p.z_a in bad or p.z_b in bad:
+            zb = p.z_a if p.z_a in bad else p.z_b
+            rejected.append((p.z_a, p.z_b, f"slice {zb} is bad ({bad[zb]})"))
+        else:
+            links.append(p)
+    # second signal: a slice every one of whose (>= 1) pairs failed
+    tried: dict[int, int] = {}
+    for p in pairs:
+        for z in (p.z_a, p.z_b):
+            tried[z] = tried.get(z, 0) + 1
+    linked = {z for p in links for z in (p.z_a, p.z_b)}
+    for z in zs:
+        if z not in bad and tried.get(z, 0) > 0 and z not in linked and len(zs) > 1:
+            bad[z] = "no successful match with any neighbour"
+
+    placed: dict[int, np.ndarray] = {}
+    while True:
+        good = [z for z in zs if z not in bad]
+        if not good:
+            break
+        ref = good[0]
+        reach = _connected(ref, set(good), links)
+        for z in good:
+            if z not in reach:
+                bad[z] = f"not connected to slice {ref} by successful matches"
+        good = [z for z in good if z in reach]
+        links = [p for p in links if p.z_a in reach and p.z_b in reach]
+        if method == "chain":
+            placed = _solve_chain(ref, good, links)
+            for z in good:
+                if z not in placed:
+                    bad[z] = "no successful match to an earlier slice (chain)"
+            break
+        placed = _solve_global(ref, good, links, shape_yx, regularisation)
+        errs = [_link_error_px(p, placed, shape_yx) for p in links]
+        if not errs:
+            break
+        limit = max(float(outlier_px), 3.5 * float(np.median(errs)))
+        worst = int(np.argmax(errs))
+        if errs[worst] <= limit or len(links) <= 1:
+            break
+        p = links.pop(worst)
+        rejected.append((p.z_a, p.z_b, f"inconsistent with other links ({errs[worst]:.2f} px > {limit:.2f} px)"))
+
+    if bad and bad_slice_policy == "error":
+        listing = "; ".join(f"z={z}: {r}" for z, r in sorted(bad.items()))
+        raise AlignmentError(
+            f"bad slices found ({listing}); remove them from the source or set "
+            f"align.bad_slice_policy to bridge, fill_previous or zero"
+        )
+    if not placed:
+        raise AlignmentError(
+            f"no slice could be aligned ({len(bad)} bad slices, e.g. "
+            f"z={min(bad)}: {bad[min(bad)]}); check the input or use method 'identity'"
+        )
+    transforms = dict(placed)
+    for z in zs:
+        if z in bad:
+            if bad_slice_policy == "fill_previous":
+                transforms[z] = placed[_previous_good(z, placed)]
+            else:
+                transforms[z] = _interpolate(z, placed)
+    rendered = [z for z in zs if not (z in bad and bad_slice_policy == "zero")]
+    corners = np.vstack([_apply(transforms[z], corner_points_xy(shape_yx)) for z in rendered])
+    lo = np.floor(corners.min(axis=0))
+    hi = np.ceil(corners.max(axis=0) - lo)
+    shifted = {}
+    for z in zs:
+        m = np.array(transforms[z], dtype=np.float64)
+        m[:, 2] -= lo
+        shifted[z] = m
+    return Alignment(
+        transforms=shifted,
+        frame_shape_yx=(int(hi[1]) + 1, int(hi[0]) + 1),
+        method=method,
+        bad_slices=dict(sorted(bad.items())),
+        rejected_pairs=rejected,
+        pairs=pairs,
+        bad_slice_policy=bad_slice_policy if bad_slice_policy != "error" else "bridge",
+    )
+
+
+def _previous_good(z: int, placed: Mapping[int, np.ndarray]) -> int:
+    before = [g for g in placed if g < z]
+    return max(before) if before else min(placed)

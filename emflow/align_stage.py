@@ -1,0 +1,153 @@
+"""The alignment stages of a run: features per slice, matches per pair, one solve.
+
+Feature and match units write their results to the run folder (features as
+``features/z<z>.npz``, pairs in their unit results) so a resumed run does not
+recompute them; the solve runs in the driver on small data and writes
+``alignment.json`` plus the QC table and plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emflow.discover import SliceCatalog, SliceRef
+from emflow.errors import AlignmentError
+from emflow.execute import Unit
+from emflow.recipe import Recipe
+
+THUMB_PX = 256  # long side of the per-slice thumbnail kept for the QC reslices
+
+
+def features_unit(ref: SliceRef, shape_yx: tuple[int, int], downsample: int | None, nfeatures: int,
+                  out_path: str) -> dict:
+    """Decode one slice, judge it, compute SIFT features on its reduced copy, save them."""
+    import cv2
+
+    from emflow.align.features import compute_features
+    from emflow.align.quality import assess_slice
+    from emflow.io.readers import read_image
+
+    cv2.setNumThreads(1)
+    if ref.fill is not None or ref.path is None:
+        image = np.zeros(shape_yx, np.uint8)
+        bad: str | None = "missing slice (filled)"
+    else:
+        image = read_image(ref.path, ref.page)
+        bad = assess_slice(image)
+    feats = compute_features(image, downsample=downsample, nfeatures=nfeatures)
+    scale = max(1, max(shape_yx) // THUMB_PX)
+    thumb = cv2.resize(image, (shape_yx[1] // scale, shape_yx[0] // scale), interpolation=cv2.INTER_AREA)
+    tmp = out_path + ".tmp.npz"
+    np.savez(tmp, keypoints_xy=feats.keypoints_xy, descriptors=feats.descriptors,
+             shape_yx=np.array(feats.shape_yx), downsample=np.array(feats.downsample), thumb=thumb,
+             thumb_scale=np.array(scale))
+    Path(tmp).replace(out_path)
+    return {"z": ref.z, "keypoints": len(feats.keypoints_xy), "bad": bad}
+
+
+def _load_features(path: str) -> Any:
+    from emflow.align.features import Features
+
+    with np.load(path) as d:
+        return Features(d["keypoints_xy"], d["descriptors"], tuple(int(v) for v in d["shape_yx"]),
+                        int(d["downsample"]))
+
+
+def match_unit(path_a: str, path_b: str, z_a: int, z_b: int, config: dict) -> dict:
+    """Match the saved features of two slices; returns the PairResult as a dict."""
+    import cv2
+
+    from emflow.align.match import MatchConfig, match_features
+
+    cv2.setNumThreads(1)
+    result = match_features(_load_features(path_a), _load_features(path_b), z_a=z_a, z_b=z_b,
+                            config=MatchConfig(**config))
+    return result.to_dict()
+
+
+def align_stack(recipe: Recipe, catalog: SliceCatalog, run_dir: Path,
+                stage: Callable[[str, list[Unit]], dict[int, Any]], say: Callable[[str], None]) -> Any:
+    """Run features → match → solve for a catalog; returns the Alignment (also saved)."""
+    from emflow.align.match import MatchConfig, PairResult
+    from emflow.align.solve import solve
+
+    cfg = recipe.align
+    feat_dir = run_dir / "features"
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    paths = [str(feat_dir / f"z{ref.z:06d}.npz") for ref in catalog.slices]
+    bytes_per_slice = catalog.shape_yx[0] * catalog.shape_yx[1] * (2 if catalog.dtype == "uint16" else 1)
+    units = [Unit(ref.z, features_unit, (ref, catalog.shape_yx, cfg.downsample, cfg.nfeatures, paths[i]),
+                  bytes_per_slice) for i, ref in enumerate(catalog.slices)]
+    feats = stage("features", units)
+    bad = {z: r["bad"] for z, r in feats.items() if r["bad"]}
+    if bad:
+        say(f"bad slices: {', '.join(f'z{z} ({why})' for z, why in sorted(bad.items()))}")
+    config = {"model": cfg.model, "model_corner_threshold_px": cfg.model_corner_threshold_px}
+    MatchConfig(**config)  # fail early on a bad field
+    n = len(catalog.slices)
+    pair_list = [(z, z + k) for z in range(n) for k in (1, 2) if z + k < n]
+    units = [Unit(i, match_unit, (paths[a], paths[b], a, b, config)) for i, (a, b) in enumerate(pair_list)]
+    pairs = [PairResult.from_dict(d) for _, d in sorted(stage("match", units).items())]
+    policy = cfg.bad_slices
+    try:
+        alignment = solve(pairs, list(range(n)), catalog.shape_yx, method=cfg.method, bad_slices=bad,
+                          bad_slice_policy=policy)
+    except AlignmentError:
+        raise
+    alignment.to_json(run_dir / "alignment.json")
+    failed = [p for p in pairs if not p.ok]
+    say(f"alignment: {cfg.method} solve over {len(pairs)} pairs ({len(failed)} failed, "
+        f"{len(alignment.rejected_pairs)} rejected); frame {alignment.frame_shape_yx[1]} × "
+        f"{alignment.frame_shape_yx[0]} px → {run_dir / 'alignment.json'}")
+    write_qc(alignment, pairs, paths, run_dir, recipe)
+    return alignment
+
+
+def write_qc(alignment: Any, pairs: list, feature_paths: list[str], run_dir: Path, recipe: Recipe) -> None:
+    """Pair table (CSV), residual/inlier plots and before/after XZ/YZ reslices (PNG) in run_dir/qc."""
+    import cv2
+
+    from emflow.align import qc
+
+    qc_dir = run_dir / "qc"
+    qc_dir.mkdir(exist_ok=True)
+    qc.write_pair_table(pairs, alignment, qc_dir / "pairs.csv")
+    qc.plot_pairs(pairs, alignment, qc_dir / "pairs.png")
+    thumbs, scale = [], 1
+    for p in feature_paths:
+        with np.load(p) as d:
+            thumbs.append(d["thumb"])
+            scale = int(d["thumb_scale"])
+    before = np.stack(thumbs)
+    fy = -(-alignment.frame_shape_yx[0] // scale)
+    fx = -(-alignment.frame_shape_yx[1] // scale)
+    after = np.zeros((len(thumbs), fy, fx), before.dtype)
+    s = np.diag([scale, scale, 1.0])
+    s_inv = np.diag([1.0 / scale, 1.0 / scale, 1.0])
+    for z, thumb in enumerate(thumbs):
+        m = alignment.transforms.get(z)
+        if m is None:
+            continue
+        full = np.vstack([np.asarray(m, np.float64), [0, 0, 1]])
+        small = (s_inv @ full @ s)[:2]
+        after[z] = cv2.warpAffine(thumb, small, (fx, fy), flags=cv2.INTER_LINEAR, borderValue=0)
+    vs = recipe.voxel_size_nm
+    qc.plot_reslices(before, after, qc_dir / "reslices.png", (vs[0] * scale, vs[1] * scale, vs[2]))
+
+
+def load_alignment(path: Path, catalog: SliceCatalog) -> Any:
+    """Read an alignment.json for re-export and check it covers this stack."""
+    from emflow.align.solve import Alignment
+
+    alignment = Alignment.from_json(path)
+    missing = [ref.z for ref in catalog.slices if ref.z not in alignment.transforms]
+    if missing:
+        raise AlignmentError(
+            f"{path} has no transform for z {missing[0]} (and {len(missing) - 1} more): it was made for "
+            "another stack; re-run without --alignment"
+        )
+    return alignment

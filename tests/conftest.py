@@ -1,0 +1,46 @@
+"""Shared fixtures: synthetic stacks on disk, readers of every output format."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests needing ../shared/data when it is absent (it is beside every checkout in CI)."""
+    if DATA.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f"real EM test data not found at {DATA}")
+    for item in items:
+        if "real_data" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return DATA
+
+
+def read_pngs(paths) -> np.ndarray:
+    return np.stack([cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths])
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, keyed by relative path (byte-identity checks)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
