@@ -188,7 +188,7 @@ def section_alignment(res: dict, quick: bool) -> None:
         figures = fn(sizes=sizes) if "sizes" in params else fn()
         res["alignment"] = {"figures": figures, "sizes": list(sizes), "load1_before": l0,
                             "load1_after": machine.load1()}
-    except Exception as exc:  # noqa: BLE001 - report, do not stop the run
+    except Exception as exc:
         res["alignment"] = {"note": f"align_cost.measure() failed: {type(exc).__name__}: {exc}",
                             "traceback": traceback.format_exc()[-2000:]}
 

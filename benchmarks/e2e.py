@@ -156,6 +156,43 @@ def _emflow_log(out_dir: Path) -> dict:
     return info
 
 
+def _emflow_stages(out_dir: Path) -> dict:
+    """Per-stage wall (journal stage -> stage_end) and summed unit phases (done markers)."""
+    import json
+
+    run = out_dir / "emflow-run"
+    out: dict = {}
+    journal = run / "journal.jsonl"
+    if journal.exists():
+        starts: dict[str, float] = {}
+        for line in journal.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") == "stage":
+                starts[ev["stage"]] = ev["t"]
+            elif ev.get("event") == "stage_end" and ev.get("stage") in starts:
+                out.setdefault("stage_wall_s", {})[ev["stage"]] = round(
+                    ev["t"] - starts[ev["stage"]], 3)
+    phases: dict[str, float] = {}
+    for marker in sorted((run / "done").glob("*/*.json")) if (run / "done").exists() else []:
+        try:
+            res = json.loads(marker.read_text()).get("result") or {}
+        except ValueError:
+            continue
+        secs = res.get("seconds")
+        stage = marker.parent.name
+        if isinstance(secs, dict):
+            for k, v in secs.items():
+                phases[f"{stage}.{k}"] = phases.get(f"{stage}.{k}", 0.0) + float(v)
+        elif isinstance(secs, int | float):
+            phases[stage] = phases.get(stage, 0.0) + float(secs)
+    if phases:
+        out["unit_phase_s"] = {k: round(v, 3) for k, v in phases.items()}
+    return out
+
+
 def measure_variant(v: Variant, timeout_s: float = 1800.0) -> Measured:
     if v.family != "emflow":
         shutil.rmtree(v.out_dir, ignore_errors=True)
@@ -197,6 +234,7 @@ def summarize_runs(v: Variant, runs: list[Measured], input_bytes: int, frame_byt
     if v.family == "emflow":
         info = _emflow_log(v.out_dir)
         row.update(info)
+        row.update(_emflow_stages(v.out_dir))
         if "emflow_run_s" in info:
             row["mb_s_inside_run"] = input_bytes / 1e6 / info["emflow_run_s"]
         if "slab_depth" in info:

@@ -152,7 +152,9 @@ def measure_clahe(slice_yx: np.ndarray, repeats: int = 1, runs: int = 3) -> dict
     except TypeError as exc:  # an emflow signature that needs arguments: fall back, say so
         from skimage.exposure import equalize_adapthist
 
-        fn = lambda a: equalize_adapthist(a, kernel_size=128, clip_limit=0.01)  # noqa: E731
+        def fn(a: np.ndarray) -> np.ndarray:
+            return equalize_adapthist(a, kernel_size=128, clip_limit=0.01)
+
         impl = f"skimage equalize_adapthist (emflow.enhance.clahe failed: {exc})"
         s = _timeit(lambda: fn(slice_yx), repeats, runs)
     ref = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(max(1, slice_yx.shape[1] // 128),
@@ -227,7 +229,10 @@ def measure_all(inputs: dict[str, np.ndarray], quick: bool = False,
                 scratch: str | Path | None = None) -> dict[str, dict]:
     """Every kernel once, single-threaded. ``quick`` cuts repeats to a minimum."""
     r = 1 if quick else None
-    kw = (lambda n: {"repeats": r or n, "runs": 1 if quick else 3})
+
+    def kw(n: int) -> dict:
+        return {"repeats": r or n, "runs": 1 if quick else 3}
+
     sl, chunk, block = inputs["slice"], inputs["chunk"], inputs["block"]
     out = {
         "png_decode": measure_png_decode(sl, **kw(5)),

@@ -41,6 +41,25 @@ class _Stop(Exception):
     pass
 
 
+class _TimedClient:
+    """Forward to a Client; note when the ``window``-th unit has been submitted."""
+
+    def __init__(self, client: object, window: int) -> None:
+        self._client, self._window, self.n = client, window, 0
+        self.t0 = time.perf_counter()
+        self.window_submitted_s: float | None = None
+
+    def submit(self, *args: object, **kwargs: object) -> object:
+        fut = self._client.submit(*args, **kwargs)  # type: ignore[attr-defined]
+        self.n += 1
+        if self.n == self._window:
+            self.window_submitted_s = time.perf_counter() - self.t0
+        return fut
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+
 class _Peak:
     """Poll the RSS of some pids in a thread; keep the maxima (MB)."""
 
@@ -135,7 +154,8 @@ def run(slices: int, units: int, workers: int) -> dict:
             out["planner"] = planner
             # 2. run the per-slice stage through the window, stop after `units` results
             times: list[float] = []
-            t1 = time.perf_counter()
+            timed = _TimedClient(client, window=max(2, 2 * workers))
+            t1 = timed.t0
 
             def on_result(_unit: object, _res: object) -> None:
                 times.append(time.perf_counter() - t1)
@@ -147,7 +167,7 @@ def run(slices: int, units: int, workers: int) -> dict:
                 if "run_dir" in inspect.signature(run_stage).parameters:
                     kw["run_dir"] = tmp / "run"
                 try:
-                    run_stage("noop", unit_list, client=client, run_id="bench",
+                    run_stage("noop", unit_list, client=timed, run_id="bench",
                               on_result=on_result, **kw)
                 except _Stop:
                     pass
@@ -156,7 +176,7 @@ def run(slices: int, units: int, workers: int) -> dict:
 
                 window = 2 * workers
                 it = iter(unit_list)
-                ac = as_completed([client.submit(noop, next(it), pure=False)
+                ac = as_completed([timed.submit(noop, next(it), pure=False)
                                    for _ in range(window)])
                 try:
                     for fut in ac:
@@ -165,6 +185,9 @@ def run(slices: int, units: int, workers: int) -> dict:
                         ac.add(client.submit(noop, next(it), pure=False))
                 except _Stop:
                     pass
+            out["window"] = max(2, 2 * workers)
+            out["first_window_submitted_s"] = (round(timed.window_submitted_s, 4)
+                                               if timed.window_submitted_s is not None else None)
             out["first_result_s"] = round(times[0], 4) if times else None
             out["plan_plus_first_window_s"] = round(out["plan_s"] + (times[0] if times else 0), 3)
             if len(times) > 1:

@@ -33,7 +33,7 @@ class Measured:
     cpu_s: float  # user + sys of the whole reaped tree (rusage)
     cpu_poll_s: float  # same from polling live processes (lower bound)
     peak_rss_mb: dict[str, float]  # "role pid" -> peak RSS
-    peak_worker_rss_mb: float  # max over non-driver processes (0 if none)
+    peak_worker_rss_mb: float  # max over non-driver processes (driver if none)
     peak_driver_rss_mb: float
     peak_tree_rss_mb: float  # max of the summed RSS of the tree
     maxrss_child_mb: float  # rusage ru_maxrss of the largest reaped descendant
@@ -132,6 +132,8 @@ def run_measured(
     named = {f"{role} {pid}": round(rss, 1) for pid, (role, rss) in peaks.items()}
     workers = [rss for role, rss in peaks.values() if role in ("worker", "proc")]
     drivers = [rss for role, rss in peaks.values() if role == "driver"]
+    if not workers:  # a single-process tool: its only process is the worker
+        workers = drivers
     return Measured(
         cmd=[str(c) for c in cmd],
         returncode=child.returncode,

@@ -1,5 +1,7 @@
 """Render benchmarks/out/results.json as the committed benchmarks/RESULTS.md."""
 
+# ruff: noqa: RUF001  (multiplication sign, dashes and minus are the table's typography)
+
 from __future__ import annotations
 
 import math
@@ -22,9 +24,14 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.0f} %"
 
 
+def _cell(text: object) -> str:
+    """One table cell: no newlines, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out = ["| " + " | ".join(_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
     return out
 
 
@@ -186,11 +193,15 @@ def render(res: dict, findings: str = "") -> str:
         L += _table(["figure", "value"], [
             ["slices / plan (levels, units per pass)", f"{o.get('slices')} / {o.get('plan')}"],
             ["time to plan (catalog + plan_output + units)", f"{_f(o.get('plan_s'), 2)} s"],
-            ["first result after submitting the first window", f"{_f(o.get('first_result_s'), 3)} s"],
+            [f"first window ({o.get('window')} units) submitted",
+             f"{_f(o.get('first_window_submitted_s'), 3)} s"],
+            ["first result after submitting the first window",
+             f"{_f(o.get('first_result_s'), 3)} s"],
             ["planned + first window", f"{_f(o.get('plan_plus_first_window_s'), 2)} s"],
             ["no-op units/s (window)", _f(o.get("units_per_s"))],
             ["overhead per unit", f"{_f(o.get('ms_per_unit'), 2)} ms"],
-            ["extrapolated for 100,000 per-slice units", f"{_f(o.get('extrapolated_all_units_s'))} s"],
+            ["extrapolated for all per-slice units",
+             f"{_f(o.get('extrapolated_all_units_s'))} s"],
             ["peak RSS driver / scheduler", f"{o.get('peak_rss_mb', {}).get('driver')} / "
              f"{o.get('peak_rss_mb', {}).get('scheduler')} MB"],
             ["driver growth from planning", f"{_f(o.get('driver_plan_growth_mb'))} MB"],
@@ -218,7 +229,8 @@ def render(res: dict, findings: str = "") -> str:
     L += _table(["target", "measured", "status"], tr)
     L.append("")
     if res.get("notes"):
-        L += ["## Notes from this run", ""] + [f"* {n}" for n in res["notes"]] + [""]
+        L += ["## Notes from this run", ""]
+        L += [f"* {' '.join(str(n).split())[:400]}" for n in res["notes"]] + [""]
     if findings.strip():
         L += [findings.strip(), ""]
     L += ["## Regenerate", "", "```", "python -m benchmarks            # full: --size 2048 "
@@ -230,11 +242,17 @@ def render(res: dict, findings: str = "") -> str:
 def _notes(r: dict) -> str:
     bits = []
     if r.get("emflow_run_s"):
-        bits.append(f"inside run {r['emflow_run_s']:.1f} s = {r.get('mb_s_inside_run', 0):.0f} MB/s")
+        bits.append(f"inside run {r['emflow_run_s']:.1f} s = "
+                    f"{r.get('mb_s_inside_run', 0):.0f} MB/s")
     if r.get("cluster_start_s"):
         bits.append(f"cluster start {r['cluster_start_s']:.1f} s")
     if r.get("slab_depth"):
         bits.append(f"{r['slabs']} slabs × {r['slab_depth']} z")
+    if r.get("stage_wall_s"):
+        bits.append("stages " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_wall_s"].items()))
+    if r.get("unit_phase_s"):
+        bits.append("unit CPU-side s: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                    r["unit_phase_s"].items()))
     ph = r.get("phases") or {}
     for k in ("decode_s", "downsample_s", "write_jpeg_s", "write_zarr_s", "upload_s",
               "pyramid_write_s"):

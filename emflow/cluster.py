@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -835,6 +836,16 @@ def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterato
         kw["security"] = True  # Security.temporary(); worker files in shared_temp_directory
     submitted: list[str] = []
     kw["job_cls"] = _tracking_job_cls(cluster_cls.job_cls, submitted)
+    for key in ("log_directory", "shared_temp_directory"):
+        if kw.get(key):
+            directory = Path(os.path.expanduser(os.path.expandvars(str(kw[key]))))
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ClusterError(
+                    f"cluster config {key} {directory}: cannot create ({exc.strerror}); "
+                    "choose a directory on a file system the compute nodes share"
+                ) from exc
     try:
         cluster = cluster_cls(**kw)
     except (TypeError, ValueError, OSError) as exc:

@@ -370,7 +370,7 @@ def _run_dask(
         lat.ensure_plugin(client)
         client.sync(client.scheduler.emflow_begin_stage, run_id=run_id, stage=stage, total=total,
                     prefix=prefix, skipped=skipped, orphaned=orphaned,
-                    run_dir=str(run_dir) if run_dir is not None else None)
+                    run_dir=str(run_dir) if run_dir is not None else None, session=sid)
         if run_dir is not None:
             from emflow.dashboard import dashboard_url
 

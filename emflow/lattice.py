@@ -267,6 +267,7 @@ class RunLattice:
         self.paused_stages: set[str] = set()
         self.cancelled = False
         self.run_dir: str | None = None
+        self.session: str | None = None  # driver session; a new one clears pause/cancel
         self.started = time.time()
         self.rejected = 0  # late duplicates / illegal transitions refused
 
@@ -305,11 +306,21 @@ class Lattice:
         skipped: Iterable[int] = (),
         orphaned: Iterable[int] = (),
         run_dir: str | None = None,
+        session: str | None = None,
     ) -> None:
-        """Declare (or restart) a stage of ``total`` units, some already done (skipped) or orphaned."""
+        """Declare (or restart) a stage of ``total`` units, some already done (skipped) or orphaned.
+
+        A new driver ``session`` of a known run (``emflow run`` again after a
+        cancel) clears the run's pause and cancel switches.
+        """
         r = self.run(run_id)
         if run_dir:
             r.run_dir = run_dir
+        if session and session != r.session:
+            if r.session is not None:
+                r.paused, r.cancelled = False, False
+                r.paused_stages.clear()
+            r.session = session
         r.stages[stage] = StageLattice(stage, total)  # a stage begun again starts afresh
         for i in skipped:
             self.apply(run_id, stage, i, "skip")
@@ -439,10 +450,12 @@ class LatticePlugin(SchedulerPlugin):
         skipped: list[int] | None = None,
         orphaned: list[int] | None = None,
         run_dir: str | None = None,
+        session: str | None = None,
     ) -> None:
         self.known[prefix] = (run_id, stage)
         self.lattice.begin_stage(
-            run_id, stage, total, skipped=skipped or (), orphaned=orphaned or (), run_dir=run_dir
+            run_id, stage, total, skipped=skipped or (), orphaned=orphaned or (), run_dir=run_dir,
+            session=session,
         )
 
     def snapshot(self, run_id: str | None = None, cells: bool = True) -> dict[str, Any]:

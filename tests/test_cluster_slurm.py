@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import pytest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
@@ -53,6 +54,9 @@ def _slurm_ready() -> str | None:
 _why = _slurm_ready()
 if _why is not None:
     pytest.skip(_why, allow_module_level=True)
+
+# worker jobs cannot import this test module: ship its classes and functions by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Runs inside benchmarks/.venvs/ngff-zarr. As its docs suggest: ``to_ngff_image`` ->
 ``to_multiscales(scale_factors=[2, 4, 8, 16], method=Methods.DASK_BIN_SHRINK, chunks=64)``
 -> ``to_ngff_zarr(version="0.5", chunks_per_shard=(2, 16, 16))`` (shards of 128x1024x1024
-like emflow's) with ``compressors=[{"name": "zstd", "configuration": {"level": 1}}]`` so the output codec matches.
+like emflow's) with ``compressors=[{"name": "zstd", "configuration": {"level": 1}}]``
+so the output codec matches.
 Decode is cv2 in 2 threads, as for every other variant; dask uses its threaded scheduler.
 
     python ngff_zarr_run.py SRC OUT --voxel-nm 8
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import decode_stack, now, report  # noqa: E402
+from common import decode_stack, now, report
 
 
 def main():

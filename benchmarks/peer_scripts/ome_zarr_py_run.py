@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import decode_stack, now, report  # noqa: E402
+from common import decode_stack, now, report
 
 
 def main():
@@ -45,7 +45,7 @@ def main():
     cap = (128, 1024, 1024)
 
     def shard_of(shape):
-        return tuple(min(c, -(-n // 64) * 64) for c, n in zip(cap, shape))
+        return tuple(min(c, -(-n // 64) * 64) for c, n in zip(cap, shape, strict=True))
 
     image = da.from_array(vol, chunks=shard_of(vol.shape))
     options = []

@@ -40,6 +40,10 @@ MODELS = ("translation", "rigid", "affine")
 #: Keypoint count above which FLANN (KD-trees) replaces brute-force kNN.
 FLANN_MIN_KEYPOINTS = 3000
 
+#: Final refit keeps inliers within max(REFIT_FLOOR_PX working px, REFIT_MEDIANS x median).
+REFIT_FLOOR_PX = 1.0
+REFIT_MEDIANS = 3.0
+
 Matrix2x3 = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 
@@ -286,6 +290,12 @@ def match_features(
         if np.array_equal(new, inl):
             break
         inl = new
+    if inl.sum() >= 3:  # final refit on the core of the inliers (robust to content change)
+        res = np.linalg.norm(_apply(affine, pb) - pa, axis=1)
+        core = inl & (res < max(REFIT_FLOOR_PX * ds, REFIT_MEDIANS * float(np.median(res[inl]))))
+        if core.sum() >= max(3, int(config.min_inliers)):
+            inl = core
+            affine = fit_affine(pb[inl], pa[inl])
     n_inl = int(inl.sum())
     if n_inl < need:
         return _failed(z_a, z_b, f"too few inliers ({n_inl} < {config.min_inliers})", n_matches, n_inl)

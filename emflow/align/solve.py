@@ -46,6 +46,8 @@ __all__ = ["BAD_SLICE_POLICIES", "METHODS", "Alignment", "identity_alignment", "
 METHODS = ("global", "chain")
 BAD_SLICE_POLICIES = ("bridge", "fill_previous", "zero", "error")
 FORMAT = "emflow-alignment"
+#: Weight of the rows that anchor the reference slice (gauge), relative to one link.
+ANCHOR_WEIGHT = 1000.0
 VERSION = 1
 
 
@@ -224,79 +226,83 @@ def _solve_global(
     links: Sequence[PairResult],
     shape_yx: tuple[int, int],
     regularisation: float,
-    iterations: int = 4,
+    iterations: int = 5,
 ) -> dict[int, np.ndarray]:
-    """Least squares for all good slices (ref fixed to identity); see module docstring."""
+    """Least squares for all good slices, returned relative to ``ref`` (identity).
+
+    Unknowns per slice and per output row (x, then y separately): ``(r L_row, T(c)_row)``
+    with ``c`` the slice centre and ``r`` its half-diagonal, so all columns are O(1). With
+    ``regularisation == 0`` the reference slice is anchored to the identity. With
+    ``regularisation > 0`` only its centre is anchored and every slice's linear part
+    (the reference's too) is pulled toward its nearest rotation: an alignment is then not
+    biased toward the reference slice's own distortion, and low-frequency scale/shear
+    drift is damped. The result is re-expressed relative to the reference slice.
+    """
     h, w = shape_yx
     c = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
     r = max(float(np.hypot(w - 1, h - 1)) / 2.0, 1.0)
     q = corner_points_xy(shape_yx)
     qb = np.hstack([(q - c) / r, np.ones((4, 1))])  # basis of slice b at its corners
-    free = [z for z in good if z != ref]
-    col = {z: 3 * i for i, z in enumerate(free)}
-    n = 3 * len(free)
-    fixed = np.array([[r, 0.0, c[0]], [0.0, r, c[1]]])  # ref params: G = r I, t' = c
-    rows, cols, vals = [], [], []
-    rhs_x, rhs_y = [], []
-    row = 0
-    weights = _link_weights(links)
-    for p, wl in zip(links, weights):
-        u = _apply(p.matrix_array, q)
-        ua = np.hstack([(u - c) / r, np.ones((4, 1))]) * wl
-        qbw = qb * wl
-        for k in range(4):
-            bx = by = 0.0
-            for z, basis, sign in ((p.z_a, ua[k], 1.0), (p.z_b, qbw[k], -1.0)):
-                if z == ref:
-                    bx -= sign * float(basis @ fixed[0])
-                    by -= sign * float(basis @ fixed[1])
-                else:
-                    rows += [row] * 3
-                    cols += [col[z], col[z] + 1, col[z] + 2]
-                    vals += list(sign * basis)
-            rhs_x.append(bx)
-            rhs_y.append(by)
-            row += 1
-    n_data = row
+    col = {z: 3 * i for i, z in enumerate(good)}
+    n = 3 * len(good)
     lam = math.sqrt(max(float(regularisation), 0.0))
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    rhs_x: list[float] = []
+    rhs_y: list[float] = []
+
+    def add(entries: list[tuple[int, float]], bx: float, by: float) -> None:
+        row = len(rhs_x)
+        for j, v in entries:
+            rows.append(row)
+            cols.append(j)
+            vals.append(v)
+        rhs_x.append(bx)
+        rhs_y.append(by)
+
+    for p, wl in zip(links, _link_weights(links)):
+        ua = np.hstack([(_apply(p.matrix_array, q) - c) / r, np.ones((4, 1))]) * wl
+        for k in range(4):
+            ja, jb = col[p.z_a], col[p.z_b]
+            add([(ja + i, ua[k, i]) for i in range(3)] + [(jb + i, -wl * qb[k, i]) for i in range(3)], 0.0, 0.0)
+    anchor = ANCHOR_WEIGHT
+    j0 = col[ref]
+    add([(j0 + 2, anchor)], anchor * c[0], anchor * c[1])
+    if lam == 0:
+        add([(j0, anchor)], anchor * r, 0.0)
+        add([(j0 + 1, anchor)], 0.0, anchor * r)
     d = (q - c) / r
+    n_fixed = len(rhs_x)
     if lam > 0:
-        for z in free:
+        for z in good:
             for k in range(4):
-                rows += [row, row]
-                cols += [col[z], col[z] + 1]
-                vals += [lam * d[k, 0], lam * d[k, 1]]
-                row += 1
-    a = sp.csr_matrix((vals, (rows, cols)), shape=(row, n))
+                add([(col[z], lam * d[k, 0]), (col[z] + 1, lam * d[k, 1])], 0.0, 0.0)
+    a = sp.csr_matrix((vals, (rows, cols)), shape=(len(rhs_x), n))
     at = a.T.tocsr()
     lu = spla.splu((at @ a).tocsc())
-    bx_data, by_data = np.array(rhs_x), np.array(rhs_y)
-    # start the rotation targets from the chain solution (good first guess)
-    chain = _solve_chain(ref, good, links)
-    rot = {z: _nearest_rotation(chain[z][:, :2]) if z in chain else np.eye(2) for z in free}
+    bx_all, by_all = np.array(rhs_x), np.array(rhs_y)
+    chain = _solve_chain(ref, good, links)  # rotation targets start from the chain
+    rot = {z: _nearest_rotation(chain[z][:, :2]) if z in chain else np.eye(2) for z in good}
     sol_x = sol_y = np.zeros(n)
     for _ in range(iterations if lam > 0 else 1):
-        bx, by = [bx_data], [by_data]
         if lam > 0:
-            reg = np.array([lam * (d[k] @ (r * rot[z]).T) for z in free for k in range(4)])
-            bx.append(reg[:, 0])
-            by.append(reg[:, 1])
-        sol_x = lu.solve(at @ np.concatenate(bx))
-        sol_y = lu.solve(at @ np.concatenate(by))
-        rot = {
-            z: _nearest_rotation(
-                np.array([sol_x[col[z] : col[z] + 2], sol_y[col[z] : col[z] + 2]]) / r
-            )
-            for z in free
-        }
-    del n_data
-    out = {ref: np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])}
-    for z in free:
-        gx, gy = sol_x[col[z] : col[z] + 3], sol_y[col[z] : col[z] + 3]
-        lin = np.array([gx[:2], gy[:2]]) / r
-        t = np.array([gx[2], gy[2]]) - lin @ c
-        out[z] = np.hstack([lin, t[:, None]])
-    return out
+            reg = np.array([lam * (r * rot[z] @ d[k]) for z in good for k in range(4)])
+            bx_all[n_fixed:] = reg[:, 0]
+            by_all[n_fixed:] = reg[:, 1]
+        sol_x = lu.solve(at @ bx_all)
+        sol_y = lu.solve(at @ by_all)
+        for z in good:
+            j = col[z]
+            rot[z] = _nearest_rotation(np.array([sol_x[j : j + 2], sol_y[j : j + 2]]) / r)
+    out = {}
+    for z in good:
+        j = col[z]
+        lin = np.array([sol_x[j : j + 2], sol_y[j : j + 2]]) / r
+        t = np.array([sol_x[j + 2], sol_y[j + 2]]) - lin @ c
+        out[z] = np.vstack([np.hstack([lin, t[:, None]]), [0.0, 0.0, 1.0]])
+    inv_ref = np.linalg.inv(out[ref])
+    return {z: (inv_ref @ m)[:2] for z, m in out.items()}
 
 
 def _link_weights(links: Sequence[PairResult]) -> np.ndarray:

@@ -45,7 +45,7 @@ def demo(
     gen = synthetic_slices((slices, size, size), seed=0)
     if align:
         try:
-            from emflow.testing.transforms import misaligned_slices
+            from emflow.testing.misalign import misaligned_slices
 
             gen = misaligned_slices(gen, seed=0)
         except ImportError:

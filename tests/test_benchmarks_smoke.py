@@ -1,0 +1,87 @@
+"""Smoke test of benchmarks/: the limit kernels and the read-back check run on tiny inputs.
+
+No timing is asserted (DESIGN.md "Testing and measuring"): only that every figure is a
+positive finite number with the expected keys, and that the reference pyramid and the
+ceiling writer are exact where they must be.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import limits
+from benchmarks.pyramid_ref import exact_means, pyramid
+
+KERNELS = {
+    "png_decode", "jpeg_q90_encode", "zstd1_encode", "downsample_2x_mean", "warp_affine_linear",
+    "clahe", "sift_feature_copy", "page_cache_write", "memcpy",
+}
+MODEL = {"jpeg", "zstd", "jpeg+zstd", "jpeg+zstd+clahe", "full", "full_decode_twice"}
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, float | int) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:96]
+    sl = (128 + 60 * np.sin(yy / 7.0) * np.cos(xx / 5.0) + rng.normal(0, 8, (96, 96)))
+    block = rng.integers(0, 256, (16, 32, 32), dtype=np.uint8)
+    return {"slice": np.clip(sl, 0, 255).astype(np.uint8), "chunk": block[:, :16, :16].copy(),
+            "block": block}
+
+
+def test_limit_kernels_return_positive_finite_figures(tiny_inputs, tmp_path):
+    kernels = limits.measure_all(tiny_inputs, quick=True, scratch=tmp_path)
+    assert set(kernels) == KERNELS
+    for name, k in kernels.items():
+        assert {"mb_s", "s_per_call", "bytes_per_call", "per"} <= set(k), name
+        assert _positive(k["mb_s"]) and _positive(k["s_per_call"]), name
+    assert _positive(kernels["jpeg_q90_encode"]["ratio"])
+    assert _positive(kernels["zstd1_encode"]["ratio"])
+    assert isinstance(kernels["clahe"]["impl"], str)
+    model = limits.cost_model(kernels, cores=2)
+    assert set(model) == MODEL
+    for name, d in model.items():
+        assert _positive(d["cpu_s_per_gb"]) and _positive(d["mb_s_limit"]), name
+        assert d["mb_s_limit"] == pytest.approx(2 * d["mb_s_per_core"])
+    # each richer pipeline costs at least as much as the pyramid alone
+    assert model["jpeg+zstd"]["cpu_s_per_gb"] >= model["jpeg"]["cpu_s_per_gb"]
+    assert model["full"]["cpu_s_per_gb"] >= model["jpeg+zstd"]["cpu_s_per_gb"]
+
+
+def test_reference_pyramid_rounds_once_and_matches_emflow():
+    rng = np.random.default_rng(1)
+    vol = rng.integers(0, 256, (16, 32, 48), dtype=np.uint8)
+    levels = pyramid(vol, 4, threads=2)
+    assert levels[0] is vol
+    for lvl in range(1, 4):
+        exact = exact_means(vol, (2**lvl,) * 3)
+        assert levels[lvl].shape == exact.shape
+        assert np.abs(levels[lvl] - exact).max() <= 0.5
+    emflow_pyramid = pytest.importorskip("emflow.pyramid")
+    ref = emflow_pyramid.downsample_levels(vol, [(2, 2, 2)] * 3)
+    for a, b in zip(levels[1:], ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ceiling_output_reads_back_exact(tmp_path):
+    from benchmarks.ceiling import write_omezarr, write_precomputed
+    from benchmarks.quality import check_tree, summarize
+
+    rng = np.random.default_rng(2)
+    vol = rng.integers(0, 256, (16, 64, 64), dtype=np.uint8)
+    levels = pyramid(vol, 3)
+    write_omezarr(levels, tmp_path / "img.ome.zarr", 8.0, threads=1)
+    write_precomputed(levels, tmp_path / "prec", 8.0, threads=1)
+    found = {k.split()[0]: summarize(v) for k, v in check_tree(tmp_path, vol).items()}
+    assert set(found) == {"omezarr", "precomputed"}
+    assert found["omezarr"]["l0_bit_exact"] and found["omezarr"]["levels"] == 3
+    assert found["omezarr"]["max_abs_bias"] <= 0.1
+    assert not found["precomputed"]["l0_bit_exact"]  # JPEG is lossy
+    assert found["precomputed"]["l0_psnr_db"] > 20

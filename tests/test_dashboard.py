@@ -1,0 +1,216 @@
+"""The /emflow dashboard page and /emflow/lattice.json of a live run on a real LocalCluster,
+checked against the scheduler's lattice; a headless-Chromium screenshot of the page."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from emflow import lattice as lat
+from emflow.dashboard import dashboard_url, grid_data
+from emflow.execute import Unit, check_complete, run_stage
+
+RUN = "dashdemo"
+
+
+def demo_unit(i: int, delay: float, bad: tuple[int, ...]) -> dict:
+    time.sleep(delay)
+    if i in bad:
+        raise RuntimeError(f"unit {i}: no overlap with its neighbour (0 RANSAC inliers)")
+    return {"i": i}
+
+
+def _snap(client) -> dict:
+    return client.sync(client.scheduler.emflow_lattice, run_id=RUN)
+
+
+def _stable(run: dict) -> dict:
+    """A run's snapshot without the fields that change with the clock."""
+    return {**run, "stages": [{k: v for k, v in st.items() if k not in ("elapsed_s", "rate_per_s", "eta_s")}
+                              for st in run["stages"]]}
+
+
+def test_dashboard_url_from_dashboard_link():
+    class C:
+        dashboard_link = "http://10.1.2.3:8787/status"
+
+    assert dashboard_url(C()) == "http://10.1.2.3:8787/emflow"
+    C.dashboard_link = "https://jupyter.example.org/user/ann/proxy/8787/status"
+    assert dashboard_url(C()) == "https://jupyter.example.org/user/ann/proxy/8787/emflow"
+
+
+def test_grid_bins_large_stages_by_most_urgent_state():
+    snap = {"runs": [{"run_id": "r", "stages": [{"stage": "slab", "cells": "d" * 999 + "f" + "w" * 1000}]}]}
+    g = grid_data(snap, max_columns=400)
+    assert len(g["x"]) == 400 and set(g["y"]) == {"slab"}
+    assert g["state"][199] == "failed" and g["units"][199] == "995-999"
+    assert Counter(g["state"]) == {"done": 199, "failed": 1, "waiting": 200}
+
+
+# ---------------------------------------------------------------------------- headless Chromium
+
+
+async def _cdp_screenshot(ws_url: str, url: str, out: Path, ready_js: str, timeout: float) -> bool:
+    from tornado.websocket import websocket_connect
+
+    conn = await websocket_connect(ws_url, max_message_size=1 << 28)
+    counter = 0
+
+    async def call(method: str, **params):
+        nonlocal counter
+        counter += 1
+        mine = counter
+        await conn.write_message(json.dumps({"id": mine, "method": method, "params": params}))
+        while True:
+            msg = json.loads(await conn.read_message())
+            if msg.get("id") == mine:
+                return msg.get("result", {})
+
+    await call("Page.enable")
+    await call("Page.navigate", url=url)
+    deadline, ready = time.time() + timeout, False
+    while not ready and time.time() < deadline:
+        r = await call("Runtime.evaluate", expression=ready_js, returnByValue=True)
+        ready = bool(r.get("result", {}).get("value"))
+        await asyncio.sleep(0.25)
+    await asyncio.sleep(1.0)  # let the first periodic update paint
+    shot = await call("Page.captureScreenshot", format="png")
+    out.write_bytes(base64.b64decode(shot["data"]))
+    conn.close()
+    return ready
+
+
+def screenshot(url: str, out: Path, *, size=(1280, 720), timeout: float = 30) -> bool:
+    """Render ``url`` in headless Chromium (DevTools protocol) once Bokeh drew the page; save a PNG."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    user_dir = tempfile.mkdtemp(prefix="emflow-chromium-")
+    proc = subprocess.Popen(
+        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={user_dir}", f"--window-size={size[0]},{size[1]}", "--remote-debugging-port=0",
+         "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        port_file = Path(user_dir) / "DevToolsActivePort"
+        t0 = time.time()
+        while not port_file.exists() and time.time() - t0 < timeout:
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
+        page = next(t for t in targets if t["type"] == "page")
+        ready_js = ("typeof Bokeh !== 'undefined' && Bokeh.documents.length > 0 && "
+                    "Bokeh.documents[0].roots().length > 0")
+        return asyncio.run(_cdp_screenshot(page["webSocketDebuggerUrl"], url, out, ready_js, timeout))
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(user_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- live run
+
+
+@pytest.mark.integration
+def test_live_page_and_json_match_the_lattice(tmp_path):
+    """A resumed run with skipped, done, running, waiting, failed and orphaned units: the JSON
+    endpoint equals the scheduler's lattice, the Bokeh page's grid and table show the same
+    counts, and a screenshot of the page is saved."""
+    from bokeh.client import pull_session
+    from distributed import Client, LocalCluster
+
+    run_dir = tmp_path / "emflow-run"
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as lc, \
+            Client(lc) as client:
+        lat.open_run(run_dir, "fp", restart=False)
+        features = [Unit(i, demo_unit, (i, 0.0, (25,))) for i in range(40)]
+        run_stage("features", features[:20], client=client, run_id=RUN, run_dir=run_dir)  # earlier run
+        lat.open_run(run_dir, "fp", restart=False)  # resume: 0..19 are skipped
+        run_stage("features", features, client=client, run_id=RUN, run_dir=run_dir, retries=1, keep_going=True)
+        match = [Unit(i, demo_unit, (i, 0.4, (5,)), needs=(("features", i), ("features", i + 1)))
+                 for i in range(39)]
+        box: dict = {}
+
+        def bg() -> None:
+            box["res"] = run_stage("match", match, client=client, run_id=RUN, run_dir=run_dir, retries=1,
+                                   keep_going=True)
+
+        t = threading.Thread(target=bg)
+        t.start()
+        deadline = time.time() + 90
+
+        def match_stage() -> dict | None:
+            stages = {st["stage"]: st for st in _snap(client)["runs"][0]["stages"]}
+            return stages.get("match")
+
+        while time.time() < deadline:
+            m = match_stage()
+            if m and m["counts"]["done"] >= 8 and m["counts"]["failed"] and m["counts"]["running"]:
+                break
+            time.sleep(0.1)
+        url = dashboard_url(client)
+        shot = tmp_path / "dashboard.png"
+        assert screenshot(url, shot), "the Bokeh page did not render"
+        assert shot.stat().st_size > 10_000
+        print(f"dashboard screenshot: {shot}")
+
+        # freeze the lattice: pause and let the running units finish
+        client.sync(client.scheduler.emflow_pause, run_id=RUN)
+        for _ in range(2):
+            while match_stage()["counts"]["running"] and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.6)
+        lattice = _snap(client)
+        with urllib.request.urlopen(url + "/lattice.json") as r:
+            assert r.headers["Content-Type"] == "application/json"
+            served = json.loads(r.read())
+        assert [_stable(run) for run in served["runs"]] == [_stable(run) for run in lattice["runs"]]
+        (run,) = lattice["runs"]
+        assert run["paused"] is True
+        stages = {st["stage"]: st for st in run["stages"]}
+        assert stages["features"]["counts"] == {
+            "waiting": 0, "running": 0, "done": 19, "failed": 1, "skipped": 20, "orphaned": 0}
+        m = stages["match"]["counts"]
+        assert m["orphaned"] == 2 and m["failed"] == 1 and m["waiting"] > 0 and m["running"] == 0
+        assert stages["match"]["cells"][24:26] == "oo"
+        assert "0 RANSAC inliers" in stages["match"]["failed"][0]["error"]
+
+        # the page as Bokeh serves it to a browser
+        with urllib.request.urlopen(url) as r:
+            assert r.status == 200 and b"<title>emflow: lattice</title>" in r.read()
+        time.sleep(1.2)  # one periodic refresh after the pause
+        with pull_session(url=url) as session:
+            models = list(session.document.models)
+        source = next(mdl for mdl in models if "state" in getattr(mdl, "data", {}))
+        table = next(mdl for mdl in models if type(mdl).__name__ == "Div" and "<table" in mdl.text)
+        per_stage = Counter(zip(source.data["y"], source.data["state"], strict=True))
+        for name, st in stages.items():
+            for state, n in st["counts"].items():
+                assert per_stage.get((name, state), 0) == n, (name, state)
+            row = f"<b>{name}</b></td><td style='text-align:right;padding:2px 8px'>{st['total']}</td>"
+            assert row in table.text
+        assert "PAUSED" in table.text and "match[5]" in table.text and "features[25]" in table.text
+
+        client.sync(client.scheduler.emflow_resume, run_id=RUN)
+        t.join(120)
+        assert not t.is_alive()
+        final = {st["stage"]: st["counts"] for st in _snap(client)["runs"][0]["stages"]}
+    assert final["match"] == {"waiting": 0, "running": 0, "done": 36, "failed": 1, "skipped": 0, "orphaned": 2}
+    assert sorted(box["res"]) == [i for i in range(39) if i not in (5, 24, 25)]
+    with pytest.raises(lat.IncompleteRun) as e:
+        check_complete(RUN, run_dir)
+    assert {(f["stage"], f["index"]) for f in e.value.failed} == {
+        ("features", 25), ("match", 5), ("match", 24), ("match", 25)}

@@ -1,0 +1,286 @@
+"""run_stage with a run folder: markers, journal, skip on resume, retries, bad input, pause,
+cancel and a SIGKILLed worker — on synthetic units, serially and on a real LocalCluster."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emflow import lattice as lat
+from emflow.cli import main as cli_main
+from emflow.errors import SourceError
+from emflow.execute import Unit, check_complete, run_stage
+
+
+# ---- unit functions (module level: workers import them by name)
+def write_unit(out: str, i: int, delay: float = 0.0) -> dict:
+    """Write one deterministic 64 KiB 'chunk' atomically, like a real unit, and describe it."""
+    data = np.random.default_rng(i).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
+    time.sleep(delay)
+    path = Path(out) / f"chunk{i:03d}.bin"
+    tmp = path.with_suffix(f".tmp{os.getpid()}{threading.get_ident()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return {"i": i, "sha": hashlib.sha256(data).hexdigest()[:16], "pair": (i, i + 1)}
+
+
+def flaky_unit(counter: str, i: int, fails: int) -> dict:
+    """Fail the first ``fails`` attempts (counted in files, so across processes)."""
+    d = Path(counter)
+    d.mkdir(parents=True, exist_ok=True)
+    n = len(list(d.glob(f"{i}.*"))) + 1
+    (d / f"{i}.{n}").touch()
+    if n <= fails:
+        raise RuntimeError(f"transient failure {n} of unit {i}")
+    return {"i": i, "attempt": n}
+
+
+def bad_input_unit(i: int) -> dict:
+    if i == 2:
+        raise SourceError(f"slice img{i:05d}.png is truncated; re-export it")
+    time.sleep(0.05)
+    return {"i": i}
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("chunk*.bin"))}
+
+
+def _events(run_dir: Path, event: str) -> list[dict]:
+    return [r for r in lat.read_journal(run_dir) if r["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One worker process with 2 threads (the machine is small and shared)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as lc, \
+            Client(lc) as client:
+        yield client
+
+
+# ---------------------------------------------------------------------------- serial path
+
+
+def test_serial_markers_journal_and_skip(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    lat.open_run(run_dir, "fp", restart=False)
+    units = [Unit(i, write_unit, (str(out), i)) for i in range(5)]
+    first = run_stage("slab", units, run_dir=run_dir, run_id="r")
+    assert sorted(first) == list(range(5))
+    assert first[3]["pair"] == [3, 4]  # results are JSON round-tripped: same on resume
+    assert set(lat.done_markers(run_dir, "slab")) == set(range(5))
+    seen = []
+    lat.open_run(run_dir, "fp", restart=False)
+    again = run_stage("slab", units, run_dir=run_dir, run_id="r", on_result=lambda u, r: seen.append(u.index))
+    assert again == first and sorted(seen) == list(range(5))
+    assert _events(run_dir, "skipped")[-1]["indices"] == list(range(5))
+    assert len(_events(run_dir, "done")) == 5  # nothing redone
+
+
+def test_serial_retries_then_incomplete_then_resume(tmp_path):
+    run_dir, counter = tmp_path / "run", tmp_path / "count"
+    lat.open_run(run_dir, "fp", restart=False)
+    units = [Unit(i, flaky_unit, (str(counter), i, {1: 1, 3: 9}.get(i, 0))) for i in range(5)]
+    with pytest.raises(lat.IncompleteRun) as e:
+        run_stage("match", units, run_dir=run_dir, run_id="r", retries=2)
+    assert e.value.exit_code == 3
+    assert [(f["stage"], f["index"], f["attempts"]) for f in e.value.failed] == [("match", 3, 3)]
+    assert "match[3] after 3 attempt(s): RuntimeError: transient failure 3 of unit 3" in str(e.value)
+    assert set(lat.done_markers(run_dir, "match")) == {0, 1, 2, 4}  # other units kept going
+    # resume: only unit 3 runs again, and now succeeds on its 4th attempt
+    lat.open_run(run_dir, "fp", restart=False)
+    units[3] = Unit(3, flaky_unit, (str(counter), 3, 3))
+    res = run_stage("match", units, run_dir=run_dir, run_id="r", retries=2)
+    assert res[3] == {"i": 3, "attempt": 4} and res[1] == {"i": 1, "attempt": 2}
+    assert len(list(counter.glob("0.*"))) == 1  # unit 0 was skipped, not rerun
+
+
+def test_bad_input_stops_at_once_and_is_reraised_unchanged(tmp_path):
+    units = [Unit(i, bad_input_unit, (i,)) for i in range(6)]
+    with pytest.raises(SourceError, match=r"img00002.png is truncated; re-export it") as e:
+        run_stage("stats", units, run_dir=tmp_path, run_id="r", retries=3)
+    assert type(e.value) is SourceError
+    assert set(lat.done_markers(tmp_path, "stats")) == {0, 1}  # stopped at once: 3.. never ran
+    assert _events(tmp_path, "failed")[-1]["attempts"] == 1  # no retry of bad input
+
+
+def test_keep_going_orphans_downstream_units(tmp_path):
+    counter = tmp_path / "c"
+    a = [Unit(i, flaky_unit, (str(counter), i, 9 if i == 1 else 0)) for i in range(3)]
+    res = run_stage("features", a, run_dir=tmp_path, run_id="orph", keep_going=True)
+    assert sorted(res) == [0, 2]
+    b = [Unit(i, write_unit, (str(tmp_path), i), needs=(("features", i), ("features", i + 1))) for i in range(2)]
+    res_b = run_stage("match", b, run_dir=tmp_path, run_id="orph", keep_going=True)
+    assert res_b == {}  # both pairs touch the failed slice 1
+    assert _events(tmp_path, "orphaned")[-1]["indices"] == [0, 1]
+    snap = lat.summarize_journal(tmp_path)
+    cells = {st["stage"]: st["cells"] for st in snap["runs"][0]["stages"]}
+    assert cells == {"features": "dfd", "match": "oo"}
+    with pytest.raises(lat.IncompleteRun) as e:
+        check_complete("orph", tmp_path)
+    assert {(f["stage"], f["index"]) for f in e.value.failed} == {("features", 1), ("match", 0), ("match", 1)}
+
+
+# ---------------------------------------------------------------------------- on Dask
+
+
+@pytest.mark.integration
+def test_dask_retries_lattice_and_incomplete(cluster, tmp_path):
+    run_dir, counter = tmp_path / "run", tmp_path / "count"
+    lat.open_run(run_dir, "fp", restart=False)
+    units = [Unit(i, flaky_unit, (str(counter), i, {2: 1, 5: 9}.get(i, 0))) for i in range(8)]
+    with pytest.raises(lat.IncompleteRun) as e:
+        run_stage("match", units, client=cluster, run_id="dretry", run_dir=run_dir, retries=1)
+    assert [(f["index"], f["attempts"]) for f in e.value.failed] == [(5, 2)]
+    snap = cluster.sync(cluster.scheduler.emflow_lattice, run_id="dretry")
+    st = snap["runs"][0]["stages"][0]
+    assert st["cells"] == "dddddfdd"
+    assert st["counts"]["done"] == 7 and st["counts"]["failed"] == 1
+    (f,) = st["failed"]
+    assert f["index"] == 5 and f["attempts"] == 2 and "transient failure 2 of unit 5" in f["error"]
+    u2 = cluster.sync(cluster.scheduler.emflow_unit, run_id="dretry", stage="match", index=2)
+    assert u2["state"] == "done" and u2["attempts"] == 2
+    assert [h[1] for h in u2["history"]] == ["running", "failed", "running", "done"]
+    assert set(lat.done_markers(run_dir, "match")) == {0, 1, 2, 3, 4, 6, 7}
+    # the live-run record lets the CLI find this scheduler
+    assert lat.read_scheduler_file(run_dir)["address"] == cluster.scheduler.address
+
+
+@pytest.mark.integration
+def test_dask_bad_input_is_reraised_unchanged(cluster, tmp_path):
+    units = [Unit(i, bad_input_unit, (i,)) for i in range(8)]
+    with pytest.raises(SourceError, match="img00002.png is truncated") as e:
+        run_stage("stats", units, client=cluster, run_id="dbad", run_dir=tmp_path, retries=3, window=2)
+    assert type(e.value) is SourceError
+    assert len(lat.done_markers(tmp_path, "stats")) < 8
+
+
+@pytest.mark.integration
+def test_dask_pause_resume_via_cli(cluster, tmp_path, capsys):
+    """`emflow pause` stops releasing units: once the running ones finish none starts until
+    `emflow resume`; then the stage completes."""
+    run_dir, out = tmp_path / "emflow-run", tmp_path / "out"
+    out.mkdir()
+    lat.open_run(run_dir, "fp", restart=False)
+    units = [Unit(i, write_unit, (str(out), i, 0.25)) for i in range(16)]
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(
+        res=run_stage("slab", units, client=cluster, run_id="dpause", run_dir=run_dir)))
+    t.start()
+
+    def stage_snap() -> dict:
+        return cluster.sync(cluster.scheduler.emflow_lattice, run_id="dpause")["runs"][0]["stages"][0]
+
+    deadline = time.time() + 60
+    while not lat.done_markers(run_dir, "slab") and time.time() < deadline:
+        time.sleep(0.05)
+    assert cli_main(["pause", str(tmp_path)]) == 0
+    assert "paused run" in capsys.readouterr().out
+    while stage_snap()["counts"]["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let anything already released drain
+    while stage_snap()["counts"]["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    before = stage_snap()
+    assert before["counts"]["running"] == 0 and before["counts"]["waiting"] > 0
+    time.sleep(2.0)
+    after = stage_snap()
+    assert after["cells"] == before["cells"], "a unit started while the run was paused"
+    assert cli_main(["status", str(tmp_path)]) == 0
+    assert "PAUSED" in capsys.readouterr().out
+    assert cli_main(["resume", str(tmp_path)]) == 0
+    t.join(120)
+    assert not t.is_alive() and sorted(box["res"]) == list(range(16))
+    assert [r["event"] for r in lat.read_journal(run_dir) if r["event"] in ("pause", "resume")] == [
+        "pause", "resume"]
+    assert _digest(out) == {f"chunk{i:03d}.bin": hashlib.sha256(
+        np.random.default_rng(i).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()).hexdigest()
+        for i in range(16)}
+
+
+@pytest.mark.integration
+def test_dask_cancel_stops_cleanly_and_resumes(cluster, tmp_path, capsys):
+    run_dir, out = tmp_path / "emflow-run", tmp_path / "out"
+    out.mkdir()
+    lat.open_run(run_dir, "fp", restart=False)
+    units = [Unit(i, write_unit, (str(out), i, 0.2)) for i in range(20)]
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            run_stage("slab", units, client=cluster, run_id="dcancel", run_dir=run_dir)
+        except lat.RunCancelled as exc:
+            box["exc"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    deadline = time.time() + 60
+    while len(lat.done_markers(run_dir, "slab")) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert cli_main(["cancel", str(run_dir)]) == 0
+    t.join(60)
+    assert "exc" in box and box["exc"].exit_code == 3 and "resume" in str(box["exc"])
+    done = set(lat.done_markers(run_dir, "slab"))
+    assert 2 <= len(done) < 20
+    assert _events(run_dir, "cancel")
+    # a cancelled run resumes with the units not done
+    lat.open_run(run_dir, "fp", restart=False)
+    res = run_stage("slab", units, client=cluster, run_id="dcancel2", run_dir=run_dir)
+    assert sorted(res) == list(range(20))
+    assert set(_events(run_dir, "skipped")[-1]["indices"]) == done
+
+
+@pytest.mark.integration
+def test_sigkill_worker_mid_unit_completes_identically(tmp_path):
+    """SIGKILL the worker process running a unit: the nanny restarts it, Dask reruns the unit,
+    and every chunk equals the serial run's; the lattice shows the requeue."""
+    from distributed import Client, LocalCluster
+
+    serial_out, out, run_dir = tmp_path / "serial", tmp_path / "dist", tmp_path / "run"
+    serial_out.mkdir()
+    out.mkdir()
+    run_stage("slab", [Unit(i, write_unit, (str(serial_out), i)) for i in range(12)], run_id="s")
+    lat.open_run(run_dir, "fp", restart=False)
+    units = [Unit(i, write_unit, (str(out), i, 0.6)) for i in range(12)]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
+            Client(lc) as client:
+        pids = client.run(os.getpid)
+        lat.ensure_plugin(client)
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.update(
+            res=run_stage("slab", units, client=client, run_id="dkill", run_dir=run_dir, retries=0)))
+        t.start()
+        deadline = time.time() + 60
+        victim = None
+        while victim is None and time.time() < deadline:
+            try:
+                snap = client.sync(client.scheduler.emflow_lattice, run_id="dkill")
+                st = snap["runs"][0]["stages"][0]
+            except (IndexError, KeyError, TypeError):
+                time.sleep(0.05)
+                continue
+            if st["counts"]["done"] >= 1 and st["counts"]["running"]:
+                i = st["cells"].index("r")
+                victim = (i, client.sync(client.scheduler.emflow_unit, run_id="dkill", stage="slab", index=i))
+            else:
+                time.sleep(0.05)
+        assert victim is not None
+        index, unit = victim
+        os.kill(pids[unit["worker"]], signal.SIGKILL)
+        t.join(120)
+        assert not t.is_alive() and sorted(box["res"]) == list(range(12))
+        u = client.sync(client.scheduler.emflow_unit, run_id="dkill", stage="slab", index=index)
+    assert u["state"] == "done"
+    assert [h[1] for h in u["history"]][:2] == ["running", "waiting"] and u["attempts"] >= 2
+    assert _digest(out) == _digest(serial_out) and len(_digest(out)) == 12
+    assert set(lat.done_markers(run_dir, "slab")) == set(range(12))

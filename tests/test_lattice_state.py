@@ -1,0 +1,142 @@
+"""The lattice without Dask: state machine, keys, markers, journal, run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from emflow import lattice as lat
+from emflow.errors import OutputError
+from emflow.execute import unit_key
+
+
+def test_key_round_trip_and_foreign_keys():
+    assert lat.parse_key(unit_key("slab", "a03f", 7)) == ("a03f", "slab", 7)
+    assert lat.parse_key(unit_key("coarse1", "run-with-dash", 0)) == ("run-with-dash", "coarse1", 0)
+    # a prefix registered by the driver is exact even when the stage contains '-'
+    known = {"emflow-my-stage-r1": ("r1", "my-stage")}
+    assert lat.parse_key(("emflow-my-stage-r1", 3), known) == ("r1", "my-stage", 3)
+    for foreign in ["x", ("inc-abc", 1), ("emflow-slab-r", "1"), ("emflow-", 1), ("emflow-x", 2), 5]:
+        assert lat.parse_key(foreign) is None, foreign
+
+
+def test_named_transitions_and_late_duplicates():
+    la = lat.Lattice()
+    la.begin_stage("r", "slab", 4, skipped=[3])
+    assert la.apply("r", "slab", 0, "start", worker="w1")
+    assert la.apply("r", "slab", 0, "finish", worker="w1")
+    assert not la.apply("r", "slab", 0, "finish")  # late duplicate: rejected
+    assert not la.apply("r", "slab", 0, "start")  # a done unit is not restarted
+    assert not la.apply("r", "slab", 3, "start")  # skipped stays skipped
+    # a failing unit is retried: failed -> running -> done, attempts counted
+    assert la.apply("r", "slab", 1, "start", worker="w1")
+    assert la.apply("r", "slab", 1, "fail", error="IOError: disk")
+    assert la.apply("r", "slab", 1, "start", worker="w2")
+    assert la.apply("r", "slab", 1, "finish", worker="w2")
+    # worker lost: running -> waiting -> running
+    assert la.apply("r", "slab", 2, "start", worker="w1")
+    assert la.apply("r", "slab", 2, "requeue")
+    assert la.apply("r", "slab", 2, "start", worker="w2")
+    assert la.apply("r", "slab", 2, "fail", error="boom")
+    snap = la.snapshot()
+    (run,) = snap["runs"]
+    (st,) = run["stages"]
+    assert st["counts"] == {"waiting": 0, "running": 0, "done": 2, "failed": 1, "skipped": 1, "orphaned": 0}
+    assert st["cells"] == "ddfs"
+    assert run["rejected"] == 3
+    assert [(f["index"], f["attempts"], f["error"]) for f in st["failed"]] == [(2, 2, "boom")]
+    u1 = la.unit("r", "slab", 1)
+    assert u1["state"] == "done" and u1["attempts"] == 2 and u1["worker"] == "w2"
+    assert [h[1] for h in u1["history"]] == ["running", "failed", "running", "done"]
+
+
+def test_orphan_and_transition_table_is_closed():
+    la = lat.Lattice()
+    la.begin_stage("r", "match", 3, orphaned=[1])
+    assert la.snapshot()["runs"][0]["stages"][0]["cells"] == "wow"
+    assert not la.apply("r", "match", 1, "start")
+    for name, (sources, target) in lat.TRANSITIONS.items():
+        assert target not in (lat.UnitState.SKIPPED,) or sources == {lat.UnitState.WAITING}, name
+    with pytest.raises(KeyError):
+        la.apply("r", "match", 0, "explode")
+
+
+def test_rate_and_eta():
+    la = lat.Lattice()
+    la.begin_stage("r", "s", 10)
+    for i in range(4):
+        la.apply("r", "s", i, "start", when=100.0 + i)
+        la.apply("r", "s", i, "finish", when=101.0 + i)
+    st = la.run("r").stages["s"].summary(104.0, cells=False)
+    assert st["rate_per_s"] == pytest.approx(1.0)
+    assert st["eta_s"] == pytest.approx(6.0)
+    assert "cells" not in st
+
+
+def test_marker_is_atomic_and_listed(tmp_path):
+    path = lat.marker_path(tmp_path, "slab", 12)
+    lat.write_marker(path, {"result": {"n": 1}, "worker": "w"})
+    assert lat.read_marker(path)["result"] == {"n": 1}
+    # leftovers of a crash mid-write: a temp file and a torn marker are not 'done'
+    (path.parent / ".13.json.deadbeef.tmp").write_text('{"result": 1}')
+    (path.parent / "14.json").write_text('{"result": ')
+    assert set(lat.done_markers(tmp_path, "slab")) == {12}
+    assert lat.done_markers(tmp_path, "nope") == {}
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".12.json")]
+
+
+def test_journal_tolerates_a_torn_last_line_and_replays(tmp_path):
+    with lat.Journal(tmp_path) as j:
+        j.append("session", session="s1")
+        j.append("stage", session="s1", stage="slab", run_id="r", total=3)
+        j.append("skipped", session="s1", stage="slab", indices=[0])
+        j.append("done", session="s1", stage="slab", index=1, start=1.0, end=2.0, worker="w")
+        j.append("failed", session="s1", stage="slab", index=2, attempts=3, error="boom", final=True)
+    with open(tmp_path / lat.JOURNAL, "a") as fh:
+        fh.write('{"event": "done", "sta')  # driver killed mid-line
+    recs = list(lat.read_journal(tmp_path))
+    assert [r["event"] for r in recs] == ["session", "stage", "skipped", "done", "failed"]
+    snap = lat.summarize_journal(tmp_path)
+    st = snap["runs"][0]["stages"][0]
+    assert snap["runs"][0]["run_id"] == "r"
+    assert st["cells"] == "sdf" and st["failed"][0]["attempts"] == 3
+    assert lat.journal_done(tmp_path) == {("slab", 1)}
+
+
+def test_open_run_resume_refuse_restart(tmp_path):
+    run_dir = tmp_path / "out" / "emflow-run"
+    assert lat.open_run(run_dir, "fp1", restart=False) is False
+    lat.write_marker(lat.marker_path(run_dir, "slab", 0), {"result": {}})
+    assert lat.open_run(run_dir, "fp1", restart=False) is True
+    with pytest.raises(OutputError) as e:
+        lat.open_run(run_dir, "fp2", restart=False)
+    msg = str(e.value)
+    assert str(run_dir) in msg and "use --restart" in msg and "\n" not in msg
+    # restart forgets every marker and the journal
+    assert lat.open_run(run_dir, "fp2", restart=True) is False
+    assert lat.done_markers(run_dir, "slab") == {}
+    sessions = [r for r in lat.read_journal(run_dir) if r["event"] == "session"]
+    assert len(sessions) == 1 and sessions[0]["resumed"] is False
+    assert json.loads((run_dir / "run.json").read_text())["fingerprint"] == "fp2"
+
+
+def test_session_reconciles_markers_missing_from_the_journal(tmp_path):
+    lat.open_run(tmp_path, "fp", restart=False)
+    for i in range(3):  # units finished by workers after the driver died: markers, no journal line
+        lat.write_marker(lat.marker_path(tmp_path, "slab", i), {"result": i, "worker": "w"})
+    assert lat.journal_done(tmp_path) == set()
+    lat.open_run(tmp_path, "fp", restart=False)
+    assert lat.journal_done(tmp_path) == {("slab", 0), ("slab", 1), ("slab", 2)}
+    rec = [r for r in lat.read_journal(tmp_path) if r["event"] == "done"]
+    assert all(r["recovered"] for r in rec)
+    assert os.path.exists(tmp_path / lat.JOURNAL)
+
+
+def test_incomplete_run_message_lists_failures():
+    failed = [{"stage": "slab", "index": i, "attempts": 3, "error": f"E{i}"} for i in range(7)]
+    exc = lat.IncompleteRun.from_failures(failed, None)
+    assert exc.exit_code == 3 and exc.failed == failed
+    assert "7 unit(s) failed" in str(exc) and "slab[0]" in str(exc) and "and 2 more" in str(exc)
+    assert issubclass(lat.RunCancelled, lat.IncompleteRun)
