@@ -23,8 +23,11 @@ THUMB_PX = 256  # long side of the per-slice thumbnail kept for the QC reslices
 
 
 def features_unit(ref: SliceRef, shape_yx: tuple[int, int], downsample: int | None, nfeatures: int,
-                  out_path: str) -> dict:
-    """Decode one slice, judge it, compute SIFT features on its reduced copy, save them."""
+                  out_path: str, cache_dir: str | None = None) -> dict:
+    """Decode one slice, judge it, compute SIFT features on its reduced copy, save them.
+
+    With ``cache_dir`` the decoded slice is also kept as zstd-1 for the render pass.
+    """
     import cv2
 
     from emflow.align.features import compute_features
@@ -38,6 +41,10 @@ def features_unit(ref: SliceRef, shape_yx: tuple[int, int], downsample: int | No
     else:
         image = read_image(ref.path, ref.page)
         bad = assess_slice(image)
+        if cache_dir is not None:
+            from emflow.io.slicecache import store_slice
+
+            store_slice(cache_dir, ref.z, image)
     feats = compute_features(image, downsample=downsample, nfeatures=nfeatures)
     scale = max(1, max(shape_yx) // THUMB_PX)
     thumb = cv2.resize(image, (shape_yx[1] // scale, shape_yx[0] // scale), interpolation=cv2.INTER_AREA)
@@ -47,6 +54,11 @@ def features_unit(ref: SliceRef, shape_yx: tuple[int, int], downsample: int | No
              thumb_scale=np.array(scale))
     Path(tmp).replace(out_path)
     return {"z": ref.z, "keypoints": len(feats.keypoints_xy), "bad": bad}
+
+
+def slice_cache_dir(run_dir: Path) -> Path:
+    """Where decoded slices are kept between the feature and render passes."""
+    return run_dir / "slice-cache"
 
 
 def _load_features(path: str) -> Any:
@@ -80,7 +92,10 @@ def align_stack(recipe: Recipe, catalog: SliceCatalog, run_dir: Path,
     feat_dir.mkdir(parents=True, exist_ok=True)
     paths = [str(feat_dir / f"z{ref.z:06d}.npz") for ref in catalog.slices]
     bytes_per_slice = catalog.shape_yx[0] * catalog.shape_yx[1] * (2 if catalog.dtype == "uint16" else 1)
-    units = [Unit(ref.z, features_unit, (ref, catalog.shape_yx, cfg.downsample, cfg.nfeatures, paths[i]),
+    cache = str(slice_cache_dir(run_dir)) if recipe.run.cache_decoded else None
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+    units = [Unit(ref.z, features_unit, (ref, catalog.shape_yx, cfg.downsample, cfg.nfeatures, paths[i], cache),
                   bytes_per_slice) for i, ref in enumerate(catalog.slices)]
     feats = stage("features", units)
     bad = {z: r["bad"] for z, r in feats.items() if r["bad"]}

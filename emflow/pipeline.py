@@ -217,11 +217,20 @@ class SlabJob:
     writers: tuple[Any, ...]
     handoff: Any = None
     threads: int = 2
+    cache_dir: str | None = None  # decoded slices kept by the feature pass (zstd-1)
+    source_index: tuple[int, ...] = ()  # per slice: catalog z whose pixels it shows (fill_previous)
 
 
-def _load_slice(ref: SliceRef, shape_yx: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+def _load_slice(ref: SliceRef, shape_yx: tuple[int, int], dtype: np.dtype, cache_dir: str | None = None,
+                cache_z: int | None = None) -> np.ndarray:
     if ref.fill == "zero" or ref.path is None:
         return np.zeros(shape_yx, dtype=dtype)
+    if cache_dir is not None and cache_z is not None:
+        from emflow.io.slicecache import load_slice
+
+        cached = load_slice(cache_dir, cache_z, shape_yx, dtype)
+        if cached is not None:
+            return cached
     img = read_image(ref.path, ref.page)
     if img.shape != tuple(shape_yx) or img.dtype != dtype:
         from emflow.errors import SourceError
@@ -236,7 +245,8 @@ def _load_slice(ref: SliceRef, shape_yx: tuple[int, int], dtype: np.dtype) -> np
 def _render_slice(job: SlabJob, i: int, in_dtype: np.dtype) -> np.ndarray:
     """Decode, warp into the output frame, convert to the output dtype, and CLAHE one slice."""
     ref = job.refs[i]
-    img = _load_slice(ref, job.shape_yx, in_dtype)
+    src_z = job.source_index[i] if job.source_index else None
+    img = _load_slice(ref, job.shape_yx, in_dtype, job.cache_dir, src_z)
     matrix = job.transforms[i]
     if matrix is not None:
         from emflow.align.warp import warp_slice
@@ -457,6 +467,7 @@ def run(
     transforms: list[Any] = [None] * len(catalog.slices)
     frame = catalog.shape_yx
     refs = list(catalog.slices)
+    source_index = list(range(len(refs)))
     if alignment_path is not None or recipe.align.enabled:
         from emflow.align_stage import align_stack, load_alignment
 
@@ -475,6 +486,12 @@ def run(
             elif src != ref.z:
                 other = catalog.slices[src]
                 refs[i] = SliceRef(ref.z, ref.source_z, other.path, other.page, fill="previous")
+                source_index[i] = src
+    cache_dir = None
+    if recipe.align.enabled and alignment_path is None and recipe.run.cache_decoded:
+        from emflow.align_stage import slice_cache_dir
+
+        cache_dir = str(slice_cache_dir(run_dir))
     plan = plan_output(recipe, len(catalog.slices), frame, catalog.dtype,
                        threads=threads, memory_per_thread=mem_per_thread)
     say(plan.summary())
@@ -499,6 +516,7 @@ def run(
             clip_limit=recipe.enhance.clip_limit, kernel_size_px=recipe.enhance.kernel_size_px,
             levels=plan.levels, last_level=p0.last, writers=tuple(writers),
             handoff=handoffs[0] if handoffs else None, threads=2 if threads <= 2 else 1,
+            cache_dir=cache_dir, source_index=tuple(source_index[z0:z1]),
         )
         nbytes = (z1 - z0) * catalog.shape_yx[0] * catalog.shape_yx[1] * (2 if catalog.dtype == "uint16" else 1)
         slab_units.append(Unit(i, render_slab, (job,), nbytes))
@@ -520,6 +538,8 @@ def run(
         Path(w.path).rename(final)
         out_paths[w.name] = final
     shutil.rmtree(run_dir / "handoff", ignore_errors=True)
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     from emflow.io.tsopen import forget
 
     forget(run_id)

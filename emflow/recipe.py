@@ -158,6 +158,11 @@ class Run(_Model):
         None, ge=1, description="slices per slab; default from chunk depth and memory"
     )
     retries: int = Field(2, ge=0)
+    cache_decoded: bool = Field(
+        True,
+        description="alignment: keep decoded slices as zstd-1 in the run folder so the render pass "
+        "does not decode the source again (needs about the stack's size in scratch space)",
+    )
 
 
 class Recipe(_Model):
@@ -215,7 +220,7 @@ class Recipe(_Model):
     def output_fingerprint(self) -> str:
         """Hash of every field that changes output bytes (not resources, not paths' spelling)."""
         data = self.model_dump(mode="json", exclude={"run"})
-        data["run"] = {"slab_depth": self.run.slab_depth}
+        data["run"] = {"slab_depth": self.run.slab_depth}  # resources and caches do not change bytes
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,43 @@
+"""A fast lossless copy of decoded slices, kept between the feature pass and the render pass.
+
+PNG decodes at ~100 MB/s per core; zstd level 1 decodes near 900 MB/s. When
+alignment is on, every slice is decoded for its features and again for
+rendering, so the feature pass writes the decoded slice once as raw zstd-1 bytes
+and the render pass reads that instead of decoding the PNG again (DESIGN
+invariant 1). Files are written atomically and deleted when the run completes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from numcodecs import Zstd
+
+_CODEC = Zstd(level=1)
+
+
+def cache_path(cache_dir: str | Path, z: int) -> Path:
+    return Path(cache_dir) / f"z{z:06d}.zst"
+
+
+def store_slice(cache_dir: str | Path, z: int, image: np.ndarray) -> None:
+    """Write one decoded (y, x) slice as zstd-1 bytes (atomic rename)."""
+    path = cache_path(cache_dir, z)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(_CODEC.encode(np.ascontiguousarray(image)))
+    tmp.replace(path)
+
+
+def load_slice(cache_dir: str | Path, z: int, shape_yx: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+    """Read a cached slice, or None when it is not there (then decode the source)."""
+    path = cache_path(cache_dir, z)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    arr = np.frombuffer(_CODEC.decode(data), dtype=dtype)
+    if arr.size != shape_yx[0] * shape_yx[1]:
+        return None
+    return arr.reshape(shape_yx)
