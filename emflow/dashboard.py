@@ -80,7 +80,9 @@ def install(scheduler: Any, plugin: Any) -> None:
 
                 self.write(json.dumps(plugin.snapshot(run, cells=cells)))
 
-        http_app.add_handlers(r".*", [(prefix + JSON_ROUTE, LatticeJSON, {"dask_server": scheduler})])
+        http_app.add_handlers(
+            r".*", [(prefix + JSON_ROUTE, LatticeJSON, {"dask_server": scheduler})]
+        )
     except Exception:
         logger.warning("emflow: could not add %s", JSON_ROUTE, exc_info=True)
     try:
@@ -106,7 +108,9 @@ def _bin_state(codes: str) -> str:
 
 def grid_data(snapshot: dict[str, Any], max_columns: int = MAX_COLUMNS) -> dict[str, list[Any]]:
     """Columns of the grid's rectangles from a snapshot: one rect per unit, or per bin of units."""
-    data: dict[str, list[Any]] = {k: [] for k in ("x", "y", "w", "color", "state", "units", "detail")}
+    data: dict[str, list[Any]] = {
+        k: [] for k in ("x", "y", "w", "color", "state", "units", "detail")
+    }
     for run in snapshot["runs"]:
         many = len(snapshot["runs"]) > 1
         for st in run["stages"]:
@@ -137,7 +141,7 @@ def grid_data(snapshot: dict[str, Any], max_columns: int = MAX_COLUMNS) -> dict[
 
 def _fmt_s(s: float | None) -> str:
     if s is None:
-        return "–"
+        return "-"
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:
@@ -159,15 +163,19 @@ def summary_html(snapshot: dict[str, Any]) -> str:
             flags.append("<b style='color:#d62728'>CANCELLED</b>")
         parts.append(
             f"<h3 style='margin:4px 0'>run {html.escape(run['run_id'])} {' '.join(flags)}</h3>"
-            f"<div style='font-size:11px;color:#666'>{html.escape(str(run.get('run_dir') or ''))}</div>"
+            "<div style='font-size:11px;color:#666'>"
+            f"{html.escape(str(run.get('run_dir') or ''))}</div>"
         )
         head = "".join(
-            f"<th style='padding:2px 8px'><span style='color:{COLORS[s]}'>&#9632;</span> {s}</th>" for s in states
+            f"<th style='padding:2px 8px'><span style='color:{COLORS[s]}'>&#9632;</span> {s}</th>"
+            for s in states
         )
         rows = []
         for st in run["stages"]:
             c = st["counts"]
-            cells = "".join(f"<td style='text-align:right;padding:2px 8px'>{c[s]}</td>" for s in states)
+            cells = "".join(
+                f"<td style='text-align:right;padding:2px 8px'>{c[s]}</td>" for s in states
+            )
             rows.append(
                 f"<tr><td style='padding:2px 8px'><b>{html.escape(st['stage'])}</b></td>"
                 f"<td style='text-align:right;padding:2px 8px'>{st['total']}</td>{cells}"
@@ -176,9 +184,8 @@ def summary_html(snapshot: dict[str, Any]) -> str:
             )
         parts.append(
             "<table style='border-collapse:collapse;font-family:sans-serif;font-size:13px'>"
-            f"<tr><th style='padding:2px 8px'>stage</th><th>units</th>{head}<th>rate</th><th>ETA</th></tr>"
-            + "".join(rows)
-            + "</table>"
+            "<tr><th style='padding:2px 8px'>stage</th><th>units</th>"
+            f"{head}<th>rate</th><th>ETA</th></tr>" + "".join(rows) + "</table>"
         )
         failed = [(st["stage"], f) for st in run["stages"] for f in st["failed"]]
         if failed:
@@ -189,8 +196,10 @@ def summary_html(snapshot: dict[str, Any]) -> str:
                 for stage, f in failed[:50]
             )
             more = f"<li>… and {len(failed) - 50} more</li>" if len(failed) > 50 else ""
-            parts.append(f"<h4 style='margin:6px 0;color:#d62728'>failed units ({len(failed)})</h4>"
-                         f"<ul style='font-size:12px'>{items}{more}</ul>")
+            parts.append(
+                f"<h4 style='margin:6px 0;color:#d62728'>failed units ({len(failed)})</h4>"
+                f"<ul style='font-size:12px'>{items}{more}</ul>"
+            )
     if not snapshot["runs"]:
         parts.append("<p>No emflow run has reached this scheduler yet.</p>")
     return "".join(parts)
@@ -221,15 +230,26 @@ def lattice_doc(scheduler: Any, extra: dict[str, Any], doc: Any) -> None:
         tools="",
         toolbar_location=None,
     )
-    fig.rect(x="x", y="y", width="w", height=0.85, fill_color="color", line_color="white",
-             line_width=0.5, source=source)
-    fig.add_tools(HoverTool(tooltips=[("stage", "@y"), ("unit(s)", "@units"), ("state", "@detail")]))
+    fig.rect(
+        x="x",
+        y="y",
+        width="w",
+        height=0.85,
+        fill_color="color",
+        line_color="white",
+        line_width=0.5,
+        source=source,
+    )
+    fig.add_tools(
+        HoverTool(tooltips=[("stage", "@y"), ("unit(s)", "@units"), ("state", "@detail")])
+    )
     fig.xaxis.visible = False
     fig.xgrid.visible = False
     fig.ygrid.visible = False
     legend = Div(
         text=" ".join(
-            f"<span style='margin-right:14px'><span style='color:{c};font-size:16px'>&#9632;</span> {s}</span>"
+            f"<span style='margin-right:14px'><span style='color:{c};font-size:16px'>&#9632;</span>"
+            f" {s}</span>"
             for s, c in COLORS.items()
         ),
         styles={"font-family": "sans-serif", "font-size": "13px"},

@@ -15,6 +15,6 @@ from emflow.lattice import PLUGIN_NAME, LatticePlugin
 
 
 def dask_setup(scheduler: Any) -> None:
-    """Add :class:`~emflow.lattice.LatticePlugin`; the scheduler starts it with its other plugins."""
+    """Add :class:`~emflow.lattice.LatticePlugin`; the scheduler starts it with its plugins."""
     if PLUGIN_NAME not in scheduler.plugins:
         scheduler.add_plugin(LatticePlugin(), name=PLUGIN_NAME, idempotent=True)

@@ -110,6 +110,30 @@ def _worker_name() -> str | None:
         return None
 
 
+class _QuietBadInput(logging.Filter):
+    """Drop the worker's "Compute Failed" log (with traceback) of bad-input errors.
+
+    They are user errors, reported by the driver as one line; other failures
+    keep their worker log.
+    """
+
+    names = tuple(f"{t.__name__}(" for t in FATAL_ERRORS)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg, args = record.msg, record.args
+        if (
+            isinstance(msg, str)
+            and msg.startswith("Compute Failed")
+            and isinstance(args, tuple)
+            and len(args) > 3
+        ):
+            return not str(args[3]).startswith(self.names)
+        return True
+
+
+_QUIET = _QuietBadInput()
+
+
 def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict[str, Any]:
     """Run a unit function and then record it durably (runs on the worker).
 
@@ -120,6 +144,9 @@ def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict
     result is round-tripped through JSON so a fresh and a resumed run return
     the same values.
     """
+    worker_log = logging.getLogger("distributed.worker")
+    if _QUIET not in worker_log.filters:
+        worker_log.addFilter(_QUIET)
     if marker is not None:
         old = lat.read_marker(Path(marker))
         if old is not None:
@@ -127,7 +154,12 @@ def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict
     start = time.time()
     result = fn(*args)
     end = time.time()
-    payload: dict[str, Any] = {"result": result, "worker": _worker_name(), "start": start, "end": end}
+    payload: dict[str, Any] = {
+        "result": result,
+        "worker": _worker_name(),
+        "start": start,
+        "end": end,
+    }
     if marker is not None:
         import json
 
@@ -149,7 +181,7 @@ def _error_text(exc: BaseException) -> str:
 
 
 class _Control:
-    """Pause/cancel switches of a run, read from the scheduler plugin at most every CONTROL_POLL_S."""
+    """Pause/cancel switches of a run, asked of the scheduler plugin every CONTROL_POLL_S."""
 
     def __init__(self, client: Any, run_id: str, stage: str) -> None:
         self.client, self.run_id, self.stage = client, run_id, stage
@@ -166,7 +198,9 @@ class _Control:
             return
         self._next = now + CONTROL_POLL_S
         try:
-            ans = self.client.sync(self.client.scheduler.emflow_control, run_id=self.run_id, stage=self.stage)
+            ans = self.client.sync(
+                self.client.scheduler.emflow_control, run_id=self.run_id, stage=self.stage
+            )
         except Exception:  # scheduler without the plugin: no pause/cancel
             logger.warning("lattice plugin not reachable; pause/cancel disabled", exc_info=True)
             self.ok = False
@@ -227,7 +261,9 @@ def run_stage(
     failed_before = _FAILED.setdefault(run_id, {})
     total = max((u.index for u in units), default=-1) + 1
 
-    done: dict[int, dict[str, Any]] = lat.done_markers(run_dir, stage) if run_dir is not None else {}
+    done: dict[int, dict[str, Any]] = (
+        lat.done_markers(run_dir, stage) if run_dir is not None else {}
+    )
     skipped = [u for u in units if u.index in done]
     todo = [u for u in units if u.index not in done]
     orphaned = [u for u in todo if any(tuple(n) in failed_before for n in u.needs)]
@@ -239,15 +275,30 @@ def run_stage(
     sid = lat.session_id(run_dir) if run_dir is not None else None
     try:
         if journal is not None:
-            journal.append("stage", session=sid, stage=stage, run_id=run_id, total=total,
-                           units=len(units), retries=retries)
+            journal.append(
+                "stage",
+                session=sid,
+                stage=stage,
+                run_id=run_id,
+                total=total,
+                units=len(units),
+                retries=retries,
+            )
             if skipped:
-                journal.append("skipped", session=sid, stage=stage, indices=[u.index for u in skipped])
+                journal.append(
+                    "skipped", session=sid, stage=stage, indices=[u.index for u in skipped]
+                )
             if orphaned:
-                journal.append("orphaned", session=sid, stage=stage, indices=[u.index for u in orphaned])
+                journal.append(
+                    "orphaned", session=sid, stage=stage, indices=[u.index for u in orphaned]
+                )
         for u in orphaned:
-            failed_before[(stage, u.index)] = {"stage": stage, "index": u.index, "attempts": 0,
-                                                "error": "orphaned: an upstream unit failed"}
+            failed_before[(stage, u.index)] = {
+                "stage": stage,
+                "index": u.index,
+                "attempts": 0,
+                "error": "orphaned: an upstream unit failed",
+            }
         for u in skipped:
             res = done[u.index]["result"]
             results[u.index] = res
@@ -261,36 +312,73 @@ def run_stage(
         def record_done(u: Unit, payload: dict[str, Any], attempts: int) -> None:
             res = payload["result"]
             if journal is not None:
-                journal.append("done", session=sid, stage=stage, index=u.index, attempts=attempts,
-                               worker=payload.get("worker"), start=payload.get("start"),
-                               end=payload.get("end"), reused=payload.get("reused") or None)
+                journal.append(
+                    "done",
+                    session=sid,
+                    stage=stage,
+                    index=u.index,
+                    attempts=attempts,
+                    worker=payload.get("worker"),
+                    start=payload.get("start"),
+                    end=payload.get("end"),
+                    reused=payload.get("reused") or None,
+                )
             results[u.index] = res
             if on_result is not None:
                 on_result(u, res)
             progress.advance(u.nbytes)
 
-        def record_failed(u: Unit, exc: BaseException, attempts: int, final: bool, worker: Any = None) -> None:
+        def record_failed(
+            u: Unit, exc: BaseException, attempts: int, final: bool, worker: Any = None
+        ) -> None:
             text = _error_text(exc)
             if journal is not None:
-                journal.append("failed", session=sid, stage=stage, index=u.index, attempts=attempts,
-                               final=final, error=text, worker=worker,
-                               traceback="".join(traceback.format_exception(exc))[-4000:] if final else None)
+                journal.append(
+                    "failed",
+                    session=sid,
+                    stage=stage,
+                    index=u.index,
+                    attempts=attempts,
+                    final=final,
+                    error=text,
+                    worker=worker,
+                    traceback="".join(traceback.format_exception(exc))[-4000:] if final else None,
+                )
 
         if client is None:
             failures = _run_serial(todo, stage, retries, marker, record_done, record_failed)
             cancelled = False
         else:
             failures, cancelled = _run_dask(
-                todo, stage, client, run_id, window, retries, marker, record_done, record_failed,
-                run_dir=run_dir, skipped=[u.index for u in skipped], orphaned=[u.index for u in orphaned],
-                total=total, journal=journal, sid=sid,
+                todo,
+                stage,
+                client,
+                run_id,
+                window,
+                retries,
+                marker,
+                record_done,
+                record_failed,
+                run_dir=run_dir,
+                skipped=[u.index for u in skipped],
+                orphaned=[u.index for u in orphaned],
+                total=total,
+                journal=journal,
+                sid=sid,
             )
         for f in failures:
             failed_before[(stage, f["index"])] = f
         if journal is not None:
-            journal.append("stage_end", session=sid, stage=stage, done=len(results) - len(skipped),
-                           skipped=len(skipped), failed=len(failures), orphaned=len(orphaned),
-                           cancelled=cancelled or None)
+            journal.append(
+                "stage_end",
+                session=sid,
+                stage=stage,
+                done=len(results) - len(skipped),
+                skipped=len(skipped),
+                failed=len(failures),
+                orphaned=len(orphaned),
+                cancelled=cancelled or None,
+            )
         if cancelled:
             left = len(units) - len(results)
             raise lat.RunCancelled(
@@ -307,7 +395,7 @@ def run_stage(
 
 
 def check_complete(run_id: str, run_dir: Path | None = None) -> None:
-    """Raise :class:`~emflow.lattice.IncompleteRun` when units of ``run_id`` failed (``keep_going``)."""
+    """Raise :class:`~emflow.lattice.IncompleteRun` if units of ``run_id`` failed (keep_going)."""
     failed = _FAILED.pop(run_id, {})
     if failed:
         raise lat.IncompleteRun.from_failures(list(failed.values()), run_dir)
@@ -337,8 +425,14 @@ def _run_serial(
                 final = attempt == retries + 1
                 record_failed(u, exc, attempt, final)
                 if final:
-                    failures.append({"stage": stage, "index": u.index, "attempts": attempt,
-                                     "error": _error_text(exc)})
+                    failures.append(
+                        {
+                            "stage": stage,
+                            "index": u.index,
+                            "attempts": attempt,
+                            "error": _error_text(exc),
+                        }
+                    )
                 continue
             record_done(u, payload, attempt)
             break
@@ -368,9 +462,17 @@ def _run_dask(
     prefix = unit_key(stage, run_id, 0)[0]
     try:
         lat.ensure_plugin(client)
-        client.sync(client.scheduler.emflow_begin_stage, run_id=run_id, stage=stage, total=total,
-                    prefix=prefix, skipped=skipped, orphaned=orphaned,
-                    run_dir=str(run_dir) if run_dir is not None else None, session=sid)
+        client.sync(
+            client.scheduler.emflow_begin_stage,
+            run_id=run_id,
+            stage=stage,
+            total=total,
+            prefix=prefix,
+            skipped=skipped,
+            orphaned=orphaned,
+            run_dir=str(run_dir) if run_dir is not None else None,
+            session=sid,
+        )
         if run_dir is not None:
             from emflow.dashboard import dashboard_url
 
@@ -378,10 +480,14 @@ def _run_dask(
                 dash = dashboard_url(client)
             except Exception:
                 dash = None
-            lat.write_scheduler_file(run_dir, address=client.scheduler.address, dashboard=dash, run_id=run_id)
+            lat.write_scheduler_file(
+                run_dir, address=client.scheduler.address, dashboard=dash, run_id=run_id
+            )
     except Exception:
-        logger.warning("could not install the lattice plugin; no dashboard page, pause or cancel",
-                       exc_info=True)
+        logger.warning(
+            "could not install the lattice plugin; no dashboard page, pause or cancel",
+            exc_info=True,
+        )
     control = _Control(client, run_id, stage)
     if window is None:
         threads = sum(client.nthreads().values()) or 1
@@ -402,8 +508,14 @@ def _run_dask(
                 fut.retry()
             else:
                 u = pending.popleft()
-                fut = client.submit(durable_call, u.fn, marker(u), *u.args,
-                                    key=unit_key(stage, run_id, u.index), pure=False)
+                fut = client.submit(
+                    durable_call,
+                    u.fn,
+                    marker(u),
+                    *u.args,
+                    key=unit_key(stage, run_id, u.index),
+                    pure=False,
+                )
             in_flight[fut.key] = u
             ac.add(fut)
 
@@ -450,7 +562,9 @@ def _run_dask(
             record_failed(u, exc, n, final)
             if final:
                 fut.release()
-                failures.append({"stage": stage, "index": u.index, "attempts": n, "error": _error_text(exc)})
+                failures.append(
+                    {"stage": stage, "index": u.index, "attempts": n, "error": _error_text(exc)}
+                )
             else:
                 retry.append((fut, u))
     finally:

@@ -95,7 +95,8 @@ class IncompleteRun(EmflowError):
     @classmethod
     def from_failures(cls, failed: list[dict[str, Any]], run_dir: Path | None) -> IncompleteRun:
         shown = "; ".join(
-            f"{f['stage']}[{f['index']}] after {f['attempts']} attempt(s): {f['error']}" for f in failed[:5]
+            f"{f['stage']}[{f['index']}] after {f['attempts']} attempt(s): {f['error']}"
+            for f in failed[:5]
         )
         more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
         where = f" (see {Path(run_dir) / JOURNAL})" if run_dir else ""
@@ -136,7 +137,7 @@ _CODE = {
 }
 _FROM_CODE = {v: k for k, v in _CODE.items()}
 
-W, R, D, F, S, O = (
+W, R, D, F, S, O = (  # noqa: E741
     UnitState.WAITING,
     UnitState.RUNNING,
     UnitState.DONE,
@@ -158,7 +159,9 @@ TRANSITIONS: dict[str, tuple[frozenset[UnitState], UnitState]] = {
 # --------------------------------------------------------------------------- keys
 
 
-def parse_key(key: Any, known: dict[str, tuple[str, str]] | None = None) -> tuple[str, str, int] | None:
+def parse_key(
+    key: Any, known: dict[str, tuple[str, str]] | None = None
+) -> tuple[str, str, int] | None:
     """``("emflow-<stage>-<run_id>", index)`` -> ``(run_id, stage, index)``; None for other keys.
 
     ``known`` maps key prefixes registered by the driver to ``(run_id, stage)``
@@ -168,7 +171,11 @@ def parse_key(key: Any, known: dict[str, tuple[str, str]] | None = None) -> tupl
     if type(key) is not tuple or len(key) != 2:
         return None
     prefix, index = key
-    if not isinstance(prefix, str) or not prefix.startswith("emflow-") or not isinstance(index, int):
+    if (
+        not isinstance(prefix, str)
+        or not prefix.startswith("emflow-")
+        or not isinstance(index, int)
+    ):
         return None
     if known is not None and prefix in known:
         run_id, stage = known[prefix]
@@ -233,9 +240,9 @@ class StageLattice:
 
     def summary(self, now: float, *, cells: bool) -> dict[str, Any]:
         counts = self.counts()
-        elapsed = ((self.last_end if counts["waiting"] + counts["running"] == 0 else None) or now) - (
-            self.first_start or now
-        )
+        elapsed = (
+            (self.last_end if counts["waiting"] + counts["running"] == 0 else None) or now
+        ) - (self.first_start or now)
         rate = self.finished_here / elapsed if elapsed > 0 and self.finished_here else 0.0
         left = counts["waiting"] + counts["running"]
         failed = [
@@ -375,7 +382,11 @@ class Lattice:
     def snapshot(self, run_id: str | None = None, *, cells: bool = True) -> dict[str, Any]:
         """JSON-ready view: per run and stage, counts, rate, ETA, failed units, cell letters."""
         now = time.time()
-        runs = [self.runs[run_id]] if run_id in self.runs else ([] if run_id else list(self.runs.values()))
+        runs = (
+            [self.runs[run_id]]
+            if run_id in self.runs
+            else ([] if run_id else list(self.runs.values()))
+        )
         return {
             "time": now,
             "runs": [
@@ -454,7 +465,12 @@ class LatticePlugin(SchedulerPlugin):
     ) -> None:
         self.known[prefix] = (run_id, stage)
         self.lattice.begin_stage(
-            run_id, stage, total, skipped=skipped or (), orphaned=orphaned or (), run_dir=run_dir,
+            run_id,
+            stage,
+            total,
+            skipped=skipped or (),
+            orphaned=orphaned or (),
+            run_dir=run_dir,
             session=session,
         )
 
@@ -511,7 +527,9 @@ class LatticePlugin(SchedulerPlugin):
             self.lattice.apply(run_id, stage, index, "finish", worker=kwargs.get("worker"))
         elif start == "processing" and finish == "erred":
             text = kwargs.get("exception_text") or str(kwargs.get("exception") or "error")
-            self.lattice.apply(run_id, stage, index, "fail", worker=kwargs.get("worker"), error=text)
+            self.lattice.apply(
+                run_id, stage, index, "fail", worker=kwargs.get("worker"), error=text
+            )
         elif start == "processing":  # worker lost, task cancelled or released
             self.lattice.apply(run_id, stage, index, "requeue")
 
@@ -539,7 +557,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_marker(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically write a JSON marker: write a temporary file, fsync it, rename, fsync the folder."""
+    """Atomically write a JSON marker: temporary file, fsync, rename, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, separators=(",", ":"))
@@ -597,7 +615,7 @@ class Journal:
     def __init__(self, run_dir: Path, *, sync_s: float = 0.5) -> None:
         self.path = Path(run_dir) / JOURNAL
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a")  # noqa: SIM115
+        self._fh = open(self.path, "a")
         self._sync_s = sync_s
         self._last_sync = 0.0
 
@@ -627,7 +645,7 @@ def read_journal(run_dir: Path) -> Iterator[dict[str, Any]]:
     """The journal's records in order; a torn last line (crash mid-write) is ignored."""
     path = Path(run_dir) / JOURNAL
     try:
-        fh = open(path)  # noqa: SIM115
+        fh = open(path)
     except FileNotFoundError:
         return
     with fh:
@@ -681,13 +699,30 @@ def summarize_journal(run_dir: Path) -> dict[str, Any]:
         elif ev == "done":
             cell_start = rec.get("start")
             if lat.run(run_id).stage(stage).state(int(index)) != R and cell_start:
-                lat.apply(run_id, stage, int(index), "start", worker=rec.get("worker"), when=cell_start)
-            lat.apply(run_id, stage, int(index), "finish", worker=rec.get("worker"), when=rec.get("end", t))
+                lat.apply(
+                    run_id, stage, int(index), "start", worker=rec.get("worker"), when=cell_start
+                )
+            lat.apply(
+                run_id,
+                stage,
+                int(index),
+                "finish",
+                worker=rec.get("worker"),
+                when=rec.get("end", t),
+            )
         elif ev == "failed":
             st = r.stage(stage)
             if st.state(int(index)) != R:
                 lat.apply(run_id, stage, int(index), "start", worker=rec.get("worker"), when=t)
-            lat.apply(run_id, stage, int(index), "fail", worker=rec.get("worker"), error=rec.get("error"), when=t)
+            lat.apply(
+                run_id,
+                stage,
+                int(index),
+                "fail",
+                worker=rec.get("worker"),
+                error=rec.get("error"),
+                when=t,
+            )
             st.cells[int(index)].attempts = int(rec.get("attempts", st.cells[int(index)].attempts))
         elif ev == "pause":
             r.paused = True
@@ -707,7 +742,7 @@ _SESSIONS: dict[str, str] = {}  # resolved run folder -> journal session id (thi
 
 
 def session_id(run_dir: Path) -> str:
-    """Journal session of ``run_dir`` in this process; starts one if none (see :func:`start_session`)."""
+    """Journal session of ``run_dir`` in this process (one is started if there is none)."""
     return _SESSIONS.get(str(Path(run_dir).resolve())) or start_session(run_dir)
 
 
@@ -732,9 +767,16 @@ def start_session(run_dir: Path, *, resumed: bool | None = None) -> str:
             for stage_dir in sorted(p for p in markers.iterdir() if p.is_dir()):
                 for index, payload in sorted(done_markers(run_dir, stage_dir.name).items()):
                     if (stage_dir.name, index) not in journaled:
-                        j.append("done", session=sid, stage=stage_dir.name, index=index, recovered=True,
-                                 worker=payload.get("worker"), start=payload.get("start"),
-                                 end=payload.get("end"))
+                        j.append(
+                            "done",
+                            session=sid,
+                            stage=stage_dir.name,
+                            index=index,
+                            recovered=True,
+                            worker=payload.get("worker"),
+                            start=payload.get("start"),
+                            end=payload.get("end"),
+                        )
     return sid
 
 
@@ -771,8 +813,10 @@ def open_run(run_dir: Path, fingerprint: str, *, restart: bool) -> bool:
             old = None
         if old != fingerprint:
             raise OutputError(
-                f"{run_dir} holds a run of a different recipe (fingerprint {old} != {fingerprint}), "
-                "so it cannot be resumed; use --restart to redo everything, or choose another output_dir"
+                f"{run_dir} holds a run of a different recipe "
+                f"(fingerprint {old} != {fingerprint}), "
+                "so it cannot be resumed; use --restart to redo everything, "
+                "or choose another output_dir"
             )
         start_session(run_dir, resumed=True)
         return True
@@ -786,17 +830,27 @@ def open_run(run_dir: Path, fingerprint: str, *, restart: bool) -> bool:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_marker(run_json, {"fingerprint": fingerprint, "created": time.time(), "result": None})
     except OSError as exc:
-        raise OutputError(f"cannot write the run folder {run_dir} ({exc}); check permissions") from exc
+        raise OutputError(
+            f"cannot write the run folder {run_dir} ({exc}); check permissions"
+        ) from exc
     start_session(run_dir, resumed=False)
     return False
 
 
-def write_scheduler_file(run_dir: Path, *, address: str, dashboard: str | None, run_id: str) -> None:
+def write_scheduler_file(
+    run_dir: Path, *, address: str, dashboard: str | None, run_id: str
+) -> None:
     """Record the live run's scheduler so ``emflow status/pause/resume/cancel`` can reach it."""
     write_marker(
         Path(run_dir) / SCHEDULER_JSON,
-        {"address": address, "dashboard": dashboard, "run_id": run_id, "pid": os.getpid(),
-         "started": time.time(), "result": None},
+        {
+            "address": address,
+            "dashboard": dashboard,
+            "run_id": run_id,
+            "pid": os.getpid(),
+            "started": time.time(),
+            "result": None,
+        },
     )
 
 

@@ -37,8 +37,13 @@ def _snap(client) -> dict:
 
 def _stable(run: dict) -> dict:
     """A run's snapshot without the fields that change with the clock."""
-    return {**run, "stages": [{k: v for k, v in st.items() if k not in ("elapsed_s", "rate_per_s", "eta_s")}
-                              for st in run["stages"]]}
+    return {
+        **run,
+        "stages": [
+            {k: v for k, v in st.items() if k not in ("elapsed_s", "rate_per_s", "eta_s")}
+            for st in run["stages"]
+        ],
+    }
 
 
 def test_dashboard_url_from_dashboard_link():
@@ -51,7 +56,11 @@ def test_dashboard_url_from_dashboard_link():
 
 
 def test_grid_bins_large_stages_by_most_urgent_state():
-    snap = {"runs": [{"run_id": "r", "stages": [{"stage": "slab", "cells": "d" * 999 + "f" + "w" * 1000}]}]}
+    snap = {
+        "runs": [
+            {"run_id": "r", "stages": [{"stage": "slab", "cells": "d" * 999 + "f" + "w" * 1000}]}
+        ]
+    }
     g = grid_data(snap, max_columns=400)
     assert len(g["x"]) == 400 and set(g["y"]) == {"slab"}
     assert g["state"][199] == "failed" and g["units"][199] == "995-999"
@@ -92,17 +101,29 @@ async def _cdp_screenshot(ws_url: str, url: str, out: Path, ready_js: str, timeo
 
 
 def screenshot(url: str, out: Path, *, size=(1280, 720), timeout: float = 30) -> bool:
-    """Render ``url`` in headless Chromium (DevTools protocol) once Bokeh drew the page; save a PNG."""
+    """Render ``url`` in headless Chromium (DevTools protocol) once Bokeh drew it; save a PNG."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.skip("chromium not installed (apt-get install chromium)")
     user_dir = tempfile.mkdtemp(prefix="emflow-chromium-")
     proc = subprocess.Popen(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={user_dir}", f"--window-size={size[0]},{size[1]}", "--remote-debugging-port=0",
-         "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={user_dir}",
+            f"--window-size={size[0]},{size[1]}",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         port_file = Path(user_dir) / "DevToolsActivePort"
@@ -112,9 +133,13 @@ def screenshot(url: str, out: Path, *, size=(1280, 720), timeout: float = 30) ->
         port = int(port_file.read_text().split()[0])
         targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
         page = next(t for t in targets if t["type"] == "page")
-        ready_js = ("typeof Bokeh !== 'undefined' && Bokeh.documents.length > 0 && "
-                    "Bokeh.documents[0].roots().length > 0")
-        return asyncio.run(_cdp_screenshot(page["webSocketDebuggerUrl"], url, out, ready_js, timeout))
+        ready_js = (
+            "typeof Bokeh !== 'undefined' && Bokeh.documents.length > 0 && "
+            "Bokeh.documents[0].roots().length > 0"
+        )
+        return asyncio.run(
+            _cdp_screenshot(page["webSocketDebuggerUrl"], url, out, ready_js, timeout)
+        )
     finally:
         proc.kill()
         proc.wait()
@@ -133,20 +158,43 @@ def test_live_page_and_json_match_the_lattice(tmp_path):
     from distributed import Client, LocalCluster
 
     run_dir = tmp_path / "emflow-run"
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as lc, \
-            Client(lc) as client:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0"
+        ) as lc,
+        Client(lc) as client,
+    ):
         lat.open_run(run_dir, "fp", restart=False)
         features = [Unit(i, demo_unit, (i, 0.0, (25,))) for i in range(40)]
-        run_stage("features", features[:20], client=client, run_id=RUN, run_dir=run_dir)  # earlier run
+        run_stage(
+            "features", features[:20], client=client, run_id=RUN, run_dir=run_dir
+        )  # earlier run
         lat.open_run(run_dir, "fp", restart=False)  # resume: 0..19 are skipped
-        run_stage("features", features, client=client, run_id=RUN, run_dir=run_dir, retries=1, keep_going=True)
-        match = [Unit(i, demo_unit, (i, 1.0, (5,)), needs=(("features", i), ("features", i + 1)))
-                 for i in range(39)]
+        run_stage(
+            "features",
+            features,
+            client=client,
+            run_id=RUN,
+            run_dir=run_dir,
+            retries=1,
+            keep_going=True,
+        )
+        match = [
+            Unit(i, demo_unit, (i, 1.0, (5,)), needs=(("features", i), ("features", i + 1)))
+            for i in range(39)
+        ]
         box: dict = {}
 
         def bg() -> None:
-            box["res"] = run_stage("match", match, client=client, run_id=RUN, run_dir=run_dir, retries=1,
-                                   keep_going=True)
+            box["res"] = run_stage(
+                "match",
+                match,
+                client=client,
+                run_id=RUN,
+                run_dir=run_dir,
+                retries=1,
+                keep_going=True,
+            )
 
         t = threading.Thread(target=bg)
         t.start()
@@ -183,7 +231,13 @@ def test_live_page_and_json_match_the_lattice(tmp_path):
         assert run["paused"] is True
         stages = {st["stage"]: st for st in run["stages"]}
         assert stages["features"]["counts"] == {
-            "waiting": 0, "running": 0, "done": 19, "failed": 1, "skipped": 20, "orphaned": 0}
+            "waiting": 0,
+            "running": 0,
+            "done": 19,
+            "failed": 1,
+            "skipped": 20,
+            "orphaned": 0,
+        }
         m = stages["match"]["counts"]
         assert m["orphaned"] == 2 and m["failed"] == 1 and m["waiting"] > 0 and m["running"] == 0
         assert stages["match"]["cells"][24:26] == "oo"
@@ -201,7 +255,9 @@ def test_live_page_and_json_match_the_lattice(tmp_path):
         for name, st in stages.items():
             for state, n in st["counts"].items():
                 assert per_stage.get((name, state), 0) == n, (name, state)
-            row = f"<b>{name}</b></td><td style='text-align:right;padding:2px 8px'>{st['total']}</td>"
+            row = (
+                f"<b>{name}</b></td><td style='text-align:right;padding:2px 8px'>{st['total']}</td>"
+            )
             assert row in table.text
         assert "PAUSED" in table.text and "match[5]" in table.text and "features[25]" in table.text
 
@@ -209,9 +265,54 @@ def test_live_page_and_json_match_the_lattice(tmp_path):
         t.join(120)
         assert not t.is_alive()
         final = {st["stage"]: st["counts"] for st in _snap(client)["runs"][0]["stages"]}
-    assert final["match"] == {"waiting": 0, "running": 0, "done": 36, "failed": 1, "skipped": 0, "orphaned": 2}
+    assert final["match"] == {
+        "waiting": 0,
+        "running": 0,
+        "done": 36,
+        "failed": 1,
+        "skipped": 0,
+        "orphaned": 2,
+    }
     assert sorted(box["res"]) == [i for i in range(39) if i not in (5, 24, 25)]
     with pytest.raises(lat.IncompleteRun) as e:
         check_complete(RUN, run_dir)
     assert {(f["stage"], f["index"]) for f in e.value.failed} == {
-        ("features", 25), ("match", 5), ("match", 24), ("match", 25)}
+        ("features", 25),
+        ("match", 5),
+        ("match", 24),
+        ("match", 25),
+    }
+
+
+@pytest.mark.integration
+def test_scheduler_preload_installs_plugin_and_page():
+    """A scheduler started with the preload (as in a Kubernetes scheduler pod) serves the page
+    and the JSON before any emflow run; registering the plugin again is a no-op."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=":0",
+            scheduler_kwargs={"preload": ["emflow.dask_preload"]},
+        ) as lc,
+        Client(lc) as client,
+    ):
+        plugin = lc.scheduler.plugins[lat.PLUGIN_NAME]
+        url = dashboard_url(client)
+        with urllib.request.urlopen(url + "/lattice.json") as r:
+            assert json.loads(r.read())["runs"] == []
+        with urllib.request.urlopen(url) as r:
+            assert r.status == 200
+        lat.ensure_plugin(client)
+        assert lc.scheduler.plugins[lat.PLUGIN_NAME] is plugin
+        res = run_stage(
+            "stats",
+            [Unit(i, demo_unit, (i, 0.0, ())) for i in range(3)],
+            client=client,
+            run_id="pre",
+        )
+        assert res == {i: {"i": i} for i in range(3)}
+        assert plugin.snapshot("pre")["runs"][0]["stages"][0]["cells"] == "ddd"

@@ -50,7 +50,9 @@ def bad_input_unit(i: int) -> dict:
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("chunk*.bin"))}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("chunk*.bin"))
+    }
 
 
 def _events(run_dir: Path, event: str) -> list[dict]:
@@ -62,8 +64,12 @@ def cluster():
     """One worker process with 2 threads (the machine is small and shared)."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as lc, \
-            Client(lc) as client:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0"
+        ) as lc,
+        Client(lc) as client,
+    ):
         yield client
 
 
@@ -81,7 +87,9 @@ def test_serial_markers_journal_and_skip(tmp_path):
     assert set(lat.done_markers(run_dir, "slab")) == set(range(5))
     seen = []
     lat.open_run(run_dir, "fp", restart=False)
-    again = run_stage("slab", units, run_dir=run_dir, run_id="r", on_result=lambda u, r: seen.append(u.index))
+    again = run_stage(
+        "slab", units, run_dir=run_dir, run_id="r", on_result=lambda u, r: seen.append(u.index)
+    )
     assert again == first and sorted(seen) == list(range(5))
     assert _events(run_dir, "skipped")[-1]["indices"] == list(range(5))
     assert len(_events(run_dir, "done")) == 5  # nothing redone
@@ -95,7 +103,9 @@ def test_serial_retries_then_incomplete_then_resume(tmp_path):
         run_stage("match", units, run_dir=run_dir, run_id="r", retries=2)
     assert e.value.exit_code == 3
     assert [(f["stage"], f["index"], f["attempts"]) for f in e.value.failed] == [("match", 3, 3)]
-    assert "match[3] after 3 attempt(s): RuntimeError: transient failure 3 of unit 3" in str(e.value)
+    assert "match[3] after 3 attempt(s): RuntimeError: transient failure 3 of unit 3" in str(
+        e.value
+    )
     assert set(lat.done_markers(run_dir, "match")) == {0, 1, 2, 4}  # other units kept going
     # resume: only unit 3 runs again, and now succeeds on its 4th attempt
     lat.open_run(run_dir, "fp", restart=False)
@@ -119,7 +129,10 @@ def test_keep_going_orphans_downstream_units(tmp_path):
     a = [Unit(i, flaky_unit, (str(counter), i, 9 if i == 1 else 0)) for i in range(3)]
     res = run_stage("features", a, run_dir=tmp_path, run_id="orph", keep_going=True)
     assert sorted(res) == [0, 2]
-    b = [Unit(i, write_unit, (str(tmp_path), i), needs=(("features", i), ("features", i + 1))) for i in range(2)]
+    b = [
+        Unit(i, write_unit, (str(tmp_path), i), needs=(("features", i), ("features", i + 1)))
+        for i in range(2)
+    ]
     res_b = run_stage("match", b, run_dir=tmp_path, run_id="orph", keep_going=True)
     assert res_b == {}  # both pairs touch the failed slice 1
     assert _events(tmp_path, "orphaned")[-1]["indices"] == [0, 1]
@@ -128,7 +141,11 @@ def test_keep_going_orphans_downstream_units(tmp_path):
     assert cells == {"features": "dfd", "match": "oo"}
     with pytest.raises(lat.IncompleteRun) as e:
         check_complete("orph", tmp_path)
-    assert {(f["stage"], f["index"]) for f in e.value.failed} == {("features", 1), ("match", 0), ("match", 1)}
+    assert {(f["stage"], f["index"]) for f in e.value.failed} == {
+        ("features", 1),
+        ("match", 0),
+        ("match", 1),
+    }
 
 
 # ---------------------------------------------------------------------------- on Dask
@@ -159,8 +176,10 @@ def test_dask_retries_lattice_and_incomplete(cluster, tmp_path):
 @pytest.mark.integration
 def test_dask_bad_input_is_reraised_unchanged(cluster, tmp_path):
     units = [Unit(i, bad_input_unit, (i,)) for i in range(8)]
-    with pytest.raises(SourceError, match="img00002.png is truncated") as e:
-        run_stage("stats", units, client=cluster, run_id="dbad", run_dir=tmp_path, retries=3, window=2)
+    with pytest.raises(SourceError, match=r"img00002\.png is truncated") as e:
+        run_stage(
+            "stats", units, client=cluster, run_id="dbad", run_dir=tmp_path, retries=3, window=2
+        )
     assert type(e.value) is SourceError
     assert len(lat.done_markers(tmp_path, "stats")) < 8
 
@@ -174,12 +193,17 @@ def test_dask_pause_resume_via_cli(cluster, tmp_path, capsys):
     lat.open_run(run_dir, "fp", restart=False)
     units = [Unit(i, write_unit, (str(out), i, 0.25)) for i in range(16)]
     box: dict = {}
-    t = threading.Thread(target=lambda: box.update(
-        res=run_stage("slab", units, client=cluster, run_id="dpause", run_dir=run_dir)))
+    t = threading.Thread(
+        target=lambda: box.update(
+            res=run_stage("slab", units, client=cluster, run_id="dpause", run_dir=run_dir)
+        )
+    )
     t.start()
 
     def stage_snap() -> dict:
-        return cluster.sync(cluster.scheduler.emflow_lattice, run_id="dpause")["runs"][0]["stages"][0]
+        return cluster.sync(cluster.scheduler.emflow_lattice, run_id="dpause")["runs"][0]["stages"][
+            0
+        ]
 
     deadline = time.time() + 60
     while not lat.done_markers(run_dir, "slab") and time.time() < deadline:
@@ -202,10 +226,15 @@ def test_dask_pause_resume_via_cli(cluster, tmp_path, capsys):
     t.join(120)
     assert not t.is_alive() and sorted(box["res"]) == list(range(16))
     assert [r["event"] for r in lat.read_journal(run_dir) if r["event"] in ("pause", "resume")] == [
-        "pause", "resume"]
-    assert _digest(out) == {f"chunk{i:03d}.bin": hashlib.sha256(
-        np.random.default_rng(i).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()).hexdigest()
-        for i in range(16)}
+        "pause",
+        "resume",
+    ]
+    assert _digest(out) == {
+        f"chunk{i:03d}.bin": hashlib.sha256(
+            np.random.default_rng(i).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
+        ).hexdigest()
+        for i in range(16)
+    }
 
 
 @pytest.mark.integration
@@ -252,13 +281,22 @@ def test_sigkill_worker_mid_unit_completes_identically(tmp_path):
     run_stage("slab", [Unit(i, write_unit, (str(serial_out), i)) for i in range(12)], run_id="s")
     lat.open_run(run_dir, "fp", restart=False)
     units = [Unit(i, write_unit, (str(out), i, 0.6)) for i in range(12)]
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
-            Client(lc) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as lc,
+        Client(lc) as client,
+    ):
         pids = client.run(os.getpid)
         lat.ensure_plugin(client)
         box: dict = {}
-        t = threading.Thread(target=lambda: box.update(
-            res=run_stage("slab", units, client=client, run_id="dkill", run_dir=run_dir, retries=0)))
+        t = threading.Thread(
+            target=lambda: box.update(
+                res=run_stage(
+                    "slab", units, client=client, run_id="dkill", run_dir=run_dir, retries=0
+                )
+            )
+        )
         t.start()
         deadline = time.time() + 60
         victim = None
@@ -271,7 +309,12 @@ def test_sigkill_worker_mid_unit_completes_identically(tmp_path):
                 continue
             if st["counts"]["done"] >= 1 and st["counts"]["running"]:
                 i = st["cells"].index("r")
-                victim = (i, client.sync(client.scheduler.emflow_unit, run_id="dkill", stage="slab", index=i))
+                victim = (
+                    i,
+                    client.sync(
+                        client.scheduler.emflow_unit, run_id="dkill", stage="slab", index=i
+                    ),
+                )
             else:
                 time.sleep(0.05)
         assert victim is not None

@@ -18,7 +18,14 @@ def test_key_round_trip_and_foreign_keys():
     # a prefix registered by the driver is exact even when the stage contains '-'
     known = {"emflow-my-stage-r1": ("r1", "my-stage")}
     assert lat.parse_key(("emflow-my-stage-r1", 3), known) == ("r1", "my-stage", 3)
-    for foreign in ["x", ("inc-abc", 1), ("emflow-slab-r", "1"), ("emflow-", 1), ("emflow-x", 2), 5]:
+    for foreign in [
+        "x",
+        ("inc-abc", 1),
+        ("emflow-slab-r", "1"),
+        ("emflow-", 1),
+        ("emflow-x", 2),
+        5,
+    ]:
         assert lat.parse_key(foreign) is None, foreign
 
 
@@ -43,7 +50,14 @@ def test_named_transitions_and_late_duplicates():
     snap = la.snapshot()
     (run,) = snap["runs"]
     (st,) = run["stages"]
-    assert st["counts"] == {"waiting": 0, "running": 0, "done": 2, "failed": 1, "skipped": 1, "orphaned": 0}
+    assert st["counts"] == {
+        "waiting": 0,
+        "running": 0,
+        "done": 2,
+        "failed": 1,
+        "skipped": 1,
+        "orphaned": 0,
+    }
     assert st["cells"] == "ddfs"
     assert run["rejected"] == 3
     assert [(f["index"], f["attempts"], f["error"]) for f in st["failed"]] == [(2, 2, "boom")]
@@ -93,7 +107,9 @@ def test_journal_tolerates_a_torn_last_line_and_replays(tmp_path):
         j.append("stage", session="s1", stage="slab", run_id="r", total=3)
         j.append("skipped", session="s1", stage="slab", indices=[0])
         j.append("done", session="s1", stage="slab", index=1, start=1.0, end=2.0, worker="w")
-        j.append("failed", session="s1", stage="slab", index=2, attempts=3, error="boom", final=True)
+        j.append(
+            "failed", session="s1", stage="slab", index=2, attempts=3, error="boom", final=True
+        )
     with open(tmp_path / lat.JOURNAL, "a") as fh:
         fh.write('{"event": "done", "sta')  # driver killed mid-line
     recs = list(lat.read_journal(tmp_path))
@@ -140,3 +156,44 @@ def test_incomplete_run_message_lists_failures():
     assert exc.exit_code == 3 and exc.failed == failed
     assert "7 unit(s) failed" in str(exc) and "slab[0]" in str(exc) and "and 2 more" in str(exc)
     assert issubclass(lat.RunCancelled, lat.IncompleteRun)
+
+
+def test_plugin_pause_resume_cancel_per_run_and_stage():
+    """The RPC handlers' logic, without a scheduler: a paused stage only pauses that stage,
+    and a new driver session of the same run clears pause and cancel."""
+    p = lat.LatticePlugin()
+    p.begin_stage("r", "slab", 3, prefix="emflow-slab-r", session="s1")
+    p.begin_stage("q", "slab", 3, prefix="emflow-slab-q", session="t1")
+    assert p.control("r", "slab") == {"paused": False, "cancelled": False}
+    p.pause("r", stage="coarse1")
+    assert not p.control("r", "slab")["paused"] and p.control("r", "coarse1")["paused"]
+    p.pause("r")
+    assert p.control("r", "slab")["paused"] and not p.control("q", "slab")["paused"]
+    p.resume("r", stage="coarse1")
+    assert p.control("r", "slab")["paused"]  # the whole run is still paused
+    p.resume("r")
+    assert not p.control("r", "coarse1")["paused"]
+    p.cancel("r")
+    assert p.control("r", "slab")["cancelled"] and not p.control("q", "slab")["cancelled"]
+    p.begin_stage("r", "slab", 3, prefix="emflow-slab-r", session="s2")  # `emflow run` again
+    assert p.control("r", "slab") == {"paused": False, "cancelled": False}
+    assert p.control("unknown") == {"paused": False, "cancelled": False}
+    # scheduler transitions of emflow keys, foreign keys ignored
+    p.transition(("emflow-slab-r", 1), "waiting", "processing")
+    p.transition(("emflow-slab-r", 1), "processing", "memory", worker="tcp://w:1")
+    p.transition(("other", 1), "waiting", "processing")
+    p.transition(("emflow-slab-r", 1), "processing", "memory", worker="tcp://w:1")  # duplicate
+    assert p.unit("r", "slab", 1)["state"] == "done"
+    assert p.snapshot("r")["runs"][0]["rejected"] == 1
+
+
+def test_large_lattice_is_cheap():
+    """100,000 units: one byte of state each, snapshot and counts over the byte string."""
+    la = lat.Lattice()
+    la.begin_stage("big", "slab", 100_000, skipped=range(0, 100_000, 2))
+    for i in range(1, 2001, 2):
+        la.apply("big", "slab", i, "start", worker="w")
+        la.apply("big", "slab", i, "finish", worker="w")
+    st = la.snapshot("big")["runs"][0]["stages"][0]
+    assert st["counts"]["skipped"] == 50_000 and st["counts"]["done"] == 1000
+    assert len(st["cells"]) == 100_000 and len(la.run("big").stages["slab"].cells) == 1000

@@ -10,17 +10,22 @@ resumed by running ``emflow run`` again.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any
 
 import typer
 
 from emflow import lattice as lat
 from emflow.errors import EmflowError, OutputError
 
-RunArg = Annotated[Path, typer.Argument(help="output directory, its emflow-run folder, or the recipe YAML")]
-StageOpt = Annotated[str | None, typer.Option("--stage", help="only this stage (default: the whole run)")]
+RunArg = Annotated[
+    Path, typer.Argument(help="output directory, its emflow-run folder, or the recipe YAML")
+]
+StageOpt = Annotated[
+    str | None, typer.Option("--stage", help="only this stage (default: the whole run)")
+]
 RUN_FOLDER = "emflow-run"
 
 
@@ -40,14 +45,15 @@ def find_run_dir(path: Path) -> Path:
     if (p / RUN_FOLDER / lat.RUN_JSON).exists() or (p / RUN_FOLDER / lat.JOURNAL).exists():
         return p / RUN_FOLDER
     raise OutputError(
-        f"{path} holds no emflow run (no {RUN_FOLDER}/{lat.RUN_JSON}); pass the output_dir of a run, "
+        f"{path} holds no emflow run (no {RUN_FOLDER}/{lat.RUN_JSON}); "
+        "pass the output_dir of a run, "
         "its emflow-run folder, or its recipe"
     )
 
 
 @contextmanager
 def live_run(run_dir: Path, *, timeout: float = 5.0) -> Iterator[tuple[Any, dict[str, Any]] | None]:
-    """Yield ``(client, scheduler record)`` of the live run of ``run_dir``, or None when none is live."""
+    """Yield ``(client, scheduler record)`` of the live run of ``run_dir``; None if none is live."""
     info = lat.read_scheduler_file(run_dir)
     if not info or not info.get("address"):
         yield None
@@ -68,7 +74,8 @@ def live_run(run_dir: Path, *, timeout: float = 5.0) -> Iterator[tuple[Any, dict
 def _require_live(run_dir: Path, live: Any) -> tuple[Any, dict[str, Any]]:
     if live is None:
         raise NoLiveRun(
-            f"no live run in {run_dir}: its scheduler is not reachable (the run finished or stopped); "
+            f"no live run in {run_dir}: its scheduler is not reachable "
+            "(the run finished or stopped); "
             "'emflow status' shows the journal, 'emflow run' resumes an interrupted run"
         )
     return live
@@ -89,11 +96,16 @@ def format_snapshot(snap: dict[str, Any], *, source: str) -> str:
         if run["paused_stages"]:
             flags.append("paused stages: " + ",".join(run["paused_stages"]))
         lines.append(f"run {run['run_id']} ({source}) {' '.join(flags)}".rstrip())
-        lines.append(f"{'stage':<12}{'units':>7}" + "".join(f"{s:>10}" for s in states) + f"{'rate/s':>9}{'ETA':>8}")
+        lines.append(
+            f"{'stage':<12}{'units':>7}"
+            + "".join(f"{s:>10}" for s in states)
+            + f"{'rate/s':>9}{'ETA':>8}"
+        )
         for st in run["stages"]:
             c = st["counts"]
             lines.append(
-                f"{st['stage']:<12}{st['total']:>7}" + "".join(f"{c[s]:>10}" for s in states)
+                f"{st['stage']:<12}{st['total']:>7}"
+                + "".join(f"{c[s]:>10}" for s in states)
                 + f"{st['rate_per_s']:>9.2f}{_fmt_s(st['eta_s']):>8}"
             )
         failed = [(st["stage"], f) for st in run["stages"] for f in st["failed"]]
@@ -106,7 +118,9 @@ def format_snapshot(snap: dict[str, Any], *, source: str) -> str:
     return "\n".join(lines)
 
 
-def status(run: RunArg, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def status(
+    run: RunArg, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False
+) -> None:
     """Show per-stage unit counts, rates, ETA and failed units, live or from the journal."""
     run_dir = find_run_dir(run)
     snap: dict[str, Any] | None = None
@@ -115,7 +129,9 @@ def status(run: RunArg, as_json: Annotated[bool, typer.Option("--json", help="pr
         if live is not None:
             client, info = live
             try:
-                snap = client.sync(client.scheduler.emflow_lattice, run_id=info.get("run_id"), cells=as_json)
+                snap = client.sync(
+                    client.scheduler.emflow_lattice, run_id=info.get("run_id"), cells=as_json
+                )
             except Exception:
                 snap = None
             if snap is not None and snap["runs"]:
@@ -140,8 +156,12 @@ def _control(run: Path, op: str, **kw: Any) -> dict[str, Any]:
         client, info = _require_live(run_dir, live)
         ans = client.sync(getattr(client.scheduler, op), run_id=info.get("run_id"), **kw)
     if not isinstance(ans, dict):
-        raise NoLiveRun(f"the scheduler of {run_dir} has no emflow lattice plugin; cannot {op[7:]} the run")
-    with lat.Journal(run_dir) as j:  # the driver also journals what it observes; this is the request
+        raise NoLiveRun(
+            f"the scheduler of {run_dir} has no emflow lattice plugin; cannot {op[7:]} the run"
+        )
+    with lat.Journal(
+        run_dir
+    ) as j:  # the driver also journals what it observes; this is the request
         j.append(f"{op[7:]}_request", **kw)
     return ans
 
@@ -149,7 +169,9 @@ def _control(run: Path, op: str, **kw: Any) -> dict[str, Any]:
 def pause(run: RunArg, stage: StageOpt = None) -> None:
     """Stop releasing new units (of one stage or the whole run); running units finish."""
     _control(run, "emflow_pause", stage=stage)
-    typer.echo(f"paused {'stage ' + stage if stage else 'run'}; running units finish, no new unit starts")
+    typer.echo(
+        f"paused {'stage ' + stage if stage else 'run'}; running units finish, no new unit starts"
+    )
 
 
 def resume(run: RunArg, stage: StageOpt = None) -> None:
@@ -161,7 +183,9 @@ def resume(run: RunArg, stage: StageOpt = None) -> None:
 def cancel(run: RunArg) -> None:
     """Stop the run cleanly: no new units, running units finish; 'emflow run' resumes it later."""
     _control(run, "emflow_cancel")
-    typer.echo("cancel requested; running units finish, then the run stops (resumable with 'emflow run')")
+    typer.echo(
+        "cancel requested; running units finish, then the run stops (resumable with 'emflow run')"
+    )
 
 
 def register(app: typer.Typer) -> None:

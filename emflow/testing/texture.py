@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 _CYTOPLASM = 170.0
 _MEMBRANE = 55.0
 _NOISE_SIGMA = 9.0
+_GRAIN = 14.0  # std of the granular cytoplasm texture (grey values)
 
 
 def synthetic_slices(
@@ -65,6 +66,21 @@ def synthetic_slices(
     )
     membrane_width = max(2.0, cell_size_px / 40)
     noise_rng = np.random.default_rng(seed + 1)
+    # granular cytoplasm: blurred noise fields, cross-faded along z so features persist
+    # over a few sections (what lets SIFT link neighbouring slices)
+    keyframe_every = 8
+    fields: dict[int, np.ndarray] = {}
+
+    def field(k: int) -> np.ndarray:
+        if k not in fields:
+            frng = np.random.default_rng([seed, 7, k])
+            f = frng.normal(0.0, 1.0, size=(ny, nx)).astype(np.float32)
+            f = cv2.GaussianBlur(f, (0, 0), 2.5)
+            f *= _GRAIN / max(float(f.std()), 1e-6)
+            fields.clear() if len(fields) > 2 else None
+            fields[k] = f
+        return fields[k]
+
     for z in range(nz):
         zc = cell_size_px + z * z_step_px
         pts = np.column_stack([gy.ravel(), gx.ravel(), np.full(gy.size, zc)])
@@ -80,6 +96,10 @@ def synthetic_slices(
                 img, (int(ox / coarse), int(oy / coarse)), max(1, int(rr)), _MEMBRANE + 25, -1
             )
         full = cv2.resize(img, (nx, ny), interpolation=cv2.INTER_LINEAR)
+        k, w = divmod(z, keyframe_every)
+        w = w / keyframe_every
+        grain = (1.0 - w) * field(k) + w * field(k + 1)
+        full += grain * ((full - _MEMBRANE) / (_CYTOPLASM - _MEMBRANE))
         full = cv2.GaussianBlur(full, (0, 0), 1.2)
         full += noise_rng.normal(0.0, _NOISE_SIGMA, size=full.shape).astype(np.float32)
         if np.dtype(dtype) == np.uint16:

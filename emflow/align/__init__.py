@@ -1,0 +1,28 @@
+"""Slice-to-slice alignment: features -> pair matches -> global solve -> warp (pure NumPy/OpenCV).
+
+Transforms everywhere are 2x3 float64 matrices in full-resolution ``(x, y)`` pixel
+coordinates; per-slice transforms map the source slice into the global aligned frame,
+pair matrices map slice ``z_b`` into slice ``z_a``. No Dask here: ``emflow.pipeline`` maps
+these functions onto a cluster.
+"""
+
+from emflow.align.features import Features, choose_downsample, compute_features
+from emflow.align.match import MatchConfig, PairResult, match, match_features
+from emflow.align.quality import assess_slice
+from emflow.align.solve import Alignment, identity_alignment, solve
+from emflow.align.warp import warp_slice
+
+__all__ = [
+    "Alignment",
+    "Features",
+    "MatchConfig",
+    "PairResult",
+    "assess_slice",
+    "choose_downsample",
+    "compute_features",
+    "identity_alignment",
+    "match",
+    "match_features",
+    "solve",
+    "warp_slice",
+]

@@ -1,0 +1,144 @@
+"""Pairwise matching: accuracy on real EM texture under known affines, model choice, failures."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from emflow.align.features import compute_features
+from emflow.align.match import MatchConfig, PairResult, match, match_features
+from emflow.align.warp import invert_affine, warp_slice
+from emflow.testing.transforms import (
+    apply_to_stack,
+    compose,
+    corner_error_px,
+    random_affines,
+)
+
+DATA = "/work/shared/data"
+ISBI = sorted(glob.glob(f"{DATA}/isbi2012-sstem/train/*.png"))
+VNC = sorted(glob.glob(f"{DATA}/sstem-drosophila-vnc/stack1/raw/*.tif"))
+pytestmark = pytest.mark.skipif(not (ISBI and VNC), reason="real test data not found")
+#: 100 px translations are 20 % of a 512 px slice (40 % between two slices): widen the
+#: outlier limit that is meant for real data (default 0.25 of the long side).
+WIDE = MatchConfig(max_translation_fraction=0.5)
+
+
+def _noisy(img: np.ndarray, rng: np.random.Generator, sigma: float = 8.0) -> np.ndarray:
+    """Add Gaussian noise to the non-fill pixels, keeping fill exactly 0 (uint8)."""
+    out = np.clip(np.rint(img + rng.normal(0, sigma, img.shape)), 1, 255).astype(np.uint8)
+    return np.where(img > 0, out, 0).astype(np.uint8)
+
+
+def _same_section_errors(stack: np.ndarray, config: MatchConfig) -> list[float]:
+    """Each real section under two independent random affines (+ noise sigma 8): corner errors."""
+    shape = stack.shape[1:]
+    wa, ta = apply_to_stack(stack, random_affines(len(stack), shape_yx=shape, seed=11))
+    wb, tb = apply_to_stack(stack, random_affines(len(stack), shape_yx=shape, seed=12))
+    rng = np.random.default_rng(0)
+    errors = []
+    for z in range(len(stack)):
+        fa = compute_features(_noisy(wa[z], rng))
+        fb = compute_features(_noisy(wb[z], rng))
+        p = match_features(fa, fb, z_a=z, z_b=z, config=config)
+        assert p.ok, p.reason
+        assert p.model == "affine"
+        errors.append(corner_error_px(p.matrix_array, compose(invert_affine(ta[z]), tb[z]), shape))
+    return errors
+
+
+def test_pair_accuracy_isbi_512():
+    stack = np.stack([cv2.imread(p, cv2.IMREAD_GRAYSCALE) for p in ISBI[:8]])
+    e = _same_section_errors(stack, WIDE)
+    print(f"\nISBI 512^2 pairs: median {np.median(e):.3f} px, max {np.max(e):.3f} px")
+    assert np.median(e) <= 0.1
+    assert np.max(e) <= 0.5
+
+
+def test_pair_accuracy_vnc_1024():
+    stack = np.stack([tifffile.imread(p) for p in VNC[:3]])
+    e = _same_section_errors(stack, MatchConfig())
+    print(f"\nVNC 1024^2 pairs: median {np.median(e):.3f} px, max {np.max(e):.3f} px")
+    assert np.median(e) <= 0.1
+    assert np.max(e) <= 0.5
+
+
+@pytest.fixture(scope="module")
+def vnc0() -> np.ndarray:
+    return tifffile.imread(VNC[0])
+
+
+def _warp_same(img: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return warp_slice(img, m, (0, 0), img.shape)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "model"),
+    [
+        (np.array([[1.0, 0.0, 12.3], [0.0, 1.0, -7.6]]), "translation"),
+        (cv2.getRotationMatrix2D((511.5, 511.5), 1.5, 1.0), "rigid"),
+        (np.array([[1.01, 0.004, -5.0], [-0.003, 0.992, 9.0]]), "affine"),
+    ],
+)
+def test_auto_model_choice_in_pixels(vnc0, matrix, model):
+    """The simplest model within 1 px (corners) of the affine is chosen, and is accurate."""
+    moved = _warp_same(vnc0, matrix)  # pixel p of vnc0 lands at matrix @ p in `moved`
+    p = match(moved, vnc0, downsample=2)
+    assert p.ok, p.reason
+    assert p.model == model
+    assert p.corner_gap_px < 1.0
+    assert corner_error_px(p.matrix_array, matrix, vnc0.shape) < 0.25
+
+
+def test_downsampled_features_are_in_full_resolution_pixels(vnc0):
+    m = np.array([[1.0, 0.0, 20.25], [0.0, 1.0, -13.5]])
+    moved = _warp_same(vnc0, m)
+    for ds in (1, 2, 4):
+        p = match(moved, vnc0, downsample=ds, model="translation")
+        assert p.ok, p.reason
+        assert corner_error_px(p.matrix_array, m, vnc0.shape) < 0.1 * ds + 0.05
+
+
+def test_uint16_input_matches(vnc0):
+    m = np.array([[1.0, 0.0, 5.5], [0.0, 1.0, 3.25]])
+    a16 = vnc0.astype(np.uint16) * 200
+    p = match(_warp_same(a16, m), a16, downsample=2)
+    assert p.ok and corner_error_px(p.matrix_array, m, vnc0.shape) < 0.2
+
+
+def test_blank_and_noise_fail_with_reason(vnc0):
+    blank = np.zeros_like(vnc0)
+    p = match(vnc0, blank, downsample=2, z_a=4, z_b=5)
+    assert not p.ok and "too few keypoints in slice 5" in p.reason
+    noise = np.random.default_rng(0).integers(1, 256, vnc0.shape, dtype=np.uint8)
+    q = match(vnc0, noise, downsample=2)
+    assert not q.ok and ("inliers" in q.reason or "matches" in q.reason)
+
+
+def test_outlier_checks_use_config(vnc0):
+    m = np.array([[1.0, 0.0, 300.0], [0.0, 1.0, 0.0]])
+    p = match(_warp_same(vnc0, m), vnc0, downsample=2)
+    assert not p.ok and p.reason.startswith("translation out of range")
+    q = match(_warp_same(vnc0, m), vnc0, downsample=2, max_translation_fraction=0.5)
+    assert q.ok, q.reason
+
+
+def test_deterministic(vnc0):
+    m = cv2.getRotationMatrix2D((500.0, 500.0), 0.7, 1.0)
+    a, b = _warp_same(vnc0, m), vnc0
+    assert match(a, b, downsample=2) == match(a, b, downsample=2)
+
+
+def test_pair_result_dict_round_trip_is_exact():
+    p = PairResult(3, 5, True, "", "rigid", ((1.0, 1e-17, 0.1), (0.3, 1.0, -2.5)),
+                   ((1.0000000000000002, 0.0, 0.1), (0.3, 1.0, -2.5)), 123, 456, 0.123456789, 0.5)  # fmt: skip
+    assert PairResult.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    f = PairResult(1, 2, False, "too few matches (3 < 20)", "affine", ((1, 0, 0), (0, 1, 0)),
+                   ((1, 0, 0), (0, 1, 0)), 0, 3, float("nan"), float("nan"))  # fmt: skip
+    d = json.loads(json.dumps(f.to_dict(), allow_nan=False))
+    assert PairResult.from_dict(d).to_dict() == f.to_dict()
