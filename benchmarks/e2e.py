@@ -27,7 +27,7 @@ PEER_SCRIPTS = HERE / "peer_scripts"
 #: output kind -> cost-model key of its limit
 LIMIT_KEY = {"jpeg": "jpeg", "zarr": "zstd", "both": "jpeg+zstd", "both+clahe": "jpeg+zstd+clahe",
              "full": "full"}
-CLAHE = {"clip_limit": 0.02, "kernel_size_px": 1024}
+CLAHE = {"clip_limit": 0.02, "kernel_size_px": 1024}  # = limits.CLAHE_*
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Variant:
 def emflow_recipe(src: Path, nz: int, out_dir: Path, kind: str, levels: int,
                   voxel_nm: float = 8.0) -> Path:
     """Write the YAML recipe of an emflow variant and return its path."""
+    src, out_dir = src.resolve(), out_dir.resolve()
     outputs = []
     if kind in ("jpeg", "both", "both+clahe", "full"):
         outputs.append({"format": "precomputed", "name": "precomputed", "encoding": "jpeg",
@@ -136,6 +137,9 @@ def _emflow_log(out_dir: Path) -> dict:
     if not log.exists():
         return info
     text = log.read_text()
+    last = text.rfind(" emflow run ")  # the log is appended to by every run: keep the last
+    if last > 0:
+        text = text[text.rfind("\n", 0, last) + 1 :]
     m = re.search(r"done in ([0-9.]+) s", text)
     if m:
         info["emflow_run_s"] = float(m.group(1))
@@ -165,11 +169,14 @@ def _emflow_stages(out_dir: Path) -> dict:
     journal = run / "journal.jsonl"
     if journal.exists():
         starts: dict[str, float] = {}
+        events = []
         for line in journal.read_text().splitlines():
             try:
-                ev = json.loads(line)
+                events.append(json.loads(line))
             except ValueError:
                 continue
+        sessions = [i for i, ev in enumerate(events) if ev.get("event") == "session"]
+        for ev in events[sessions[-1] if sessions else 0 :]:  # the last session only
             if ev.get("event") == "stage":
                 starts[ev["stage"]] = ev["t"]
             elif ev.get("event") == "stage_end" and ev.get("stage") in starts:
@@ -235,6 +242,11 @@ def summarize_runs(v: Variant, runs: list[Measured], input_bytes: int, frame_byt
         info = _emflow_log(v.out_dir)
         row.update(info)
         row.update(_emflow_stages(v.out_dir))
+        slab = (row.get("stage_wall_s") or {}).get("slab")
+        if slab:
+            row["mb_s_slab_stage"] = input_bytes / 1e6 / slab
+            if lim:
+                row["pct_of_limit_slab_stage"] = row["mb_s_slab_stage"] / row["limit_mb_s"]
         if "emflow_run_s" in info:
             row["mb_s_inside_run"] = input_bytes / 1e6 / info["emflow_run_s"]
         if "slab_depth" in info:

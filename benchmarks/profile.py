@@ -4,6 +4,11 @@
 (GIL-holding and GIL-released threads alike; idle threads are not sampled). Each stack is
 attributed to the first pipeline stage found walking from the leaf to the root, so the
 table says which stage costs what share of the sampled CPU.
+
+Blind spot: tensorstore encodes and writes in its own native threads, which py-spy does not
+see, and the Python thread waiting on ``.result()`` is idle (not sampled); so the write
+stages are under-counted here. emflow's own per-unit phase timings (render / downsample /
+write, from the run folder's done markers; see e2e.py) cover that.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def render(res: dict, findings: str = "") -> str:
             q = res.get("quality", {})
             qs = [v for k, v in q.items() if k.startswith(r["name"] + " ")]
             l0 = "; ".join(("exact" if v.get("l0_bit_exact") else f"PSNR {v['l0_psnr_db']:.1f}")
-                           for v in qs if "l0_psnr_db" in v) or "–"
+                           for v in qs if "l0_psnr_db" in v) or "n/a (vs own L0)"
             bias = max((v["max_abs_bias"] for v in qs if "max_abs_bias" in v), default=None)
             rows.append([
                 r["name"], r["format"],
@@ -168,11 +168,12 @@ def render(res: dict, findings: str = "") -> str:
         L += ["### Level-0 exactness and mean bias per level (read back with tensorstore)", "",
               "bias = mean(stored − exact float64 mean of the source blocks), per level 0..n; "
               "max |err| per level.", ""]
-        rows = [[k, _f(v.get("l0_bit_exact")), _f(v.get("l0_psnr_db")),
+        rows = [[k, v.get("reference", "source"), _f(v.get("l0_bit_exact")),
+                 _f(v.get("l0_psnr_db")),
                  " / ".join(f"{b:+.3f}" for b in v.get("bias_per_level", [])),
                  " / ".join(_f(b, 2) for b in v.get("max_abs_err_per_level", [])),
                  v.get("error", "")] for k, v in q.items()]
-        L += _table(["output", "L0 bit-exact", "L0 PSNR dB", "bias per level",
+        L += _table(["output", "reference", "L0 bit-exact", "L0 PSNR dB", "bias per level",
                      "max |err| per level", "error"], rows)
         L.append("")
     sc = res.get("scaling")
@@ -248,6 +249,9 @@ def _notes(r: dict) -> str:
         bits.append(f"cluster start {r['cluster_start_s']:.1f} s")
     if r.get("slab_depth"):
         bits.append(f"{r['slabs']} slabs × {r['slab_depth']} z")
+    if r.get("mb_s_slab_stage"):
+        bits.append(f"slab stage alone {r['mb_s_slab_stage']:.0f} MB/s = "
+                    f"{_pct(r.get('pct_of_limit_slab_stage'))} of limit")
     if r.get("stage_wall_s"):
         bits.append("stages " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_wall_s"].items()))
     if r.get("unit_phase_s"):

@@ -50,7 +50,9 @@ __all__ = [
     "ClusterRequest",
     "describe",
     "job_script",
+    "kubernetes_autoscaler",
     "kubernetes_spec",
+    "kubernetes_tls_secret",
     "load_config",
     "open_client",
 ]
@@ -276,9 +278,14 @@ def load_config(request: ClusterRequest) -> tuple[dict[str, Any], str]:
     else:
         overlay, source = {}, "built-in defaults"
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict) and key in (
-            "adapt",
-            "pod",
+        if (
+            isinstance(value, dict)
+            and isinstance(config.get(key), dict)
+            and key
+            in (
+                "adapt",
+                "pod",
+            )
         ):
             config[key] = {**config[key], **value}
         else:
@@ -342,8 +349,7 @@ def _validate_keys(kind: str, config: dict[str, Any], source: str) -> None:
         bad = sorted(set(resources) - _K8S_RESOURCE_KEYS) if isinstance(resources, dict) else []
         if bad:
             raise ClusterError(
-                f"cluster config {source}: unknown key resources.{bad[0]}; "
-                "use requests and limits"
+                f"cluster config {source}: unknown key resources.{bad[0]}; use requests and limits"
             )
 
 
@@ -386,7 +392,7 @@ def walltime_seconds(walltime: str | int, kind: str) -> int:
         weights = {1: [1], 2: [60, 1], 3: [3600, 60, 1]}.get(len(parts))
     if weights is None:
         raise ClusterError(_walltime_msg(walltime, kind))
-    return days * 86400 + sum(p * w for p, w in zip(parts, weights))
+    return days * 86400 + sum(p * w for p, w in zip(parts, weights, strict=True))
 
 
 def _walltime_msg(walltime: object, kind: str) -> str:
@@ -418,11 +424,14 @@ def lifetime_args(walltime_s: int) -> list[str]:
 def _jobqueue_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[str, Any]:
     kind = request.kind
     kw = {k: v for k, v in config.items() if k not in _EMFLOW_KEYS and v is not None}
-    processes = int(kw.get("processes") or 1)
+    processes = int(kw.get("processes") or 1)  # worker processes per job
     if request.threads_per_worker is not None:
         kw["cores"] = request.threads_per_worker * processes
     if request.memory_per_worker is not None:
-        kw["memory"] = request.memory_per_worker
+        if processes == 1:
+            kw["memory"] = request.memory_per_worker
+        else:
+            kw["memory"] = f"{_parse_bytes(request.memory_per_worker) * processes}B"
     if request.log_dir is not None and "log_directory" not in kw:
         kw["log_directory"] = str(request.log_dir)
     extra = list(kw.get("worker_extra_args") or [])
@@ -436,6 +445,15 @@ def _jobqueue_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[st
         shared = request.log_dir or kw.get("log_directory") or Path.cwd()
         kw["shared_temp_directory"] = str(shared)
     return kw
+
+
+def _parse_bytes(text: str) -> int:
+    from dask.utils import parse_bytes
+
+    try:
+        return int(parse_bytes(text))
+    except (ValueError, TypeError) as exc:
+        raise ClusterError(f"--memory-per-worker {text!r} is not a size; use e.g. 4GiB") from exc
 
 
 def _local_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[str, Any]:
@@ -469,7 +487,10 @@ def describe(request: ClusterRequest) -> dict[str, Any]:
         tls = request.kind.startswith("tls://")
         out.update(
             cluster_class=None,
-            kwargs={"address": request.kind, **{k: v for k, v in config.items() if k != "security"}},
+            kwargs={
+                "address": request.kind,
+                **{k: v for k, v in config.items() if k != "security"},
+            },
             adapt=None,
             security="TLS with certificates from the config's 'security'" if tls else "none (tcp)",
         )
@@ -495,8 +516,12 @@ def describe(request: ClusterRequest) -> dict[str, Any]:
     else:
         spec = kubernetes_spec(request)
         out.update(
-            cluster_class="dask_kubernetes.operator.KubeCluster",
-            kwargs={"custom_cluster_spec": spec, "namespace": config.get("namespace")},
+            cluster_class="dask_kubernetes.operator (DaskCluster resource)",
+            kwargs={
+                "custom_cluster_spec": spec,
+                "namespace": config.get("namespace"),
+                "autoscaler": kubernetes_autoscaler(request),
+            },
             security=_security_text(request),
         )
     return out
@@ -634,9 +659,7 @@ def kubernetes_spec(request: ClusterRequest) -> dict[str, Any]:
     config, _ = load_config(request)
     from dask_kubernetes.operator import make_cluster_spec
 
-    kw = {
-        k: v for k, v in config.items() if k not in _K8S_EMFLOW_KEYS and v is not None
-    }
+    kw = {k: v for k, v in config.items() if k not in _K8S_EMFLOW_KEYS and v is not None}
     bounds = _adapt_bounds(request, config)
     if request.workers is not None:
         kw["n_workers"] = request.workers
@@ -803,7 +826,8 @@ def _local_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[A
         raise ClusterError(f"local cluster config: {exc}; check the keys") from exc
     try:
         bounds = _adapt_bounds(request, config)
-        if request.max_workers is not None and bounds is not None:
+        wants = request.max_workers is not None or (config.get("adapt") or {}).get("maximum")
+        if wants and bounds is not None:
             cluster.adapt(minimum=bounds[0], maximum=bounds[1])
         client = Client(cluster)
         try:
@@ -852,8 +876,9 @@ def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterato
         msg = str(exc).splitlines()[0]
         raise ClusterError(f"--cluster {request.kind}: cannot start ({msg})") from exc
     try:
-        bounds = _adapt_bounds(request, config) or (1, 1)
-        cluster.adapt(minimum_jobs=bounds[0], maximum_jobs=bounds[1])
+        low, high = _adapt_bounds(request, config) or (1, 1)
+        per_job = int(kw.get("processes") or 1)  # adapt counts jobs; bounds count workers
+        cluster.adapt(minimum_jobs=-(-low // per_job), maximum_jobs=-(-high // per_job))
         client = Client(cluster)
         try:
             yield client
@@ -879,8 +904,16 @@ def _reap_jobs(cancel_command: str, job_ids: list[str]) -> None:
 
 @contextmanager
 def _kubernetes_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
+    """Create the DaskCluster (and TLS secret, autoscaler), connect, delete all on exit.
+
+    dask-kubernetes' ``KubeCluster`` talks to the scheduler in plain TCP (it waits
+    forever on a TLS scheduler), so with TLS emflow creates the resources with kr8s
+    itself and connects over ``tls://``: directly to the service inside the
+    cluster, else through a port-forward. ``--insecure`` uses ``KubeCluster``.
+    """
     try:
-        from dask_kubernetes.operator import KubeCluster
+        import kr8s
+        from kr8s.objects import Secret, Service, new_class
     except ImportError as exc:
         raise ClusterError(
             "--cluster kubernetes needs dask-kubernetes; pip install 'emflow[kubernetes]'"
@@ -889,12 +922,115 @@ def _kubernetes_client(request: ClusterRequest, config: dict[str, Any]) -> Itera
     from distributed.security import Security
 
     spec = kubernetes_spec(request)
+    name = spec["metadata"]["name"]
     namespace = config.get("namespace") or "default"
-    security = None
-    if not request.insecure:
-        security = Security.temporary()
-        secret = config.get("tls_secret") or f"{spec['metadata']['name']}-tls"
-        _create_k8s_secret(kubernetes_tls_secret(secret, security, namespace))
+    try:
+        api = kr8s.api(namespace=namespace)
+        api.version()
+    except Exception as exc:  # kr8s raises several types for missing credentials
+        raise ClusterError(
+            f"--cluster kubernetes: no Kubernetes API ({str(exc).splitlines()[0]}); "
+            "check kubectl access (KUBECONFIG)"
+        ) from exc
+    if request.insecure:
+        with _kubecluster_client(request, config, spec, namespace) as client:
+            yield client
+        return
+    security = Security.temporary()
+    created: list[Any] = []
+    forward = None
+    client = None
+    try:
+        secret_name = config.get("tls_secret") or f"{name}-tls"
+        for manifest, cls in (
+            (kubernetes_tls_secret(secret_name, security, namespace), Secret),
+            (spec, new_class("DaskCluster", "kubernetes.dask.org/v1", namespaced=True)),
+            (
+                kubernetes_autoscaler(request),
+                new_class("DaskAutoscaler", "kubernetes.dask.org/v1", namespaced=True),
+            ),
+        ):
+            if manifest is None:
+                continue
+            manifest = {**manifest, "metadata": {**manifest["metadata"], "namespace": namespace}}
+            obj = cls(manifest, api=api)
+            try:
+                obj.create()
+            except Exception as exc:
+                raise ClusterError(
+                    f"--cluster kubernetes: cannot create {manifest['kind']} "
+                    f"{manifest['metadata']['name']} ({str(exc).splitlines()[0]}); check that "
+                    "the dask-kubernetes operator is installed and you may create it"
+                ) from exc
+            created.append(obj)
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):  # running inside the cluster
+            address = f"tls://{name}-scheduler.{namespace}:8786"
+        else:
+            service = _wait_for_service(Service, f"{name}-scheduler", api, timeout_s=300)
+            forward = service.portforward(remote_port=8786, local_port="auto")
+            port = forward.start()
+            address = f"tls://127.0.0.1:{port}"
+        try:
+            client = Client(address, security=security, timeout="300s")
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(
+                f"--cluster kubernetes: scheduler {name}-scheduler did not answer in 300 s "
+                f"({exc}); see `kubectl logs -l dask.org/cluster-name={name}`"
+            ) from exc
+        yield client
+    finally:
+        if client is not None:
+            client.close()
+        if forward is not None:
+            forward.stop()
+        for obj in reversed(created):
+            try:
+                obj.delete()
+            except Exception as exc:  # pragma: no cover - best effort
+                logger.warning("could not delete %s: %s", obj, exc)
+
+
+def _wait_for_service(service_cls: Any, name: str, api: Any, timeout_s: float) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            service = service_cls.get(name, api=api)
+            if service.ready():
+                return service
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise ClusterError(f"--cluster kubernetes: service {name} not ready in {timeout_s} s")
+        time.sleep(1)
+
+
+def kubernetes_autoscaler(request: ClusterRequest) -> dict[str, Any] | None:
+    """The ``DaskAutoscaler`` resource for ``adapt`` bounds, or ``None`` (fixed replicas)."""
+    config, _ = load_config(request)
+    bounds = _adapt_bounds(request, config)
+    if bounds is None or (
+        request.max_workers is None and (config.get("adapt") or {}).get("maximum") is None
+    ):
+        return None
+    name = str(config.get("name") or "emflow")
+    return {
+        "apiVersion": "kubernetes.dask.org/v1",
+        "kind": "DaskAutoscaler",
+        "metadata": {"name": name},
+        "spec": {"cluster": name, "minimum": bounds[0], "maximum": bounds[1]},
+    }
+
+
+@contextmanager
+def _kubecluster_client(
+    request: ClusterRequest, config: dict[str, Any], spec: dict[str, Any], namespace: str
+) -> Iterator[Any]:
+    from dask_kubernetes.operator import KubeCluster
+    from distributed import Client
+
     try:
         cluster = KubeCluster(custom_cluster_spec=spec, namespace=namespace)
     except Exception as exc:  # kr8s raises several types for missing credentials
@@ -903,29 +1039,13 @@ def _kubernetes_client(request: ClusterRequest, config: dict[str, Any]) -> Itera
             "check kubectl access and that the dask-kubernetes operator is installed"
         ) from exc
     try:
-        bounds = _adapt_bounds(request, config)
-        if request.max_workers is not None and bounds is not None:
+        if kubernetes_autoscaler(request) is not None:
+            bounds = _adapt_bounds(request, config) or (0, 0)
             cluster.adapt(minimum=bounds[0], maximum=bounds[1])
-        address = cluster.scheduler_address
-        if security is not None:
-            address = address.replace("tcp://", "tls://", 1)
-        client = Client(address, security=security)
+        client = Client(cluster)
         try:
             yield client
         finally:
             client.close()
     finally:
         cluster.close()
-
-
-def _create_k8s_secret(manifest: dict[str, Any]) -> None:
-    import kr8s
-    from kr8s.objects import Secret
-
-    try:
-        Secret(manifest, api=kr8s.api(namespace=manifest["metadata"]["namespace"])).create()
-    except Exception as exc:
-        raise ClusterError(
-            f"--cluster kubernetes: cannot create TLS secret {manifest['metadata']['name']} "
-            f"({str(exc).splitlines()[0]}); check kubectl access or use --insecure"
-        ) from exc

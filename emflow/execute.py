@@ -176,7 +176,7 @@ def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict
 
 
 def _error_text(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
     return text if len(text) <= 2000 else text[:2000] + "..."
 
 

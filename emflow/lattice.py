@@ -666,7 +666,10 @@ def summarize_journal(run_dir: Path) -> dict[str, Any]:
     session skipped them, as done otherwise.
     """
     lat = Lattice()
-    run_id = "?"
+    try:  # the pipeline's run_id is the recipe fingerprint
+        run_id = str(json.loads((Path(run_dir) / RUN_JSON).read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        run_id = "?"
     sessions = 0
     last_event: dict[str, Any] | None = None
     for rec in read_journal(run_dir):
@@ -674,7 +677,7 @@ def summarize_journal(run_dir: Path) -> dict[str, Any]:
         last_event = rec
         if ev == "session":
             sessions += 1
-            run_id = str(rec.get("run_id", "?"))
+            run_id = str(rec.get("run_id") or run_id)
             lat = Lattice()  # a new session starts a fresh lattice
             lat.run(run_id).started = rec["t"]
             continue

@@ -19,7 +19,8 @@ KERNELS = {
     "png_decode", "jpeg_q90_encode", "zstd1_encode", "downsample_2x_mean", "warp_affine_linear",
     "clahe", "sift_feature_copy", "page_cache_write", "memcpy",
 }
-MODEL = {"jpeg", "zstd", "jpeg+zstd", "jpeg+zstd+clahe", "full", "full_decode_twice"}
+MODEL = {"jpeg", "zstd", "jpeg+zstd", "jpeg+zstd+clahe", "full", "full_decode_twice",
+         "full_cv2_clahe", "jpeg+zstd+cv2_clahe"}
 
 
 def _positive(x: object) -> bool:

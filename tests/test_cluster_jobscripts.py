@@ -46,15 +46,25 @@ def _script(kind: str, tmp_path: Path, insecure: bool = False, **extra: object) 
     site.write_text(SITE.format(kind=kind, **SITES[kind]))
     logs = tmp_path / "run" / "worker-logs"
     request = ClusterRequest(
-        kind, config_path=site, log_dir=logs, insecure=insecure, **extra  # type: ignore[arg-type]
+        kind,
+        config_path=site,
+        log_dir=logs,
+        insecure=insecure,
+        **extra,  # type: ignore[arg-type]
     )
     script = job_script(request)
     assert script is not None
     return script.splitlines()
 
 
-def _worker_line(tmp_path: Path, threads: int = 2, memory: str = "8.00GiB", tls: bool = True,
-                 lifetime: str = "108m", stagger: str = "6m") -> str:
+def _worker_line(
+    tmp_path: Path,
+    threads: int = 2,
+    memory: str = "8.00GiB",
+    tls: bool = True,
+    lifetime: str = "108m",
+    stagger: str = "6m",
+) -> str:
     logs = tmp_path / "run" / "worker-logs"
     scheme = "tls" if tls else "tcp"
     line = (

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import functools
 import hashlib
@@ -38,8 +39,10 @@ from emflow.cluster import (  # noqa: E402
     PRELOAD_MODULE,
     ClusterRequest,
     describe,
+    kubernetes_autoscaler,
     kubernetes_spec,
     kubernetes_tls_secret,
+    open_client,
 )
 from emflow.errors import ClusterError  # noqa: E402
 
@@ -107,9 +110,7 @@ def test_spec_carries_the_site_config(tmp_path: Path) -> None:
         assert _env(c)["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True"
     for part in ("scheduler", "worker"):
         pod = spec["spec"][part]["spec"]
-        assert {"name": "data", "persistentVolumeClaim": {"claimName": "em-data"}} in pod[
-            "volumes"
-        ]
+        assert {"name": "data", "persistentVolumeClaim": {"claimName": "em-data"}} in pod["volumes"]
         assert {"name": "emflow-tls", "secret": {"secretName": "em-ingest-tls"}} in pod["volumes"]
         assert pod["nodeSelector"] == {"pool": "highmem"}
         assert pod["tolerations"][0]["key"] == "dedicated"
@@ -135,9 +136,37 @@ def test_insecure_spec_has_no_tls(tmp_path: Path) -> None:
 
 def test_describe_kubernetes_returns_the_spec(tmp_path: Path) -> None:
     out = describe(_request(tmp_path))
-    assert out["cluster_class"] == "dask_kubernetes.operator.KubeCluster"
+    assert out["cluster_class"].startswith("dask_kubernetes.operator")
     assert out["kwargs"]["custom_cluster_spec"] == kubernetes_spec(_request(tmp_path))
     assert out["kwargs"]["namespace"] == "em"
+    assert out["kwargs"]["autoscaler"] is None  # fixed replicas without a maximum
+    assert out["adapt"] is None
+
+
+def test_max_workers_adds_an_autoscaler(tmp_path: Path) -> None:
+    request = _request(tmp_path, workers=2, max_workers=8)
+    assert kubernetes_autoscaler(request) == {
+        "apiVersion": "kubernetes.dask.org/v1",
+        "kind": "DaskAutoscaler",
+        "metadata": {"name": "em-ingest"},
+        "spec": {"cluster": "em-ingest", "minimum": 2, "maximum": 8},
+    }
+    assert describe(request)["adapt"] == {"minimum": 2, "maximum": 8}
+    _crd_validator("daskautoscaler").validate(kubernetes_autoscaler(request))
+
+
+def test_no_kubernetes_api_is_a_cluster_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without credentials open_client fails at once, creates nothing, leaves no reaper noise."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    for insecure in (False, True):
+        with pytest.warns() if insecure else contextlib.nullcontext():
+            with pytest.raises(ClusterError, match="no Kubernetes API"):
+                with open_client(_request(tmp_path, insecure=insecure)):
+                    pass
 
 
 @pytest.mark.parametrize(
@@ -162,7 +191,7 @@ def test_bad_kubernetes_keys_are_cluster_errors(tmp_path: Path, text: str, fragm
 def _crd_validator() -> Any:
     """Validator of the DaskCluster v1 schema (loaded once: the CRD is 280 kB of YAML)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    crd = yaml.load(CRD.read_text(), Loader=loader)  # noqa: S506 - safe loader
+    crd = yaml.load(CRD.read_text(), Loader=loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = version["schema"]["openAPIV3Schema"]
     cls = jsonschema.validators.validator_for(schema)
@@ -276,7 +305,8 @@ class _Pods:
         if not self.preload_available:
             del self.scheduler_env["DASK_DISTRIBUTED__SCHEDULER__PRELOAD"]
         # what differs from a pod: ports (no pod network) and the service DNS name
-        sched_args = _command(sched["args"], self.scheduler_env) + [
+        sched_args = [
+            *_command(sched["args"], self.scheduler_env),
             "--port", str(self.port), "--dashboard-address", f"127.0.0.1:{_free_port()}",
             "--scheduler-file", str(workdir / "scheduler.json"),
         ]  # fmt: skip
@@ -289,8 +319,7 @@ class _Pods:
             # the operator sets a tcp:// address; the spec's explicit tls:// one must win
             env["DASK_SCHEDULER_ADDRESS"] = f"tcp://127.0.0.1:{self.port}"
             args = [
-                self.address if a.startswith("tls://") else a
-                for a in _command(worker["args"], env)
+                self.address if a.startswith("tls://") else a for a in _command(worker["args"], env)
             ]
             args = [("127.0.0.1:0" if a == "8788" else a) for a in args]
             self._start(args, env, f"worker-{i}")
@@ -302,7 +331,7 @@ class _Pods:
         return env
 
     def _start(self, argv: list[str], env: dict[str, str], name: str) -> None:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.workdir / f"{name}.log", "wb")
         self.procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log,
                                            cwd=self.workdir))  # fmt: skip
 
@@ -317,19 +346,14 @@ class _Pods:
         )
 
     def close(self) -> None:
-        from distributed import Client
-
-        try:  # a graceful, quick shutdown of scheduler and workers
-            with Client(self.address, security=self.client_security(), timeout=5) as client:
-                client.shutdown()
-        except (OSError, TimeoutError):
-            pass
-        for p in self.procs:
+        """Stop the pods: SIGTERM (workers first), SIGKILL what is left after 5 s."""
+        for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()
+        deadline = time.monotonic() + 5
         for p in self.procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
@@ -412,5 +436,11 @@ def test_emulated_scheduler_loaded_the_emflow_preload(pods: _Pods) -> None:
     def preloads(dask_scheduler: Any) -> list[str]:
         return [str(getattr(p, "name", p)) for p in dask_scheduler.preloads]
 
+    def plugins(dask_scheduler: Any) -> list[str]:
+        return list(dask_scheduler.plugins)
+
+    from emflow.lattice import PLUGIN_NAME
+
     with Client(pods.address, security=pods.client_security(), timeout=30) as client:
         assert PRELOAD_MODULE in client.run_on_scheduler(preloads)
+        assert PLUGIN_NAME in client.run_on_scheduler(plugins)

@@ -88,11 +88,18 @@ def test_worker_sigkilled_mid_run_output_identical(stack, reference):
             slab = [st for r in snap["runs"] for st in r["stages"] if st["stage"] == "slab"]
             if slab and slab[0]["counts"]["done"] >= 1 and "r" in slab[0]["cells"]:
                 run_id = snap["runs"][0]["run_id"]
-                index = slab[0]["cells"].index("r")
-                unit = client.sync(
-                    client.scheduler.emflow_unit, run_id=run_id, stage="slab", index=index
-                )
-                if unit["worker"] in pids:
+                running = [
+                    (
+                        i,
+                        client.sync(
+                            client.scheduler.emflow_unit, run_id=run_id, stage="slab", index=i
+                        ),
+                    )
+                    for i, c in enumerate(slab[0]["cells"])
+                    if c == "r"
+                ]
+                index, unit = max(running, key=lambda iu: iu[1]["start"] or 0)  # just started
+                if unit["state"] == "running" and unit["worker"] in pids:
                     os.kill(pids[unit["worker"]], signal.SIGKILL)
                     killed = (run_id, index, unit["worker"], time.time())
                     break
@@ -106,6 +113,7 @@ def test_worker_sigkilled_mid_run_output_identical(stack, reference):
         workers_after = set(client.scheduler_info()["workers"])
     assert worker not in workers_after  # the process really died (the nanny started a new one)
     states = [h[1] for h in unit["history"]]
+    print(f"killed {worker} running slab[{index}]; its history: {unit['history']}")
     # the killed unit was requeued and redone, unless it had just finished when the signal landed
     assert states[:2] == ["running", "waiting"] or (
         states == ["running", "done"] and unit["end"] <= t_kill + 0.5

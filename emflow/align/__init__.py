@@ -4,10 +4,13 @@ Transforms everywhere are 2x3 float64 matrices in full-resolution ``(x, y)`` pix
 coordinates; per-slice transforms map the source slice into the global aligned frame,
 pair matrices map slice ``z_b`` into slice ``z_a``. No Dask here: ``emflow.pipeline`` maps
 these functions onto a cluster.
+
+The notebook helper ``emflow.align.match.match`` is deliberately not re-exported here: a
+package attribute named ``match`` would shadow the ``emflow.align.match`` module.
 """
 
 from emflow.align.features import Features, choose_downsample, compute_features
-from emflow.align.match import MatchConfig, PairResult, match, match_features
+from emflow.align.match import MatchConfig, PairResult, match_features
 from emflow.align.quality import assess_slice
 from emflow.align.solve import Alignment, identity_alignment, solve
 from emflow.align.warp import warp_slice
@@ -21,7 +24,6 @@ __all__ = [
     "choose_downsample",
     "compute_features",
     "identity_alignment",
-    "match",
     "match_features",
     "solve",
     "warp_slice",

@@ -282,15 +282,10 @@ def match_features(
         return _failed(z_a, z_b, "RANSAC found no model", n_matches)
     inl = mask.ravel().astype(bool)
     affine = np.asarray(m0, np.float64)
-    for _ in range(3):  # least-squares refit, re-selecting inliers against the refit
-        if inl.sum() < 3:
-            break
+    if inl.sum() >= 3:
+        # least-squares refit on the RANSAC inliers, then on their core: content change
+        # between sections biases the matches in the tail of the residual distribution
         affine = fit_affine(pb[inl], pa[inl])
-        new = np.linalg.norm(_apply(affine, pb) - pa, axis=1) < thr
-        if np.array_equal(new, inl):
-            break
-        inl = new
-    if inl.sum() >= 3:  # final refit on the core of the inliers (robust to content change)
         res = np.linalg.norm(_apply(affine, pb) - pa, axis=1)
         core = inl & (res < max(REFIT_FLOOR_PX * ds, REFIT_MEDIANS * float(np.median(res[inl]))))
         if core.sum() >= max(3, int(config.min_inliers)):

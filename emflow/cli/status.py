@@ -52,11 +52,16 @@ def find_run_dir(path: Path) -> Path:
 
 
 @contextmanager
-def live_run(run_dir: Path, *, timeout: float = 5.0) -> Iterator[tuple[Any, dict[str, Any]] | None]:
+def live_run(run_dir: Path, *, timeout: float = 3.0) -> Iterator[tuple[Any, dict[str, Any]] | None]:
     """Yield ``(client, scheduler record)`` of the live run of ``run_dir``; None if none is live."""
     info = lat.read_scheduler_file(run_dir)
+    complete = run_dir / "COMPLETE"
+    sched = run_dir / lat.SCHEDULER_JSON
     if not info or not info.get("address"):
         yield None
+        return
+    if complete.exists() and complete.stat().st_mtime >= sched.stat().st_mtime:
+        yield None  # the run recorded there has finished
         return
     from distributed import Client
 
@@ -108,6 +113,8 @@ def format_snapshot(snap: dict[str, Any], *, source: str) -> str:
                 + "".join(f"{c[s]:>10}" for s in states)
                 + f"{st['rate_per_s']:>9.2f}{_fmt_s(st['eta_s']):>8}"
             )
+        if not run["stages"]:
+            lines.append("no units recorded yet")
         failed = [(st["stage"], f) for st in run["stages"] for f in st["failed"]]
         if failed:
             lines.append(f"failed units ({len(failed)}):")

@@ -97,11 +97,13 @@ class PrecomputedWriter:
     def write(self, level: int, z0: int, block_zyx: np.ndarray) -> None:
         store = self._store(level)
         z1 = z0 + block_zyx.shape[0]
-        store[:, :, z0:z1, 0].write(np.ascontiguousarray(block_zyx.transpose(2, 1, 0))).result()
+        # a view, not a copy: (z, y, x) C-order memory is x-fastest, the chunk layout of precomputed
+        store[:, :, z0:z1, 0].write(block_zyx.transpose(2, 1, 0)).result()
 
     def read(self, level: int, z0: int, z1: int) -> np.ndarray:
-        arr = self._store(level)[:, :, z0:z1, 0].read().result()
-        return np.ascontiguousarray(np.asarray(arr).transpose(2, 1, 0))
+        # order="F" of (x, y, z) is C-order (z, y, x): no transposing copy
+        arr = self._store(level)[:, :, z0:z1, 0].read(order="F").result()
+        return arr.transpose(2, 1, 0)
 
     def finalize(self) -> None:
         """Nothing to add: ``info`` is complete from the start (the run folder marks completion)."""

@@ -1,0 +1,78 @@
+"""Features: working-copy factor, fill masking, blank slices, pickling, no dask in align code."""
+
+from __future__ import annotations
+
+import ast
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy.ndimage import binary_opening, distance_transform_edt
+
+import emflow
+from emflow.align.features import choose_downsample, compute_features, working_copy
+from emflow.align.warp import warp_slice
+
+VNC0 = "/work/shared/data/sstem-drosophila-vnc/stack1/raw/00.tif"
+
+
+def test_choose_downsample_keeps_working_copy_1k_to_2k():
+    assert choose_downsample((512, 512)) == 1
+    assert choose_downsample((1024, 2047)) == 1
+    assert choose_downsample((2048, 100)) == 2
+    assert choose_downsample((8192, 8192)) == 8
+    for n in range(1024, 40000, 777):
+        assert 1024 <= n // choose_downsample((n, 10)) < 2048
+
+
+def test_blank_slice_gives_zero_keypoints():
+    f = compute_features(np.zeros((600, 700), np.uint16))
+    assert len(f) == 0 and f.keypoints_xy.shape == (0, 2) and f.descriptors.shape == (0, 128)
+    assert len(compute_features(np.full((300, 300), 9, np.uint8))) == 0
+
+
+def test_no_keypoints_in_or_at_the_edge_of_fill():
+    try:
+        img = tifffile.imread(VNC0)
+    except FileNotFoundError:
+        pytest.skip("real test data not found")
+    m = np.array([[0.999, -0.035, 60.0], [0.035, 0.999, 40.0]])
+    warped = warp_slice(img, m, (0, 0), img.shape)
+    fill = warped == 0
+    assert fill[:40].all()  # there is a fill region
+    dist = distance_transform_edt(~_large(fill))  # px to the nearest large zero region
+    for ds in (1, 2):
+        f = compute_features(warped, downsample=ds)
+        assert len(f) > 500
+        x, y = np.rint(f.keypoints_xy).astype(int).T
+        assert dist[y, x].min() >= 8 * ds, ds
+    assert pickle.loads(pickle.dumps(f)).keypoints_xy.tobytes() == f.keypoints_xy.tobytes()
+
+
+def _large(fill: np.ndarray) -> np.ndarray:
+    return binary_opening(fill, np.ones((5, 5), bool))
+
+
+def test_working_copy_centres_and_stretch():
+    img = np.zeros((8, 8), np.uint16)
+    img[:, 4:] = 1000
+    img[:, :4] = 10
+    work, valid = working_copy(img, 2)
+    assert work.shape == (4, 4) and work.dtype == np.uint8
+    assert work[0, 0] == 0 and work[0, 3] == 255 and valid.all()
+
+
+def test_align_and_enhance_do_not_import_dask():
+    root = Path(emflow.__file__).parent
+    files = [*sorted((root / "align").glob("*.py")), root / "enhance.py", root / "testing" / "transforms.py"]
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n.split(".")[0] in ("dask", "distributed") for n in names), path
