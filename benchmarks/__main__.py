@@ -93,6 +93,16 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
         variants += [e2e.ceiling_variant(k, src, work, lv) for k in ("jpeg", "zarr", "both")]
         variants += [e2e.emflow_variant(f"emflow-{k.replace('+', '-')}", k, src, nz, work, lv)
                      for k in ("jpeg", "zarr", "both", "both+clahe", "full")]
+        # what-if: one slab as deep as the stack owns every level (no hand-off pass)
+        # the fixed cost of one `emflow run` (interpreter, imports, LocalCluster, plan,
+        # finalize): the same command on a tiny 32 x 256² stack
+        tiny, _ = ensure_png_stack((32, 256, 256))
+        fixed = e2e.emflow_variant("emflow-fixed-cost", "both", tiny, 32, work, 3)
+        fixed.family, fixed.format_note = "fixed", "both, on 32 x 256² (2 MB): start-up cost"
+        variants.append(fixed)
+        deep = -(-nz // 64) * 64  # a multiple of the chunk depth
+        variants.append(e2e.emflow_variant(f"emflow-both-slab{deep}", "both", src, nz, work, lv,
+                                           slab_depth=deep))
     if "peers" in sections:
         for peer in e2e.PEER_VARIANTS:
             log(f"peers: venv {peer}")
@@ -125,6 +135,11 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
         if "error" in row:
             res["notes"].append(f"{v.name} failed: {row['error'][:300]}")
     by = {r["name"]: r for r in res["e2e"] if r.get("wall_s")}
+    fixed_row = by.get("emflow-fixed-cost")
+    if fixed_row:
+        for r in res["e2e"]:
+            if r.get("family") == "emflow" and r.get("wall_s"):
+                e2e.net_of_fixed(r, fixed_row, source.nbytes)
 
     def ratio(key: str, num: str, den: str, meaning: str) -> None:
         if num in by and den in by:
@@ -142,6 +157,9 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
     ratio("ceiling JPEG vs igneous", "igneous-jpeg", "ceiling-jpeg", "igneous ÷ ceiling")
     ratio("CLAHE cost", "emflow-both-clahe", "emflow-both", "wall with CLAHE ÷ without")
     ratio("alignment + CLAHE cost", "emflow-full", "emflow-both", "full pipeline ÷ pyramid only")
+    deep = -(-nz // 64) * 64
+    ratio("one deep slab vs default plan", "emflow-both", f"emflow-both-slab{deep}",
+          "default plan wall ÷ single deep slab wall (> 1: the default plan's hand-off pass costs)")
 
 
 def section_scaling(res: dict, args, src: Path, source) -> None:
@@ -203,10 +221,23 @@ def section_alignment(res: dict, quick: bool) -> None:
     sizes = (512,) if quick else (1024, 2048, 4096)
     l0 = machine.load1()
     try:
-        params = inspect.signature(fn).parameters
-        figures = fn(sizes=sizes) if "sizes" in params else fn()
-        res["alignment"] = {"figures": figures, "sizes": list(sizes), "load1_before": l0,
-                            "load1_after": machine.load1()}
+        details = getattr(mod, "measure_details", None)
+        if details is not None:  # superset of measure(): features/match split, keypoints
+            figures = {int(k): v for k, v in details(sizes).items()}
+            how = "align_cost.measure_details(sizes)"
+        else:
+            params = inspect.signature(fn).parameters
+            raw = fn(sizes=sizes) if "sizes" in params else fn()
+            figures = {int(k): (v if isinstance(v, dict) else {"seconds_per_slice_per_core": v})
+                       for k, v in raw.items()}
+            how = "align_cost.measure(sizes)"
+        for size, d in figures.items():
+            sec = d.get("seconds_per_slice_per_core")
+            if sec:
+                d["mb_s_per_core"] = size * size / 1e6 / sec
+                d["cpu_s_per_gb"] = sec / (size * size / 1e9)
+        res["alignment"] = {"figures": figures, "how": how, "sizes": list(sizes),
+                            "load1_before": l0, "load1_after": machine.load1()}
     except Exception as exc:
         res["alignment"] = {"note": f"align_cost.measure() failed: {type(exc).__name__}: {exc}",
                             "traceback": traceback.format_exc()[-2000:]}
@@ -216,7 +247,7 @@ def section_profile(res: dict, args, src: Path) -> None:
     from benchmarks.profile import profile
 
     res["profile"] = {}
-    for kind in ("both", "full"):
+    for kind in ("both",):  # full/CLAHE: their stage split comes from emflow's own timings
         v = e2e.emflow_variant(f"profile-{kind}", kind, src, args.slices, OUT / "profile",
                                args.levels)
         log(f"profile: emflow {kind} under py-spy")

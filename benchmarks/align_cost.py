@@ -1,4 +1,4 @@
-"""Cost of the alignment front end: seconds per slice per core for features + 1st/2nd-neighbour matching.
+"""Alignment front-end cost: seconds per slice per core, features + 1st/2nd-neighbour matching.
 
 Per slice the pipeline computes features once and matches it to its 1st and 2nd neighbour,
 so ``seconds per slice = features + 2 x match`` (one OpenCV thread, decode excluded).
@@ -43,7 +43,9 @@ def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.vstack(rows)[:size, :size]
 
 
-def measure_details(sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 3) -> dict[int, dict[str, Any]]:
+def measure_details(
+    sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 3
+) -> dict[int, dict[str, Any]]:
     """Per size: features and match seconds (median of ``repeats``), keypoints, factor, total."""
     cv2.setNumThreads(1)
     rng = np.random.default_rng(0)
@@ -51,8 +53,14 @@ def measure_details(sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 
     for size in sizes:
         base = _texture(int(size), rng)
         shape = base.shape
-        mats = random_affines(3, max_translation_px=20, max_rotation_deg=0.5,
-                              max_scale_shear=0.002, seed=1, shape_yx=shape)  # fmt: skip
+        mats = random_affines(
+            3,
+            max_translation_px=20,
+            max_rotation_deg=0.5,
+            max_scale_shear=0.002,
+            seed=1,
+            shape_yx=shape,
+        )
         slices = []
         for m in mats:
             w = warp_slice(base, m, (0, 0), shape).astype(np.float32)
@@ -65,8 +73,10 @@ def measure_details(sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 
             feats = [compute_features(s) for s in slices]
             t_feat.append((time.perf_counter() - t0) / len(slices))
             t0 = time.perf_counter()
-            pairs = [match_features(feats[a], feats[b], z_a=a, z_b=b, config=MatchConfig())
-                     for a, b in ((0, 1), (1, 2), (0, 2))]  # fmt: skip
+            pairs = [
+                match_features(feats[a], feats[b], z_a=a, z_b=b, config=MatchConfig())
+                for a, b in ((0, 1), (1, 2), (0, 2))
+            ]
             t_match.append((time.perf_counter() - t0) / 3)
         f, m = float(np.median(t_feat)), float(np.median(t_match))
         out[int(size)] = {

@@ -13,9 +13,20 @@ import numpy as np
 OUT = Path(__file__).resolve().parent / "out"
 
 
+def texture_version() -> str:
+    """Short hash of emflow.testing's texture code: a changed texture gets a new cache dir."""
+    import hashlib
+    import inspect
+
+    import emflow.testing as testing
+
+    mod = inspect.getmodule(testing.synthetic_slices)
+    return hashlib.sha256(inspect.getsource(mod).encode()).hexdigest()[:8]
+
+
 def stack_dir(shape_zyx: tuple[int, int, int], seed: int = 0) -> Path:
     z, y, x = shape_zyx
-    return OUT / "data" / f"png-{z}x{y}x{x}-seed{seed}"
+    return OUT / "data" / f"png-{z}x{y}x{x}-seed{seed}-{texture_version()}"
 
 
 def ensure_png_stack(shape_zyx: tuple[int, int, int], seed: int = 0) -> tuple[Path, list[Path]]:

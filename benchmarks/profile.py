@@ -34,8 +34,11 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("write OME-Zarr (zstd + I/O)", ("io/omezarr.py",)),
     ("hand-off copy", ("io/handoff.py",)),
     ("tensorstore other", ("tensorstore",)),
+    ("render: copy into the slab", ("render_slab", "_render_slice")),
+    ("coarse pass (Python side)", ("build_coarse_block",)),
     ("bookkeeping (lattice/journal)", ("lattice.py", "execute.py")),
-    ("dask/distributed", ("distributed/", "tornado/", "asyncio/", "msgpack", "pickle")),
+    ("dask/distributed (event loop, system monitor)", ("distributed/", "tornado/", "asyncio/",
+                                                       "msgpack", "pickle", "psutil/")),
     ("imports/startup", ("<frozen importlib", "importlib/")),
 ]
 
@@ -53,10 +56,20 @@ def ensure_pyspy() -> Path | None:
     return exe if exe.exists() else None
 
 
+#: leaf functions of threads that wait (py-spy's idle detection misses some of them)
+WAIT_FUNCS = ("_recv", "recv", "recv_bytes", "wait", "poll", "select", "sleep", "acquire",
+              "get", "accept", "join", "_wait_for_tstate_lock", "_worker", "run_forever")
+
+
 def classify(raw_file: Path) -> dict[str, float]:
-    """Share of samples per stage from py-spy's raw (collapsed) output."""
+    """Share of samples per stage from py-spy's raw (collapsed) output.
+
+    Stacks whose leaf is a waiting call are counted as ``waiting`` and kept out of the
+    shares of the working stages (``waiting`` is reported as a share of all samples).
+    """
     counts: Counter[str] = Counter()
     total = 0
+    waiting = 0
     for line in raw_file.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
@@ -64,6 +77,10 @@ def classify(raw_file: Path) -> dict[str, float]:
         k = int(n)
         total += k
         frames = stack.split(";")
+        leaf = frames[-1].split(" (")[0].strip().rsplit(".", 1)[-1]
+        if leaf in WAIT_FUNCS:
+            waiting += k
+            continue
         stage = "other"
         for frame in reversed(frames):
             hit = next((s for s, keys in STAGES if any(key in frame for key in keys)), None)
@@ -71,7 +88,12 @@ def classify(raw_file: Path) -> dict[str, float]:
                 stage = hit
                 break
         counts[stage] += k
-    return {s: c / total for s, c in counts.most_common()} if total else {}
+    working = total - waiting
+    if not working:
+        return {}
+    out = {s: c / working for s, c in counts.most_common()}
+    out["(waiting, share of all samples)"] = waiting / total
+    return out
 
 
 def profile(cmd: list[str], out_file: Path, cwd: Path, env: dict[str, str],

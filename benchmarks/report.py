@@ -76,7 +76,7 @@ def targets(res: dict) -> list[list[str]]:
         max(ratios) <= 3 if ratios else None)
     o = res.get("overhead", {})
     if "plan_plus_first_window_s" in o:
-        add("100,000-slice plan: planned + first window < 60 s",
+        add(f"{o.get('slices', 0):,}-slice plan: planned + first window < 60 s",
             f"{o['plan_plus_first_window_s']:.2f} s", o["plan_plus_first_window_s"] < 60)
         d = o.get("peak_rss_mb", {}).get("driver")
         add("… driver memory < 1 GB", f"{d:.0f} MB" if d else "–", d < 1000 if d else None)
@@ -186,7 +186,7 @@ def render(res: dict, findings: str = "") -> str:
         L += ["", "; ".join(f"{k}: {v:.2f}" for k, v in sc.get("ratios", {}).items()), ""]
     o = res.get("overhead")
     if o:
-        L += ["## 4b. Overhead: simulated 100,000-slice plan, no-op units", "",
+        L += [f"## 4b. Overhead: simulated {o.get('slices', 0):,}-slice plan, no-op units", "",
               f"Planner: {o.get('planner')}. Scheduler and {o.get('workers')} one-thread workers "
               "are separate processes; the per-slice no-op stage runs through emflow's bounded "
               f"window and is stopped after {o.get('units_run')} units. load1 "
@@ -196,7 +196,7 @@ def render(res: dict, findings: str = "") -> str:
             ["time to plan (catalog + plan_output + units)", f"{_f(o.get('plan_s'), 2)} s"],
             [f"first window ({o.get('window')} units) submitted",
              f"{_f(o.get('first_window_submitted_s'), 3)} s"],
-            ["first result after submitting the first window",
+            ["first result (from the start of the stage)",
              f"{_f(o.get('first_result_s'), 3)} s"],
             ["planned + first window", f"{_f(o.get('plan_plus_first_window_s'), 2)} s"],
             ["no-op units/s (window)", _f(o.get("units_per_s"))],
@@ -214,7 +214,19 @@ def render(res: dict, findings: str = "") -> str:
         if "note" in a:
             L += [a["note"], ""]
         else:
-            L += ["```", _dump(a.get("figures")), "```", ""]
+            L += [f"{a.get('how')}, one OpenCV thread, decode excluded; seconds per slice = "
+                  f"features + 2 × match (1st and 2nd neighbour). load1 {a.get('load1_before')} "
+                  f"→ {a.get('load1_after')}.", ""]
+            rows = []
+            for size, d in a["figures"].items():
+                rows.append([f"{size}²", _f(d.get("seconds_per_slice_per_core"), 3),
+                             _f(d.get("features_s"), 3), _f(d.get("match_s"), 3),
+                             _f(d.get("downsample")), _f(d.get("keypoints")),
+                             _f(d.get("pairs_ok")), _f(d.get("mb_s_per_core")),
+                             _f(d.get("cpu_s_per_gb"))])
+            L += _table(["slice", "s/slice/core", "features s", "match s", "feature copy ÷",
+                         "keypoints", "pairs ok /3", "MB/s per core", "CPU-s/GB"], rows)
+            L.append("")
     prof = res.get("profile")
     if prof:
         L += ["## Profile (py-spy, all processes, share of sampled CPU)", ""]
@@ -247,8 +259,15 @@ def _notes(r: dict) -> str:
                     f"{r.get('mb_s_inside_run', 0):.0f} MB/s")
     if r.get("cluster_start_s"):
         bits.append(f"cluster start {r['cluster_start_s']:.1f} s")
-    if r.get("slab_depth"):
-        bits.append(f"{r['slabs']} slabs × {r['slab_depth']} z")
+    if r.get("passes"):
+        bits.append("passes " + ", ".join(f"{b['units']} × {b['depth']} z of L{b['level']}"
+                                          for b in r["passes"]))
+    if r.get("rss_per_slab_block"):
+        bits.append(f"RSS/slab block {r['rss_per_slab_block']:.1f}")
+    if r.get("net_mb_s"):
+        bits.append(f"net of fixed start-up: {r['net_mb_s']:.0f} MB/s = "
+                    f"{_pct(r.get('net_pct_of_limit'))} of limit, CPU eff "
+                    f"{_pct(r.get('net_cpu_efficiency'))}")
     if r.get("mb_s_slab_stage"):
         bits.append(f"slab stage alone {r['mb_s_slab_stage']:.0f} MB/s = "
                     f"{_pct(r.get('pct_of_limit_slab_stage'))} of limit")

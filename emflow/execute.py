@@ -35,8 +35,9 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (SourceError, RecipeError, Outpu
 #: seconds between two pause/cancel queries to the scheduler
 CONTROL_POLL_S = 0.2
 
-# failed or orphaned units of each run_id in this process (for Unit.needs / keep_going)
-_FAILED: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+# failed or orphaned units of each (run_id, journal session) in this process (Unit.needs,
+# keep_going); a new session of the same run (emflow run again) starts with none
+_FAILED: dict[tuple[str, str | None], dict[tuple[str, int], dict[str, Any]]] = {}
 
 
 @dataclass(frozen=True)
@@ -258,8 +259,9 @@ def run_stage(
     """
     results: dict[int, Any] = {}
     progress = progress or Progress(stage, len(units), enabled=False)
-    failed_before = _FAILED.setdefault(run_id, {})
     total = max((u.index for u in units), default=-1) + 1
+    sid = lat.session_id(run_dir) if run_dir is not None else None
+    failed_before = _FAILED.setdefault((run_id, sid), {})
 
     done: dict[int, dict[str, Any]] = (
         lat.done_markers(run_dir, stage) if run_dir is not None else {}
@@ -272,7 +274,6 @@ def run_stage(
         todo = [u for u in todo if u.index not in orphan_ids]
 
     journal = lat.Journal(run_dir) if run_dir is not None else None
-    sid = lat.session_id(run_dir) if run_dir is not None else None
     try:
         if journal is not None:
             journal.append(
@@ -396,7 +397,8 @@ def run_stage(
 
 def check_complete(run_id: str, run_dir: Path | None = None) -> None:
     """Raise :class:`~emflow.lattice.IncompleteRun` if units of ``run_id`` failed (keep_going)."""
-    failed = _FAILED.pop(run_id, {})
+    sid = lat.session_id(run_dir) if run_dir is not None else None
+    failed = _FAILED.pop((run_id, sid), {})
     if failed:
         raise lat.IncompleteRun.from_failures(list(failed.values()), run_dir)
 

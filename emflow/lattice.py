@@ -298,9 +298,13 @@ class Lattice:
     def __init__(self) -> None:
         self.runs: dict[str, RunLattice] = {}
 
+    max_runs = 20  # a long-lived scheduler keeps the lattices of this many runs
+
     def run(self, run_id: str) -> RunLattice:
         r = self.runs.get(run_id)
         if r is None:
+            while len(self.runs) >= self.max_runs:
+                del self.runs[next(iter(self.runs))]  # the oldest
             r = self.runs[run_id] = RunLattice(run_id)
         return r
 
@@ -406,7 +410,10 @@ class Lattice:
 
     def unit(self, run_id: str, stage: str, index: int) -> dict[str, Any]:
         """State and details (history included) of one unit."""
-        st = self.run(run_id).stage(stage)
+        r = self.runs.get(run_id)
+        st = r.stages.get(stage) if r is not None else None
+        if st is None:
+            return {"state": None, "attempts": 0}
         cell = st.cells.get(index)
         return {"state": st.state(index).value, **(cell.as_dict() if cell else {"attempts": 0})}
 

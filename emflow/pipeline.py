@@ -439,6 +439,7 @@ def run(
     catalog = discover_recipe(recipe)
     say(f"discovered {catalog.summary()}")
     resuming = lattice.open_run(run_dir, recipe.output_fingerprint(), restart=restart)
+    (run_dir / "COMPLETE").unlink(missing_ok=True)
     (run_dir / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     run_id = recipe.output_fingerprint()
     threads, mem_per_thread = _cluster_resources(client)
@@ -448,7 +449,7 @@ def run(
         t = time.perf_counter()
         prog = Progress(name, len(units), enabled=progress)
         res = run_stage(name, units, client=client, run_id=run_id, retries=recipe.run.retries,
-                        progress=prog, **_run_dir_kw(run_dir))
+                        progress=prog, run_dir=run_dir)
         stage_seconds[name] = time.perf_counter() - t
         return res
 
@@ -531,12 +532,14 @@ def run(
     # finalize: metadata, then move complete volumes into place
     out_paths: dict[str, Path] = {}
     for w in writers:
-        w.finalize()
         final = root / w.name
+        out_paths[w.name] = final
+        if not Path(w.path).exists() and final.exists():
+            continue  # resumed after an earlier run had already finalised this output
+        w.finalize()
         if final.exists():
             shutil.rmtree(final)
         Path(w.path).rename(final)
-        out_paths[w.name] = final
     shutil.rmtree(run_dir / "handoff", ignore_errors=True)
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -546,10 +549,3 @@ def run(
     seconds = time.perf_counter() - t_start
     (run_dir / "COMPLETE").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {seconds:.1f} s\n")
     return RunResult(out_paths, run_dir, plan, catalog, seconds, catalog.nbytes, stage_seconds, alignment)
-
-
-def _run_dir_kw(run_dir: Path) -> dict:
-    """Pass the run folder to run_stage when it supports journals (lattice engineer's extension)."""
-    import inspect
-
-    return {"run_dir": run_dir} if "run_dir" in inspect.signature(run_stage).parameters else {}

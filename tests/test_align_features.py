@@ -66,7 +66,11 @@ def test_working_copy_centres_and_stretch():
 
 def test_align_and_enhance_do_not_import_dask():
     root = Path(emflow.__file__).parent
-    files = [*sorted((root / "align").glob("*.py")), root / "enhance.py", root / "testing" / "transforms.py"]
+    files = [
+        *sorted((root / "align").glob("*.py")),
+        root / "enhance.py",
+        root / "testing" / "transforms.py",
+    ]
     for path in files:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

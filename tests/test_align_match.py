@@ -135,10 +135,22 @@ def test_deterministic(vnc0):
 
 
 def test_pair_result_dict_round_trip_is_exact():
-    p = PairResult(3, 5, True, "", "rigid", ((1.0, 1e-17, 0.1), (0.3, 1.0, -2.5)),
-                   ((1.0000000000000002, 0.0, 0.1), (0.3, 1.0, -2.5)), 123, 456, 0.123456789, 0.5)  # fmt: skip
+    m = ((1.0, 1e-17, 0.1), (0.3, 1.0, -2.5))
+    aff = ((1.0000000000000002, 0.0, 0.1), (0.3, 1.0, -2.5))
+    p = PairResult(3, 5, True, "", "rigid", m, aff, 123, 456, 0.123456789, 0.5)
     assert PairResult.from_dict(json.loads(json.dumps(p.to_dict()))) == p
-    f = PairResult(1, 2, False, "too few matches (3 < 20)", "affine", ((1, 0, 0), (0, 1, 0)),
-                   ((1, 0, 0), (0, 1, 0)), 0, 3, float("nan"), float("nan"))  # fmt: skip
+    f = PairResult(
+        1,
+        2,
+        False,
+        "too few matches (3 < 20)",
+        "affine",
+        ((1, 0, 0), (0, 1, 0)),
+        ((1, 0, 0), (0, 1, 0)),
+        0,
+        3,
+        float("nan"),
+        float("nan"),
+    )
     d = json.loads(json.dumps(f.to_dict(), allow_nan=False))
     assert PairResult.from_dict(d).to_dict() == f.to_dict()

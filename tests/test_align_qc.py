@@ -17,8 +17,11 @@ def _pairs() -> list[PairResult]:
         for a in range(6 - k):
             m = ((1.0, 0.0, 1.0 * k), (0.0, 1.0, 0.0))
             ok = 3 not in (a, a + k)
-            out.append(PairResult(a, a + k, ok, "" if ok else "too few inliers (2 < 20)",
-                                  "translation", m, m, 50 if ok else 2, 60, 0.4 if ok else float("nan"), 0.1))  # fmt: skip
+            reason = "" if ok else "too few inliers (2 < 20)"
+            res = 0.4 if ok else float("nan")
+            out.append(
+                PairResult(a, a + k, ok, reason, "translation", m, m, 50 if ok else 2, 60, res, 0.1)
+            )
     return out
 
 

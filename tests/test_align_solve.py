@@ -24,6 +24,7 @@ from emflow.align.solve import Alignment, identity_alignment, solve
 from emflow.errors import AlignmentError
 from emflow.testing.transforms import (
     apply_to_stack,
+    corner_error_px,
     insert_bad_slices,
     pair_truth,
     random_affines,
@@ -60,25 +61,30 @@ def stack():
     shape = aligned.shape[1:]
     warped, truth = apply_to_stack(aligned, random_affines(N, shape_yx=shape, seed=1))
     feats = [compute_features(s) for s in warped]
-    return {"warped": warped, "truth": truth, "shape": shape, "feats": feats,
-            "pairs": _pairs(feats, range(N))}  # fmt: skip
+    return {
+        "warped": warped,
+        "truth": truth,
+        "shape": shape,
+        "feats": feats,
+        "pairs": _pairs(feats, range(N)),
+    }
 
 
 def test_stack_error_chain_vs_global(stack):
     shape, truth, pairs = stack["shape"], stack["truth"], stack["pairs"]
     assert all(p.ok for p in pairs), [p.reason for p in pairs if not p.ok]
     first = [p for p in pairs if p.z_b - p.z_a == 1]
-    e_pair = [stack_errors_px({0: np.eye(2, 3), 1: p.matrix_array}, [pair_truth(truth, p.z_a, p.z_b), np.eye(2, 3)][::-1], shape)[1] for p in first]  # noqa: E501
+    e_pair = [
+        corner_error_px(p.matrix_array, pair_truth(truth, p.z_a, p.z_b), shape) for p in first
+    ]
     err = {}
     for method in ("chain", "global"):
         al = solve(pairs, range(N), shape, method=method)
         assert al.bad_slices == {}
         err[method] = stack_errors_px(al.transforms, truth, shape)
-    print(
-        f"\n1st-neighbour pairs: median {np.median(e_pair):.3f} px, max {np.max(e_pair):.3f} px"
-        f"\nchain : max {max(err['chain'].values()):.3f} px, at z={N - 1}: {err['chain'][N - 1]:.3f}"
-        f"\nglobal: max {max(err['global'].values()):.3f} px, at z={N - 1}: {err['global'][N - 1]:.3f}"
-    )
+    print(f"\n1st-neighbour pairs: median {np.median(e_pair):.3f} px, max {np.max(e_pair):.3f} px")
+    for m in ("chain", "global"):
+        print(f"{m:6s}: max {max(err[m].values()):.3f} px, at z={N - 1}: {err[m][N - 1]:.3f} px")
     assert max(err["global"].values()) <= 1.0
     assert max(err["chain"].values()) <= 1.0
 
@@ -106,8 +112,10 @@ def test_bad_slices_are_reported_and_bridged(stack):
         results[method] = max(v for z, v in e.items() if z not in bad)
         told = solve(pairs, range(N), shape, method=method, bad_slices=flagged)
         assert told.bad_slices == flagged
-    print(f"\nwith blank z=10 + noise z=20, max error of other slices: "
-          f"global {results['global']:.3f} px, chain {results['chain']:.3f} px")  # fmt: skip
+    print(
+        f"\nwith blank z=10 + noise z=20, max error of other slices: "
+        f"global {results['global']:.3f} px, chain {results['chain']:.3f} px"
+    )
     assert results["global"] <= 1.5
     assert results["chain"] <= 1.5
 
@@ -127,7 +135,7 @@ def _shift(dx: float, dy: float) -> np.ndarray:
 
 
 def _chain_pairs(n: int, fail: set[int] = frozenset()) -> list[PairResult]:
-    """Slice z is shifted by (z, -2z) px relative to slice 0 (pair matrix b -> a = (1, -2)*(b-a))."""
+    """Pairs of a stack where slice z sits at (z, -2z) px relative to slice 0."""
     out = []
     for k in (1, 2):
         for a in range(n - k):
@@ -153,9 +161,13 @@ def test_outlier_link_is_rejected_and_reported():
     al = solve(pairs, range(8), SHAPE, method="global")
     assert (3, 4) in {(a, b) for a, b, _ in al.rejected_pairs}
     for z in range(8):
-        np.testing.assert_allclose(al.transforms[z][:, 2] - al.transforms[0][:, 2], (z, -2 * z), atol=1e-6)
+        np.testing.assert_allclose(
+            al.transforms[z][:, 2] - al.transforms[0][:, 2], (z, -2 * z), atol=1e-6
+        )
     chain = solve(pairs, range(8), SHAPE, method="chain")  # trusts the wrong link
-    np.testing.assert_allclose(chain.transforms[7][:, 2] - chain.transforms[0][:, 2], (7 + 9, -14), atol=1e-6)
+    np.testing.assert_allclose(
+        chain.transforms[7][:, 2] - chain.transforms[0][:, 2], (7 + 9, -14), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("policy", ["bridge", "fill_previous", "zero"])
@@ -176,6 +188,18 @@ def test_bad_slice_policies(policy):
         assert al.source_slice(2) is None
 
 
+@pytest.mark.parametrize("method", ["global", "chain"])
+def test_two_consecutive_bad_slices_split_the_stack_into_segments(method):
+    al = solve(_chain_pairs(8, fail={3, 4}), range(8), SHAPE, method=method)
+    assert set(al.bad_slices) == {3, 4}
+    assert al.segment_breaks == [(2, 5)]
+    rel = {z: al.transforms[z][:, 2] - al.transforms[0][:, 2] for z in range(8)}
+    for z in (0, 1, 2):
+        np.testing.assert_allclose(rel[z], (z, -2 * z), atol=1e-6)
+    for z in (5, 6, 7):  # placed with the identity relative to slice 2, then exact again
+        np.testing.assert_allclose(rel[z], (2 + z - 5, -2 * (2 + z - 5)), atol=1e-6)
+
+
 def test_error_policy_names_the_slices():
     with pytest.raises(AlignmentError, match=r"z=2: no successful match.*bad_slice_policy"):
         solve(_chain_pairs(6, fail={2}), range(6), SHAPE, bad_slice_policy="error")
@@ -188,7 +212,7 @@ def test_bad_first_slice_moves_the_reference():
 
 
 def test_invalid_arguments_raise_alignment_error():
-    with pytest.raises(AlignmentError, match="align.method"):
+    with pytest.raises(AlignmentError, match=r"align\.method"):
         solve([], range(3), SHAPE, method="elastic")
     with pytest.raises(AlignmentError, match="bad_slice_policy"):
         solve([], range(3), SHAPE, bad_slice_policy="skip")
@@ -196,7 +220,9 @@ def test_invalid_arguments_raise_alignment_error():
 
 def test_alignment_json_round_trip_is_exact(tmp_path):
     pairs = _chain_pairs(6, fail={2})
-    pairs[0] = _pair(0, 1, np.array([[0.9999999999999999, 1e-17, 1 / 3], [-2e-300, 1.0000001, 7.1]]))
+    pairs[0] = _pair(
+        0, 1, np.array([[0.9999999999999999, 1e-17, 1 / 3], [-2e-300, 1.0000001, 7.1]])
+    )
     al = solve(pairs, range(6), SHAPE, method="global")
     path = tmp_path / "alignment.json"
     al.to_json(path)
@@ -211,7 +237,7 @@ def test_alignment_json_round_trip_is_exact(tmp_path):
 def test_from_json_errors_name_the_file(tmp_path):
     bad = tmp_path / "alignment.json"
     bad.write_text('{"format": "something-else"}')
-    with pytest.raises(AlignmentError, match="alignment.json"):
+    with pytest.raises(AlignmentError, match=r"alignment\.json"):
         Alignment.from_json(bad)
 
 

@@ -25,7 +25,10 @@ def test_random_affines_respect_bounds_and_seed():
         assert abs(np.degrees(np.arctan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1]))) <= 2.0 + 0.05
         scale, shear = linear_distortion(m)
         assert abs(scale) <= 0.0101 and shear <= 0.0101
-    assert all(np.array_equal(a, b) for a, b in zip(ms, random_affines(200, shape_yx=shape, seed=5)))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(ms, random_affines(200, shape_yx=shape, seed=5), strict=True)
+    )
 
 
 def test_corner_error_px():
@@ -46,7 +49,10 @@ def test_truth_convention_maps_warped_slices_back():
     np.testing.assert_array_equal(back[5:-5, 5:-5], stack[1][5:-5, 5:-5])
     # pair truth maps slice 1 coords into slice 0 coords: (x, y) + (7, -7)
     np.testing.assert_allclose(pair_truth(truth, 0, 1), [[1, 0, 7], [0, 1, -7]], atol=1e-12)
-    est = {0: compose(np.array([[1, 0, 9.0], [0, 1, 9.0]]), truth[0]), 1: compose(np.array([[1, 0, 9.0], [0, 1, 9.0]]), truth[1])}
+    est = {
+        0: compose(np.array([[1, 0, 9.0], [0, 1, 9.0]]), truth[0]),
+        1: compose(np.array([[1, 0, 9.0], [0, 1, 9.0]]), truth[1]),
+    }
     errs = stack_errors_px(est, truth, (64, 80))
     assert max(errs.values()) < 1e-9  # a common global transform is not an error
     assert np.allclose(invert_affine(truth[0]), d[0])

@@ -25,7 +25,13 @@ def test_tile_equals_crop_of_whole(image, dtype):
     whole = warp_slice(img, M, (0, 0), frame)
     assert whole.dtype == img.dtype and whole.shape == frame
     # uneven tiles, including ones crossing the frame edge and outside it
-    for y0, x0, h, w in [(0, 0, 5, 7), (13, 29, 97, 131), (250, 400, 90, 60), (333, 7, 7, 453), (-20, -30, 50, 70)]:
+    for y0, x0, h, w in [
+        (0, 0, 5, 7),
+        (13, 29, 97, 131),
+        (250, 400, 90, 60),
+        (333, 7, 7, 453),
+        (-20, -30, 50, 70),
+    ]:
         tile = warp_slice(img, M, (y0, x0), (h, w))
         ref = np.zeros((h, w), img.dtype)
         ys, xs = max(y0, 0), max(x0, 0)

@@ -77,7 +77,7 @@ def test_corrupt_image(tmp_path):
 
 def test_mixed_shapes_name_the_first_offending_file(tmp_path):
     make(tmp_path)
-    write_stack([np.full((50, 50), 9, np.uint8)], tmp_path / "src", pattern="s004.png")
+    write_stack([np.full((50, 50), 9, np.uint8)], tmp_path / "src", pattern="s%03d.png", z_start=4)
     assert_one_line_error(emflow("validate", "recipe.yaml", cwd=tmp_path), "s004.png", "50 × 50", "64")
 
 

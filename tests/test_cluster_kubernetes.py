@@ -188,10 +188,10 @@ def test_bad_kubernetes_keys_are_cluster_errors(tmp_path: Path, text: str, fragm
 
 
 @functools.cache
-def _crd_validator() -> Any:
-    """Validator of the DaskCluster v1 schema (loaded once: the CRD is 280 kB of YAML)."""
+def _crd_validator(kind: str = "daskcluster") -> Any:
+    """Validator of a v1 CRD schema shipped in dask-kubernetes (each loaded once)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    crd = yaml.load(CRD.read_text(), Loader=loader)
+    crd = yaml.load(CRD.with_name(f"{kind}.yaml").read_text(), Loader=loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = version["schema"]["openAPIV3Schema"]
     cls = jsonschema.validators.validator_for(schema)

@@ -25,21 +25,42 @@ def frame() -> np.ndarray:
 
 def _tiles(frame_shape, k):
     h = clahe_halo_px(k)
-    for y0, y1, x0, x1 in [(0, 233, 0, 317), (233, 700, 317, 900), (101, 555, 5, 12), (0, 700, 450, 451)]:
-        yield (y0, y1, x0, x1), (max(0, y0 - h), min(frame_shape[0], y1 + h),
-                                 max(0, x0 - h), min(frame_shape[1], x1 + h))  # fmt: skip
+    for y0, y1, x0, x1 in [
+        (0, 233, 0, 317),
+        (233, 700, 317, 900),
+        (101, 555, 5, 12),
+        (0, 700, 450, 451),
+    ]:
+        yield (
+            (y0, y1, x0, x1),
+            (
+                max(0, y0 - h),
+                min(frame_shape[0], y1 + h),
+                max(0, x0 - h),
+                min(frame_shape[1], x1 + h),
+            ),
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 @pytest.mark.parametrize("k", [64, 101])
 def test_tiles_equal_whole_frame(frame, dtype, k):
     img = frame.astype(dtype) * (257 if dtype == np.uint16 else 1)
-    whole = clahe(img, origin_yx=(0, 0), frame_shape_yx=img.shape, kernel_size_px=k, clip_limit=0.02)
+    whole = clahe(
+        img, origin_yx=(0, 0), frame_shape_yx=img.shape, kernel_size_px=k, clip_limit=0.02
+    )
     assert whole.dtype == dtype
     for (y0, y1, x0, x1), (ty0, ty1, tx0, tx1) in _tiles(img.shape, k):
-        tile = clahe(img[ty0:ty1, tx0:tx1], origin_yx=(ty0, tx0), frame_shape_yx=img.shape,
-                     kernel_size_px=k, clip_limit=0.02)  # fmt: skip
-        np.testing.assert_array_equal(tile[y0 - ty0 : y1 - ty0, x0 - tx0 : x1 - tx0], whole[y0:y1, x0:x1])
+        tile = clahe(
+            img[ty0:ty1, tx0:tx1],
+            origin_yx=(ty0, tx0),
+            frame_shape_yx=img.shape,
+            kernel_size_px=k,
+            clip_limit=0.02,
+        )
+        np.testing.assert_array_equal(
+            tile[y0 - ty0 : y1 - ty0, x0 - tx0 : x1 - tx0], whole[y0:y1, x0:x1]
+        )
 
 
 def test_background_stays_zero_and_tissue_nonzero(frame):

@@ -207,3 +207,57 @@ def test_driver_killed_then_resumed_skips_journaled_units(stack, reference, tmp_
     assert slab_journaled <= skipped and len(skipped) >= 3
     assert redone == set(range(12)) - skipped  # the rest, and only the rest, redone
     assert_identical({o["name"]: tmp_path / "out" / o["name"] for o in OUTPUTS}, reference)
+
+
+@pytest.mark.integration
+def test_cli_cancel_stops_with_exit_3_and_run_resumes(stack, reference, tmp_path):
+    """`emflow status/cancel OUT` reach the live run through emflow-run/scheduler.json: running
+    units finish, `emflow run` exits 3 with one line, and running it again completes identically.
+    (The run is paused first, through the same scheduler record, so the CLI's start-up time
+    cannot let the small run finish before the cancel arrives.)"""
+    from emflow.cli.status import live_run
+
+    (tmp_path / "recipe.yaml").write_text(RECIPE_YAML.format(src=stack / "src"))
+    run_dir = tmp_path / "out" / "emflow-run"
+    args = ("run", "recipe.yaml", "--workers", "1", "--threads", "2", "--dashboard", ":0", "-q")
+    proc = emflow_cli(*args, cwd=tmp_path)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if sum(1 for s, _ in lat.journal_done(run_dir) if s == "slab") >= 2:
+                break
+            time.sleep(0.02)
+        with live_run(run_dir) as live_client:
+            assert live_client is not None
+            client, info = live_client
+            client.sync(client.scheduler.emflow_pause, run_id=info["run_id"])
+        live = subprocess.run(
+            [sys.executable, "-m", "emflow", "status", "out"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "(live, scheduler tcp://" in live.stdout and "PAUSED" in live.stdout, live
+        cancel = subprocess.run(
+            [sys.executable, "-m", "emflow", "cancel", "out"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cancel.returncode == 0, cancel.stderr
+        _out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 3, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("emflow: error:")]
+    assert len(lines) == 1 and "cancelled" in lines[0] and "Traceback" not in err
+    done = set(lat.done_markers(run_dir, "slab"))
+    assert 2 <= len(done) < 12
+    proc2 = emflow_cli(*args, cwd=tmp_path)
+    _out, err = proc2.communicate(timeout=300)
+    assert proc2.returncode == 0, err
+    assert_identical({o["name"]: tmp_path / "out" / o["name"] for o in OUTPUTS}, reference)

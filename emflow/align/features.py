@@ -108,13 +108,15 @@ def working_copy(image: np.ndarray, downsample: int) -> tuple[np.ndarray, np.nda
         raise ValueError(f"downsample must be >= 1, got {downsample}")
     h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
     img = image[:h, :w]
+    zero = (img == 0).view(np.uint8)  # 1 B/px temporary
     if f == 1:
         small = img.astype(np.float32)
-        zero_frac = (img == 0).astype(np.float32)
-    else:
+        zero_frac = zero.astype(np.float32)
+    else:  # INTER_AREA with an integer factor is the exact block mean
         size = (w // f, h // f)
-        small = cv2.resize(img.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-        zero_frac = cv2.resize((img == 0).astype(np.float32), size, interpolation=cv2.INTER_AREA)
+        native = img if img.dtype in (np.uint8, np.uint16, np.float32) else img.astype(np.float32)
+        small = cv2.resize(native, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+        zero_frac = cv2.resize(zero * np.uint8(255), size, interpolation=cv2.INTER_AREA) / 255.0
     fill = (zero_frac >= 0.5).astype(np.uint8)
     k_small = cv2.getStructuringElement(cv2.MORPH_RECT, (MIN_FILL_SIZE_PX, MIN_FILL_SIZE_PX))
     fill = cv2.morphologyEx(fill, cv2.MORPH_OPEN, k_small)
@@ -161,9 +163,7 @@ def compute_features(
         sift = cv2.SIFT_create(nfeatures=int(nfeatures))
         kps, desc = sift.detectAndCompute(work, valid)
     if not kps or desc is None:
-        return Features(
-            np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), shape_yx, f
-        )
+        return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), shape_yx, f)
     uv = np.array([kp.pt for kp in kps], dtype=np.float64)
     xy = uv * f + (f - 1) / 2.0
     return Features(xy.astype(np.float32), np.asarray(desc, np.float32), shape_yx, f)

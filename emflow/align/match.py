@@ -83,7 +83,8 @@ class PairResult:
     affine : tuple
         The affine fit (same convention), kept for QC.
     inliers, matches : int
-        RANSAC inliers of the affine fit and ratio-test matches.
+        Matches used in the final affine fit (RANSAC inliers within
+        ``max(1 working px, 3 x median residual)`` of the refit) and ratio-test matches.
     residual_px : float
         Inlier RMS of the chosen model, full-resolution px.
     corner_gap_px : float
@@ -211,12 +212,23 @@ def _corner_gap(m1: np.ndarray, m2: np.ndarray, shape_yx: tuple[int, int]) -> fl
 
 def _failed(z_a: int, z_b: int, reason: str, matches: int = 0, inliers: int = 0) -> PairResult:
     return PairResult(
-        z_a, z_b, False, reason, "affine", _IDENTITY, _IDENTITY, inliers, matches,
-        float("nan"), float("nan"),
-    )  # fmt: skip
+        z_a,
+        z_b,
+        False,
+        reason,
+        "affine",
+        _IDENTITY,
+        _IDENTITY,
+        inliers,
+        matches,
+        float("nan"),
+        float("nan"),
+    )
 
 
-def _ratio_matches(fa: Features, fb: Features, config: MatchConfig) -> tuple[np.ndarray, np.ndarray]:
+def _ratio_matches(
+    fa: Features, fb: Features, config: MatchConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (into fb, into fa) of descriptor matches passing the ratio test."""
     cv2.setRNGSeed(int(config.seed))
     if min(len(fa), len(fb)) > FLANN_MIN_KEYPOINTS:
@@ -238,7 +250,7 @@ def match_features(
     *,
     z_a: int = 0,
     z_b: int = 1,
-    config: MatchConfig = MatchConfig(),  # noqa: B008 - frozen, immutable default
+    config: MatchConfig = MatchConfig(),
 ) -> PairResult:
     """Fit the 2x3 transform (full-res (x, y) px) mapping slice ``z_b`` onto slice ``z_a``.
 
@@ -260,7 +272,9 @@ def match_features(
         ``ok=False`` with a reason when a check fails; never raises for bad data.
     """
     if config.model not in (*MODELS, "auto"):
-        raise ValueError(f"MatchConfig.model must be auto|translation|rigid|affine, not {config.model!r}")
+        raise ValueError(
+            f"MatchConfig.model must be auto|translation|rigid|affine, not {config.model!r}"
+        )
     need = max(int(config.min_inliers), 3)
     for z, f in ((z_a, fa), (z_b, fb)):
         if len(f) < need:
@@ -275,9 +289,14 @@ def match_features(
     thr = float(config.ransac_threshold_px) * ds
     cv2.setRNGSeed(int(config.seed))
     m0, mask = cv2.estimateAffine2D(
-        pb, pa, method=cv2.RANSAC, ransacReprojThreshold=thr, maxIters=2000,
-        confidence=0.999, refineIters=10,
-    )  # fmt: skip
+        pb,
+        pa,
+        method=cv2.RANSAC,
+        ransacReprojThreshold=thr,
+        maxIters=2000,
+        confidence=0.999,
+        refineIters=10,
+    )
     if m0 is None or mask is None:
         return _failed(z_a, z_b, "RANSAC found no model", n_matches)
     inl = mask.ravel().astype(bool)
@@ -293,12 +312,20 @@ def match_features(
             affine = fit_affine(pb[inl], pa[inl])
     n_inl = int(inl.sum())
     if n_inl < need:
-        return _failed(z_a, z_b, f"too few inliers ({n_inl} < {config.min_inliers})", n_matches, n_inl)
+        return _failed(
+            z_a, z_b, f"too few inliers ({n_inl} < {config.min_inliers})", n_matches, n_inl
+        )
     src, dst = pb[inl], pa[inl]
-    fits = {"translation": fit_translation(src, dst), "rigid": fit_rigid(src, dst), "affine": affine}
+    fits = {
+        "translation": fit_translation(src, dst),
+        "rigid": fit_rigid(src, dst),
+        "affine": affine,
+    }
     gaps = {k: _corner_gap(v, affine, fb.shape_yx) for k, v in fits.items()}
     if config.model == "auto":
-        model = next(k for k in MODELS if gaps[k] < config.model_corner_threshold_px or k == "affine")
+        model = next(
+            k for k in MODELS if gaps[k] < config.model_corner_threshold_px or k == "affine"
+        )
     else:
         model = config.model
     chosen = fits[model]
@@ -322,9 +349,18 @@ def match_features(
             f"{config.max_translation_fraction} x {max(h, w)} px)"
         )
     return PairResult(
-        int(z_a), int(z_b), reason == "", reason, model, _as_tuple(chosen), _as_tuple(affine),
-        n_inl, n_matches, residual, gaps[model],
-    )  # fmt: skip
+        int(z_a),
+        int(z_b),
+        reason == "",
+        reason,
+        model,
+        _as_tuple(chosen),
+        _as_tuple(affine),
+        n_inl,
+        n_matches,
+        residual,
+        gaps[model],
+    )
 
 
 def match(a: np.ndarray, b: np.ndarray, **kw: Any) -> PairResult:

@@ -23,9 +23,18 @@ from emflow.align.solve import Alignment
 __all__ = ["link_error_px", "plot_pairs", "plot_reslices", "write_pair_table"]
 
 COLUMNS = (
-    "z_a", "z_b", "ok", "used", "reason", "model", "inliers", "matches",
-    "residual_px", "corner_gap_px", "link_error_px",
-)  # fmt: skip
+    "z_a",
+    "z_b",
+    "ok",
+    "used",
+    "reason",
+    "model",
+    "inliers",
+    "matches",
+    "residual_px",
+    "corner_gap_px",
+    "link_error_px",
+)
 
 
 def link_error_px(pair: PairResult, alignment: Alignment, shape_yx: tuple[int, int]) -> float:
@@ -41,19 +50,27 @@ def link_error_px(pair: PairResult, alignment: Alignment, shape_yx: tuple[int, i
     return float(np.sqrt(np.mean(np.sum((pa - pb) ** 2, axis=1))))
 
 
-def _rows(pairs: Sequence[PairResult], alignment: Alignment, shape_yx: tuple[int, int]) -> list[dict]:
+def _rows(
+    pairs: Sequence[PairResult], alignment: Alignment, shape_yx: tuple[int, int]
+) -> list[dict]:
     rejected = {(a, b): r for a, b, r in alignment.rejected_pairs}
     rows = []
     for p in pairs:
         used = p.ok and (p.z_a, p.z_b) not in rejected
         rows.append(
             {
-                "z_a": p.z_a, "z_b": p.z_b, "ok": p.ok, "used": used,
-                "reason": p.reason or rejected.get((p.z_a, p.z_b), ""), "model": p.model,
-                "inliers": p.inliers, "matches": p.matches, "residual_px": p.residual_px,
+                "z_a": p.z_a,
+                "z_b": p.z_b,
+                "ok": p.ok,
+                "used": used,
+                "reason": p.reason or rejected.get((p.z_a, p.z_b), ""),
+                "model": p.model,
+                "inliers": p.inliers,
+                "matches": p.matches,
+                "residual_px": p.residual_px,
                 "corner_gap_px": p.corner_gap_px,
                 "link_error_px": link_error_px(p, alignment, shape_yx) if p.ok else float("nan"),
-            }  # fmt: skip
+            }
         )
     return rows
 
@@ -103,7 +120,9 @@ def plot_pairs(
         ax_i.plot(z, [r["inliers"] for r in sel], "o-", ms=3, label=f"inliers, z-{dist}")
     bad = [r for r in rows if not r["used"]]
     if bad:
-        ax_i.plot([r["z_b"] for r in bad], [r["inliers"] for r in bad], "rx", label="failed/rejected")
+        ax_i.plot(
+            [r["z_b"] for r in bad], [r["inliers"] for r in bad], "rx", label="failed/rejected"
+        )
     for z in alignment.bad_slices:
         for ax in (ax_r, ax_i):
             ax.axvspan(z - 0.5, z + 0.5, color="0.85")

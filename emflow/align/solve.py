@@ -22,7 +22,11 @@ Methods
 
 Bad slices (given by the caller, e.g. from :func:`emflow.align.quality.assess_slice`, or
 found here because none of their links succeeded) never constrain the solution; the
-``bad_slice_policy`` says what is rendered in their place.
+``bad_slice_policy`` says what is rendered in their place. Slices that no chain of
+successful links connects (e.g. after two consecutive bad slices when only 1st and 2nd
+neighbours were matched) form separate segments: each is solved on its own and placed
+with the identity relative to the last slice before it, and the break is reported in
+``Alignment.segment_breaks``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,11 @@ class Alignment:
         All pair results given to the solver (QC).
     bad_slice_policy : str
         ``"bridge"``, ``"fill_previous"`` or ``"zero"``: what the renderer shows for bad slices.
+    segment_breaks : list of (int, int)
+        ``(z_prev, z_next)`` where no successful link connects the slices up to ``z_prev``
+        with those from ``z_next`` on (e.g. two consecutive bad slices with only 1st and
+        2nd neighbour links): the later segment is placed with the identity relative to
+        ``z_prev``, so expect a jump there. Add longer links or inspect those slices.
     """
 
     transforms: dict[int, np.ndarray]
@@ -82,6 +91,7 @@ class Alignment:
     rejected_pairs: list[tuple[int, int, str]] = field(default_factory=list)
     pairs: list[PairResult] = field(default_factory=list)
     bad_slice_policy: str = "bridge"
+    segment_breaks: list[tuple[int, int]] = field(default_factory=list)
 
     def source_slice(self, z: int) -> int | None:
         """Which source slice the renderer warps (with ``transforms[z]``) for output z.
@@ -116,6 +126,7 @@ class Alignment:
             "bad_slices": {str(z): r for z, r in sorted(self.bad_slices.items())},
             "rejected_pairs": [[int(a), int(b), str(r)] for a, b, r in self.rejected_pairs],
             "pairs": [p.to_dict() for p in self.pairs],
+            "segment_breaks": [[int(a), int(b)] for a, b in self.segment_breaks],
         }
 
     @classmethod
@@ -137,9 +148,12 @@ class Alignment:
                 frame_shape_yx=(int(shape[0]), int(shape[1])),
                 method=str(d["method"]),
                 bad_slices={int(z): str(r) for z, r in d.get("bad_slices", {}).items()},
-                rejected_pairs=[(int(a), int(b), str(r)) for a, b, r in d.get("rejected_pairs", [])],
+                rejected_pairs=[
+                    (int(a), int(b), str(r)) for a, b, r in d.get("rejected_pairs", [])
+                ],
                 pairs=[PairResult.from_dict(p) for p in d.get("pairs", [])],
                 bad_slice_policy=str(d.get("bad_slice_policy", "bridge")),
+                segment_breaks=[(int(a), int(b)) for a, b in d.get("segment_breaks", [])],
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise AlignmentError(f"{where}: invalid content ({e}); re-run the alignment") from e
@@ -191,18 +205,26 @@ def _nearest_rotation(lin: np.ndarray) -> np.ndarray:
     return r
 
 
-def _connected(ref: int, nodes: set[int], links: Sequence[PairResult]) -> set[int]:
+def _components(nodes: Sequence[int], links: Sequence[PairResult]) -> list[list[int]]:
+    """Connected components of slices over links, each sorted, ordered by first slice."""
     adj: dict[int, set[int]] = {z: set() for z in nodes}
     for p in links:
         adj[p.z_a].add(p.z_b)
         adj[p.z_b].add(p.z_a)
-    seen, todo = {ref}, [ref]
-    while todo:
-        for n in adj[todo.pop()]:
-            if n not in seen:
-                seen.add(n)
-                todo.append(n)
-    return seen
+    seen: set[int] = set()
+    out = []
+    for start in sorted(nodes):
+        if start in seen:
+            continue
+        comp, todo = {start}, [start]
+        while todo:
+            for n in adj[todo.pop()]:
+                if n not in comp:
+                    comp.add(n)
+                    todo.append(n)
+        seen |= comp
+        out.append(sorted(comp))
+    return out
 
 
 def _solve_chain(ref: int, good: list[int], links: Sequence[PairResult]) -> dict[int, np.ndarray]:
@@ -261,11 +283,16 @@ def _solve_global(
         rhs_x.append(bx)
         rhs_y.append(by)
 
-    for p, wl in zip(links, _link_weights(links)):
+    for p, wl in zip(links, _link_weights(links), strict=True):
         ua = np.hstack([(_apply(p.matrix_array, q) - c) / r, np.ones((4, 1))]) * wl
         for k in range(4):
             ja, jb = col[p.z_a], col[p.z_b]
-            add([(ja + i, ua[k, i]) for i in range(3)] + [(jb + i, -wl * qb[k, i]) for i in range(3)], 0.0, 0.0)
+            add(
+                [(ja + i, ua[k, i]) for i in range(3)]
+                + [(jb + i, -wl * qb[k, i]) for i in range(3)],
+                0.0,
+                0.0,
+            )
     anchor = ANCHOR_WEIGHT
     j0 = col[ref]
     add([(j0 + 2, anchor)], anchor * c[0], anchor * c[1])
@@ -403,34 +430,39 @@ def solve(
         if z not in bad and tried.get(z, 0) > 0 and z not in linked and len(zs) > 1:
             bad[z] = "no successful match with any neighbour"
 
+    good = [z for z in zs if z not in bad]
     placed: dict[int, np.ndarray] = {}
-    while True:
-        good = [z for z in zs if z not in bad]
-        if not good:
-            break
-        ref = good[0]
-        reach = _connected(ref, set(good), links)
-        for z in good:
-            if z not in reach:
-                bad[z] = f"not connected to slice {ref} by successful matches"
-        good = [z for z in good if z in reach]
-        links = [p for p in links if p.z_a in reach and p.z_b in reach]
+    breaks: list[tuple[int, int]] = []
+    while good:
+        placed, breaks = {}, []
+        for comp in _components(good, links):
+            cset = set(comp)
+            clinks = [p for p in links if p.z_a in cset]
+            if method == "chain":
+                sol = _solve_chain(comp[0], comp, clinks)
+            else:
+                sol = _solve_global(comp[0], comp, clinks, shape_yx, regularisation)
+            if placed:  # a later segment: nothing links it to the earlier ones
+                prev = max(z for z in placed if z < comp[0])
+                sol = {z: (_h(placed[prev]) @ _h(m))[:2] for z, m in sol.items()}
+                breaks.append((prev, comp[0]))
+            placed.update(sol)
         if method == "chain":
-            placed = _solve_chain(ref, good, links)
             for z in good:
                 if z not in placed:
                     bad[z] = "no successful match to an earlier slice (chain)"
             break
-        placed = _solve_global(ref, good, links, shape_yx, regularisation)
         errs = [_link_error_px(p, placed, shape_yx) for p in links]
         if not errs:
             break
         limit = max(float(outlier_px), 3.5 * float(np.median(errs)))
         worst = int(np.argmax(errs))
-        if errs[worst] <= limit or len(links) <= 1:
+        if errs[worst] <= limit:
             break
         p = links.pop(worst)
-        rejected.append((p.z_a, p.z_b, f"inconsistent with other links ({errs[worst]:.2f} px > {limit:.2f} px)"))
+        rejected.append(
+            (p.z_a, p.z_b, f"inconsistent with other links ({errs[worst]:.2f} px > {limit:.2f} px)")
+        )
 
     if bad and bad_slice_policy == "error":
         listing = "; ".join(f"z={z}: {r}" for z, r in sorted(bad.items()))
@@ -452,8 +484,9 @@ def solve(
                 transforms[z] = _interpolate(z, placed)
     rendered = [z for z in zs if not (z in bad and bad_slice_policy == "zero")]
     corners = np.vstack([_apply(transforms[z], corner_points_xy(shape_yx)) for z in rendered])
-    lo = np.floor(corners.min(axis=0))
-    hi = np.ceil(corners.max(axis=0) - lo)
+    # corner pixel centres; 1e-6 px tolerance so that float noise does not add a pixel
+    lo = np.floor(corners.min(axis=0) + 1e-6)
+    hi = np.ceil(corners.max(axis=0) - lo - 1e-6)
     shifted = {}
     for z in zs:
         m = np.array(transforms[z], dtype=np.float64)
@@ -467,6 +500,7 @@ def solve(
         rejected_pairs=rejected,
         pairs=pairs,
         bad_slice_policy=bad_slice_policy if bad_slice_policy != "error" else "bridge",
+        segment_breaks=breaks,
     )
 
 

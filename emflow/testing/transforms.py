@@ -94,14 +94,16 @@ def apply_to_stack(
     if len(transforms) != stack_zyx.shape[0]:
         raise ValueError(f"{len(transforms)} transforms for {stack_zyx.shape[0]} slices")
     shape = stack_zyx.shape[1:]
-    warped = np.stack([warp_slice(s, d, (0, 0), shape) for s, d in zip(stack_zyx, transforms)])
+    warped = np.stack(
+        [warp_slice(s, d, (0, 0), shape) for s, d in zip(stack_zyx, transforms, strict=True)]
+    )
     return warped, [invert_affine(d) for d in transforms]
 
 
 def insert_bad_slices(
     stack_zyx: np.ndarray, bad: Mapping[int, str], *, seed: int = 0
 ) -> np.ndarray:
-    """Copy of a (z, y, x) stack with slices replaced: ``"blank"`` = all 0, ``"noise"`` = white noise.
+    """Copy of a (z, y, x) stack with slices replaced: "blank" (all 0) or "noise" (white noise).
 
     The noise has the mean and standard deviation of the stack's non-zero pixels, clipped to
     ``1 .. dtype max`` (no exact 0, so it is not mistaken for fill). Slice indices and count
@@ -153,8 +155,6 @@ def stack_errors_px(
     r = zs[0] if ref is None else ref
     inv_e, inv_t = invert_affine(estimated[r]), invert_affine(truth[r])
     return {
-        z: corner_error_px(
-            compose(inv_e, estimated[z]), compose(inv_t, truth[z]), shape_yx
-        )
+        z: corner_error_px(compose(inv_e, estimated[z]), compose(inv_t, truth[z]), shape_yx)
         for z in zs
     }
