@@ -43,7 +43,7 @@ class Variant:
     cores: int = 2
     env: dict[str, str] = field(default_factory=dict)
     skip: str = ""  # reason, when it cannot run
-    planned_block_bytes: int = 0
+    input_bytes: int = 0  # when the variant reads only part of the stack (0: all of it)
 
 
 # --- builders ---------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def emflow_recipe(src: Path, nz: int, out_dir: Path, kind: str, levels: int,
 
 def emflow_variant(name: str, kind: str, src: Path, nz: int, work: Path, levels: int,
                    workers: int = 2, pin_cores: str | None = None,
-                   slab_depth: int | None = None) -> Variant:
+                   slab_depth: int | None = None, input_bytes: int = 0) -> Variant:
     out = work / name
     recipe = emflow_recipe(src, nz, out, kind, levels, slab_depth=slab_depth)
     cmd = [sys.executable, "-m", "emflow", "run", str(recipe), "--workers", str(workers),
@@ -96,7 +96,7 @@ def emflow_variant(name: str, kind: str, src: Path, nz: int, work: Path, levels:
     if slab_depth is not None:
         note += f", slab_depth {slab_depth}"
     return Variant(name, "emflow", kind, note, cmd, out, cores,
-                   env={"PYTHONPATH": str(REPO)})
+                   env={"PYTHONPATH": str(REPO)}, input_bytes=input_bytes)
 
 
 def ceiling_variant(kind: str, src: Path, work: Path, levels: int, threads: int = 2) -> Variant:
@@ -227,6 +227,7 @@ def summarize_runs(v: Variant, runs: list[Measured], input_bytes: int, frame_byt
                    model: dict) -> dict:
     """Median figures over repeats (failed runs excluded) + derived ratios."""
     ok = [r for r in runs if r.returncode == 0]
+    input_bytes = v.input_bytes or input_bytes
     row: dict = {"name": v.name, "family": v.family, "kind": v.kind, "format": v.format_note,
                  "cores": v.cores, "cmd": " ".join(runs[0].cmd) if runs else "",
                  "n": len(ok), "load1": [r.load1_before for r in runs]}

@@ -784,7 +784,6 @@ def open_client(request: ClusterRequest) -> Iterator[Any]:
 
 @contextmanager
 def _address_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
-    from distributed import Client
     from distributed.security import Security
 
     security = None
@@ -803,16 +802,38 @@ def _address_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator
                 f"--cluster {request.kind}: a tls:// scheduler needs certificates; set 'security' "
                 "(tls_ca_file, tls_client_cert, tls_client_key) in --cluster-config"
             )
-    try:
-        client = Client(request.kind, security=security, timeout=config.get("timeout", "30s"))
-    except (OSError, TimeoutError) as exc:
-        raise ClusterError(
-            f"--cluster {request.kind}: cannot reach the scheduler ({exc}); check the address"
-        ) from exc
+    client = _connect(
+        request.kind,
+        security,
+        config.get("timeout", "30s"),
+        f"--cluster {request.kind}: cannot reach the scheduler ({{exc}}); check the address "
+        "and the certificates",
+    )
     try:
         yield client
     finally:
         client.close()
+
+
+def _connect(address: str, security: Any, timeout: str, message: str) -> Any:
+    """``Client(address)``, or :class:`ClusterError` with ``message`` (``{exc}`` filled in).
+
+    A Client whose connection failed closes itself in ``__del__``; if the garbage
+    collector runs that while a later Client starts its event loop, both wait on
+    the same lock forever (seen with distributed 2026.8). So the failed Client is
+    collected here, before the error leaves.
+    """
+    import gc
+
+    from distributed import Client
+
+    failure = None
+    try:
+        return Client(address, security=security, timeout=timeout)
+    except (OSError, TimeoutError, TypeError, ValueError) as exc:
+        failure = message.format(exc=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    gc.collect()
+    raise ClusterError(failure)
 
 
 @contextmanager
@@ -918,7 +939,6 @@ def _kubernetes_client(request: ClusterRequest, config: dict[str, Any]) -> Itera
         raise ClusterError(
             "--cluster kubernetes needs dask-kubernetes; pip install 'emflow[kubernetes]'"
         ) from exc
-    from distributed import Client
     from distributed.security import Security
 
     spec = kubernetes_spec(request)
@@ -970,13 +990,13 @@ def _kubernetes_client(request: ClusterRequest, config: dict[str, Any]) -> Itera
             forward = service.portforward(remote_port=8786, local_port="auto")
             port = forward.start()
             address = f"tls://127.0.0.1:{port}"
-        try:
-            client = Client(address, security=security, timeout="300s")
-        except (OSError, TimeoutError) as exc:
-            raise ClusterError(
-                f"--cluster kubernetes: scheduler {name}-scheduler did not answer in 300 s "
-                f"({exc}); see `kubectl logs -l dask.org/cluster-name={name}`"
-            ) from exc
+        client = _connect(
+            address,
+            security,
+            "300s",
+            f"--cluster kubernetes: scheduler {name}-scheduler did not answer in 300 s "
+            f"({{exc}}); see `kubectl logs -l dask.org/cluster-name={name}`",
+        )
         yield client
     finally:
         if client is not None:

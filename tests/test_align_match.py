@@ -13,6 +13,7 @@ import tifffile
 from emflow.align.features import compute_features
 from emflow.align.match import MatchConfig, PairResult, match, match_features
 from emflow.align.warp import invert_affine, warp_slice
+from emflow.errors import AlignmentError
 from emflow.testing.transforms import (
     apply_to_stack,
     compose,
@@ -132,6 +133,13 @@ def test_deterministic(vnc0):
     m = cv2.getRotationMatrix2D((500.0, 500.0), 0.7, 1.0)
     a, b = _warp_same(vnc0, m), vnc0
     assert match(a, b, downsample=2) == match(a, b, downsample=2)
+
+
+def test_bad_config_raises_alignment_error_naming_the_field():
+    with pytest.raises(AlignmentError, match=r"align\.model .*'similarity'"):
+        MatchConfig(model="similarity")
+    with pytest.raises(AlignmentError, match=r"align\.ratio"):
+        MatchConfig(ratio=1.5)
 
 
 def test_pair_result_dict_round_trip_is_exact():

@@ -56,3 +56,13 @@ def test_background_is_exactly_zero_and_identity_is_exact(image):
 
 def test_invert_affine_round_trip():
     np.testing.assert_allclose(invert_affine(invert_affine(M)), M, atol=1e-12)
+
+
+def test_sources_wider_than_opencv_remap_limit():
+    """OpenCV remap is limited to 32767 px; warp_slice hands it only the needed crop."""
+    img = np.random.default_rng(2).integers(1, 255, size=(6, 40000), dtype=np.uint8)
+    out = warp_slice(img, np.array([[1.0, 0, 3.0], [0, 1.0, 1.0]]), (0, 0), (7, 40003))
+    np.testing.assert_array_equal(out[1:, 3:], img)
+    assert not out[0].any() and not out[:, :3].any()
+    tail = warp_slice(img, np.array([[1.0, 0, 3.0], [0, 1.0, 1.0]]), (2, 39000), (3, 1003))
+    np.testing.assert_array_equal(tail, out[2:5, 39000:])

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import re
@@ -31,7 +32,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 api = pytest.importorskip("emflow.api", reason="emflow.api (lead's runner) not importable")
 
-from distributed import Client, WorkerPlugin, get_task_stream  # noqa: E402
+from distributed import Client, get_task_stream  # noqa: E402
 from distributed.security import Security  # noqa: E402
 
 from emflow.cluster import ClusterRequest, job_script, open_client  # noqa: E402
@@ -74,6 +75,8 @@ def _recipe(src: Path, out: Path) -> dict[str, Any]:
              "chunk_size_xyz": [64, 64, 8]},
             {"format": "omezarr", "name": "em.ome.zarr", "chunk_size_xyz": [64, 64, 8]},
         ],
+        "align": {"enabled": True, "nfeatures": 500},
+        "enhance": {"clip_limit": 0.02, "kernel_size_px": 64},
     }  # fmt: skip
 
 
@@ -106,21 +109,20 @@ def _slurm_job_ids(client: Client) -> dict[str, str]:
     return client.run(lambda: os.environ.get("SLURM_JOB_ID", "not-in-slurm"))
 
 
-class _SlowStart(WorkerPlugin):
-    """Delay each emflow unit by ``seconds`` so a run lasts long enough to kill a job in it.
+def _refused(address: str, security: Security | None) -> bool:
+    """True if a Client cannot connect within 3 s.
 
-    Only timing changes: the units and their outputs are emflow's own.
+    The failed Client is garbage-collected at once: collected later, its ``__del__``
+    can deadlock with the next Client's start (distributed 2026.8).
     """
-
-    name = "emflow-test-slow-start"
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        name = key[0] if isinstance(key, tuple) else str(key)
-        if finish == "executing" and str(name).startswith("emflow-"):
-            time.sleep(self.seconds)
+    accepted = False
+    try:
+        Client(address, security=security, timeout=3).close()
+        accepted = True
+    except (OSError, TimeoutError, TypeError, ValueError):
+        pass
+    gc.collect()
+    return not accepted
 
 
 # ---------------------------------------------------------------------------
@@ -131,7 +133,7 @@ class _SlowStart(WorkerPlugin):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp("stack") / "slices"
-    write_stack(synthetic_slices((48, 256, 256), seed=7), src, pattern="s_%03d.png")
+    write_stack(synthetic_slices((24, 256, 256), seed=7), src, pattern="s_%03d.png")
     return src
 
 
@@ -225,9 +227,7 @@ def test_clients_without_the_certificates_are_refused(slurm_client: Client) -> N
         "plain tcp": dict(address=f"tcp://{host_port}", security=None),
     }
     for what, kw in attempts.items():
-        with pytest.raises((OSError, TimeoutError, TypeError, ValueError)):
-            Client(kw["address"], security=kw["security"], timeout=3)
-            pytest.fail(f"client with {what} was accepted")
+        assert _refused(kw["address"], kw["security"]), f"client with {what} was accepted"
     # control: the run's own certificates are accepted
     with Client(address, security=slurm_client.security, timeout=10) as ok:
         assert ok.submit(len, "emflow").result() == 6
@@ -237,7 +237,6 @@ def test_scancel_mid_run_completes_identically_and_job_is_replaced(
     slurm_client: Client, stack: Path, local_digest: dict[str, str], tmp_path: Path
 ) -> None:
     client = slurm_client
-    client.register_plugin(_SlowStart(1.0))
     jobs = _slurm_job_ids(client)
     out = tmp_path / "slurm-out"
     errors: list[BaseException] = []

@@ -2,9 +2,9 @@
 
 Core representation: :class:`Features` holds keypoint positions as an ``(N, 2)`` float32
 array of ``(x, y)`` pixel coordinates at FULL resolution (pixel centres at integers, x to
-the right, y down) and their ``(N, 128)`` float32 SIFT descriptors. Features are small
-(~0.5 MB for 4000 keypoints) and picklable, so they travel between workers; the image
-does not.
+the right, y down) and their ``(N, 128)`` float32 SIFT descriptors. Features are
+picklable and small next to a slice (~2 MB for 4000 keypoints, mostly descriptors), so
+they travel between workers; the image does not.
 
 The working copy is the slice block-averaged by an integer factor ``downsample`` (``f``);
 working pixel ``(u, v)`` covers full-resolution pixels ``f*u .. f*u+f-1``, so its centre is

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from emflow.align.features import Features, compute_features
+from emflow.errors import AlignmentError
 
 __all__ = [
     "MODELS",
@@ -62,6 +63,17 @@ class MatchConfig:
     model: str = "auto"  # "auto" | "translation" | "rigid" | "affine"
     model_corner_threshold_px: float = 1.0  # full-res px, see module docstring
     seed: int = 0  # cv2.setRNGSeed before FLANN and RANSAC
+
+    def __post_init__(self) -> None:
+        if self.model not in (*MODELS, "auto"):
+            raise AlignmentError(
+                f"align.model must be auto, translation, rigid or affine, not {self.model!r}"
+            )
+        if not 0 < self.ratio <= 1:
+            raise AlignmentError(f"align.ratio must be in (0, 1], not {self.ratio!r}")
+        for name in ("ransac_threshold_px", "max_residual_px", "model_corner_threshold_px"):
+            if not getattr(self, name) > 0:
+                raise AlignmentError(f"align.{name} must be > 0, not {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -271,10 +283,6 @@ def match_features(
     PairResult
         ``ok=False`` with a reason when a check fails; never raises for bad data.
     """
-    if config.model not in (*MODELS, "auto"):
-        raise ValueError(
-            f"MatchConfig.model must be auto|translation|rigid|affine, not {config.model!r}"
-        )
     need = max(int(config.min_inliers), 3)
     for z, f in ((z_a, fa), (z_b, fb)):
         if len(f) < need:

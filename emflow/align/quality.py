@@ -9,6 +9,7 @@ neighbours are the second, independent signal (:func:`emflow.align.solve.solve`)
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from emflow.align.features import choose_downsample
@@ -21,6 +22,8 @@ MIN_VALID_FRACTION = 0.01
 MIN_STD_FRACTION = 1e-3
 #: More than this fraction of the non-zero pixels at the dtype maximum -> "saturated".
 MAX_SATURATED_FRACTION = 0.5
+#: Pixels (about) used for the intensity statistics of large slices.
+STATS_SAMPLE_PX = 1_000_000
 #: Lag-1 autocorrelation (best of x and y) below this at the working scale -> noise.
 MIN_AUTOCORRELATION = 0.3
 
@@ -58,16 +61,30 @@ def assess_slice(image: np.ndarray) -> str | None:
     valid = image != 0
     if valid.mean() < MIN_VALID_FRACTION:
         return "blank"
-    values = image[valid]
+    step = max(1, int(np.sqrt(image.size / STATS_SAMPLE_PX)))  # strided sample for the stats
+    sample = image[::step, ::step]
+    values = sample[sample != 0]
+    if values.size == 0:
+        return "blank"
     if np.mean(values >= top) > MAX_SATURATED_FRACTION:
         return "saturated"
     if float(values.std()) < MIN_STD_FRACTION * top:
         return "blank"
     f = choose_downsample(image.shape)
     h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
-    blocks = image[:h, :w].astype(np.float32).reshape(h // f, f, w // f, f)
-    small = blocks.mean(axis=(1, 3))
-    small_valid = valid[:h, :w].reshape(h // f, f, w // f, f).all(axis=(1, 3))
+    if f == 1:
+        small = image.astype(np.float32)
+        small_valid = valid
+    else:  # block means without a full-resolution float copy
+        native = (
+            image if image.dtype in (np.uint8, np.uint16, np.float32) else image.astype(np.float32)
+        )
+        size = (w // f, h // f)
+        small = cv2.resize(native[:h, :w], size, interpolation=cv2.INTER_AREA).astype(np.float32)
+        fill = cv2.resize(
+            (~valid[:h, :w]).view(np.uint8) * np.uint8(255), size, interpolation=cv2.INTER_AREA
+        )
+        small_valid = fill == 0
     rho = max(_lag1_correlation(small, small_valid, 0), _lag1_correlation(small, small_valid, 1))
     if rho < MIN_AUTOCORRELATION:
         return "featureless/noise"

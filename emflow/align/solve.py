@@ -13,10 +13,13 @@ Methods
     that has a successful link to z (normally z-1; z-2 bridges a failed z-1).
 ``"global"``
     Linear least squares over all successful links (1st and 2nd neighbours): each link
-    asks that ``T_a(M q) = T_b(q)`` at the 4 corners ``q`` of slice b. The first good slice
+    asks that ``T_a(M q) = T_b(q)`` at the 4 corners ``q`` of slice b, weighted by
+    ``sqrt(inliers) / residual_px`` (normalised to a median of 1). The first good slice
     is fixed to the identity. An optional term (weight ``regularisation`` relative to one
-    link) pulls every slice's linear part toward its nearest rotation (limits scale/shear
-    drift). Links that disagree with the solution by more than
+    link; default 0) pulls every slice's linear part toward its nearest rotation (damps
+    scale/shear drift, but biases stacks whose sections carry real independent
+    distortions: +0.5 px at 0.01 on the 30-slice test stack). Links that disagree with
+    the solution by more than
     ``max(outlier_px, 3.5 x median)`` (RMS over the corners) are rejected one at a time and
     reported. x and y rows decouple, so two sparse solves share one factorisation.
 

@@ -16,8 +16,13 @@ import numpy as np
 
 __all__ = ["invert_affine", "warp_slice"]
 
-#: Output rows computed per remap call (bounds the coordinate-map memory to ~8 B/px x rows).
-ROWS_PER_STRIP = 256
+#: Output block (rows, columns) per remap call: bounds the coordinate-map memory and keeps
+#: the source crop of a block far below OpenCV's 32767 px limit for remap.
+BLOCK_YX = (256, 4096)
+#: Sub-pixel resolution of OpenCV's bilinear remap (INTER_BITS = 5).
+SUBPIXEL = 32
+#: Sources up to this size go to OpenCV whole; larger ones are cropped per block.
+REMAP_LIMIT_PX = 32767
 
 
 def invert_affine(matrix: np.ndarray) -> np.ndarray:
@@ -37,11 +42,12 @@ def warp_slice(
     Parameters
     ----------
     image : numpy.ndarray
-        Source ``(y, x)`` slice, uint8, uint16 or float32.
+        Source ``(y, x)`` slice, uint8, uint16 or float32 (any size: only the part a block
+        of the window needs is handed to OpenCV).
     matrix : numpy.ndarray
         2x3 source -> global transform, full-resolution ``(x, y)`` px.
     frame_origin_yx : tuple of int
-        Global ``(y, x)`` of the window's first pixel.
+        Global ``(y, x)`` of the window's first pixel (may be negative).
     frame_shape_yx : tuple of int
         Window ``(height, width)`` in px.
 
@@ -49,7 +55,10 @@ def warp_slice(
     -------
     numpy.ndarray
         ``frame_shape_yx`` array of ``image.dtype``; background exactly 0. Equal, pixel for
-        pixel, to cropping the same window out of a larger rendered window.
+        pixel, to cropping the same window out of a larger rendered window: each source
+        position is a fixed function of the pixel's global integer coordinates (separable
+        float32 maps; for sources over 32767 px, float64 rounded to OpenCV's 1/32 px grid
+        before the then exact shift into the cropped source).
     """
     if image.ndim != 2:
         raise ValueError(f"warp_slice expects a (y, x) slice, got shape {image.shape}")
@@ -59,14 +68,33 @@ def warp_slice(
     out = np.zeros((h, w), dtype=image.dtype)
     if h == 0 or w == 0 or image.size == 0:
         return out
-    gx = np.arange(ox, ox + w, dtype=np.float64)
-    col_x = inv[0, 0] * gx
-    col_y = inv[1, 0] * gx
-    for y0 in range(0, h, ROWS_PER_STRIP):
-        gy = np.arange(oy + y0, oy + min(h, y0 + ROWS_PER_STRIP), dtype=np.float64)[:, None]
-        map_x = (col_x + (inv[0, 1] * gy + inv[0, 2])).astype(np.float32)
-        map_y = (col_y + (inv[1, 1] * gy + inv[1, 2])).astype(np.float32)
-        out[y0 : y0 + gy.shape[0]] = cv2.remap(
-            image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-        )
+    src_h, src_w = image.shape
+    whole_source = max(src_h, src_w) <= REMAP_LIMIT_PX
+    by, bx = BLOCK_YX
+    for y0 in range(0, h, by):
+        gy = np.arange(oy + y0, oy + min(h, y0 + by), dtype=np.float64)
+        row_x = inv[0, 1] * gy + inv[0, 2]
+        row_y = inv[1, 1] * gy + inv[1, 2]
+        for x0 in range(0, w, bx):
+            gx = np.arange(ox + x0, ox + min(w, x0 + bx), dtype=np.float64)
+            col_x, col_y = inv[0, 0] * gx, inv[1, 0] * gx
+            block = (slice(y0, y0 + gy.size), slice(x0, x0 + gx.size))
+            if whole_source:  # separable float32 maps: one add per pixel and coordinate
+                sx = col_x.astype(np.float32)[None, :] + row_x.astype(np.float32)[:, None]
+                sy = col_y.astype(np.float32)[None, :] + row_y.astype(np.float32)[:, None]
+                out[block] = cv2.remap(image, sx, sy, cv2.INTER_LINEAR, borderValue=0)
+                continue
+            # large source: crop what this block needs; positions are rounded to OpenCV's
+            # 1/32 px grid in float64 first, so the shift into the crop is exact
+            sx64 = np.round((col_x[None, :] + row_x[:, None]) * SUBPIXEL) / SUBPIXEL
+            sy64 = np.round((col_y[None, :] + row_y[:, None]) * SUBPIXEL) / SUBPIXEL
+            cx0 = max(int(np.floor(sx64.min())) - 1, 0)
+            cy0 = max(int(np.floor(sy64.min())) - 1, 0)
+            cx1 = min(int(np.ceil(sx64.max())) + 2, src_w)
+            cy1 = min(int(np.ceil(sy64.max())) + 2, src_h)
+            if cx1 <= cx0 or cy1 <= cy0:
+                continue  # the block sees no source pixel
+            crop = np.ascontiguousarray(image[cy0:cy1, cx0:cx1])
+            sx, sy = (sx64 - cx0).astype(np.float32), (sy64 - cy0).astype(np.float32)
+            out[block] = cv2.remap(crop, sx, sy, cv2.INTER_LINEAR, borderValue=0)
     return out

@@ -17,8 +17,8 @@ ClusterConfigOpt = Annotated[
 ]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="workers (adaptive minimum on HPC)")]
 MaxWorkersOpt = Annotated[int | None, typer.Option("--max-workers", help="adaptive maximum on HPC")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="threads per worker")]
-MemoryOpt = Annotated[str | None, typer.Option("--memory", help="memory per worker, e.g. 4GiB")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads-per-worker", "--threads", help="threads per worker")]
+MemoryOpt = Annotated[str | None, typer.Option("--memory-per-worker", "--memory", help="memory per worker, e.g. 4GiB")]
 InsecureOpt = Annotated[bool, typer.Option("--insecure", help="no TLS between scheduler and workers")]
 
 

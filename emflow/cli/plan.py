@@ -30,7 +30,10 @@ def plan(
 
     r = load_recipe(recipe)
     cat = discover_recipe(r)
-    req = cluster_request(r, cluster, cluster_config, workers, max_workers, threads, memory, insecure, None)
+    from emflow.pipeline import RUN_FOLDER
+
+    req = cluster_request(r, cluster, cluster_config, workers, max_workers, threads, memory, insecure,
+                          r.output_path / RUN_FOLDER / "worker-logs")
     p = plan_output(r, len(cat.slices), cat.shape_yx, cat.dtype)
     typer.echo(cat.summary())
     typer.echo(p.summary())

@@ -28,6 +28,23 @@ def _logger(run_dir: Path) -> logging.Logger:
     return log
 
 
+def _wait_for_a_worker(client, cluster: str, log_dir: Path, say) -> None:
+    """Block until one worker has joined (HPC jobs may queue), so the plan sees real resources."""
+    from emflow.errors import ClusterError
+
+    if client.scheduler_info().get("workers"):
+        return
+    timeout = 60 if cluster == "local" else 3600
+    say(f"waiting for a worker to connect (up to {timeout} s) ...")
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise ClusterError(
+            f"--cluster {cluster}: no worker connected within {timeout} s; check the job queue "
+            f"(e.g. squeue) and the worker logs in {log_dir}"
+        ) from None
+
+
 def run(
     recipe: RecipeArg,
     cluster: ClusterOpt = "local",
@@ -74,6 +91,7 @@ def run(
                               run_dir / "worker-logs", dashboard)
         with clusters.open_client(req) as client:
             say(f"dashboard: {client.dashboard_link}")
+            _wait_for_a_worker(client, cluster, run_dir / "worker-logs", say)
             try:
                 from emflow.dashboard import dashboard_url
 
