@@ -101,7 +101,8 @@ def align_stack(recipe: Recipe, catalog: SliceCatalog, run_dir: Path,
     bad = {z: r["bad"] for z, r in feats.items() if r["bad"]}
     if bad:
         say(f"bad slices: {', '.join(f'z{z} ({why})' for z, why in sorted(bad.items()))}")
-    config = {"model": cfg.model, "model_corner_threshold_px": cfg.model_corner_threshold_px}
+    config = {"model": cfg.model, "model_corner_threshold_px": cfg.model_corner_threshold_px,
+              "ratio": cfg.ratio}
     MatchConfig(**config)  # fail early on a bad field
     n = len(catalog.slices)
     pair_list = [(z, z + k) for z in range(n) for k in (1, 2) if z + k < n]
@@ -115,14 +116,19 @@ def align_stack(recipe: Recipe, catalog: SliceCatalog, run_dir: Path,
         raise
     alignment.to_json(run_dir / "alignment.json")
     failed = [p for p in pairs if not p.ok]
+    breaks = getattr(alignment, "segment_breaks", None)
+    if breaks:
+        say(f"alignment split into segments at z {', '.join(f'{a}|{b}' for a, b in breaks)} "
+            "(two or more consecutive slices could not be aligned): check them in qc/pairs.png")
     say(f"alignment: {cfg.method} solve over {len(pairs)} pairs ({len(failed)} failed, "
         f"{len(alignment.rejected_pairs)} rejected); frame {alignment.frame_shape_yx[1]} × "
         f"{alignment.frame_shape_yx[0]} px → {run_dir / 'alignment.json'}")
-    write_qc(alignment, pairs, paths, run_dir, recipe)
+    write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx)
     return alignment
 
 
-def write_qc(alignment: Any, pairs: list, feature_paths: list[str], run_dir: Path, recipe: Recipe) -> None:
+def write_qc(alignment: Any, pairs: list, feature_paths: list[str], run_dir: Path, recipe: Recipe,
+             shape_yx: tuple[int, int]) -> None:
     """Pair table (CSV), residual/inlier plots and before/after XZ/YZ reslices (PNG) in run_dir/qc."""
     import cv2
 
@@ -130,8 +136,8 @@ def write_qc(alignment: Any, pairs: list, feature_paths: list[str], run_dir: Pat
 
     qc_dir = run_dir / "qc"
     qc_dir.mkdir(exist_ok=True)
-    qc.write_pair_table(pairs, alignment, qc_dir / "pairs.csv")
-    qc.plot_pairs(pairs, alignment, qc_dir / "pairs.png")
+    qc.write_pair_table(pairs, alignment, qc_dir / "pairs.csv", shape_yx=shape_yx)
+    qc.plot_pairs(pairs, alignment, qc_dir / "pairs.png", shape_yx=shape_yx)
     thumbs, scale = [], 1
     for p in feature_paths:
         with np.load(p) as d:

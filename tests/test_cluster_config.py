@@ -32,7 +32,7 @@ def test_shipped_yaml_equals_builtin_defaults(kind: str) -> None:
 def test_builtin_defaults_used_without_shipped_yaml(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cluster, "shipped_config_path", lambda kind: None)
+    monkeypatch.setattr(cluster.config, "shipped_config_path", lambda kind: None)
     config, source = cluster.load_config(ClusterRequest(kind))
     assert source == "built-in defaults"
     assert config == DEFAULTS[kind]

@@ -1,0 +1,217 @@
+"""Batch-scheduler clusters (SLURM, LSF, PBS, SGE) through dask-jobqueue.
+
+A request plus its config resolve to the keyword arguments of the dask-jobqueue
+cluster class (:func:`_jobqueue_kwargs`); :func:`job_script` renders the batch
+script a worker job would run without submitting anything, and
+:func:`_jobqueue_client` starts the cluster with temporary TLS certificates,
+scales it with ``adapt`` and cancels every job it submitted on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from emflow.cluster.config import (
+    _EMFLOW_KEYS,
+    _JOBQUEUE_CLASS,
+    JOBQUEUE_KINDS,
+    ClusterRequest,
+    _adapt_bounds,
+    _check_kind,
+    lifetime_args,
+    load_config,
+    walltime_seconds,
+)
+from emflow.errors import ClusterError
+
+logger = logging.getLogger(__name__)
+
+
+def _jobqueue_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[str, Any]:
+    kind = request.kind
+    kw = {k: v for k, v in config.items() if k not in _EMFLOW_KEYS and v is not None}
+    processes = int(kw.get("processes") or 1)  # worker processes per job
+    if request.threads_per_worker is not None:
+        kw["cores"] = request.threads_per_worker * processes
+    if request.memory_per_worker is not None:
+        if processes == 1:
+            kw["memory"] = request.memory_per_worker
+        else:
+            kw["memory"] = f"{_parse_bytes(request.memory_per_worker) * processes}B"
+    if request.log_dir is not None and "log_directory" not in kw:
+        kw["log_directory"] = str(request.log_dir)
+    extra = list(kw.get("worker_extra_args") or [])
+    if "walltime" in kw and not any(str(a).startswith("--lifetime") for a in extra):
+        extra += lifetime_args(walltime_seconds(kw["walltime"], kind))
+    kw["worker_extra_args"] = extra
+    sched = dict(kw.get("scheduler_options") or {})
+    sched.setdefault("dashboard_address", request.dashboard_address)
+    kw["scheduler_options"] = sched
+    if not request.insecure and "shared_temp_directory" not in kw:
+        shared = request.log_dir or kw.get("log_directory") or Path.cwd()
+        kw["shared_temp_directory"] = str(shared)
+    return kw
+
+
+def _parse_bytes(text: str) -> int:
+    from dask.utils import parse_bytes
+
+    try:
+        return int(parse_bytes(text))
+    except (ValueError, TypeError) as exc:
+        raise ClusterError(f"--memory-per-worker {text!r} is not a size; use e.g. 4GiB") from exc
+
+
+# ---------------------------------------------------------------------------
+# job scripts
+# ---------------------------------------------------------------------------
+
+
+#: Scheduler address shown in :func:`job_script` (the real one is known at start).
+SCHEDULER_PLACEHOLDER = "{protocol}://<scheduler-host>:<port>"
+
+
+def job_script(request: ClusterRequest) -> str | None:
+    """The batch script a worker job would run, without submitting anything.
+
+    It is the script dask-jobqueue submits, built with the same job class and
+    keyword arguments, except for two placeholders only known once the
+    scheduler runs: its address (``tls://<scheduler-host>:<port>``) and the
+    random suffix of the temporary certificate files (``XXXXXXXX``).
+
+    Returns
+    -------
+    str or None
+        The script for slurm/lsf/pbs/sge; ``None`` for local, kubernetes and
+        scheduler addresses (see :func:`kubernetes_spec`).
+    """
+    _check_kind(request)
+    if request.kind not in JOBQUEUE_KINDS:
+        return None
+    config, _ = load_config(request)
+    kw = _jobqueue_kwargs(request, config)
+    import dask_jobqueue
+    from distributed.security import Security
+
+    job_cls = getattr(dask_jobqueue, _JOBQUEUE_CLASS[request.kind]).job_cls
+    security = None
+    protocol = None
+    if not request.insecure:
+        protocol = "tls://"
+        shared = kw["shared_temp_directory"]
+
+        def tmp(key: str) -> str:
+            return f"{shared}/.dask-jobqueue.worker.{key}.XXXXXXXX"
+
+        security = Security(
+            tls_ca_file=tmp("ca_file"),
+            tls_worker_cert=tmp("cert"),
+            tls_worker_key=tmp("key"),
+            require_encryption=True,
+        )
+    job_kw = _job_only_kwargs(kw)
+    address = SCHEDULER_PLACEHOLDER.format(protocol="tcp" if request.insecure else "tls")
+    try:
+        job = job_cls(
+            address,
+            name="dummy-name",
+            config_name=request.kind,
+            protocol=protocol,
+            security=security,
+            **job_kw,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ClusterError(f"--cluster {request.kind}: {exc}".splitlines()[0]) from exc
+    return job.job_script()
+
+
+_CLUSTER_ONLY = {
+    "n_workers",
+    "loop",
+    "security",
+    "shared_temp_directory",
+    "silence_logs",
+    "name",
+    "asynchronous",
+    "dashboard_address",
+    "host",
+    "scheduler_options",
+    "scheduler_cls",
+    "protocol",
+    "config_name",
+}
+
+
+def _job_only_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if k not in _CLUSTER_ONLY}
+
+
+def _tracking_job_cls(base: type, seen: list[str]) -> type:
+    """A subclass of a dask-jobqueue job class that records submitted job ids."""
+
+    async def start(self: Any) -> None:
+        await base.start(self)
+        if self.job_id:
+            seen.append(str(self.job_id))
+
+    return type(f"Emflow{base.__name__}", (base,), {"start": start})
+
+
+@contextmanager
+def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
+    import dask_jobqueue
+    from distributed import Client
+
+    cluster_cls = getattr(dask_jobqueue, _JOBQUEUE_CLASS[request.kind])
+    kw = _jobqueue_kwargs(request, config)
+    if not request.insecure:
+        kw["security"] = True  # Security.temporary(); worker files in shared_temp_directory
+    submitted: list[str] = []
+    kw["job_cls"] = _tracking_job_cls(cluster_cls.job_cls, submitted)
+    for key in ("log_directory", "shared_temp_directory"):
+        if kw.get(key):
+            directory = Path(os.path.expanduser(os.path.expandvars(str(kw[key]))))
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ClusterError(
+                    f"cluster config {key} {directory}: cannot create ({exc.strerror}); "
+                    "choose a directory on a file system the compute nodes share"
+                ) from exc
+    try:
+        cluster = cluster_cls(**kw)
+    except (TypeError, ValueError, OSError) as exc:
+        msg = str(exc).splitlines()[0]
+        raise ClusterError(f"--cluster {request.kind}: cannot start ({msg})") from exc
+    try:
+        low, high = _adapt_bounds(request, config) or (1, 1)
+        per_job = int(kw.get("processes") or 1)  # adapt counts jobs; bounds count workers
+        cluster.adapt(minimum_jobs=-(-low // per_job), maximum_jobs=-(-high // per_job))
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        try:
+            cluster.close()
+        finally:
+            _reap_jobs(cluster_cls.job_cls.cancel_command, submitted)
+
+
+def _reap_jobs(cancel_command: str, job_ids: list[str]) -> None:
+    """Cancel every job id this run submitted (already-finished ids are harmless)."""
+    if not job_ids:
+        return
+    cmd = [*shlex.split(cancel_command), *sorted(set(job_ids))]
+    try:
+        subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:  # pragma: no cover - best effort
+        logger.warning("could not cancel worker jobs %s: %s", job_ids, exc)

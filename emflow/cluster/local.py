@@ -1,0 +1,105 @@
+"""Clients on this machine or on an existing scheduler: ``LocalCluster`` and addresses.
+
+``local`` starts a :class:`distributed.LocalCluster` (no TLS); ``tcp://host:port``
+/ ``tls://host:port`` connects to a running scheduler, with certificates from the
+config's ``security`` mapping or the dask config. :func:`_connect` (also used by
+the Kubernetes client) turns a failed connection into a :class:`ClusterError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from emflow.cluster.config import _EMFLOW_KEYS, ClusterRequest, _adapt_bounds
+from emflow.errors import ClusterError
+
+
+def _local_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[str, Any]:
+    kw = {k: v for k, v in config.items() if k not in _EMFLOW_KEYS}
+    if request.workers is not None:
+        kw["n_workers"] = request.workers
+    if request.threads_per_worker is not None:
+        kw["threads_per_worker"] = request.threads_per_worker
+    if request.memory_per_worker is not None:
+        kw["memory_limit"] = request.memory_per_worker
+    kw.setdefault("dashboard_address", request.dashboard_address)
+    return kw
+
+
+@contextmanager
+def _address_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
+    from distributed.security import Security
+
+    security = None
+    if config.get("security"):
+        try:
+            security = Security(**config["security"])
+        except TypeError as exc:
+            raise ClusterError(
+                f"cluster config: 'security' has a bad key ({exc}); use Security keywords "
+                "such as tls_ca_file, tls_client_cert, tls_client_key"
+            ) from exc
+    elif request.kind.startswith("tls://"):
+        security = Security()  # from dask config (distributed.comm.tls.*)
+        if not security.tls_ca_file:
+            raise ClusterError(
+                f"--cluster {request.kind}: a tls:// scheduler needs certificates; set 'security' "
+                "(tls_ca_file, tls_client_cert, tls_client_key) in --cluster-config"
+            )
+    client = _connect(
+        request.kind,
+        security,
+        config.get("timeout", "30s"),
+        f"--cluster {request.kind}: cannot reach the scheduler ({{exc}}); check the address "
+        "and the certificates",
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _connect(address: str, security: Any, timeout: str, message: str) -> Any:
+    """``Client(address)``, or :class:`ClusterError` with ``message`` (``{exc}`` filled in).
+
+    A Client whose connection failed closes itself in ``__del__``; if the garbage
+    collector runs that while a later Client starts its event loop, both wait on
+    the same lock forever (seen with distributed 2026.8). So the failed Client is
+    collected here, before the error leaves.
+    """
+    import gc
+
+    from distributed import Client
+
+    failure = None
+    try:
+        return Client(address, security=security, timeout=timeout)
+    except (OSError, TimeoutError, TypeError, ValueError) as exc:
+        failure = message.format(exc=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    gc.collect()
+    raise ClusterError(failure)
+
+
+@contextmanager
+def _local_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    kw = _local_kwargs(request, config)
+    try:
+        cluster = LocalCluster(**kw)
+    except TypeError as exc:
+        raise ClusterError(f"local cluster config: {exc}; check the keys") from exc
+    try:
+        bounds = _adapt_bounds(request, config)
+        wants = request.max_workers is not None or (config.get("adapt") or {}).get("maximum")
+        if wants and bounds is not None:
+            cluster.adapt(minimum=bounds[0], maximum=bounds[1])
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()

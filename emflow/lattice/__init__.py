@@ -1,0 +1,113 @@
+"""Per-unit bookkeeping (the lattice): state machine, durable markers, journal, scheduler plugin.
+
+Representation
+--------------
+A run is a sequence of *stages* (``"stats"``, ``"features"``, ``"match"``, ...);
+a stage is a list of independent *units* numbered ``0 .. total-1``. Every unit
+(cell of the stage x unit lattice) is in one :class:`UnitState`::
+
+    waiting --start--> running --finish--> done
+       ^  |               |  \\--fail----> failed --start--> running (retry)
+       |  |               \\--requeue--> waiting   (worker lost, cancelled)
+       |  +--skip----> skipped   (done by an earlier run: its marker exists)
+       +--+--orphan--> orphaned  (an upstream unit failed)
+
+Transitions are named (:data:`TRANSITIONS`); a transition that is not allowed
+from the current state (a late duplicate ``finish`` of a unit already done, a
+result of a lost worker arriving after the retry started...) is rejected and
+counted, never applied.
+
+Durable truth lives outside Dask, in the run folder ``run_dir``:
+
+``run.json``
+    the recipe fingerprint (:func:`open_run`).
+``done/<stage>/<index>.json``
+    one marker per unit, written atomically (tmp + fsync + rename) on the
+    worker *after* the unit function returned, i.e. after its output is on
+    disk; it holds the unit's (small, JSON) result, worker and timings. The
+    markers are the source of truth for resume.
+``journal.jsonl``
+    append-only event log written by the driver (sessions, stages, done,
+    failed, skipped, orphaned, pause, cancel); an index over the markers,
+    reconciled with them when a run resumes. ``emflow status`` reads it.
+``scheduler.json``
+    address of the scheduler of the live run, for ``emflow status/pause/...``.
+
+The in-memory lattice of a live run is held by :class:`LatticePlugin` on the
+Dask scheduler, fed by task keys ``("emflow-<stage>-<run_id>", index)``; it
+serves the ``/emflow`` dashboard page, ``/emflow/lattice.json`` and the
+``emflow_*`` RPC handlers (pause, resume, cancel, snapshot).
+
+Modules
+-------
+:mod:`~emflow.lattice.state`
+    :class:`UnitState`, :data:`TRANSITIONS`, :class:`Lattice` (per-stage aggregation).
+:mod:`~emflow.lattice.plugin`
+    :class:`LatticePlugin`, :func:`ensure_plugin`, :func:`parse_key` (the only Dask part).
+:mod:`~emflow.lattice.markers`
+    atomic JSON markers: :func:`write_marker`, :func:`read_marker`, :func:`done_markers`.
+:mod:`~emflow.lattice.journal`
+    :class:`Journal`, :func:`read_journal`, :func:`summarize_journal`, sessions.
+:mod:`~emflow.lattice.rundir`
+    :func:`open_run` and the live-run ``scheduler.json``.
+:mod:`~emflow.lattice.errors`
+    :class:`IncompleteRun`, :class:`RunCancelled`.
+"""
+
+from __future__ import annotations
+
+from emflow.lattice.errors import IncompleteRun, RunCancelled
+from emflow.lattice.journal import _SESSIONS as _SESSIONS
+from emflow.lattice.journal import JOURNAL as JOURNAL
+from emflow.lattice.journal import (
+    Journal,
+    read_journal,
+    session_id,
+    start_session,
+    summarize_journal,
+)
+from emflow.lattice.journal import journal_done as journal_done
+from emflow.lattice.markers import MARKERS as MARKERS
+from emflow.lattice.markers import RUN_JSON as RUN_JSON
+from emflow.lattice.markers import SCHEDULER_JSON as SCHEDULER_JSON
+from emflow.lattice.markers import _fsync_dir as _fsync_dir
+from emflow.lattice.markers import done_markers, marker_path, write_marker
+from emflow.lattice.markers import read_marker as read_marker
+from emflow.lattice.plugin import PLUGIN_NAME as PLUGIN_NAME
+from emflow.lattice.plugin import LatticePlugin, parse_key
+from emflow.lattice.plugin import ensure_plugin as ensure_plugin
+from emflow.lattice.rundir import open_run
+from emflow.lattice.rundir import read_scheduler_file as read_scheduler_file
+from emflow.lattice.rundir import write_scheduler_file as write_scheduler_file
+from emflow.lattice.state import _CODE as _CODE
+from emflow.lattice.state import _FROM_CODE as _FROM_CODE
+from emflow.lattice.state import HISTORY_MAX as HISTORY_MAX
+from emflow.lattice.state import TRANSITIONS, Lattice, UnitState
+from emflow.lattice.state import Cell as Cell
+from emflow.lattice.state import D as D
+from emflow.lattice.state import F as F
+from emflow.lattice.state import O as O
+from emflow.lattice.state import R as R
+from emflow.lattice.state import RunLattice as RunLattice
+from emflow.lattice.state import S as S
+from emflow.lattice.state import StageLattice as StageLattice
+from emflow.lattice.state import W as W
+
+__all__ = [
+    "TRANSITIONS",
+    "IncompleteRun",
+    "Journal",
+    "Lattice",
+    "LatticePlugin",
+    "RunCancelled",
+    "UnitState",
+    "done_markers",
+    "marker_path",
+    "open_run",
+    "parse_key",
+    "read_journal",
+    "session_id",
+    "start_session",
+    "summarize_journal",
+    "write_marker",
+]
