@@ -293,9 +293,13 @@ def render_slab(job: SlabJob) -> dict:
     with ThreadPoolExecutor(max_workers=max(1, job.threads)) as pool:
         list(pool.map(one, range(n)))
     t_render = time.perf_counter()
-    pyramid = [slab, *downsample_levels(slab, steps_between(job.levels, 0, job.last_level))]
+    # level 0 is encoded and written by tensorstore's threads while the levels are computed
+    pending = _start_writes(job.writers, job.levels, [slab], 0, job.z0, job.handoff, job.last_level)
+    coarser = downsample_in_bands(slab, steps_between(job.levels, 0, job.last_level), job.threads)
     t_ds = time.perf_counter()
-    _write_levels(job.writers, job.levels, pyramid, 0, job.z0, job.handoff, job.last_level)
+    pending += _start_writes(job.writers, job.levels, coarser, 1, job.z0, job.handoff, job.last_level)
+    for fut in pending:
+        fut.result()
     t_end = time.perf_counter()
     return {
         "z0": job.z0,
@@ -305,19 +309,43 @@ def render_slab(job: SlabJob) -> dict:
     }
 
 
-def _write_levels(
+def downsample_in_bands(block: np.ndarray, steps: Sequence[Sequence[int]], threads: int) -> list[np.ndarray]:
+    """:func:`~emflow.pyramid.downsample_levels` on y-bands in parallel threads (numpy frees the GIL).
+
+    Bands start on multiples of the total y factor, so each band's levels are exactly the
+    whole block's rows (chunked equals whole); results are concatenated along y.
+    """
+    if not steps:
+        return []
+    fy = int(np.prod([s[1] for s in steps]))
+    ny = block.shape[1]
+    band = -(-ny // max(1, threads))
+    band = -(-band // fy) * fy
+    if threads <= 1 or band >= ny:
+        return downsample_levels(block, steps)
+    cuts = [(y0, min(y0 + band, ny)) for y0 in range(0, ny, band)]
+    with ThreadPoolExecutor(max_workers=len(cuts)) as pool:
+        parts = list(pool.map(lambda c: downsample_levels(block[:, c[0]:c[1]], steps), cuts))
+    return [np.concatenate([p[k] for p in parts], axis=1) for k in range(len(steps))]
+
+
+def _start_writes(
     writers: Sequence[Any], levels: Sequence[Level], arrays: Sequence[np.ndarray], first: int,
     z0_first: int, handoff: Any, last: int,
-) -> None:
-    """Write arrays of levels first..last (block starts at z0_first in level ``first`` voxels)."""
+) -> list[Any]:
+    """Start writing arrays of levels ``first..`` (block at z0_first in level-``first`` voxels).
+
+    Returns the pending write futures; the arrays must stay untouched until they resolve.
+    """
     f0 = levels[first].factor_zyx[0]
+    pending = []
     for offset, arr in enumerate(arrays):
         k = first + offset
         zk = z0_first * f0 // levels[k].factor_zyx[0]
-        for w in writers:
-            w.write(k, zk, arr)
+        pending += [w.write(k, zk, arr) for w in writers]
         if handoff is not None and k == last:
-            handoff.write(zk, arr)
+            pending.append(handoff.write(zk, arr))
+    return pending
 
 
 @dataclass(frozen=True)
@@ -333,15 +361,17 @@ class CoarseJob:
     writers: tuple[Any, ...]
     source_array: Any
     handoff: Any = None
+    threads: int = 2
 
 
 def build_coarse_block(job: CoarseJob) -> dict:
     """Downsample one block of the hand-off level into the coarse levels it owns."""
     t0 = time.perf_counter()
     block = job.source_array.read(job.z0, job.z1)
-    arrays = downsample_levels(block, steps_between(job.levels, job.source, job.last))
+    arrays = downsample_in_bands(block, steps_between(job.levels, job.source, job.last), job.threads)
     # arrays[i] is level source+1+i (first == source + 1)
-    _write_levels(job.writers, job.levels, arrays, job.first, _z_at(job), job.handoff, job.last)
+    for fut in _start_writes(job.writers, job.levels, arrays, job.first, _z_at(job), job.handoff, job.last):
+        fut.result()
     return {"z0": job.z0, "z1": job.z1, "level": job.source, "seconds": time.perf_counter() - t0}
 
 
@@ -526,7 +556,8 @@ def run(
         units = []
         for i, (z0, z1) in enumerate(p.blocks):
             job = CoarseJob(z0, z1, p.source, p.first, p.last, plan.levels, tuple(writers),
-                            handoffs[p.index - 1], handoffs[p.index] if p.index < len(handoffs) else None)
+                            handoffs[p.index - 1], handoffs[p.index] if p.index < len(handoffs) else None,
+                            threads=2 if threads <= 2 else 1)
             units.append(Unit(i, build_coarse_block, (job,)))
         stage(f"coarse{p.index}", units)
     # finalize: metadata, then move complete volumes into place

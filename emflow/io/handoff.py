@@ -43,9 +43,10 @@ class HandoffArray:
         }
         ts.open(spec, create=True, context=context()).result()
 
-    def write(self, z0: int, block: np.ndarray) -> None:
+    def write(self, z0: int, block: np.ndarray) -> ts.WriteFutures:
+        """Start writing frames [z0, z0 + len(block)); ``.result()`` waits for the disk."""
         store = open_store(self._spec(), token=self.token)
-        store[z0 : z0 + block.shape[0]].write(block).result()
+        return store[z0 : z0 + block.shape[0]].write(block)
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         store = open_store(self._spec(), token=self.token)

@@ -184,8 +184,8 @@ class OmeZarrWriter:
     def _store(self, level: int) -> ts.TensorStore:
         return open_store(self._array_spec(level, create=False), token=self.token)
 
-    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> None:
-        self._store(level)[z0 : z0 + block_zyx.shape[0]].write(block_zyx).result()
+    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> ts.WriteFutures:
+        return self._store(level)[z0 : z0 + block_zyx.shape[0]].write(block_zyx)
 
     def read(self, level: int, z0: int, z1: int) -> np.ndarray:
         return np.asarray(self._store(level)[z0:z1].read().result())

@@ -94,11 +94,11 @@ class PrecomputedWriter:
     def _store(self, level: int) -> ts.TensorStore:
         return open_store(self._spec(level), token=self.token)
 
-    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> None:
+    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> ts.WriteFutures:
         store = self._store(level)
         z1 = z0 + block_zyx.shape[0]
         # a view, not a copy: (z, y, x) C-order memory is x-fastest, the chunk layout of precomputed
-        store[:, :, z0:z1, 0].write(block_zyx.transpose(2, 1, 0)).result()
+        return store[:, :, z0:z1, 0].write(block_zyx.transpose(2, 1, 0))
 
     def read(self, level: int, z0: int, z1: int) -> np.ndarray:
         # order="F" of (x, y, z) is C-order (z, y, x): no transposing copy

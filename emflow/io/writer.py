@@ -15,6 +15,12 @@ from typing import Protocol
 import numpy as np
 
 
+class WriteFuture(Protocol):
+    """A pending write (a tensorstore future): ``result()`` waits until it is on disk."""
+
+    def result(self) -> object: ...
+
+
 class Writer(Protocol):
     """One output volume (all levels) in one format."""
 
@@ -27,8 +33,12 @@ class Writer(Protocol):
     def storage_z(self, level: int) -> int:
         """Depth in z (level voxels) of this level's storage objects (chunk or shard)."""
 
-    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> None:
-        """Write a whole-frame block of ``level`` starting at z0 (level voxels)."""
+    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> WriteFuture:
+        """Start writing a whole-frame block of ``level`` at z0 (level voxels).
+
+        Returns a future: the bytes are durable once ``.result()`` returned. The block must
+        not be modified before then. Callers overlap encoding with their next computation.
+        """
 
     def read(self, level: int, z0: int, z1: int) -> np.ndarray:
         """Read back whole frames [z0, z1) of ``level`` as (z, y, x)."""
