@@ -145,7 +145,7 @@ class Align(_Model):
 class Enhance(_Model):
     """CLAHE after warping; clip_limit 0 disables it."""
 
-    clip_limit: float = Field(0.0, ge=0, le=1, description="scikit-image sense; 0.02 is typical")
+    clip_limit: float = Field(0.02, ge=0, le=1, description="scikit-image sense; 0 disables CLAHE")
     kernel_size_px: int = Field(1024, ge=8)
 
 

@@ -21,7 +21,7 @@ def _stack16(tmp_path):
 
 def _recipe(tmp_path, out, depth):
     return recipe_from_dict({
-        "source": {"glob": str(tmp_path / "*.tif")}, "voxel_size_nm": [8, 8, 8], "output_dir": str(tmp_path / out),
+        "source": {"glob": str(tmp_path / "*.tif")}, "voxel_size_nm": [8, 8, 8], "enhance": {"clip_limit": 0}, "output_dir": str(tmp_path / out),
         "outputs": [{"format": "omezarr", "version": "0.4"}], "depth": depth,
     })
 

@@ -59,7 +59,7 @@ def test_odd_sizes_every_format_two_readers(odd_stack):
     root, volume = odd_stack
     recipe = recipe_from_dict({
         "source": {"glob": str(root / "src" / "*.png")},
-        "voxel_size_nm": [4, 4, 40],
+        "voxel_size_nm": [4, 4, 40], "enhance": {"clip_limit": 0},
         "output_dir": str(root / "out"),
         "outputs": ALL_OUTPUTS,
     })
@@ -91,7 +91,7 @@ def test_slabs_and_coarse_passes_on_local_cluster_equal_serial(tmp_path):
     def recipe(out):
         return recipe_from_dict({
             "source": {"glob": str(tmp_path / "src" / "*.png")},
-            "voxel_size_nm": [8, 8, 8],
+            "voxel_size_nm": [8, 8, 8], "enhance": {"clip_limit": 0},
             "output_dir": str(tmp_path / out),
             "outputs": outputs,
             "run": {"slab_depth": 32},
@@ -125,7 +125,7 @@ def test_formats_place_voxels_at_same_physical_position(odd_stack, tmp_path):
     """Precomputed is corner-based, OME-Zarr centre-based: voxel centres must coincide at every level."""
     root, _ = odd_stack
     recipe = recipe_from_dict({
-        "source": {"glob": str(root / "src" / "*.png")}, "voxel_size_nm": [4, 4, 40],
+        "source": {"glob": str(root / "src" / "*.png")}, "voxel_size_nm": [4, 4, 40], "enhance": {"clip_limit": 0},
         "output_dir": str(tmp_path / "out"), "outputs": [ALL_OUTPUTS[2], ALL_OUTPUTS[3]],
         "pyramid": {"levels": 3},
     })

@@ -18,7 +18,7 @@ def test_isbi_png_stack(shared_data, tmp_path):
     src = shared_data / "isbi2012-sstem" / "train"
     recipe = recipe_from_dict({
         "source": {"pattern": str(src / "%02d.png"), "z_start": 0, "z_stop": 30},
-        "voxel_size_nm": [4, 4, 50], "output_dir": str(tmp_path),
+        "voxel_size_nm": [4, 4, 50], "enhance": {"clip_limit": 0}, "output_dir": str(tmp_path),
         "outputs": [{"format": "precomputed", "encoding": "raw"}, {"format": "omezarr", "version": "0.4"}],
     })
     result = run(recipe)
@@ -35,7 +35,7 @@ def test_drosophila_tiff_stack(shared_data, tmp_path):
     src = shared_data / "sstem-drosophila-vnc" / "stack1" / "raw"
     recipe = recipe_from_dict({
         "source": {"directory": str(src), "z_start": 2, "z_stop": 18},
-        "voxel_size_nm": [4.6, 4.6, 45], "output_dir": str(tmp_path),
+        "voxel_size_nm": [4.6, 4.6, 45], "enhance": {"clip_limit": 0}, "output_dir": str(tmp_path),
         "outputs": [{"format": "omezarr", "version": "0.5"}],
     })
     cat = discover(recipe)
@@ -53,7 +53,7 @@ def test_jpeg_tiles_and_multipage_tiff(shared_data, tmp_path):
     for source, name in (({"glob": str(tiles[0].parent.parent / "*" / "*.jpg"), "z_stop": 3}, "jpg"),
                          ({"glob": str(tmp_path / "stack.tif")}, "tif")):
         recipe = recipe_from_dict({
-            "source": source, "voxel_size_nm": [4, 4, 40], "output_dir": str(tmp_path / name),
+            "source": source, "voxel_size_nm": [4, 4, 40], "enhance": {"clip_limit": 0}, "output_dir": str(tmp_path / name),
             "outputs": [{"format": "omezarr"}],
         })
         result = run(recipe)
