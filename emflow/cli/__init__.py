@@ -23,13 +23,7 @@ app = typer.Typer(
 
 COMMAND_MODULES = ("run", "validate", "plan", "demo", "serve", "status")
 for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"emflow.cli.{_name}")
-    except ModuleNotFoundError as _exc:  # a command module not yet present in this checkout
-        if _exc.name != f"emflow.cli.{_name}":
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(f"emflow.cli.{_name}").register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
