@@ -128,9 +128,15 @@ def screenshot(url: str, out: Path, *, size=(1280, 720), timeout: float = 30) ->
     try:
         port_file = Path(user_dir) / "DevToolsActivePort"
         t0 = time.time()
-        while not port_file.exists() and time.time() - t0 < timeout:
+        # Chromium creates the file before it writes the port into it: wait for the content
+        while time.time() - t0 < timeout:
+            text = port_file.read_text() if port_file.exists() else ""
+            if text.split():
+                break
             time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
+        else:
+            pytest.fail(f"chromium did not report its DevTools port within {timeout} s")
+        port = int(text.split()[0])
         targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
         page = next(t for t in targets if t["type"] == "page")
         ready_js = (
