@@ -36,7 +36,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("tensorstore other", ("tensorstore",)),
     ("render: copy into the slab", ("render_slab", "_render_slice")),
     ("coarse pass (Python side)", ("build_coarse_block",)),
-    ("bookkeeping (lattice/journal)", ("lattice.py", "execute.py")),
+    ("bookkeeping (lattice/journal)", ("emflow/lattice/", "execute.py")),
     ("dask/distributed (event loop, system monitor)", ("distributed/", "tornado/", "asyncio/",
                                                        "msgpack", "pickle", "psutil/")),
     ("imports/startup", ("<frozen importlib", "importlib/")),

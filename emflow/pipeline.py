@@ -151,6 +151,11 @@ def plan_output(
         target = max(unit, n_slices / max(1, 2 * threads))
         while depth * 2 <= target and depth * 2 * per_slice <= memory_per_thread and depth < n_slices:
             depth *= 2
+        # isotropic steps halve z at once: slabs that own only level 0 would hand a full-size
+        # copy to a serial coarse pass; deepen them (memory permitting) to own level 1 too
+        while (len(levels) > 1 and _last_owned(levels, 0, depth, unit, 0) == 0 and depth < n_slices
+               and depth * 2 * per_slice <= memory_per_thread):
+            depth *= 2
     passes: list[Pass] = []
     owner: list[int | None] = [None] * len(levels)
     source, start, d, nz = 0, 0, depth, n_slices
