@@ -300,12 +300,14 @@ def run_stage(
                 "attempts": 0,
                 "error": "orphaned: an upstream unit failed",
             }
-        for u in skipped:
-            res = done[u.index]["result"]
+        def deliver(u: Unit, res: Any) -> None:
             results[u.index] = res
             if on_result is not None:
                 on_result(u, res)
             progress.advance(u.nbytes)
+
+        for u in skipped:
+            deliver(u, done[u.index]["result"])
 
         def marker(u: Unit) -> str | None:
             return str(lat.marker_path(run_dir, stage, u.index)) if run_dir is not None else None
@@ -324,10 +326,7 @@ def run_stage(
                     end=payload.get("end"),
                     reused=payload.get("reused") or None,
                 )
-            results[u.index] = res
-            if on_result is not None:
-                on_result(u, res)
-            progress.advance(u.nbytes)
+            deliver(u, res)
 
         def record_failed(
             u: Unit, exc: BaseException, attempts: int, final: bool, worker: Any = None

@@ -29,6 +29,7 @@ from emflow.cluster.config import (
     load_config,
     walltime_seconds,
 )
+from emflow.cluster.local import client_on
 from emflow.errors import ClusterError
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,6 @@ def _tracking_job_cls(base: type, seen: list[str]) -> type:
 @contextmanager
 def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
     import dask_jobqueue
-    from distributed import Client
 
     cluster_cls = getattr(dask_jobqueue, _JOBQUEUE_CLASS[request.kind])
     kw = _jobqueue_kwargs(request, config)
@@ -190,20 +190,15 @@ def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterato
     except (TypeError, ValueError, OSError) as exc:
         msg = str(exc).splitlines()[0]
         raise ClusterError(f"--cluster {request.kind}: cannot start ({msg})") from exc
-    try:
-        low, high = _adapt_bounds(request, config) or (1, 1)
-        per_job = int(kw.get("processes") or 1)  # adapt counts jobs; bounds count workers
-        cluster.adapt(minimum_jobs=-(-low // per_job), maximum_jobs=-(-high // per_job))
-        client = Client(cluster)
-        try:
-            yield client
-        finally:
-            client.close()
-    finally:
-        try:
-            cluster.close()
-        finally:
-            _reap_jobs(cluster_cls.job_cls.cancel_command, submitted)
+    low, high = _adapt_bounds(request, config) or (1, 1)
+    per_job = int(kw.get("processes") or 1)  # adapt counts jobs; bounds count workers
+    min_jobs, max_jobs = -(-low // per_job), -(-high // per_job)
+    with client_on(
+        cluster,
+        setup=lambda: cluster.adapt(minimum_jobs=min_jobs, maximum_jobs=max_jobs),
+        after_close=lambda: _reap_jobs(cluster_cls.job_cls.cancel_command, submitted),
+    ) as client:
+        yield client
 
 
 def _reap_jobs(cancel_command: str, job_ids: list[str]) -> None:

@@ -24,7 +24,7 @@ from emflow.cluster.config import (
     _check_kind,
     load_config,
 )
-from emflow.cluster.local import _connect
+from emflow.cluster.local import _connect, client_on
 from emflow.errors import ClusterError
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,6 @@ def _kubecluster_client(
     request: ClusterRequest, config: dict[str, Any], spec: dict[str, Any], namespace: str
 ) -> Iterator[Any]:
     from dask_kubernetes.operator import KubeCluster
-    from distributed import Client
 
     try:
         cluster = KubeCluster(custom_cluster_spec=spec, namespace=namespace)
@@ -283,14 +282,9 @@ def _kubecluster_client(
             f"--cluster kubernetes: cannot create the DaskCluster ({str(exc).splitlines()[0]}); "
             "check kubectl access and that the dask-kubernetes operator is installed"
         ) from exc
-    try:
-        if kubernetes_autoscaler(request) is not None:
-            bounds = _adapt_bounds(request, config) or (0, 0)
-            cluster.adapt(minimum=bounds[0], maximum=bounds[1])
-        client = Client(cluster)
-        try:
-            yield client
-        finally:
-            client.close()
-    finally:
-        cluster.close()
+    adapt = None
+    if kubernetes_autoscaler(request) is not None:
+        low, high = _adapt_bounds(request, config) or (0, 0)
+        adapt = lambda: cluster.adapt(minimum=low, maximum=high)  # noqa: E731
+    with client_on(cluster, setup=adapt) as client:
+        yield client

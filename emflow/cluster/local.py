@@ -8,7 +8,7 @@ the Kubernetes client) turns a failed connection into a :class:`ClusterError`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,23 +83,48 @@ def _connect(address: str, security: Any, timeout: str, message: str) -> Any:
 
 
 @contextmanager
-def _local_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
-    from distributed import Client, LocalCluster
+def client_on(
+    cluster: Any,
+    *,
+    setup: Callable[[], object] | None = None,
+    after_close: Callable[[], object] | None = None,
+) -> Iterator[Any]:
+    """Yield a Client of a started cluster, closing the client and then the cluster on exit.
 
-    kw = _local_kwargs(request, config)
+    ``setup`` (e.g. ``cluster.adapt``) runs first; the cluster is closed even if it fails.
+    ``after_close`` runs last in every case (e.g. cancel batch jobs the cluster left behind).
+    """
+    from distributed import Client
+
     try:
-        cluster = LocalCluster(**kw)
-    except TypeError as exc:
-        raise ClusterError(f"local cluster config: {exc}; check the keys") from exc
-    try:
-        bounds = _adapt_bounds(request, config)
-        wants = request.max_workers is not None or (config.get("adapt") or {}).get("maximum")
-        if wants and bounds is not None:
-            cluster.adapt(minimum=bounds[0], maximum=bounds[1])
+        if setup is not None:
+            setup()
         client = Client(cluster)
         try:
             yield client
         finally:
             client.close()
     finally:
-        cluster.close()
+        try:
+            cluster.close()
+        finally:
+            if after_close is not None:
+                after_close()
+
+
+@contextmanager
+def _local_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
+    from distributed import LocalCluster
+
+    kw = _local_kwargs(request, config)
+    try:
+        cluster = LocalCluster(**kw)
+    except TypeError as exc:
+        raise ClusterError(f"local cluster config: {exc}; check the keys") from exc
+    bounds = _adapt_bounds(request, config)
+    wants = request.max_workers is not None or (config.get("adapt") or {}).get("maximum")
+    adapt = None
+    if wants and bounds is not None:
+        adapt = lambda: cluster.adapt(minimum=bounds[0], maximum=bounds[1])  # noqa: E731
+    with client_on(cluster, setup=adapt) as client:
+        yield client
