@@ -33,8 +33,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load1 {machine.load1():.2f}] {msg}", file=sys.stderr,
-          flush=True)
+    print(
+        f"[{time.strftime('%H:%M:%S')} load1 {machine.load1():.2f}] {msg}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def section_limits(res: dict, quick: bool, size: int) -> None:
@@ -48,15 +51,21 @@ def section_limits(res: dict, quick: bool, size: int) -> None:
 
         steps = [(2, 2, 2)] * (limits.LEVELS - 1)
         block = inputs["block"]
-        s = limits._timeit(lambda: downsample_levels(block, steps), 1 if quick else 3,
-                           1 if quick else 3)
+        s = limits._timeit(
+            lambda: downsample_levels(block, steps), 1 if quick else 3, 1 if quick else 3
+        )
         kernels["downsample_emflow_pyramid"] = limits._result(
-            block.nbytes, s, "level-0 bytes", kernel="emflow.pyramid.downsample_levels")
+            block.nbytes, s, "level-0 bytes", kernel="emflow.pyramid.downsample_levels"
+        )
     except ImportError as exc:
         res["notes"].append(f"emflow.pyramid.downsample_levels not measured: {exc}")
-    res["limits"] = {"kernels": kernels, "model": limits.cost_model(kernels, cores=2),
-                     "load1_before": l0, "load1_after": machine.load1(),
-                     "runs": 1 if quick else 3}
+    res["limits"] = {
+        "kernels": kernels,
+        "model": limits.cost_model(kernels, cores=2),
+        "load1_before": l0,
+        "load1_after": machine.load1(),
+        "runs": 1 if quick else 3,
+    }
     res["notes"].append(f"CLAHE limit measured with {kernels['clahe']['impl']}")
     log("limits: " + ", ".join(f"{k} {v['mb_s']:.0f}" for k, v in kernels.items()))
 
@@ -91,12 +100,15 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
     variants = []
     if "e2e" in sections:
         variants += [e2e.ceiling_variant(k, src, work, lv) for k in ("jpeg", "zarr", "both")]
-        variants += [e2e.emflow_variant(f"emflow-{k.replace('+', '-')}", k, src, nz, work, lv)
-                     for k in ("jpeg", "zarr", "both", "both+clahe")]
+        variants += [
+            e2e.emflow_variant(f"emflow-{k.replace('+', '-')}", k, src, nz, work, lv)
+            for k in ("jpeg", "zarr", "both", "both+clahe")
+        ]
         # alignment costs seconds per slice: the full pipeline runs on the first slices only
         nf = min(nz, args.full_slices)
-        full = e2e.emflow_variant("emflow-full", "full", src, nf, work, lv,
-                                  input_bytes=nf * args.size * args.size)
+        full = e2e.emflow_variant(
+            "emflow-full", "full", src, nf, work, lv, input_bytes=nf * args.size * args.size
+        )
         full.format_note += f" (first {nf} slices)"
         variants.append(full)
         # what-if: one slab as deep as the stack owns every level (no hand-off pass)
@@ -107,8 +119,11 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
         fixed.family, fixed.format_note = "fixed", "both, on 32 x 256² (2 MB): start-up cost"
         variants.append(fixed)
         deep = -(-nz // 64) * 64  # a multiple of the chunk depth
-        variants.append(e2e.emflow_variant(f"emflow-both-slab{deep}", "both", src, nz, work, lv,
-                                           slab_depth=deep))
+        variants.append(
+            e2e.emflow_variant(
+                f"emflow-both-slab{deep}", "both", src, nz, work, lv, slab_depth=deep
+            )
+        )
     if "peers" in sections:
         for peer in e2e.PEER_VARIANTS:
             log(f"peers: venv {peer}")
@@ -125,15 +140,24 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
                 continue  # minutes per run: once is enough next to the lighter variants
             m = e2e.measure_variant(v)
             runs[v.name].append(m)
-            log(f"e2e {v.name} rep {rep}: rc {m.returncode} wall {m.wall_s:.2f} s cpu "
-                f"{m.cpu_s:.1f} s load1 {m.load1_before}")
+            log(
+                f"e2e {v.name} rep {rep}: rc {m.returncode} wall {m.wall_s:.2f} s cpu "
+                f"{m.cpu_s:.1f} s load1 {m.load1_before}"
+            )
             if rep == 0 and m.returncode == 0 and v.family != "fixed":  # tiny stack: no check
                 _quality(res, v.name, v.kind, v.out_dir, source)
     model = res.get("limits", {}).get("model", {})
     for v in variants:
         if v.skip:
-            res["e2e"].append({"name": v.name, "family": v.family, "kind": v.kind,
-                               "format": v.format_note, "skip": v.skip})
+            res["e2e"].append(
+                {
+                    "name": v.name,
+                    "family": v.family,
+                    "kind": v.kind,
+                    "format": v.format_note,
+                    "skip": v.skip,
+                }
+            )
             res["notes"].append(f"{v.name} skipped: {v.skip}")
             continue
         row = e2e.summarize_runs(v, runs[v.name], source.nbytes, frame, model)
@@ -149,23 +173,38 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
 
     def ratio(key: str, num: str, den: str, meaning: str) -> None:
         if num in by and den in by:
-            res["ratios"][key] = {"ratio": by[num]["wall_s"] / by[den]["wall_s"],
-                                  "meaning": meaning}
+            res["ratios"][key] = {
+                "ratio": by[num]["wall_s"] / by[den]["wall_s"],
+                "meaning": meaning,
+            }
 
-    ratio("emflow JPEG vs igneous", "igneous-jpeg", "emflow-jpeg",
-          "igneous wall ÷ emflow wall (> 1: emflow faster); target ≥ 1.45")
+    ratio(
+        "emflow JPEG vs igneous",
+        "igneous-jpeg",
+        "emflow-jpeg",
+        "igneous wall ÷ emflow wall (> 1: emflow faster); target ≥ 1.45",
+    )
     ratio("emflow zarr vs ngff-zarr", "ngff-zarr", "emflow-zarr", "ngff-zarr wall ÷ emflow wall")
-    ratio("emflow zarr vs ome-zarr-py", "ome-zarr-py", "emflow-zarr",
-          "ome-zarr-py wall ÷ emflow wall")
+    ratio(
+        "emflow zarr vs ome-zarr-py", "ome-zarr-py", "emflow-zarr", "ome-zarr-py wall ÷ emflow wall"
+    )
     for k in ("jpeg", "zarr", "both"):
-        ratio(f"emflow {k} vs ceiling", f"ceiling-{k}", f"emflow-{k}",
-              "ceiling wall ÷ emflow wall (1 = as fast as the hand-written pipeline)")
+        ratio(
+            f"emflow {k} vs ceiling",
+            f"ceiling-{k}",
+            f"emflow-{k}",
+            "ceiling wall ÷ emflow wall (1 = as fast as the hand-written pipeline)",
+        )
     ratio("ceiling JPEG vs igneous", "igneous-jpeg", "ceiling-jpeg", "igneous ÷ ceiling")
     ratio("CLAHE cost", "emflow-both-clahe", "emflow-both", "wall with CLAHE ÷ without")
     ratio("alignment + CLAHE cost", "emflow-full", "emflow-both", "full pipeline ÷ pyramid only")
     deep = -(-nz // 64) * 64
-    ratio("one deep slab vs default plan", "emflow-both", f"emflow-both-slab{deep}",
-          "default plan wall ÷ single deep slab wall (> 1: the default plan's hand-off pass costs)")
+    ratio(
+        "one deep slab vs default plan",
+        "emflow-both",
+        f"emflow-both-slab{deep}",
+        "default plan wall ÷ single deep slab wall (> 1: the default plan's hand-off pass costs)",
+    )
 
 
 def section_scaling(res: dict, args, src: Path, source) -> None:
@@ -174,13 +213,27 @@ def section_scaling(res: dict, args, src: Path, source) -> None:
     model = res.get("limits", {}).get("model", {})
     out: dict = {"runs": {}, "ratios": {}}
     variants = [
-        ("1 worker, pinned to 1 core", e2e.emflow_variant("scale-1w-1core", "both", src,
-                                                          args.slices, work, args.levels,
-                                                          workers=1, pin_cores="0")),
-        ("1 worker, 2 cores", e2e.emflow_variant("scale-1w", "both", src, args.slices, work,
-                                                 args.levels, workers=1)),
-        ("2 workers, 2 cores", e2e.emflow_variant("scale-2w", "both", src, args.slices, work,
-                                                  args.levels, workers=2)),
+        (
+            "1 worker, pinned to 1 core",
+            e2e.emflow_variant(
+                "scale-1w-1core",
+                "both",
+                src,
+                args.slices,
+                work,
+                args.levels,
+                workers=1,
+                pin_cores="0",
+            ),
+        ),
+        (
+            "1 worker, 2 cores",
+            e2e.emflow_variant("scale-1w", "both", src, args.slices, work, args.levels, workers=1),
+        ),
+        (
+            "2 workers, 2 cores",
+            e2e.emflow_variant("scale-2w", "both", src, args.slices, work, args.levels, workers=2),
+        ),
     ]
     for label, v in variants:
         ms = []
@@ -205,8 +258,19 @@ def section_scaling(res: dict, args, src: Path, source) -> None:
 def section_overhead(res: dict, quick: bool) -> None:
     slices, units = (5_000, 200) if quick else (100_000, 2_000)
     l0 = machine.load1()
-    m = run_measured([sys.executable, "-m", "benchmarks.overhead", "--slices", str(slices),
-                      "--units", str(units)], cwd=HERE.parent, timeout_s=900)
+    m = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.overhead",
+            "--slices",
+            str(slices),
+            "--units",
+            str(units),
+        ],
+        cwd=HERE.parent,
+        timeout_s=900,
+    )
     o = dict(m.result) if m.result else {"error": m.stderr_tail[-800:]}
     o["load1_before"] = l0
     o["process_wall_s"] = m.wall_s
@@ -234,19 +298,28 @@ def section_alignment(res: dict, quick: bool) -> None:
         else:
             params = inspect.signature(fn).parameters
             raw = fn(sizes=sizes) if "sizes" in params else fn()
-            figures = {int(k): (v if isinstance(v, dict) else {"seconds_per_slice_per_core": v})
-                       for k, v in raw.items()}
+            figures = {
+                int(k): (v if isinstance(v, dict) else {"seconds_per_slice_per_core": v})
+                for k, v in raw.items()
+            }
             how = "align_cost.measure(sizes)"
         for size, d in figures.items():
             sec = d.get("seconds_per_slice_per_core")
             if sec:
                 d["mb_s_per_core"] = size * size / 1e6 / sec
                 d["cpu_s_per_gb"] = sec / (size * size / 1e9)
-        res["alignment"] = {"figures": figures, "how": how, "sizes": list(sizes),
-                            "load1_before": l0, "load1_after": machine.load1()}
+        res["alignment"] = {
+            "figures": figures,
+            "how": how,
+            "sizes": list(sizes),
+            "load1_before": l0,
+            "load1_after": machine.load1(),
+        }
     except Exception as exc:
-        res["alignment"] = {"note": f"align_cost.measure() failed: {type(exc).__name__}: {exc}",
-                            "traceback": traceback.format_exc()[-2000:]}
+        res["alignment"] = {
+            "note": f"align_cost.measure() failed: {type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()[-2000:],
+        }
 
 
 def section_profile(res: dict, args, src: Path) -> None:
@@ -254,11 +327,13 @@ def section_profile(res: dict, args, src: Path) -> None:
 
     res["profile"] = {}
     for kind in ("both",):  # full/CLAHE: their stage split comes from emflow's own timings
-        v = e2e.emflow_variant(f"profile-{kind}", kind, src, args.slices, OUT / "profile",
-                               args.levels)
+        v = e2e.emflow_variant(
+            f"profile-{kind}", kind, src, args.slices, OUT / "profile", args.levels
+        )
         log(f"profile: emflow {kind} under py-spy")
-        res["profile"][f"emflow {kind}"] = profile(v.cmd, OUT / "profile" / f"{kind}.raw",
-                                                   HERE.parent, v.env)
+        res["profile"][f"emflow {kind}"] = profile(
+            v.cmd, OUT / "profile" / f"{kind}.raw", HERE.parent, v.env
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,14 +343,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=128)
     p.add_argument("--levels", type=int, default=5)
     p.add_argument("--repeat", type=int, default=3, help="runs per end-to-end variant")
-    p.add_argument("--full-slices", type=int, default=32,
-                   help="slices for the full pipeline (alignment + CLAHE) variant")
-    p.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "profile"),
-                   help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument(
+        "--full-slices",
+        type=int,
+        default=32,
+        help="slices for the full pipeline (alignment + CLAHE) variant",
+    )
+    p.add_argument(
+        "--sections",
+        default=",".join(s for s in SECTIONS if s != "profile"),
+        help=f"comma list of {', '.join(SECTIONS)}",
+    )
     p.add_argument("--profile", action="store_true", help="also profile emflow with py-spy")
-    p.add_argument("--results-md", type=Path, default=None,
-                   help="where to write the table (default: benchmarks/RESULTS.md; "
-                        "--quick: benchmarks/out/RESULTS.quick.md)")
+    p.add_argument(
+        "--results-md",
+        type=Path,
+        default=None,
+        help="where to write the table (default: benchmarks/RESULTS.md; "
+        "--quick: benchmarks/out/RESULTS.quick.md)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.slices, args.levels, args.repeat = 256, 32, 3, 1
@@ -283,17 +369,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         sections.add("profile")
     OUT.mkdir(parents=True, exist_ok=True)
-    res: dict = {"machine": machine.describe(), "notes": [], "e2e": [], "quality": {},
-                 "quality_levels": {}, "ratios": {}}
+    res: dict = {
+        "machine": machine.describe(),
+        "notes": [],
+        "e2e": [],
+        "quality": {},
+        "quality_levels": {},
+        "ratios": {},
+    }
     log(f"machine: {res['machine']['cpu_model']}, load {res['machine']['loadavg_1_5_15']}")
     src, paths = ensure_png_stack((args.slices, args.size, args.size))
     source = read_stack(paths)  # also warms the page cache for every variant
-    res["config"] = {"size": args.size, "slices": args.slices, "levels": args.levels,
-                     "repeat": args.repeat, "quick": args.quick, "cores": 2,
-                     "sections": sorted(sections), "input_mb": source.nbytes / 1e6,
-                     "png_mb": dir_stats(src)[1],
-                     "command": "python -m benchmarks " + " ".join(argv if argv is not None
-                                                                    else sys.argv[1:])}
+    res["config"] = {
+        "size": args.size,
+        "slices": args.slices,
+        "levels": args.levels,
+        "repeat": args.repeat,
+        "quick": args.quick,
+        "cores": 2,
+        "sections": sorted(sections),
+        "input_mb": source.nbytes / 1e6,
+        "png_mb": dir_stats(src)[1],
+        "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     t0 = time.perf_counter()
     if "limits" in sections:
         section_limits(res, args.quick, args.size)

@@ -42,18 +42,29 @@ def precomputed_sharding(size_xyz: list[int], chunk: int = CHUNK) -> dict:
     total = _morton_bits([-(-s // chunk) for s in size_xyz])
     pre = min(PRESHIFT, total)
     mini = min(MINISHARD, total - pre)
-    return {"@type": "neuroglancer_uint64_sharded_v1", "hash": "identity",
-            "preshift_bits": pre, "minishard_bits": mini, "shard_bits": total - pre - mini,
-            "minishard_index_encoding": "gzip", "data_encoding": "raw"}
+    return {
+        "@type": "neuroglancer_uint64_sharded_v1",
+        "hash": "identity",
+        "preshift_bits": pre,
+        "minishard_bits": mini,
+        "shard_bits": total - pre - mini,
+        "minishard_index_encoding": "gzip",
+        "data_encoding": "raw",
+    }
 
 
 def _context(threads: int) -> ts.Context:
-    return ts.Context({"data_copy_concurrency": {"limit": threads},
-                       "file_io_concurrency": {"limit": max(8, threads)}})
+    return ts.Context(
+        {
+            "data_copy_concurrency": {"limit": threads},
+            "file_io_concurrency": {"limit": max(8, threads)},
+        }
+    )
 
 
-def write_precomputed(levels: list[np.ndarray], root: Path, voxel_nm: float, threads: int,
-                      quality: int = 90) -> None:
+def write_precomputed(
+    levels: list[np.ndarray], root: Path, voxel_nm: float, threads: int, quality: int = 90
+) -> None:
     ctx = _context(threads)
     for lvl, vol in enumerate(levels):
         size = [vol.shape[2], vol.shape[1], vol.shape[0]]
@@ -62,56 +73,94 @@ def write_precomputed(levels: list[np.ndarray], root: Path, voxel_nm: float, thr
             "driver": "neuroglancer_precomputed",
             "kvstore": {"driver": "file", "path": str(root) + "/"},
             "multiscale_metadata": {"type": "image", "data_type": "uint8", "num_channels": 1},
-            "scale_metadata": {"key": f"{int(res[0])}_{int(res[1])}_{int(res[2])}",
-                               "size": size, "resolution": res, "encoding": "jpeg",
-                               "jpeg_quality": quality, "chunk_size": [CHUNK] * 3,
-                               "sharding": precomputed_sharding(size)},
-            "open": True, "create": True,
+            "scale_metadata": {
+                "key": f"{int(res[0])}_{int(res[1])}_{int(res[2])}",
+                "size": size,
+                "resolution": res,
+                "encoding": "jpeg",
+                "jpeg_quality": quality,
+                "chunk_size": [CHUNK] * 3,
+                "sharding": precomputed_sharding(size),
+            },
+            "open": True,
+            "create": True,
         }
         store = ts.open(spec, context=ctx).result()
         store[:, :, :, 0].write(vol.transpose(2, 1, 0)).result()
 
 
-def write_omezarr(levels: list[np.ndarray], root: Path, voxel_nm: float, threads: int,
-                  zstd_level: int = 1) -> None:
+def write_omezarr(
+    levels: list[np.ndarray], root: Path, voxel_nm: float, threads: int, zstd_level: int = 1
+) -> None:
     ctx = _context(threads)
     root.mkdir(parents=True, exist_ok=True)
     datasets = []
     for lvl, vol in enumerate(levels):
-        shard = [min(s, -(-n // CHUNK) * CHUNK) for s, n in zip(ZARR_SHARD_ZYX, vol.shape,
-                                                                strict=True)]
+        shard = [
+            min(s, -(-n // CHUNK) * CHUNK) for s, n in zip(ZARR_SHARD_ZYX, vol.shape, strict=True)
+        ]
         spec = {
             "driver": "zarr3",
             "kvstore": {"driver": "file", "path": f"{root}/{lvl}/"},
             "metadata": {
-                "shape": list(vol.shape), "data_type": "uint8",
+                "shape": list(vol.shape),
+                "data_type": "uint8",
                 "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
-                "codecs": [{"name": "sharding_indexed", "configuration": {
-                    "chunk_shape": [CHUNK] * 3,
-                    "codecs": [{"name": "bytes"},
-                               {"name": "zstd", "configuration": {"level": zstd_level}}],
-                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                                     {"name": "crc32c"}]}}],
+                "codecs": [
+                    {
+                        "name": "sharding_indexed",
+                        "configuration": {
+                            "chunk_shape": [CHUNK] * 3,
+                            "codecs": [
+                                {"name": "bytes"},
+                                {"name": "zstd", "configuration": {"level": zstd_level}},
+                            ],
+                            "index_codecs": [
+                                {"name": "bytes", "configuration": {"endian": "little"}},
+                                {"name": "crc32c"},
+                            ],
+                        },
+                    }
+                ],
                 "dimension_names": ["z", "y", "x"],
             },
-            "create": True, "delete_existing": True,
+            "create": True,
+            "delete_existing": True,
         }
         store = ts.open(spec, context=ctx).result()
         store.write(vol).result()
         f = 2.0**lvl
-        datasets.append({"path": str(lvl), "coordinateTransformations": [
-            {"type": "scale", "scale": [voxel_nm * f] * 3},
-            {"type": "translation", "translation": [voxel_nm * (f - 1) / 2] * 3}]})
-    meta = {"zarr_format": 3, "node_type": "group", "attributes": {"ome": {
-        "version": "0.5",
-        "multiscales": [{"name": "ceiling", "axes": [
-            {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
-            "datasets": datasets}]}}}
+        datasets.append(
+            {
+                "path": str(lvl),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [voxel_nm * f] * 3},
+                    {"type": "translation", "translation": [voxel_nm * (f - 1) / 2] * 3},
+                ],
+            }
+        )
+    meta = {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {
+            "ome": {
+                "version": "0.5",
+                "multiscales": [
+                    {
+                        "name": "ceiling",
+                        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+                        "datasets": datasets,
+                    }
+                ],
+            }
+        },
+    }
     (root / "zarr.json").write_text(json.dumps(meta, indent=1))
 
 
-def run(src: Path, out: Path, formats: list[str], threads: int, levels: int,
-        voxel_nm: float) -> dict:
+def run(
+    src: Path, out: Path, formats: list[str], threads: int, levels: int, voxel_nm: float
+) -> dict:
     cv2.setNumThreads(1)
     paths = sorted(src.glob("*.png"))
     t0 = time.perf_counter()

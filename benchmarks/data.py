@@ -41,8 +41,9 @@ def ensure_png_stack(shape_zyx: tuple[int, int, int], seed: int = 0) -> tuple[Pa
             return d, paths
     shutil.rmtree(d, ignore_errors=True)
     paths = write_stack(synthetic_slices(shape_zyx, seed=seed), d, pattern="img%05d.png")
-    marker.write_text(json.dumps({"shape_zyx": list(shape_zyx), "seed": seed,
-                                  "files": [p.name for p in paths]}))
+    marker.write_text(
+        json.dumps({"shape_zyx": list(shape_zyx), "seed": seed, "files": [p.name for p in paths]})
+    )
     return d, paths
 
 

@@ -25,8 +25,13 @@ REPO = HERE.parent
 PEER_SCRIPTS = HERE / "peer_scripts"
 
 #: output kind -> cost-model key of its limit
-LIMIT_KEY = {"jpeg": "jpeg", "zarr": "zstd", "both": "jpeg+zstd", "both+clahe": "jpeg+zstd+clahe",
-             "full": "full"}
+LIMIT_KEY = {
+    "jpeg": "jpeg",
+    "zarr": "zstd",
+    "both": "jpeg+zstd",
+    "both+clahe": "jpeg+zstd+clahe",
+    "full": "full",
+}
 CLAHE = {"clip_limit": 0.02, "kernel_size_px": 1024}  # = limits.CLAHE_*
 
 
@@ -49,17 +54,38 @@ class Variant:
 # --- builders ---------------------------------------------------------------------------
 
 
-def emflow_recipe(src: Path, nz: int, out_dir: Path, kind: str, levels: int,
-                  voxel_nm: float = 8.0, slab_depth: int | None = None) -> Path:
+def emflow_recipe(
+    src: Path,
+    nz: int,
+    out_dir: Path,
+    kind: str,
+    levels: int,
+    voxel_nm: float = 8.0,
+    slab_depth: int | None = None,
+) -> Path:
     """Write the YAML recipe of an emflow variant and return its path."""
     src, out_dir = src.resolve(), out_dir.resolve()
     outputs = []
     if kind in ("jpeg", "both", "both+clahe", "full"):
-        outputs.append({"format": "precomputed", "name": "precomputed", "encoding": "jpeg",
-                        "jpeg_quality": 90, "sharded": True})
+        outputs.append(
+            {
+                "format": "precomputed",
+                "name": "precomputed",
+                "encoding": "jpeg",
+                "jpeg_quality": 90,
+                "sharded": True,
+            }
+        )
     if kind in ("zarr", "both", "both+clahe", "full"):
-        outputs.append({"format": "omezarr", "name": "omezarr", "version": "0.5",
-                        "codec": "zstd", "codec_level": 1})
+        outputs.append(
+            {
+                "format": "omezarr",
+                "name": "omezarr",
+                "version": "0.5",
+                "codec": "zstd",
+                "codec_level": 1,
+            }
+        )
     recipe: dict = {
         "source": {"pattern": str(src / "img%05d.png"), "z_start": 0, "z_stop": nz},
         "voxel_size_nm": [voxel_nm] * 3,
@@ -79,45 +105,107 @@ def emflow_recipe(src: Path, nz: int, out_dir: Path, kind: str, levels: int,
     return path
 
 
-def emflow_variant(name: str, kind: str, src: Path, nz: int, work: Path, levels: int,
-                   workers: int = 2, pin_cores: str | None = None,
-                   slab_depth: int | None = None, input_bytes: int = 0) -> Variant:
+def emflow_variant(
+    name: str,
+    kind: str,
+    src: Path,
+    nz: int,
+    work: Path,
+    levels: int,
+    workers: int = 2,
+    pin_cores: str | None = None,
+    slab_depth: int | None = None,
+    input_bytes: int = 0,
+) -> Variant:
     out = work / name
     recipe = emflow_recipe(src, nz, out, kind, levels, slab_depth=slab_depth)
-    cmd = [sys.executable, "-m", "emflow", "run", str(recipe), "--workers", str(workers),
-           "--threads", "1", "--dashboard", ":0", "--quiet", "--restart"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "emflow",
+        "run",
+        str(recipe),
+        "--workers",
+        str(workers),
+        "--threads",
+        "1",
+        "--dashboard",
+        ":0",
+        "--quiet",
+        "--restart",
+    ]
     cores = 2
     if pin_cores is not None:
         cmd = ["taskset", "-c", pin_cores, *cmd]
         cores = len(pin_cores.split(","))
-    note = {"jpeg": "prec JPEG q90 sharded", "zarr": "OME-Zarr 0.5 zstd-1 sharded",
-            "both": "JPEG + zstd OME-Zarr, one decode", "both+clahe": "both + CLAHE",
-            "full": "both + CLAHE + alignment"}[kind]
+    note = {
+        "jpeg": "prec JPEG q90 sharded",
+        "zarr": "OME-Zarr 0.5 zstd-1 sharded",
+        "both": "JPEG + zstd OME-Zarr, one decode",
+        "both+clahe": "both + CLAHE",
+        "full": "both + CLAHE + alignment",
+    }[kind]
     if slab_depth is not None:
         note += f", slab_depth {slab_depth}"
-    return Variant(name, "emflow", kind, note, cmd, out, cores,
-                   env={"PYTHONPATH": str(REPO)}, input_bytes=input_bytes)
+    return Variant(
+        name,
+        "emflow",
+        kind,
+        note,
+        cmd,
+        out,
+        cores,
+        env={"PYTHONPATH": str(REPO)},
+        input_bytes=input_bytes,
+    )
 
 
 def ceiling_variant(kind: str, src: Path, work: Path, levels: int, threads: int = 2) -> Variant:
     fmts = {"jpeg": "jpeg", "zarr": "zarr", "both": "jpeg,zarr"}[kind]
     out = work / f"ceiling-{kind}"
-    cmd = [sys.executable, "-m", "benchmarks.ceiling", str(src), str(out), "--formats", fmts,
-           "--threads", str(threads), "--levels", str(levels)]
-    note = {"jpeg": "prec JPEG q90 sharded", "zarr": "OME-Zarr 0.5 zstd-1 sharded",
-            "both": "JPEG + zstd OME-Zarr, one decode"}[kind]
-    return Variant(f"ceiling-{kind}", "ceiling", kind, note, cmd, out,
-                   env={"PYTHONPATH": str(REPO)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.ceiling",
+        str(src),
+        str(out),
+        "--formats",
+        fmts,
+        "--threads",
+        str(threads),
+        "--levels",
+        str(levels),
+    ]
+    note = {
+        "jpeg": "prec JPEG q90 sharded",
+        "zarr": "OME-Zarr 0.5 zstd-1 sharded",
+        "both": "JPEG + zstd OME-Zarr, one decode",
+    }[kind]
+    return Variant(
+        f"ceiling-{kind}", "ceiling", kind, note, cmd, out, env={"PYTHONPATH": str(REPO)}
+    )
 
 
 PEER_VARIANTS = {
     # peer venv -> (variant name, kind, script, format note)
-    "igneous": ("igneous-jpeg", "jpeg", "igneous_run.py",
-                "prec JPEG q90 unsharded (igneous + CloudVolume)"),
-    "ngff-zarr": ("ngff-zarr", "zarr", "ngff_zarr_run.py",
-                  "OME-Zarr 0.5 zstd-1 sharded (DASK_BIN_SHRINK)"),
-    "ome-zarr-py": ("ome-zarr-py", "zarr", "ome_zarr_py_run.py",
-                    "OME-Zarr 0.5 zstd-1 sharded (local_mean)"),
+    "igneous": (
+        "igneous-jpeg",
+        "jpeg",
+        "igneous_run.py",
+        "prec JPEG q90 unsharded (igneous + CloudVolume)",
+    ),
+    "ngff-zarr": (
+        "ngff-zarr",
+        "zarr",
+        "ngff_zarr_run.py",
+        "OME-Zarr 0.5 zstd-1 sharded (DASK_BIN_SHRINK)",
+    ),
+    "ome-zarr-py": (
+        "ome-zarr-py",
+        "zarr",
+        "ome_zarr_py_run.py",
+        "OME-Zarr 0.5 zstd-1 sharded (local_mean)",
+    ),
 }
 
 
@@ -127,8 +215,7 @@ def peer_variant(peer: str, src: Path, work: Path, levels: int) -> Variant:
     env = venvs.ensure(peer)
     if not env.ok:
         return Variant(name, "peer", kind, note, [], out, skip=env.note or "venv failed")
-    cmd = [str(env.python), str(PEER_SCRIPTS / script), str(src), str(out),
-           "--levels", str(levels)]
+    cmd = [str(env.python), str(PEER_SCRIPTS / script), str(src), str(out), "--levels", str(levels)]
     return Variant(name, "peer", kind, note, cmd, out)
 
 
@@ -152,14 +239,16 @@ def _emflow_log(out_dir: Path) -> dict:
     if m:
         info["slabs"], info["slab_depth"] = int(m.group(1)), int(m.group(2))
     # planned blocks of every pass: depth x the (y, x) of its source level, in bytes (uint8)
-    shapes = {int(k): (int(y), int(x)) for k, x, y in
-              re.findall(r"^\s+(\d+): x (\d+) \u00d7 y (\d+) \u00d7 z \d+", text, re.M)}
+    shapes = {
+        int(k): (int(y), int(x))
+        for k, x, y in re.findall(r"^\s+(\d+): x (\d+) \u00d7 y (\d+) \u00d7 z \d+", text, re.M)
+    }
     blocks = []
-    for n, depth, level in re.findall(r"(?:slabs|blocks): (\d+) of (\d+) z \(level (\d+)\)",
-                                      text):
+    for n, depth, level in re.findall(r"(?:slabs|blocks): (\d+) of (\d+) z \(level (\d+)\)", text):
         y, x = shapes.get(int(level), (0, 0))
-        blocks.append({"units": int(n), "depth": int(depth), "level": int(level),
-                       "bytes": int(depth) * y * x})
+        blocks.append(
+            {"units": int(n), "depth": int(depth), "level": int(level), "bytes": int(depth) * y * x}
+        )
     if blocks:
         info["passes"] = blocks
         info["largest_block_mb"] = max(b["bytes"] for b in blocks) / 1e6
@@ -198,7 +287,8 @@ def _emflow_stages(out_dir: Path) -> dict:
                 starts[ev["stage"]] = ev["t"]
             elif ev.get("event") == "stage_end" and ev.get("stage") in starts:
                 out.setdefault("stage_wall_s", {})[ev["stage"]] = round(
-                    ev["t"] - starts[ev["stage"]], 3)
+                    ev["t"] - starts[ev["stage"]], 3
+                )
     phases: dict[str, float] = {}
     for marker in sorted((run / "done").glob("*/*.json")) if (run / "done").exists() else []:
         try:
@@ -223,15 +313,23 @@ def measure_variant(v: Variant, timeout_s: float = 1800.0) -> Measured:
     return run_measured(v.cmd, cwd=REPO, env=v.env, timeout_s=timeout_s)
 
 
-def summarize_runs(v: Variant, runs: list[Measured], input_bytes: int, frame_bytes: int,
-                   model: dict) -> dict:
+def summarize_runs(
+    v: Variant, runs: list[Measured], input_bytes: int, frame_bytes: int, model: dict
+) -> dict:
     """Median figures over repeats (failed runs excluded) + derived ratios."""
     ok = [r for r in runs if r.returncode == 0]
     input_bytes = v.input_bytes or input_bytes
-    row: dict = {"name": v.name, "family": v.family, "kind": v.kind, "format": v.format_note,
-                 "input_bytes": v.input_bytes or input_bytes,
-                 "cores": v.cores, "cmd": " ".join(runs[0].cmd) if runs else "",
-                 "n": len(ok), "load1": [r.load1_before for r in runs]}
+    row: dict = {
+        "name": v.name,
+        "family": v.family,
+        "kind": v.kind,
+        "format": v.format_note,
+        "input_bytes": v.input_bytes or input_bytes,
+        "cores": v.cores,
+        "cmd": " ".join(runs[0].cmd) if runs else "",
+        "n": len(ok),
+        "load1": [r.load1_before for r in runs],
+    }
     if not ok:
         err = runs[-1].stderr_tail.strip().splitlines() if runs else []
         row["error"] = " | ".join(err[-4:]) or f"returncode {runs[-1].returncode}"
@@ -240,23 +338,33 @@ def summarize_runs(v: Variant, runs: list[Measured], input_bytes: int, frame_byt
     wall = statistics.median(walls)
     cpu = statistics.median([r.cpu_s for r in ok])
     gb = input_bytes / 1e9
-    row.update({
-        "wall_s": wall, "wall_min_s": min(walls), "wall_max_s": max(walls),
-        "mb_s": input_bytes / 1e6 / wall,
-        "cpu_s": cpu, "cpu_s_per_gb": cpu / gb,
-        "cpu_poll_s": statistics.median([r.cpu_poll_s for r in ok]),
-        "peak_worker_rss_mb": max(r.peak_worker_rss_mb for r in ok),
-        "peak_driver_rss_mb": max(r.peak_driver_rss_mb for r in ok),
-        "peak_tree_rss_mb": max(r.peak_tree_rss_mb for r in ok),
-        "phases": ok[0].result,
-    })
+    row.update(
+        {
+            "wall_s": wall,
+            "wall_min_s": min(walls),
+            "wall_max_s": max(walls),
+            "mb_s": input_bytes / 1e6 / wall,
+            "cpu_s": cpu,
+            "cpu_s_per_gb": cpu / gb,
+            "cpu_poll_s": statistics.median([r.cpu_poll_s for r in ok]),
+            "peak_worker_rss_mb": max(r.peak_worker_rss_mb for r in ok),
+            "peak_driver_rss_mb": max(r.peak_driver_rss_mb for r in ok),
+            "peak_tree_rss_mb": max(r.peak_tree_rss_mb for r in ok),
+            "phases": ok[0].result,
+        }
+    )
     key = LIMIT_KEY[v.kind]
     lim = model.get(key)
     if lim:
         limit_mb_s = lim["mb_s_per_core"] * v.cores
-        row.update({"limit_key": key, "limit_mb_s": limit_mb_s,
-                    "pct_of_limit": row["mb_s"] / limit_mb_s,
-                    "cpu_efficiency": lim["cpu_s_per_gb"] / row["cpu_s_per_gb"]})
+        row.update(
+            {
+                "limit_key": key,
+                "limit_mb_s": limit_mb_s,
+                "pct_of_limit": row["mb_s"] / limit_mb_s,
+                "cpu_efficiency": lim["cpu_s_per_gb"] / row["cpu_s_per_gb"],
+            }
+        )
     if v.family in ("emflow", "fixed"):
         info = _emflow_log(v.out_dir)
         row.update(info)

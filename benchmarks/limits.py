@@ -43,8 +43,13 @@ def _timeit(fn: Callable[[], object], repeats: int, runs: int) -> float:
 
 
 def _result(nbytes: int, s: float, per: str, **extra: object) -> dict:
-    return {"mb_s": nbytes / s / 1e6, "s_per_call": s, "bytes_per_call": nbytes, "per": per,
-            **extra}
+    return {
+        "mb_s": nbytes / s / 1e6,
+        "s_per_call": s,
+        "bytes_per_call": nbytes,
+        "per": per,
+        **extra,
+    }
 
 
 def single_thread() -> None:
@@ -60,12 +65,18 @@ def measure_png_decode(slice_yx: np.ndarray, repeats: int = 5, runs: int = 3) ->
     ok, buf = cv2.imencode(".png", slice_yx)
     assert ok
     s = _timeit(lambda: cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), repeats, runs)
-    return _result(slice_yx.nbytes, s, "decoded bytes", file_ratio=slice_yx.nbytes / buf.size,
-                   shape=list(slice_yx.shape))
+    return _result(
+        slice_yx.nbytes,
+        s,
+        "decoded bytes",
+        file_ratio=slice_yx.nbytes / buf.size,
+        shape=list(slice_yx.shape),
+    )
 
 
-def measure_jpeg_encode(chunk_zyx: np.ndarray, quality: int = 90, repeats: int = 10,
-                        runs: int = 3) -> dict:
+def measure_jpeg_encode(
+    chunk_zyx: np.ndarray, quality: int = 90, repeats: int = 10, runs: int = 3
+) -> dict:
     """JPEG encode of a chunk laid out as one (z*y, x) image (neuroglancer's layout).
 
     cv2 is the figure; simplejpeg is measured too when installed (``simplejpeg_mb_s``).
@@ -76,14 +87,23 @@ def measure_jpeg_encode(chunk_zyx: np.ndarray, quality: int = 90, repeats: int =
     ok, buf = cv2.imencode(".jpg", img, params)
     assert ok
     s = _timeit(lambda: cv2.imencode(".jpg", img, params), repeats, runs)
-    extra: dict = {"ratio": img.nbytes / buf.size, "image_shape": list(img.shape),
-                   "quality": quality, "library": "cv2"}
+    extra: dict = {
+        "ratio": img.nbytes / buf.size,
+        "image_shape": list(img.shape),
+        "quality": quality,
+        "library": "cv2",
+    }
     try:
         import simplejpeg
 
         img3 = img[:, :, None]
-        s2 = _timeit(lambda: simplejpeg.encode_jpeg(img3, quality=quality, colorspace="GRAY",
-                                                    colorsubsampling="Gray"), repeats, runs)
+        s2 = _timeit(
+            lambda: simplejpeg.encode_jpeg(
+                img3, quality=quality, colorspace="GRAY", colorsubsampling="Gray"
+            ),
+            repeats,
+            runs,
+        )
         extra["simplejpeg_mb_s"] = img.nbytes / s2 / 1e6
     except ImportError:
         pass
@@ -99,12 +119,19 @@ def measure_zstd(chunk_zyx: np.ndarray, level: int = 1, repeats: int = 10, runs:
     enc = codec.encode(data)
     s = _timeit(lambda: codec.encode(data), repeats, runs)
     sd = _timeit(lambda: codec.decode(enc), repeats, runs)
-    return _result(data.nbytes, s, "raw chunk bytes", ratio=data.nbytes / len(enc), level=level,
-                   decode_mb_s=data.nbytes / sd / 1e6)
+    return _result(
+        data.nbytes,
+        s,
+        "raw chunk bytes",
+        ratio=data.nbytes / len(enc),
+        level=level,
+        decode_mb_s=data.nbytes / sd / 1e6,
+    )
 
 
-def measure_downsample(block_zyx: np.ndarray, levels: int = LEVELS, repeats: int = 3,
-                       runs: int = 3) -> dict:
+def measure_downsample(
+    block_zyx: np.ndarray, levels: int = LEVELS, repeats: int = 3, runs: int = 3
+) -> dict:
     """2x2x2 integer mean pyramid (benchmarks.pyramid_ref, rounded once), per level-0 byte.
 
     ``mb_s`` is for all ``levels - 1`` downsampled levels from level 0; ``one_level_mb_s``
@@ -112,8 +139,14 @@ def measure_downsample(block_zyx: np.ndarray, levels: int = LEVELS, repeats: int
     """
     s = _timeit(lambda: pyramid(block_zyx, levels), repeats, runs)
     s1 = _timeit(lambda: pyramid(block_zyx, 2), repeats, runs)
-    return _result(block_zyx.nbytes, s, "level-0 bytes", levels=levels,
-                   one_level_mb_s=block_zyx.nbytes / s1 / 1e6, kernel="numpy uint16 sums")
+    return _result(
+        block_zyx.nbytes,
+        s,
+        "level-0 bytes",
+        levels=levels,
+        one_level_mb_s=block_zyx.nbytes / s1 / 1e6,
+        kernel="numpy uint16 sums",
+    )
 
 
 def measure_warp(slice_yx: np.ndarray, repeats: int = 5, runs: int = 3) -> dict:
@@ -122,9 +155,18 @@ def measure_warp(slice_yx: np.ndarray, repeats: int = 5, runs: int = 3) -> dict:
     h, w = slice_yx.shape
     m = cv2.getRotationMatrix2D((w / 2, h / 2), 1.5, 1.0)
     m[:, 2] += (3.25, -2.5)
-    s = _timeit(lambda: cv2.warpAffine(slice_yx, m, (w, h), flags=cv2.INTER_LINEAR,
-                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0),
-                repeats, runs)
+    s = _timeit(
+        lambda: cv2.warpAffine(
+            slice_yx,
+            m,
+            (w, h),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        ),
+        repeats,
+        runs,
+    )
     return _result(slice_yx.nbytes, s, "slice bytes")
 
 
@@ -138,19 +180,27 @@ def _clahe_fn() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
         from emflow.enhance import clahe  # type: ignore[attr-defined]
 
         def fn(a: np.ndarray) -> np.ndarray:
-            return clahe(a, origin_yx=(0, 0), frame_shape_yx=a.shape,
-                         kernel_size_px=CLAHE_KERNEL_PX, clip_limit=CLAHE_CLIP)
+            return clahe(
+                a,
+                origin_yx=(0, 0),
+                frame_shape_yx=a.shape,
+                kernel_size_px=CLAHE_KERNEL_PX,
+                clip_limit=CLAHE_CLIP,
+            )
 
-        return fn, (f"emflow.enhance.clahe(kernel_size_px={CLAHE_KERNEL_PX}, "
-                    f"clip_limit={CLAHE_CLIP})")
+        return fn, (
+            f"emflow.enhance.clahe(kernel_size_px={CLAHE_KERNEL_PX}, clip_limit={CLAHE_CLIP})"
+        )
     except ImportError:
         from skimage.exposure import equalize_adapthist
 
         def sk(a: np.ndarray) -> np.ndarray:
             return equalize_adapthist(a, kernel_size=CLAHE_KERNEL_PX, clip_limit=CLAHE_CLIP)
 
-        return sk, (f"skimage.exposure.equalize_adapthist(kernel_size={CLAHE_KERNEL_PX}, "
-                    f"clip_limit={CLAHE_CLIP}) (emflow.enhance not present)")
+        return sk, (
+            f"skimage.exposure.equalize_adapthist(kernel_size={CLAHE_KERNEL_PX}, "
+            f"clip_limit={CLAHE_CLIP}) (emflow.enhance not present)"
+        )
 
 
 def measure_clahe(slice_yx: np.ndarray, repeats: int = 1, runs: int = 3) -> dict:
@@ -170,16 +220,24 @@ def measure_clahe(slice_yx: np.ndarray, repeats: int = 1, runs: int = 3) -> dict
 
         impl = f"skimage equalize_adapthist (emflow.enhance.clahe failed: {exc})"
         s = _timeit(lambda: fn(slice_yx), repeats, runs)
-    tiles = (max(1, slice_yx.shape[1] // CLAHE_KERNEL_PX),
-             max(1, slice_yx.shape[0] // CLAHE_KERNEL_PX))
+    tiles = (
+        max(1, slice_yx.shape[1] // CLAHE_KERNEL_PX),
+        max(1, slice_yx.shape[0] // CLAHE_KERNEL_PX),
+    )
     ref = cv2.createCLAHE(clipLimit=2.0, tileGridSize=tiles)
     s_cv = _timeit(lambda: ref.apply(slice_yx), max(1, repeats * 3), runs)
-    return _result(slice_yx.nbytes, s, "slice bytes", impl=impl,
-                   cv2_mb_s=slice_yx.nbytes / s_cv / 1e6)
+    return _result(
+        slice_yx.nbytes, s, "slice bytes", impl=impl, cv2_mb_s=slice_yx.nbytes / s_cv / 1e6
+    )
 
 
-def measure_sift(slice_yx: np.ndarray, feature_size: int = 1024, nfeatures: int = 4000,
-                 repeats: int = 1, runs: int = 3) -> dict:
+def measure_sift(
+    slice_yx: np.ndarray,
+    feature_size: int = 1024,
+    nfeatures: int = 4000,
+    repeats: int = 1,
+    runs: int = 3,
+) -> dict:
     """SIFT on the reduced feature copy: INTER_AREA resize to ``feature_size`` px wide, then
     cv2.SIFT_create(nfeatures).detectAndCompute. ``mb_s`` is per byte of the full slice."""
     single_thread()
@@ -195,12 +253,19 @@ def measure_sift(slice_yx: np.ndarray, feature_size: int = 1024, nfeatures: int 
 
     n_kp = run()
     s = _timeit(run, repeats, runs)
-    return _result(slice_yx.nbytes, s, "full-slice bytes", keypoints=n_kp,
-                   feature_shape=[fh, fw], s_per_slice=s)
+    return _result(
+        slice_yx.nbytes,
+        s,
+        "full-slice bytes",
+        keypoints=n_kp,
+        feature_shape=[fh, fw],
+        s_per_slice=s,
+    )
 
 
-def measure_page_cache_write(nbytes: int = 64 * 2**20, directory: str | Path | None = None,
-                             repeats: int = 3, runs: int = 3) -> dict:
+def measure_page_cache_write(
+    nbytes: int = 64 * 2**20, directory: str | Path | None = None, repeats: int = 3, runs: int = 3
+) -> dict:
     """Writing a file into the page cache (no fsync), then unlinking it."""
     data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
     d = Path(directory or tempfile.gettempdir())
@@ -235,12 +300,12 @@ def sample_inputs(size: int = 2048, chunk: int = 64, seed: int = 0) -> dict[str,
     sl = next(iter(synthetic_slices((1, size, size), seed=seed)))
     side = max(chunk, min(size, 512))
     block = np.stack(list(synthetic_slices((chunk, side, side), seed=seed + 7)))
-    return {"slice": sl, "chunk": np.ascontiguousarray(block[:, :chunk, :chunk]),
-            "block": block}
+    return {"slice": sl, "chunk": np.ascontiguousarray(block[:, :chunk, :chunk]), "block": block}
 
 
-def measure_all(inputs: dict[str, np.ndarray], quick: bool = False,
-                scratch: str | Path | None = None) -> dict[str, dict]:
+def measure_all(
+    inputs: dict[str, np.ndarray], quick: bool = False, scratch: str | Path | None = None
+) -> dict[str, dict]:
     """Every kernel once, single-threaded. ``quick`` cuts repeats to a minimum."""
     r = 1 if quick else None
 
@@ -257,7 +322,8 @@ def measure_all(inputs: dict[str, np.ndarray], quick: bool = False,
         "clahe": measure_clahe(sl, **kw(1)),
         "sift_feature_copy": measure_sift(sl, **kw(1)),
         "page_cache_write": measure_page_cache_write(
-            (4 if quick else 64) * 2**20, scratch, **kw(3)),
+            (4 if quick else 64) * 2**20, scratch, **kw(3)
+        ),
         "memcpy": measure_copy((4 if quick else 64) * 2**20, **kw(5)),
     }
     return out
@@ -275,6 +341,7 @@ def cost_model(k: dict[str, dict], cores: int = 2) -> dict[str, dict]:
     feature and render passes), ``full_decode_twice`` (no cache, PNG decoded twice),
     ``jpeg+zstd+clahe``, and two what-ifs with OpenCV's CLAHE speed (``*cv2_clahe``).
     """
+
     def per_gb(name: str, factor: float = 1.0) -> float:
         return factor * 1000.0 / k[name]["mb_s"]
 
@@ -291,8 +358,11 @@ def cost_model(k: dict[str, dict], cores: int = 2) -> dict[str, dict]:
         "zstd_write": LEVEL_FACTOR / zratio * 1000.0 / write,
         # the feature pass keeps the decoded slice as zstd-1 for the render pass (DESIGN
         # invariant 1): encode + write + decode of level 0 once
-        "slice_cache": (1000.0 / k["zstd1_encode"]["mb_s"] + 1000.0 / zratio / write
-                        + 1000.0 / k["zstd1_encode"]["decode_mb_s"]),
+        "slice_cache": (
+            1000.0 / k["zstd1_encode"]["mb_s"]
+            + 1000.0 / zratio / write
+            + 1000.0 / k["zstd1_encode"]["decode_mb_s"]
+        ),
         "warp": per_gb("warp_affine_linear"),
         "clahe": per_gb("clahe"),
         "clahe_cv2": 1000.0 / k["clahe"]["cv2_mb_s"],
@@ -303,14 +373,41 @@ def cost_model(k: dict[str, dict], cores: int = 2) -> dict[str, dict]:
         "jpeg": [*base, "jpeg", "jpeg_write"],
         "zstd": [*base, "zstd", "zstd_write"],
         "jpeg+zstd": [*base, "jpeg", "jpeg_write", "zstd", "zstd_write"],
-        "full": [*base, "slice_cache", "jpeg", "jpeg_write", "zstd", "zstd_write", "warp",
-                 "clahe", "sift"],
-        "full_decode_twice": [*base, "decode", "jpeg", "jpeg_write", "zstd", "zstd_write",
-                              "warp", "clahe", "sift"],
+        "full": [
+            *base,
+            "slice_cache",
+            "jpeg",
+            "jpeg_write",
+            "zstd",
+            "zstd_write",
+            "warp",
+            "clahe",
+            "sift",
+        ],
+        "full_decode_twice": [
+            *base,
+            "decode",
+            "jpeg",
+            "jpeg_write",
+            "zstd",
+            "zstd_write",
+            "warp",
+            "clahe",
+            "sift",
+        ],
         "jpeg+zstd+clahe": [*base, "jpeg", "jpeg_write", "zstd", "zstd_write", "clahe"],
         # what-if: the same with OpenCV's CLAHE kernel (not tile-invariant as is)
-        "full_cv2_clahe": [*base, "slice_cache", "jpeg", "jpeg_write", "zstd", "zstd_write",
-                           "warp", "clahe_cv2", "sift"],
+        "full_cv2_clahe": [
+            *base,
+            "slice_cache",
+            "jpeg",
+            "jpeg_write",
+            "zstd",
+            "zstd_write",
+            "warp",
+            "clahe_cv2",
+            "sift",
+        ],
         "jpeg+zstd+cv2_clahe": [*base, "jpeg", "jpeg_write", "zstd", "zstd_write", "clahe_cv2"],
     }
     out = {}

@@ -10,8 +10,18 @@ import time
 import psutil
 
 _LIBS = (
-    "emflow", "numpy", "opencv-python-headless", "tensorstore", "zarr", "numcodecs",
-    "simplejpeg", "scikit-image", "dask", "distributed", "psutil", "cloud-volume",
+    "emflow",
+    "numpy",
+    "opencv-python-headless",
+    "tensorstore",
+    "zarr",
+    "numcodecs",
+    "simplejpeg",
+    "scikit-image",
+    "dask",
+    "distributed",
+    "psutil",
+    "cloud-volume",
 )
 
 

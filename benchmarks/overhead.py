@@ -89,20 +89,55 @@ class _Peak:
 def _start_cluster(workers: int, tmp: Path) -> tuple[list[subprocess.Popen], str]:
     sched_file = tmp / "scheduler.json"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-         "--port", "0", "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--dashboard-address",
+                ":0",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+    ]
     for _ in range(200):
         if sched_file.exists() and sched_file.stat().st_size:
             break
         time.sleep(0.05)
     for i in range(workers):
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
-             str(sched_file), "--nthreads", "1", "--no-nanny", "--name", f"w{i}",
-             "--dashboard-address", ":0", "--local-directory", str(tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=os.getcwd()))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    "--scheduler-file",
+                    str(sched_file),
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--name",
+                    f"w{i}",
+                    "--dashboard-address",
+                    ":0",
+                    "--local-directory",
+                    str(tmp),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                cwd=os.getcwd(),
+            )
+        )
     return procs, str(sched_file)
 
 
@@ -119,9 +154,10 @@ def run(slices: int, units: int, workers: int) -> dict:
             client = Client(scheduler_file=sched_file, timeout="60s")
             client.wait_for_workers(workers, timeout=60)
             peak = _Peak({"driver": os.getpid(), "scheduler": procs[0].pid})
-            out["rss_idle_mb"] = {"driver": round(me.memory_info().rss / 1e6, 1),
-                                  "scheduler": round(psutil.Process(procs[0].pid)
-                                                     .memory_info().rss / 1e6, 1)}
+            out["rss_idle_mb"] = {
+                "driver": round(me.memory_info().rss / 1e6, 1),
+                "scheduler": round(psutil.Process(procs[0].pid).memory_info().rss / 1e6, 1),
+            }
             # 1. plan
             t0 = time.perf_counter()
             planner = "emflow.pipeline.plan_output + emflow.execute.run_stage"
@@ -131,18 +167,33 @@ def run(slices: int, units: int, workers: int) -> dict:
                 from emflow.pipeline import plan_output
                 from emflow.recipe import recipe_from_dict
 
-                recipe = recipe_from_dict({
-                    "source": {"pattern": "/nonexistent/img%06d.png", "z_start": 0,
-                               "z_stop": slices},
-                    "voxel_size_nm": [8, 8, 8], "output_dir": str(tmp / "out"),
-                    "outputs": [{"format": "precomputed"}, {"format": "omezarr"}]})
-                cat = SliceCatalog(tuple(SliceRef(z, z, f"/nonexistent/img{z:06d}.png")
-                                         for z in range(slices)), (2048, 2048), "uint8", ())
-                plan = plan_output(recipe, len(cat.slices), cat.shape_yx, cat.dtype,
-                                   threads=workers)
+                recipe = recipe_from_dict(
+                    {
+                        "source": {
+                            "pattern": "/nonexistent/img%06d.png",
+                            "z_start": 0,
+                            "z_stop": slices,
+                        },
+                        "voxel_size_nm": [8, 8, 8],
+                        "output_dir": str(tmp / "out"),
+                        "outputs": [{"format": "precomputed"}, {"format": "omezarr"}],
+                    }
+                )
+                cat = SliceCatalog(
+                    tuple(SliceRef(z, z, f"/nonexistent/img{z:06d}.png") for z in range(slices)),
+                    (2048, 2048),
+                    "uint8",
+                    (),
+                )
+                plan = plan_output(
+                    recipe, len(cat.slices), cat.shape_yx, cat.dtype, threads=workers
+                )
                 unit_list = [Unit(i, noop, (i,), 2048 * 2048) for i in range(slices)]
-                out["plan"] = {"levels": len(plan.levels), "slab_depth": plan.slab_depth,
-                               "passes": [len(p.blocks) for p in plan.passes]}
+                out["plan"] = {
+                    "levels": len(plan.levels),
+                    "slab_depth": plan.slab_depth,
+                    "passes": [len(p.blocks) for p in plan.passes],
+                }
                 have_emflow = True
             except ImportError as exc:
                 planner = f"plain Dask window (emflow planner missing: {exc})"
@@ -167,8 +218,9 @@ def run(slices: int, units: int, workers: int) -> dict:
                 if "run_dir" in inspect.signature(run_stage).parameters:
                     kw["run_dir"] = tmp / "run"
                 try:
-                    run_stage("noop", unit_list, client=timed, run_id="bench",
-                              on_result=on_result, **kw)
+                    run_stage(
+                        "noop", unit_list, client=timed, run_id="bench", on_result=on_result, **kw
+                    )
                 except _Stop:
                     pass
             else:
@@ -176,8 +228,7 @@ def run(slices: int, units: int, workers: int) -> dict:
 
                 window = 2 * workers
                 it = iter(unit_list)
-                ac = as_completed([timed.submit(noop, next(it), pure=False)
-                                   for _ in range(window)])
+                ac = as_completed([timed.submit(noop, next(it), pure=False) for _ in range(window)])
                 try:
                     for fut in ac:
                         fut.release()
@@ -186,8 +237,9 @@ def run(slices: int, units: int, workers: int) -> dict:
                 except _Stop:
                     pass
             out["window"] = max(2, 2 * workers)
-            out["first_window_submitted_s"] = (round(timed.window_submitted_s, 4)
-                                               if timed.window_submitted_s is not None else None)
+            out["first_window_submitted_s"] = (
+                round(timed.window_submitted_s, 4) if timed.window_submitted_s is not None else None
+            )
             out["first_result_s"] = round(times[0], 4) if times else None
             out["plan_plus_first_window_s"] = round(out["plan_s"] + (times[0] if times else 0), 3)
             if len(times) > 1:

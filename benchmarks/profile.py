@@ -37,8 +37,10 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("render: copy into the slab", ("render_slab", "_render_slice")),
     ("coarse pass (Python side)", ("build_coarse_block",)),
     ("bookkeeping (lattice/journal)", ("emflow/lattice/", "execute.py")),
-    ("dask/distributed (event loop, system monitor)", ("distributed/", "tornado/", "asyncio/",
-                                                       "msgpack", "pickle", "psutil/")),
+    (
+        "dask/distributed (event loop, system monitor)",
+        ("distributed/", "tornado/", "asyncio/", "msgpack", "pickle", "psutil/"),
+    ),
     ("imports/startup", ("<frozen importlib", "importlib/")),
 ]
 
@@ -49,16 +51,34 @@ def ensure_pyspy() -> Path | None:
         return exe
     try:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-        subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "-q", "py-spy"],
-                       check=True, timeout=600, capture_output=True)
+        subprocess.run(
+            [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q", "py-spy"],
+            check=True,
+            timeout=600,
+            capture_output=True,
+        )
     except (subprocess.SubprocessError, OSError):
         return None
     return exe if exe.exists() else None
 
 
 #: leaf functions of threads that wait (py-spy's idle detection misses some of them)
-WAIT_FUNCS = ("_recv", "recv", "recv_bytes", "wait", "poll", "select", "sleep", "acquire",
-              "get", "accept", "join", "_wait_for_tstate_lock", "_worker", "run_forever")
+WAIT_FUNCS = (
+    "_recv",
+    "recv",
+    "recv_bytes",
+    "wait",
+    "poll",
+    "select",
+    "sleep",
+    "acquire",
+    "get",
+    "accept",
+    "join",
+    "_wait_for_tstate_lock",
+    "_worker",
+    "run_forever",
+)
 
 
 def classify(raw_file: Path) -> dict[str, float]:
@@ -96,15 +116,33 @@ def classify(raw_file: Path) -> dict[str, float]:
     return out
 
 
-def profile(cmd: list[str], out_file: Path, cwd: Path, env: dict[str, str],
-            rate: int = 50) -> dict:
+def profile(cmd: list[str], out_file: Path, cwd: Path, env: dict[str, str], rate: int = 50) -> dict:
     exe = ensure_pyspy()
     if exe is None:
         return {"error": "py-spy did not install"}
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    m = run_measured([str(exe), "record", "--subprocesses", "--format", "raw", "--rate",
-                      str(rate), "--output", str(out_file), "--", *cmd], cwd=cwd, env=env)
+    m = run_measured(
+        [
+            str(exe),
+            "record",
+            "--subprocesses",
+            "--format",
+            "raw",
+            "--rate",
+            str(rate),
+            "--output",
+            str(out_file),
+            "--",
+            *cmd,
+        ],
+        cwd=cwd,
+        env=env,
+    )
     if not out_file.exists():
         return {"error": f"py-spy failed: {m.stderr_tail[-500:]}"}
-    return {"stage_share": classify(out_file), "wall_s": m.wall_s, "rate_hz": rate,
-            "raw": str(out_file)}
+    return {
+        "stage_share": classify(out_file),
+        "wall_s": m.wall_s,
+        "rate_hz": rate,
+        "raw": str(out_file),
+    }

@@ -1,7 +1,5 @@
 """Render benchmarks/out/results.json as the committed benchmarks/RESULTS.md."""
 
-# ruff: noqa: RUF001  (multiplication sign, dashes and minus are the table's typography)
-
 from __future__ import annotations
 
 import math
@@ -45,8 +43,11 @@ def targets(res: dict) -> list[list[str]]:
 
     j, ig = e2e.get("emflow-jpeg", {}), e2e.get("igneous-jpeg", {})
     p = j.get("pct_of_limit")
-    add("PNG→prec JPEG sharded ≥ 80 % of the 2-core limit", _pct(p),
-        None if p is None else p >= 0.80)
+    add(
+        "PNG→prec JPEG sharded ≥ 80 % of the 2-core limit",
+        _pct(p),
+        None if p is None else p >= 0.80,
+    )
     if j.get("wall_s") and ig.get("wall_s"):
         r = ig["wall_s"] / j["wall_s"]
         add("… and ≥ 1.45× igneous", f"{r:.2f}×", r >= 1.45)
@@ -54,31 +55,56 @@ def targets(res: dict) -> list[list[str]]:
         add("… and ≥ 1.45× igneous", "–", None)
     b = e2e.get("emflow-both", {})
     p, c = b.get("pct_of_limit"), b.get("cpu_efficiency")
-    add("JPEG + zstd OME-Zarr, one decode ≥ 75 % of its limit", _pct(p),
-        None if p is None else p >= 0.75)
+    add(
+        "JPEG + zstd OME-Zarr, one decode ≥ 75 % of its limit",
+        _pct(p),
+        None if p is None else p >= 0.75,
+    )
     add("… ≥ 85 % CPU efficiency", _pct(c), None if c is None else c >= 0.85)
     f = e2e.get("emflow-full", {})
     per_core = f.get("mb_s") / f["cores"] if f.get("mb_s") else None
-    add("full pipeline ≥ 25 MB/s per core (2048²)", _f(per_core) + " MB/s/core" if per_core
-        else f.get("error", "–")[:80] or "–", None if per_core is None else per_core >= 25)
+    add(
+        "full pipeline ≥ 25 MB/s per core (2048²)",
+        _f(per_core) + " MB/s/core" if per_core else f.get("error", "–")[:80] or "–",
+        None if per_core is None else per_core >= 25,
+    )
     q = res.get("quality", {})
     q = {k: v for k, v in q.items() if not k.startswith("emflow-fixed")}
-    exact = [v["l0_bit_exact"] for k, v in q.items() if k.startswith("emflow") and "omezarr"
-             in k and "l0_bit_exact" in v]
-    add("level 0 bit-exact (lossless output)", ", ".join(_f(x) for x in exact) or "–",
-        all(exact) if exact else None)
-    biases = [v["max_abs_bias"] for k, v in q.items() if k.startswith("emflow") and
-              "max_abs_bias" in v]
-    add("|mean bias| ≤ 0.1 at every level (all emflow outputs)",
-        f"max {max(biases):.3f}" if biases else "–", max(biases) <= 0.1 if biases else None)
-    ratios = [r["rss_per_block"] for r in e2e.values() if r.get("family") == "emflow" and
-              r.get("rss_per_block")]
-    add("peak RSS per worker ≤ 3× planned block", f"max {max(ratios):.2f}×" if ratios else "–",
-        max(ratios) <= 3 if ratios else None)
+    exact = [
+        v["l0_bit_exact"]
+        for k, v in q.items()
+        if k.startswith("emflow") and "omezarr" in k and "l0_bit_exact" in v
+    ]
+    add(
+        "level 0 bit-exact (lossless output)",
+        ", ".join(_f(x) for x in exact) or "–",
+        all(exact) if exact else None,
+    )
+    biases = [
+        v["max_abs_bias"] for k, v in q.items() if k.startswith("emflow") and "max_abs_bias" in v
+    ]
+    add(
+        "|mean bias| ≤ 0.1 at every level (all emflow outputs)",
+        f"max {max(biases):.3f}" if biases else "–",
+        max(biases) <= 0.1 if biases else None,
+    )
+    ratios = [
+        r["rss_per_block"]
+        for r in e2e.values()
+        if r.get("family") == "emflow" and r.get("rss_per_block")
+    ]
+    add(
+        "peak RSS per worker ≤ 3× planned block",
+        f"max {max(ratios):.2f}×" if ratios else "–",
+        max(ratios) <= 3 if ratios else None,
+    )
     o = res.get("overhead", {})
     if "plan_plus_first_window_s" in o:
-        add(f"{o.get('slices', 0):,}-slice plan: planned + first window < 60 s",
-            f"{o['plan_plus_first_window_s']:.2f} s", o["plan_plus_first_window_s"] < 60)
+        add(
+            f"{o.get('slices', 0):,}-slice plan: planned + first window < 60 s",
+            f"{o['plan_plus_first_window_s']:.2f} s",
+            o["plan_plus_first_window_s"] < 60,
+        )
         d = o.get("peak_rss_mb", {}).get("driver")
         add("… driver memory < 1 GB", f"{d:.0f} MB" if d else "–", d < 1000 if d else None)
     return rows
@@ -107,107 +133,233 @@ def render(res: dict, findings: str = "") -> str:
     ]
     lim = res.get("limits", {})
     if lim:
-        L += ["## 1. Per-core limits (single thread, measured in this run)", "",
-              f"Median of {lim.get('runs', 3)} runs; load1 {lim.get('load1_before')} → "
-              f"{lim.get('load1_after')}.", ""]
+        L += [
+            "## 1. Per-core limits (single thread, measured in this run)",
+            "",
+            f"Median of {lim.get('runs', 3)} runs; load1 {lim.get('load1_before')} → "
+            f"{lim.get('load1_after')}.",
+            "",
+        ]
         rows = []
         for name, k in lim["kernels"].items():
             extra = []
-            for key in ("ratio", "file_ratio", "simplejpeg_mb_s", "decode_mb_s",
-                        "one_level_mb_s", "cv2_mb_s", "keypoints", "s_per_slice", "impl"):
+            for key in (
+                "ratio",
+                "file_ratio",
+                "simplejpeg_mb_s",
+                "decode_mb_s",
+                "one_level_mb_s",
+                "cv2_mb_s",
+                "keypoints",
+                "s_per_slice",
+                "impl",
+            ):
                 if key in k:
                     extra.append(f"{key} {_f(k[key], 2) if isinstance(k[key], float) else k[key]}")
             rows.append([name, _f(k["mb_s"]), k["per"], "; ".join(extra)])
         L += _table(["kernel", "MB/s per core", "per", "notes"], rows)
-        L += ["", "**Derived limit** (PERFORMANCE.md §4 method: CPU-s per GB of level-0 input; "
-              "all levels = 1.143× L0; page-cache write of the output bytes):", ""]
+        L += [
+            "",
+            "**Derived limit** (PERFORMANCE.md §4 method: CPU-s per GB of level-0 input; "
+            "all levels = 1.143× L0; page-cache write of the output bytes):",
+            "",
+        ]
         rows = []
         for name, d in lim["model"].items():
             parts = ", ".join(f"{p} {v:.1f}" for p, v in d["parts_cpu_s_per_gb"].items())
-            rows.append([name, _f(d["cpu_s_per_gb"]), _f(d["mb_s_per_core"]),
-                         _f(d["mb_s_limit"]), parts])
-        L += _table(["output", "ideal CPU-s/GB", "MB/s per core", f"limit on {cfg['cores']} cores"
-                     " MB/s", "parts (CPU-s/GB)"], rows)
+            rows.append(
+                [name, _f(d["cpu_s_per_gb"]), _f(d["mb_s_per_core"]), _f(d["mb_s_limit"]), parts]
+            )
+        L += _table(
+            [
+                "output",
+                "ideal CPU-s/GB",
+                "MB/s per core",
+                f"limit on {cfg['cores']} cores MB/s",
+                "parts (CPU-s/GB)",
+            ],
+            rows,
+        )
         L.append("")
     e2e = res.get("e2e", [])
     if e2e:
-        L += ["## 2–3. End to end: emflow, the tensorstore ceiling, peers", "",
-              "MB/s = input voxel bytes / wall of the whole process tree (interpreter and cluster "
-              "start included). CPU = user+sys of the tree (rusage of reaped descendants). "
-              "% limit = MB/s ÷ derived limit of that output on the variant's cores; CPU eff = "
-              "ideal CPU-s/GB ÷ measured. RSS/block = peak worker RSS ÷ planned slab bytes.", ""]
+        L += [
+            "## 2–3. End to end: emflow, the tensorstore ceiling, peers",
+            "",
+            "MB/s = input voxel bytes / wall of the whole process tree (interpreter and cluster "
+            "start included). CPU = user+sys of the tree (rusage of reaped descendants). "
+            "% limit = MB/s ÷ derived limit of that output on the variant's cores; CPU eff = "
+            "ideal CPU-s/GB ÷ measured. RSS/block = peak worker RSS ÷ planned slab bytes.",
+            "",
+        ]
         rows = []
         for r in e2e:
             if "error" in r or "skip" in r:
-                rows.append([r["name"], r.get("format", ""), "–", "–", "–", "–", "–", "–", "–",
-                             "–", "–", "–", "–", (r.get("skip") or r.get("error", ""))[:120]])
+                rows.append(
+                    [
+                        r["name"],
+                        r.get("format", ""),
+                        "–",
+                        "–",
+                        "–",
+                        "–",
+                        "–",
+                        "–",
+                        "–",
+                        "–",
+                        "–",
+                        "–",
+                        "–",
+                        (r.get("skip") or r.get("error", ""))[:120],
+                    ]
+                )
                 continue
             q = res.get("quality", {})
             qs = [v for k, v in q.items() if k.startswith(r["name"] + " ")]
-            l0 = "; ".join(("exact" if v.get("l0_bit_exact") else f"PSNR {v['l0_psnr_db']:.1f}")
-                           for v in qs if "l0_psnr_db" in v) or "n/a (vs own L0)"
+            l0 = (
+                "; ".join(
+                    ("exact" if v.get("l0_bit_exact") else f"PSNR {v['l0_psnr_db']:.1f}")
+                    for v in qs
+                    if "l0_psnr_db" in v
+                )
+                or "n/a (vs own L0)"
+            )
             bias = max((v["max_abs_bias"] for v in qs if "max_abs_bias" in v), default=None)
-            rows.append([
-                r["name"], r["format"],
-                f"{r['wall_s']:.2f} [{r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}]",
-                _f(r["mb_s"]), _pct(r.get("pct_of_limit")), _f(r["cpu_s_per_gb"]),
-                _pct(r.get("cpu_efficiency")), _f(r["peak_worker_rss_mb"], 0),
-                _f(r.get("rss_per_block"), 2), f"{r['out_mb']:.0f} / {r['files']}", l0,
-                _f(bias, 3), "/".join(_f(x, 2) for x in r["load1"]),
-                _notes(r)])
-        L += _table(["variant", "output", "wall s", "MB/s in", "% limit", "CPU-s/GB", "CPU eff",
-                     "peak worker RSS MB", "RSS/block", "out MB / files", "L0", "max |bias|",
-                     "load1", "notes"], rows)
+            rows.append(
+                [
+                    r["name"],
+                    r["format"],
+                    f"{r['wall_s']:.2f} [{r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}]",
+                    _f(r["mb_s"]),
+                    _pct(r.get("pct_of_limit")),
+                    _f(r["cpu_s_per_gb"]),
+                    _pct(r.get("cpu_efficiency")),
+                    _f(r["peak_worker_rss_mb"], 0),
+                    _f(r.get("rss_per_block"), 2),
+                    f"{r['out_mb']:.0f} / {r['files']}",
+                    l0,
+                    _f(bias, 3),
+                    "/".join(_f(x, 2) for x in r["load1"]),
+                    _notes(r),
+                ]
+            )
+        L += _table(
+            [
+                "variant",
+                "output",
+                "wall s",
+                "MB/s in",
+                "% limit",
+                "CPU-s/GB",
+                "CPU eff",
+                "peak worker RSS MB",
+                "RSS/block",
+                "out MB / files",
+                "L0",
+                "max |bias|",
+                "load1",
+                "notes",
+            ],
+            rows,
+        )
         L.append("")
         if res.get("ratios"):
             L += ["**Ratios (same run, wall time):**", ""]
-            L += _table(["comparison", "ratio", "meaning"],
-                        [[k, f"{v['ratio']:.2f}×", v["meaning"]] for k, v in res["ratios"].items()])
+            L += _table(
+                ["comparison", "ratio", "meaning"],
+                [[k, f"{v['ratio']:.2f}×", v["meaning"]] for k, v in res["ratios"].items()],
+            )
             L.append("")
     q = res.get("quality", {})
     if q:
-        L += ["### Level-0 exactness and mean bias per level (read back with tensorstore)", "",
-              "bias = mean(stored − exact float64 mean of the source blocks), per level 0..n; "
-              "max |err| per level.", ""]
-        rows = [[k, v.get("reference", "source"), _f(v.get("l0_bit_exact")),
-                 _f(v.get("l0_psnr_db")),
-                 " / ".join(f"{b:+.3f}" for b in v.get("bias_per_level", [])),
-                 " / ".join(_f(b, 2) for b in v.get("max_abs_err_per_level", [])),
-                 v.get("error", "")] for k, v in q.items()]
-        L += _table(["output", "reference", "L0 bit-exact", "L0 PSNR dB", "bias per level",
-                     "max |err| per level", "error"], rows)
+        L += [
+            "### Level-0 exactness and mean bias per level (read back with tensorstore)",
+            "",
+            "bias = mean(stored − exact float64 mean of the source blocks), per level 0..n; "
+            "max |err| per level.",
+            "",
+        ]
+        rows = [
+            [
+                k,
+                v.get("reference", "source"),
+                _f(v.get("l0_bit_exact")),
+                _f(v.get("l0_psnr_db")),
+                " / ".join(f"{b:+.3f}" for b in v.get("bias_per_level", [])),
+                " / ".join(_f(b, 2) for b in v.get("max_abs_err_per_level", [])),
+                v.get("error", ""),
+            ]
+            for k, v in q.items()
+        ]
+        L += _table(
+            [
+                "output",
+                "reference",
+                "L0 bit-exact",
+                "L0 PSNR dB",
+                "bias per level",
+                "max |err| per level",
+                "error",
+            ],
+            rows,
+        )
         L.append("")
     sc = res.get("scaling")
     if sc:
         L += ["## 4a. Scaling: 1 vs 2 workers (emflow, JPEG + zstd OME-Zarr)", ""]
-        L += _table(["run", "wall s", "MB/s", "CPU-s/GB", "load1"],
-                    [[k, _f(v.get("wall_s"), 2), _f(v.get("mb_s")), _f(v.get("cpu_s_per_gb")),
-                      "/".join(_f(x, 2) for x in v.get("load1", []))] for k, v in
-                     sc["runs"].items()])
+        L += _table(
+            ["run", "wall s", "MB/s", "CPU-s/GB", "load1"],
+            [
+                [
+                    k,
+                    _f(v.get("wall_s"), 2),
+                    _f(v.get("mb_s")),
+                    _f(v.get("cpu_s_per_gb")),
+                    "/".join(_f(x, 2) for x in v.get("load1", [])),
+                ]
+                for k, v in sc["runs"].items()
+            ],
+        )
         L += ["", "; ".join(f"{k}: {v:.2f}" for k, v in sc.get("ratios", {}).items()), ""]
     o = res.get("overhead")
     if o:
-        L += [f"## 4b. Overhead: simulated {o.get('slices', 0):,}-slice plan, no-op units", "",
-              f"Planner: {o.get('planner')}. Scheduler and {o.get('workers')} one-thread workers "
-              "are separate processes; the per-slice no-op stage runs through emflow's bounded "
-              f"window and is stopped after {o.get('units_run')} units. load1 "
-              f"{o.get('load1_before', '–')}.", ""]
-        L += _table(["figure", "value"], [
-            ["slices / plan (levels, units per pass)", f"{o.get('slices')} / {o.get('plan')}"],
-            ["time to plan (catalog + plan_output + units)", f"{_f(o.get('plan_s'), 2)} s"],
-            [f"first window ({o.get('window')} units) submitted",
-             f"{_f(o.get('first_window_submitted_s'), 3)} s"],
-            ["first result (from the start of the stage)",
-             f"{_f(o.get('first_result_s'), 3)} s"],
-            ["planned + first window", f"{_f(o.get('plan_plus_first_window_s'), 2)} s"],
-            ["no-op units/s (window)", _f(o.get("units_per_s"))],
-            ["overhead per unit", f"{_f(o.get('ms_per_unit'), 2)} ms"],
-            ["extrapolated for all per-slice units",
-             f"{_f(o.get('extrapolated_all_units_s'))} s"],
-            ["peak RSS driver / scheduler", f"{o.get('peak_rss_mb', {}).get('driver')} / "
-             f"{o.get('peak_rss_mb', {}).get('scheduler')} MB"],
-            ["driver growth from planning", f"{_f(o.get('driver_plan_growth_mb'))} MB"],
-        ])
+        L += [
+            f"## 4b. Overhead: simulated {o.get('slices', 0):,}-slice plan, no-op units",
+            "",
+            f"Planner: {o.get('planner')}. Scheduler and {o.get('workers')} one-thread workers "
+            "are separate processes; the per-slice no-op stage runs through emflow's bounded "
+            f"window and is stopped after {o.get('units_run')} units. load1 "
+            f"{o.get('load1_before', '–')}.",
+            "",
+        ]
+        L += _table(
+            ["figure", "value"],
+            [
+                ["slices / plan (levels, units per pass)", f"{o.get('slices')} / {o.get('plan')}"],
+                ["time to plan (catalog + plan_output + units)", f"{_f(o.get('plan_s'), 2)} s"],
+                [
+                    f"first window ({o.get('window')} units) submitted",
+                    f"{_f(o.get('first_window_submitted_s'), 3)} s",
+                ],
+                [
+                    "first result (from the start of the stage)",
+                    f"{_f(o.get('first_result_s'), 3)} s",
+                ],
+                ["planned + first window", f"{_f(o.get('plan_plus_first_window_s'), 2)} s"],
+                ["no-op units/s (window)", _f(o.get("units_per_s"))],
+                ["overhead per unit", f"{_f(o.get('ms_per_unit'), 2)} ms"],
+                [
+                    "extrapolated for all per-slice units",
+                    f"{_f(o.get('extrapolated_all_units_s'))} s",
+                ],
+                [
+                    "peak RSS driver / scheduler",
+                    f"{o.get('peak_rss_mb', {}).get('driver')} / "
+                    f"{o.get('peak_rss_mb', {}).get('scheduler')} MB",
+                ],
+                ["driver growth from planning", f"{_f(o.get('driver_plan_growth_mb'))} MB"],
+            ],
+        )
         L.append("")
     a = res.get("alignment")
     if a:
@@ -215,18 +367,41 @@ def render(res: dict, findings: str = "") -> str:
         if "note" in a:
             L += [a["note"], ""]
         else:
-            L += [f"{a.get('how')}, one OpenCV thread, decode excluded; seconds per slice = "
-                  f"features + 2 × match (1st and 2nd neighbour). load1 {a.get('load1_before')} "
-                  f"→ {a.get('load1_after')}.", ""]
+            L += [
+                f"{a.get('how')}, one OpenCV thread, decode excluded; seconds per slice = "
+                f"features + 2 × match (1st and 2nd neighbour). load1 {a.get('load1_before')} "
+                f"→ {a.get('load1_after')}.",
+                "",
+            ]
             rows = []
             for size, d in a["figures"].items():
-                rows.append([f"{size}²", _f(d.get("seconds_per_slice_per_core"), 3),
-                             _f(d.get("features_s"), 3), _f(d.get("match_s"), 3),
-                             _f(d.get("downsample")), _f(d.get("keypoints")),
-                             _f(d.get("pairs_ok")), _f(d.get("mb_s_per_core")),
-                             _f(d.get("cpu_s_per_gb"))])
-            L += _table(["slice", "s/slice/core", "features s", "match s", "feature copy ÷",
-                         "keypoints", "pairs ok /3", "MB/s per core", "CPU-s/GB"], rows)
+                rows.append(
+                    [
+                        f"{size}²",
+                        _f(d.get("seconds_per_slice_per_core"), 3),
+                        _f(d.get("features_s"), 3),
+                        _f(d.get("match_s"), 3),
+                        _f(d.get("downsample")),
+                        _f(d.get("keypoints")),
+                        _f(d.get("pairs_ok")),
+                        _f(d.get("mb_s_per_core")),
+                        _f(d.get("cpu_s_per_gb")),
+                    ]
+                )
+            L += _table(
+                [
+                    "slice",
+                    "s/slice/core",
+                    "features s",
+                    "match s",
+                    "feature copy ÷",
+                    "keypoints",
+                    "pairs ok /3",
+                    "MB/s per core",
+                    "CPU-s/GB",
+                ],
+                rows,
+            )
             L.append("")
     prof = res.get("profile")
     if prof:
@@ -247,39 +422,59 @@ def render(res: dict, findings: str = "") -> str:
         L += [f"* {' '.join(str(n).split())[:400]}" for n in res["notes"]] + [""]
     if findings.strip():
         L += [findings.strip(), ""]
-    L += ["## Regenerate", "", "```", "python -m benchmarks            # full: --size 2048 "
-          "--slices 128 --repeat 3", "python -m benchmarks --quick    # smoke size", "```",
-          ""]
+    L += [
+        "## Regenerate",
+        "",
+        "```",
+        "python -m benchmarks            # full: --size 2048 --slices 128 --repeat 3",
+        "python -m benchmarks --quick    # smoke size",
+        "```",
+        "",
+    ]
     return "\n".join(L)
 
 
 def _notes(r: dict) -> str:
     bits = []
     if r.get("emflow_run_s"):
-        bits.append(f"inside run {r['emflow_run_s']:.1f} s = "
-                    f"{r.get('mb_s_inside_run', 0):.0f} MB/s")
+        bits.append(
+            f"inside run {r['emflow_run_s']:.1f} s = {r.get('mb_s_inside_run', 0):.0f} MB/s"
+        )
     if r.get("cluster_start_s"):
         bits.append(f"cluster start {r['cluster_start_s']:.1f} s")
     if r.get("passes"):
-        bits.append("passes " + ", ".join(f"{b['units']} × {b['depth']} z of L{b['level']}"
-                                          for b in r["passes"]))
+        bits.append(
+            "passes "
+            + ", ".join(f"{b['units']} × {b['depth']} z of L{b['level']}" for b in r["passes"])
+        )
     if r.get("rss_per_slab_block"):
         bits.append(f"RSS/slab block {r['rss_per_slab_block']:.1f}")
     if r.get("net_mb_s"):
-        bits.append(f"net of fixed start-up: {r['net_mb_s']:.0f} MB/s = "
-                    f"{_pct(r.get('net_pct_of_limit'))} of limit, CPU eff "
-                    f"{_pct(r.get('net_cpu_efficiency'))}")
+        bits.append(
+            f"net of fixed start-up: {r['net_mb_s']:.0f} MB/s = "
+            f"{_pct(r.get('net_pct_of_limit'))} of limit, CPU eff "
+            f"{_pct(r.get('net_cpu_efficiency'))}"
+        )
     if r.get("mb_s_slab_stage"):
-        bits.append(f"slab stage alone {r['mb_s_slab_stage']:.0f} MB/s = "
-                    f"{_pct(r.get('pct_of_limit_slab_stage'))} of limit")
+        bits.append(
+            f"slab stage alone {r['mb_s_slab_stage']:.0f} MB/s = "
+            f"{_pct(r.get('pct_of_limit_slab_stage'))} of limit"
+        )
     if r.get("stage_wall_s"):
         bits.append("stages " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_wall_s"].items()))
     if r.get("unit_phase_s"):
-        bits.append("unit CPU-side s: " + ", ".join(f"{k} {v:.1f}" for k, v in
-                                                    r["unit_phase_s"].items()))
+        bits.append(
+            "unit CPU-side s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["unit_phase_s"].items())
+        )
     ph = r.get("phases") or {}
-    for k in ("decode_s", "downsample_s", "write_jpeg_s", "write_zarr_s", "upload_s",
-              "pyramid_write_s"):
+    for k in (
+        "decode_s",
+        "downsample_s",
+        "write_jpeg_s",
+        "write_zarr_s",
+        "upload_s",
+        "pyramid_write_s",
+    ):
         if k in ph:
             bits.append(f"{k[:-2]} {ph[k]:.1f} s")
     return "; ".join(bits)

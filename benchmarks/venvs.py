@@ -72,11 +72,17 @@ def ensure(name: str, *, timeout_s: float = 900.0, retry_failed: bool = False) -
         with open(log, "w") as fh:
             subprocess.run(
                 [str(python), "-m", "pip", "install", "--upgrade", "pip"],
-                stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s, check=False,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                timeout=timeout_s,
+                check=False,
             )
             proc = subprocess.run(
                 [str(python), "-m", "pip", "install", *reqs],
-                stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s, check=False,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                timeout=timeout_s,
+                check=False,
             )
         if proc.returncode != 0:
             ok = False

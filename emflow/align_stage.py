@@ -22,8 +22,14 @@ from emflow.recipe import Recipe
 THUMB_PX = 256  # long side of the per-slice thumbnail kept for the QC reslices
 
 
-def features_unit(ref: SliceRef, shape_yx: tuple[int, int], downsample: int | None, nfeatures: int,
-                  out_path: str, cache_dir: str | None = None) -> dict:
+def features_unit(
+    ref: SliceRef,
+    shape_yx: tuple[int, int],
+    downsample: int | None,
+    nfeatures: int,
+    out_path: str,
+    cache_dir: str | None = None,
+) -> dict:
     """Decode one slice, judge it, compute SIFT features on its reduced copy, save them.
 
     With ``cache_dir`` the decoded slice is also kept as zstd-1 for the render pass.
@@ -47,11 +53,19 @@ def features_unit(ref: SliceRef, shape_yx: tuple[int, int], downsample: int | No
             store_slice(cache_dir, ref.z, image)
     feats = compute_features(image, downsample=downsample, nfeatures=nfeatures)
     scale = max(1, max(shape_yx) // THUMB_PX)
-    thumb = cv2.resize(image, (shape_yx[1] // scale, shape_yx[0] // scale), interpolation=cv2.INTER_AREA)
+    thumb = cv2.resize(
+        image, (shape_yx[1] // scale, shape_yx[0] // scale), interpolation=cv2.INTER_AREA
+    )
     tmp = out_path + ".tmp.npz"
-    np.savez(tmp, keypoints_xy=feats.keypoints_xy, descriptors=feats.descriptors,
-             shape_yx=np.array(feats.shape_yx), downsample=np.array(feats.downsample), thumb=thumb,
-             thumb_scale=np.array(scale))
+    np.savez(
+        tmp,
+        keypoints_xy=feats.keypoints_xy,
+        descriptors=feats.descriptors,
+        shape_yx=np.array(feats.shape_yx),
+        downsample=np.array(feats.downsample),
+        thumb=thumb,
+        thumb_scale=np.array(scale),
+    )
     Path(tmp).replace(out_path)
     return {"z": ref.z, "keypoints": len(feats.keypoints_xy), "bad": bad}
 
@@ -65,8 +79,12 @@ def _load_features(path: str) -> Any:
     from emflow.align.features import Features
 
     with np.load(path) as d:
-        return Features(d["keypoints_xy"], d["descriptors"], tuple(int(v) for v in d["shape_yx"]),
-                        int(d["downsample"]))
+        return Features(
+            d["keypoints_xy"],
+            d["descriptors"],
+            tuple(int(v) for v in d["shape_yx"]),
+            int(d["downsample"]),
+        )
 
 
 def match_unit(path_a: str, path_b: str, z_a: int, z_b: int, config: dict) -> dict:
@@ -76,13 +94,23 @@ def match_unit(path_a: str, path_b: str, z_a: int, z_b: int, config: dict) -> di
     from emflow.align.match import MatchConfig, match_features
 
     cv2.setNumThreads(1)
-    result = match_features(_load_features(path_a), _load_features(path_b), z_a=z_a, z_b=z_b,
-                            config=MatchConfig(**config))
+    result = match_features(
+        _load_features(path_a),
+        _load_features(path_b),
+        z_a=z_a,
+        z_b=z_b,
+        config=MatchConfig(**config),
+    )
     return result.to_dict()
 
 
-def align_stack(recipe: Recipe, catalog: SliceCatalog, run_dir: Path,
-                stage: Callable[[str, list[Unit]], dict[int, Any]], say: Callable[[str], None]) -> Any:
+def align_stack(
+    recipe: Recipe,
+    catalog: SliceCatalog,
+    run_dir: Path,
+    stage: Callable[[str, list[Unit]], dict[int, Any]],
+    say: Callable[[str], None],
+) -> Any:
     """Run features → match → solve for a catalog; returns the Alignment (also saved)."""
     from emflow.align.match import MatchConfig, PairResult
     from emflow.align.solve import solve
@@ -91,44 +119,75 @@ def align_stack(recipe: Recipe, catalog: SliceCatalog, run_dir: Path,
     feat_dir = run_dir / "features"
     feat_dir.mkdir(parents=True, exist_ok=True)
     paths = [str(feat_dir / f"z{ref.z:06d}.npz") for ref in catalog.slices]
-    bytes_per_slice = catalog.shape_yx[0] * catalog.shape_yx[1] * (2 if catalog.dtype == "uint16" else 1)
+    bytes_per_slice = (
+        catalog.shape_yx[0] * catalog.shape_yx[1] * (2 if catalog.dtype == "uint16" else 1)
+    )
     cache = str(slice_cache_dir(run_dir)) if recipe.run.cache_decoded else None
     if cache is not None:
         Path(cache).mkdir(parents=True, exist_ok=True)
-    units = [Unit(ref.z, features_unit, (ref, catalog.shape_yx, cfg.downsample, cfg.nfeatures, paths[i], cache),
-                  bytes_per_slice) for i, ref in enumerate(catalog.slices)]
+    units = [
+        Unit(
+            ref.z,
+            features_unit,
+            (ref, catalog.shape_yx, cfg.downsample, cfg.nfeatures, paths[i], cache),
+            bytes_per_slice,
+        )
+        for i, ref in enumerate(catalog.slices)
+    ]
     feats = stage("features", units)
     bad = {z: r["bad"] for z, r in feats.items() if r["bad"]}
     if bad:
         say(f"bad slices: {', '.join(f'z{z} ({why})' for z, why in sorted(bad.items()))}")
-    config = {"model": cfg.model, "model_corner_threshold_px": cfg.model_corner_threshold_px,
-              "ratio": cfg.ratio}
+    config = {
+        "model": cfg.model,
+        "model_corner_threshold_px": cfg.model_corner_threshold_px,
+        "ratio": cfg.ratio,
+    }
     MatchConfig(**config)  # fail early on a bad field
     n = len(catalog.slices)
     pair_list = [(z, z + k) for z in range(n) for k in (1, 2) if z + k < n]
-    units = [Unit(i, match_unit, (paths[a], paths[b], a, b, config)) for i, (a, b) in enumerate(pair_list)]
+    units = [
+        Unit(i, match_unit, (paths[a], paths[b], a, b, config))
+        for i, (a, b) in enumerate(pair_list)
+    ]
     pairs = [PairResult.from_dict(d) for _, d in sorted(stage("match", units).items())]
     policy = cfg.bad_slices
     try:
-        alignment = solve(pairs, list(range(n)), catalog.shape_yx, method=cfg.method, bad_slices=bad,
-                          bad_slice_policy=policy)
+        alignment = solve(
+            pairs,
+            list(range(n)),
+            catalog.shape_yx,
+            method=cfg.method,
+            bad_slices=bad,
+            bad_slice_policy=policy,
+        )
     except AlignmentError:
         raise
     alignment.to_json(run_dir / "alignment.json")
     failed = [p for p in pairs if not p.ok]
     breaks = getattr(alignment, "segment_breaks", None)
     if breaks:
-        say(f"alignment split into segments at z {', '.join(f'{a}|{b}' for a, b in breaks)} "
-            "(two or more consecutive slices could not be aligned): check them in qc/pairs.png")
-    say(f"alignment: {cfg.method} solve over {len(pairs)} pairs ({len(failed)} failed, "
+        say(
+            f"alignment split into segments at z {', '.join(f'{a}|{b}' for a, b in breaks)} "
+            "(two or more consecutive slices could not be aligned): check them in qc/pairs.png"
+        )
+    say(
+        f"alignment: {cfg.method} solve over {len(pairs)} pairs ({len(failed)} failed, "
         f"{len(alignment.rejected_pairs)} rejected); frame {alignment.frame_shape_yx[1]} × "
-        f"{alignment.frame_shape_yx[0]} px → {run_dir / 'alignment.json'}")
+        f"{alignment.frame_shape_yx[0]} px → {run_dir / 'alignment.json'}"
+    )
     write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx)
     return alignment
 
 
-def write_qc(alignment: Any, pairs: list, feature_paths: list[str], run_dir: Path, recipe: Recipe,
-             shape_yx: tuple[int, int]) -> None:
+def write_qc(
+    alignment: Any,
+    pairs: list,
+    feature_paths: list[str],
+    run_dir: Path,
+    recipe: Recipe,
+    shape_yx: tuple[int, int],
+) -> None:
     """Pair table (CSV), residual/inlier plots and before/after XZ/YZ reslices (PNG) in run_dir/qc."""
     import cv2
 

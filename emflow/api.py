@@ -19,14 +19,27 @@ def _as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
     return load_recipe(recipe)
 
 
-def run(recipe: Recipe | str | Path | dict, *, client: Any = None, restart: bool = False,
-        progress: bool | None = None, log: Any = None, alignment: str | Path | None = None) -> RunResult:
+def run(
+    recipe: Recipe | str | Path | dict,
+    *,
+    client: Any = None,
+    restart: bool = False,
+    progress: bool | None = None,
+    log: Any = None,
+    alignment: str | Path | None = None,
+) -> RunResult:
     """Run an ingest. ``client=None`` runs serially in this process; pass a Dask Client to distribute.
 
     ``alignment`` names a saved alignment.json to re-export with (no feature matching).
     """
-    return _run(_as_recipe(recipe), client=client, restart=restart, progress=progress, log=log,
-                alignment_path=alignment)
+    return _run(
+        _as_recipe(recipe),
+        client=client,
+        restart=restart,
+        progress=progress,
+        log=log,
+        alignment_path=alignment,
+    )
 
 
 def discover(recipe: Recipe | str | Path | dict) -> SliceCatalog:
@@ -34,9 +47,17 @@ def discover(recipe: Recipe | str | Path | dict) -> SliceCatalog:
     return discover_recipe(_as_recipe(recipe))
 
 
-def plan(recipe: Recipe | str | Path | dict, *, threads: int = 2, memory_per_thread: int = 4 << 30) -> Plan:
+def plan(
+    recipe: Recipe | str | Path | dict, *, threads: int = 2, memory_per_thread: int = 4 << 30
+) -> Plan:
     """Plan levels, slabs and passes (identity alignment frame; alignment may enlarge it)."""
     r = _as_recipe(recipe)
     cat = discover_recipe(r)
-    return plan_output(r, len(cat.slices), cat.shape_yx, cat.dtype, threads=threads,
-                       memory_per_thread=memory_per_thread)
+    return plan_output(
+        r,
+        len(cat.slices),
+        cat.shape_yx,
+        cat.dtype,
+        threads=threads,
+        memory_per_thread=memory_per_thread,
+    )

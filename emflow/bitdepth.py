@@ -17,7 +17,9 @@ def window_to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:
     return out
 
 
-def sample_percentiles(samples: list[np.ndarray], percentiles: tuple[float, float]) -> tuple[float, float]:
+def sample_percentiles(
+    samples: list[np.ndarray], percentiles: tuple[float, float]
+) -> tuple[float, float]:
     """Low/high grey values at the given percentiles of the non-zero voxels of sample slices."""
     values = np.concatenate([s[s > 0].ravel() for s in samples]) if samples else np.zeros(1)
     if values.size == 0:

@@ -51,7 +51,12 @@ class SliceCatalog:
 
     @property
     def nbytes(self) -> int:
-        return len(self.slices) * self.shape_yx[0] * self.shape_yx[1] * (2 if self.dtype == "uint16" else 1)
+        return (
+            len(self.slices)
+            * self.shape_yx[0]
+            * self.shape_yx[1]
+            * (2 if self.dtype == "uint16" else 1)
+        )
 
     def summary(self) -> str:
         z, y, x = self.shape_zyx
@@ -157,7 +162,9 @@ def discover(source: Source, base_dir: str | Path = ".") -> SliceCatalog:
         try:
             candidates = {z: pattern % z for z in wanted}
         except (TypeError, ValueError) as exc:
-            raise SourceError(f"source.pattern '{source.pattern}' is not a valid printf pattern ({exc})") from None
+            raise SourceError(
+                f"source.pattern '{source.pattern}' is not a valid printf pattern ({exc})"
+            ) from None
         found = {z: p for z, p in candidates.items() if os.path.isfile(p)}
         if not found:
             raise SourceError(
@@ -179,7 +186,11 @@ def discover(source: Source, base_dir: str | Path = ".") -> SliceCatalog:
         what = f"source.directory '{directory}'"
         if not directory.is_dir():
             raise SourceError(f"{what} does not exist or is not a directory")
-        paths = [str(p) for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        paths = [
+            str(p)
+            for p in directory.iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        ]
     if not paths:
         raise SourceError(
             f"no image files ({', '.join(IMAGE_SUFFIXES)}) match {what}: check the path and extension"
@@ -199,7 +210,9 @@ def discover(source: Source, base_dir: str | Path = ".") -> SliceCatalog:
         z1 = hi if source.z_stop is None else source.z_stop
         wanted = list(range(z0, z1))
         if not any(z in numbered for z in wanted):
-            raise SourceError(f"no slice of {what} lies in z {z0}..{z1 - 1} (files are numbered {lo}..{hi - 1})")
+            raise SourceError(
+                f"no slice of {what} lies in z {z0}..{z1 - 1} (files are numbered {lo}..{hi - 1})"
+            )
         refs, missing = _apply_missing(numbered, wanted, source.missing, what)
         return SliceCatalog(tuple(refs), shape, dtype, missing)
     z0 = source.z_start or 0

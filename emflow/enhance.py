@@ -19,10 +19,13 @@ per-pixel arithmetic is computed from global coordinates).
 
 from __future__ import annotations
 
+import itertools
+
 import cv2
 import numpy as np
 
 __all__ = ["clahe", "clahe_halo_px"]
+
 
 def clahe_halo_px(kernel_size_px: int) -> int:
     """Halo (px, each side) a tile needs so that cropped CLAHE equals whole-frame CLAHE.
@@ -43,7 +46,9 @@ def _cell_lut(block: np.ndarray, nbins: int, top: int, clip_limit: float) -> np.
     if nbins == top + 1:
         hist = np.bincount(flat, minlength=nbins).astype(np.float64)
     else:
-        hist = np.bincount((flat.astype(np.int64) * nbins) // (top + 1), minlength=nbins).astype(np.float64)
+        hist = np.bincount((flat.astype(np.int64) * nbins) // (top + 1), minlength=nbins).astype(
+            np.float64
+        )
     hist[0] -= np.count_nonzero(flat == 0)  # 0 is background, not tissue
     n = float(hist.sum())
     if n == 0:  # no tissue in this cell: linear map of the bin centres
@@ -174,4 +179,4 @@ def _runs(lo: np.ndarray, hi: np.ndarray) -> list[tuple[slice, int, int]]:
     """Maximal runs of equal (lower, upper) cell index along one axis: (slice, lower, upper)."""
     change = np.flatnonzero((np.diff(lo) != 0) | (np.diff(hi) != 0)) + 1
     edges = [0, *change.tolist(), len(lo)]
-    return [(slice(s, e), int(lo[s]), int(hi[s])) for s, e in zip(edges[:-1], edges[1:], strict=True)]
+    return [(slice(s, e), int(lo[s]), int(hi[s])) for s, e in itertools.pairwise(edges)]

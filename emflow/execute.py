@@ -300,6 +300,7 @@ def run_stage(
                 "attempts": 0,
                 "error": "orphaned: an upstream unit failed",
             }
+
         def deliver(u: Unit, res: Any) -> None:
             results[u.index] = res
             if on_result is not None:

@@ -70,8 +70,18 @@ def shard_layout(
     grid = [ceil_div(s, c) for s, c in zip(size_xyz, chunk_xyz, strict=True)]
     grid_bits = [_bits(g) for g in grid]
     total_bits = sum(grid_bits)
-    limit = _bits(max(1, max_chunks)) if max_chunks & (max_chunks - 1) == 0 else int(math.log2(max_chunks))
-    z_limit = None if max_z_chunks is None else _bits(max_z_chunks) if max_z_chunks & (max_z_chunks - 1) == 0 else int(math.log2(max_z_chunks))
+    limit = (
+        _bits(max(1, max_chunks))
+        if max_chunks & (max_chunks - 1) == 0
+        else int(math.log2(max_chunks))
+    )
+    z_limit = (
+        None
+        if max_z_chunks is None
+        else _bits(max_z_chunks)
+        if max_z_chunks & (max_z_chunks - 1) == 0
+        else int(math.log2(max_z_chunks))
+    )
     used = [0, 0, 0]
     b = 0
     while b < min(limit, total_bits):

@@ -29,14 +29,18 @@ from typing import Any
 
 import numpy as np
 
+from emflow.align.warp import warp_slice
+from emflow.bitdepth import sample_percentiles, window_to_uint8
 from emflow.discover import SliceCatalog, SliceRef, discover_recipe
-from emflow.errors import OutputError, RecipeError
+from emflow.enhance import clahe
+from emflow.errors import OutputError, RecipeError, SourceError
 from emflow.execute import Progress, Unit, run_stage
-from emflow.geometry import ceil_div, cut_slabs
+from emflow.geometry import cut_slabs
 from emflow.io.handoff import HandoffArray
 from emflow.io.omezarr import OmeZarrWriter
 from emflow.io.precomputed import PrecomputedWriter
 from emflow.io.readers import read_image
+from emflow.io.slicecache import load_slice
 from emflow.io.writer import Writer
 from emflow.pyramid import Level, downsample_levels, plan_levels, steps_between
 from emflow.recipe import OmeZarrOutput, PrecomputedOutput, Recipe
@@ -132,7 +136,10 @@ def plan_output(
     out_dtype = "uint16" if (recipe.depth.output == "uint16" and in_dtype == "uint16") else "uint8"
     levels = tuple(
         plan_levels(
-            (n_slices, *frame_shape_yx), recipe.voxel_size_nm, _max_chunk_zyx(recipe), recipe.pyramid.levels
+            (n_slices, *frame_shape_yx),
+            recipe.voxel_size_nm,
+            _max_chunk_zyx(recipe),
+            recipe.pyramid.levels,
         )
     )
     unit = _chunk_z(recipe)
@@ -149,12 +156,18 @@ def plan_output(
     else:
         depth = unit
         target = max(unit, n_slices / max(1, 2 * threads))
-        while depth * 2 <= target and depth * 2 * per_slice <= memory_per_thread and depth < n_slices:
+        while (
+            depth * 2 <= target and depth * 2 * per_slice <= memory_per_thread and depth < n_slices
+        ):
             depth *= 2
         # isotropic steps halve z at once: slabs that own only level 0 would hand a full-size
         # copy to a serial coarse pass; deepen them (memory permitting) to own level 1 too
-        while (len(levels) > 1 and _last_owned(levels, 0, depth, unit, 0) == 0 and depth < n_slices
-               and depth * 2 * per_slice <= memory_per_thread):
+        while (
+            len(levels) > 1
+            and _last_owned(levels, 0, depth, unit, 0) == 0
+            and depth < n_slices
+            and depth * 2 * per_slice <= memory_per_thread
+        ):
             depth *= 2
     passes: list[Pass] = []
     owner: list[int | None] = [None] * len(levels)
@@ -195,9 +208,15 @@ def make_writers(recipe: Recipe, plan: Plan, root: Path, token: str) -> list[Wri
                     f"field 'outputs.{o.name}.encoding': JPEG needs uint8 output; set depth.output "
                     "to uint8 or use encoding 'raw'"
                 )
-            writers.append(PrecomputedWriter(o.name, path, o, plan.levels, plan.out_dtype, plan.owner_depth, token))
+            writers.append(
+                PrecomputedWriter(
+                    o.name, path, o, plan.levels, plan.out_dtype, plan.owner_depth, token
+                )
+            )
         elif isinstance(o, OmeZarrOutput):
-            writers.append(OmeZarrWriter(o.name, path, o, plan.levels, plan.out_dtype, plan.owner_depth, token))
+            writers.append(
+                OmeZarrWriter(o.name, path, o, plan.levels, plan.out_dtype, plan.owner_depth, token)
+            )
     return writers
 
 
@@ -222,24 +241,26 @@ class SlabJob:
     writers: tuple[Any, ...]
     handoff: Any = None
     threads: int = 2
+    in_dtype: str = "uint8"  # the source slices' dtype (from the catalog's headers)
     cache_dir: str | None = None  # decoded slices kept by the feature pass (zstd-1)
     source_index: tuple[int, ...] = ()  # per slice: catalog z whose pixels it shows (fill_previous)
 
 
-def _load_slice(ref: SliceRef, shape_yx: tuple[int, int], dtype: np.dtype, cache_dir: str | None = None,
-                cache_z: int | None = None) -> np.ndarray:
+def _load_slice(
+    ref: SliceRef,
+    shape_yx: tuple[int, int],
+    dtype: np.dtype,
+    cache_dir: str | None = None,
+    cache_z: int | None = None,
+) -> np.ndarray:
     if ref.fill == "zero" or ref.path is None:
         return np.zeros(shape_yx, dtype=dtype)
     if cache_dir is not None and cache_z is not None:
-        from emflow.io.slicecache import load_slice
-
         cached = load_slice(cache_dir, cache_z, shape_yx, dtype)
         if cached is not None:
             return cached
     img = read_image(ref.path, ref.page)
     if img.shape != tuple(shape_yx) or img.dtype != dtype:
-        from emflow.errors import SourceError
-
         raise SourceError(
             f"{ref.path} decodes to {img.shape[::-1]} {img.dtype}, but its header said "
             f"{tuple(shape_yx)[::-1]} {dtype}: the file is damaged; re-export it"
@@ -254,17 +275,11 @@ def _render_slice(job: SlabJob, i: int, in_dtype: np.dtype) -> np.ndarray:
     img = _load_slice(ref, job.shape_yx, in_dtype, job.cache_dir, src_z)
     matrix = job.transforms[i]
     if matrix is not None:
-        from emflow.align.warp import warp_slice
-
         img = warp_slice(img, np.asarray(matrix, dtype=np.float64), (0, 0), job.frame_shape_yx)
     if job.out_dtype == "uint8" and img.dtype != np.uint8:
-        from emflow.bitdepth import window_to_uint8
-
         lo, hi = job.window or (0.0, 65535.0)
         img = window_to_uint8(img, lo, hi)
     if job.clip_limit > 0:
-        from emflow.enhance import clahe
-
         img = clahe(
             img,
             origin_yx=(0, 0),
@@ -281,14 +296,7 @@ def render_slab(job: SlabJob) -> dict:
 
     cv2.setNumThreads(1)
     t0 = time.perf_counter()
-    in_dtype = np.dtype("uint16") if job.out_dtype == "uint16" or job.window else None
-    first_real = next((r for r in job.refs if r.path is not None), None)
-    if in_dtype is None:
-        in_dtype = np.dtype("uint8")
-        if first_real is not None:
-            from emflow.io.readers import read_header
-
-            in_dtype = np.dtype(read_header(first_real.path).dtype)
+    in_dtype = np.dtype(job.in_dtype)
     n = len(job.refs)
     slab = np.empty((n, *job.frame_shape_yx), dtype=job.out_dtype)
 
@@ -302,7 +310,9 @@ def render_slab(job: SlabJob) -> dict:
     pending = _start_writes(job.writers, job.levels, [slab], 0, job.z0, job.handoff, job.last_level)
     coarser = downsample_in_bands(slab, steps_between(job.levels, 0, job.last_level), job.threads)
     t_ds = time.perf_counter()
-    pending += _start_writes(job.writers, job.levels, coarser, 1, job.z0, job.handoff, job.last_level)
+    pending += _start_writes(
+        job.writers, job.levels, coarser, 1, job.z0, job.handoff, job.last_level
+    )
     for fut in pending:
         fut.result()
     t_end = time.perf_counter()
@@ -314,7 +324,9 @@ def render_slab(job: SlabJob) -> dict:
     }
 
 
-def downsample_in_bands(block: np.ndarray, steps: Sequence[Sequence[int]], threads: int) -> list[np.ndarray]:
+def downsample_in_bands(
+    block: np.ndarray, steps: Sequence[Sequence[int]], threads: int
+) -> list[np.ndarray]:
     """:func:`~emflow.pyramid.downsample_levels` on y-bands in parallel threads (numpy frees the GIL).
 
     Bands start on multiples of the total y factor, so each band's levels are exactly the
@@ -330,13 +342,18 @@ def downsample_in_bands(block: np.ndarray, steps: Sequence[Sequence[int]], threa
         return downsample_levels(block, steps)
     cuts = [(y0, min(y0 + band, ny)) for y0 in range(0, ny, band)]
     with ThreadPoolExecutor(max_workers=len(cuts)) as pool:
-        parts = list(pool.map(lambda c: downsample_levels(block[:, c[0]:c[1]], steps), cuts))
+        parts = list(pool.map(lambda c: downsample_levels(block[:, c[0] : c[1]], steps), cuts))
     return [np.concatenate([p[k] for p in parts], axis=1) for k in range(len(steps))]
 
 
 def _start_writes(
-    writers: Sequence[Any], levels: Sequence[Level], arrays: Sequence[np.ndarray], first: int,
-    z0_first: int, handoff: Any, last: int,
+    writers: Sequence[Any],
+    levels: Sequence[Level],
+    arrays: Sequence[np.ndarray],
+    first: int,
+    z0_first: int,
+    handoff: Any,
+    last: int,
 ) -> list[Any]:
     """Start writing arrays of levels ``first..`` (block at z0_first in level-``first`` voxels).
 
@@ -373,9 +390,13 @@ def build_coarse_block(job: CoarseJob) -> dict:
     """Downsample one block of the hand-off level into the coarse levels it owns."""
     t0 = time.perf_counter()
     block = job.source_array.read(job.z0, job.z1)
-    arrays = downsample_in_bands(block, steps_between(job.levels, job.source, job.last), job.threads)
+    arrays = downsample_in_bands(
+        block, steps_between(job.levels, job.source, job.last), job.threads
+    )
     # arrays[i] is level source+1+i (first == source + 1)
-    for fut in _start_writes(job.writers, job.levels, arrays, job.first, _z_at(job), job.handoff, job.last):
+    for fut in _start_writes(
+        job.writers, job.levels, arrays, job.first, _z_at(job), job.handoff, job.last
+    ):
         fut.result()
     return {"z0": job.z0, "z1": job.z1, "level": job.source, "seconds": time.perf_counter() - t0}
 
@@ -388,8 +409,6 @@ def _z_at(job: CoarseJob) -> int:
 
 def sample_window(refs: Sequence[SliceRef], percentiles: tuple[float, float]) -> dict:
     """Estimate a 16-bit → 8-bit window from up to 16 evenly spaced slices."""
-    from emflow.bitdepth import sample_percentiles
-
     real = [r for r in refs if r.fill is None and r.path]
     picks = real[:: max(1, len(real) // 16)][:16]
     samples = [read_image(r.path, r.page)[::4, ::4] for r in picks]
@@ -434,10 +453,18 @@ def _cluster_resources(client: Any) -> tuple[int, int]:
     """(total threads, memory per thread in bytes) of the cluster, or of this machine."""
     if client is None:
         return 2, 4 * _GIB
-    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    info = (
+        client.scheduler_info(n_workers=-1)
+        if _accepts_n_workers(client)
+        else client.scheduler_info()
+    )
     workers = info.get("workers", {}).values()
     threads = sum(w.get("nthreads", 1) for w in workers) or 1
-    mem = min((w.get("memory_limit") or 4 * _GIB) / max(1, w.get("nthreads", 1)) for w in workers) if workers else 4 * _GIB
+    mem = (
+        min((w.get("memory_limit") or 4 * _GIB) / max(1, w.get("nthreads", 1)) for w in workers)
+        if workers
+        else 4 * _GIB
+    )
     return threads, int(mem)
 
 
@@ -483,8 +510,15 @@ def run(
     def stage(name: str, units: list[Unit]) -> dict[int, Any]:
         t = time.perf_counter()
         prog = Progress(name, len(units), enabled=progress)
-        res = run_stage(name, units, client=client, run_id=run_id, retries=recipe.run.retries,
-                        progress=prog, run_dir=run_dir)
+        res = run_stage(
+            name,
+            units,
+            client=client,
+            run_id=run_id,
+            retries=recipe.run.retries,
+            progress=prog,
+            run_dir=run_dir,
+        )
         stage_seconds[name] = time.perf_counter() - t
         return res
 
@@ -494,7 +528,9 @@ def run(
         if recipe.depth.window is not None:
             window = recipe.depth.window
         else:
-            res = stage("stats", [Unit(0, sample_window, (catalog.slices, recipe.depth.percentiles))])
+            res = stage(
+                "stats", [Unit(0, sample_window, (catalog.slices, recipe.depth.percentiles))]
+            )
             window = tuple(res[0]["window"])  # type: ignore[assignment]
         say(f"16-bit window {window[0]:g}..{window[1]:g} → 0..255")
 
@@ -515,7 +551,9 @@ def run(
         frame = tuple(alignment.frame_shape_yx)  # type: ignore[assignment]
         for i, ref in enumerate(catalog.slices):
             m = alignment.transforms.get(ref.z)
-            transforms[i] = None if m is None else tuple(tuple(float(v) for v in row) for row in np.asarray(m))
+            transforms[i] = (
+                None if m is None else tuple(tuple(float(v) for v in row) for row in np.asarray(m))
+            )
             src = alignment.source_slice(ref.z)
             if src is None:
                 refs[i] = SliceRef(ref.z, ref.source_z, None, 0, fill="zero")
@@ -528,8 +566,14 @@ def run(
         from emflow.align_stage import slice_cache_dir
 
         cache_dir = str(slice_cache_dir(run_dir))
-    plan = plan_output(recipe, len(catalog.slices), frame, catalog.dtype,
-                       threads=threads, memory_per_thread=mem_per_thread)
+    plan = plan_output(
+        recipe,
+        len(catalog.slices),
+        frame,
+        catalog.dtype,
+        threads=threads,
+        memory_per_thread=mem_per_thread,
+    )
     say(plan.summary())
     writers = make_writers(recipe, plan, root, token=run_id + uuid.uuid4().hex[:6])
     if not resuming:
@@ -537,8 +581,12 @@ def run(
             w.create()
     handoffs = []
     for p in plan.passes[:-1]:
-        h = HandoffArray(run_dir / "handoff" / f"level{p.last}", plan.levels[p.last].shape_zyx,
-                         plan.out_dtype, token=run_id)
+        h = HandoffArray(
+            run_dir / "handoff" / f"level{p.last}",
+            plan.levels[p.last].shape_zyx,
+            plan.out_dtype,
+            token=run_id,
+        )
         if not resuming:
             h.create()
         handoffs.append(h)
@@ -547,22 +595,47 @@ def run(
     slab_units = []
     for i, (z0, z1) in enumerate(p0.blocks):
         job = SlabJob(
-            z0=z0, refs=tuple(refs[z0:z1]), shape_yx=catalog.shape_yx, frame_shape_yx=frame,
-            transforms=tuple(transforms[z0:z1]), window=window, out_dtype=plan.out_dtype,
-            clip_limit=recipe.enhance.clip_limit, kernel_size_px=recipe.enhance.kernel_size_px,
-            levels=plan.levels, last_level=p0.last, writers=tuple(writers),
-            handoff=handoffs[0] if handoffs else None, threads=2 if threads <= 2 else 1,
-            cache_dir=cache_dir, source_index=tuple(source_index[z0:z1]),
+            z0=z0,
+            refs=tuple(refs[z0:z1]),
+            shape_yx=catalog.shape_yx,
+            frame_shape_yx=frame,
+            transforms=tuple(transforms[z0:z1]),
+            window=window,
+            out_dtype=plan.out_dtype,
+            clip_limit=recipe.enhance.clip_limit,
+            kernel_size_px=recipe.enhance.kernel_size_px,
+            levels=plan.levels,
+            last_level=p0.last,
+            writers=tuple(writers),
+            handoff=handoffs[0] if handoffs else None,
+            threads=2 if threads <= 2 else 1,
+            in_dtype=catalog.dtype,
+            cache_dir=cache_dir,
+            source_index=tuple(source_index[z0:z1]),
         )
-        nbytes = (z1 - z0) * catalog.shape_yx[0] * catalog.shape_yx[1] * (2 if catalog.dtype == "uint16" else 1)
+        nbytes = (
+            (z1 - z0)
+            * catalog.shape_yx[0]
+            * catalog.shape_yx[1]
+            * (2 if catalog.dtype == "uint16" else 1)
+        )
         slab_units.append(Unit(i, render_slab, (job,), nbytes))
     stage("slab", slab_units)
     for p in plan.passes[1:]:
         units = []
         for i, (z0, z1) in enumerate(p.blocks):
-            job = CoarseJob(z0, z1, p.source, p.first, p.last, plan.levels, tuple(writers),
-                            handoffs[p.index - 1], handoffs[p.index] if p.index < len(handoffs) else None,
-                            threads=2 if threads <= 2 else 1)
+            job = CoarseJob(
+                z0,
+                z1,
+                p.source,
+                p.first,
+                p.last,
+                plan.levels,
+                tuple(writers),
+                handoffs[p.index - 1],
+                handoffs[p.index] if p.index < len(handoffs) else None,
+                threads=2 if threads <= 2 else 1,
+            )
             units.append(Unit(i, build_coarse_block, (job,)))
         stage(f"coarse{p.index}", units)
     # finalize: metadata, then move complete volumes into place
@@ -584,4 +657,6 @@ def run(
     forget(run_id)
     seconds = time.perf_counter() - t_start
     (run_dir / "COMPLETE").write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {seconds:.1f} s\n")
-    return RunResult(out_paths, run_dir, plan, catalog, seconds, catalog.nbytes, stage_seconds, alignment)
+    return RunResult(
+        out_paths, run_dir, plan, catalog, seconds, catalog.nbytes, stage_seconds, alignment
+    )

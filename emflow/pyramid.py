@@ -77,7 +77,11 @@ def _sum_pairs(a: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
     return out
 
 
-_WIDER = {np.dtype(np.uint8): np.uint16, np.dtype(np.uint16): np.uint32, np.dtype(np.uint32): np.uint64}
+_WIDER = {
+    np.dtype(np.uint8): np.uint16,
+    np.dtype(np.uint16): np.uint32,
+    np.dtype(np.uint32): np.uint64,
+}
 
 
 def _sum_x_pairs(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -95,8 +99,13 @@ def _sum_pairs_fast(a: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
     n = a.shape[axis]
     if n % 2:
         return _sum_pairs(a, axis, dtype)
-    if (axis == a.ndim - 1 and a.flags.c_contiguous and a.dtype in _WIDER
-            and np.little_endian and np.dtype(dtype).itemsize >= a.dtype.itemsize * 2):
+    if (
+        axis == a.ndim - 1
+        and a.flags.c_contiguous
+        and a.dtype in _WIDER
+        and np.little_endian
+        and np.dtype(dtype).itemsize >= a.dtype.itemsize * 2
+    ):
         return _sum_x_pairs(a, dtype)
     sl_even = [slice(None)] * a.ndim
     sl_odd = [slice(None)] * a.ndim
@@ -111,7 +120,9 @@ def _counts_1d(n_in: int, counts_in: np.ndarray) -> np.ndarray:
     return np.concatenate([even, counts_in[-1:]]) if n_in % 2 else even
 
 
-def _divide_round_half_even(sums: np.ndarray, counts: np.ndarray | int, dtype: np.dtype) -> np.ndarray:
+def _divide_round_half_even(
+    sums: np.ndarray, counts: np.ndarray | int, dtype: np.dtype
+) -> np.ndarray:
     """round(sums / counts) with ties to even, exactly, in integers."""
     if isinstance(counts, int) and counts & (counts - 1) == 0:
         # c = 2^k: (s + c/2 - 1 + q_lowbit) >> k rounds half to even without a comparison pass
@@ -139,9 +150,7 @@ def _sum_dtype(max_value: int, n_voxels: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def downsample_levels(
-    block_zyx: np.ndarray, steps: Sequence[Sequence[int]]
-) -> list[np.ndarray]:
+def downsample_levels(block_zyx: np.ndarray, steps: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """Mean-downsample a block by successive per-axis steps of 1 or 2, rounding once per level.
 
     Every level is computed from integer sums of the block's own voxels (not from

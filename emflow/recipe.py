@@ -47,7 +47,9 @@ class Source(_Model):
             if self.z_start is None or self.z_stop is None:
                 raise ValueError("'pattern' needs 'z_start' and 'z_stop' (stop exclusive)")
         if self.z_start is not None and self.z_stop is not None and self.z_stop <= self.z_start:
-            raise ValueError(f"z_stop ({self.z_stop}) must be greater than z_start ({self.z_start})")
+            raise ValueError(
+                f"z_stop ({self.z_stop}) must be greater than z_start ({self.z_start})"
+            )
         return self
 
 
@@ -221,7 +223,9 @@ class Recipe(_Model):
     def output_fingerprint(self) -> str:
         """Hash of every field that changes output bytes (not resources, not paths' spelling)."""
         data = self.model_dump(mode="json", exclude={"run"})
-        data["run"] = {"slab_depth": self.run.slab_depth}  # resources and caches do not change bytes
+        data["run"] = {
+            "slab_depth": self.run.slab_depth
+        }  # resources and caches do not change bytes
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -257,5 +261,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise RecipeError(
+            f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from None
     return recipe_from_dict(data, base_dir=path.parent.resolve(), origin=str(path))

@@ -9,8 +9,14 @@ import tensorstore as ts
 
 
 def precomputed_tensorstore(path: Path, level: int) -> np.ndarray:
-    store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(path) + "/"},
-                     "scale_index": level}, read=True).result()
+    store = ts.open(
+        {
+            "driver": "neuroglancer_precomputed",
+            "kvstore": {"driver": "file", "path": str(path) + "/"},
+            "scale_index": level,
+        },
+        read=True,
+    ).result()
     return np.asarray(store[..., 0].read().result()).transpose(2, 1, 0)
 
 
@@ -29,8 +35,10 @@ def zarr_python(path: Path, level: int) -> np.ndarray:
 
 def zarr_tensorstore(path: Path, level: int) -> np.ndarray:
     driver = "zarr3" if (path / "zarr.json").exists() else "zarr"
-    store = ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(path / str(level)) + "/"}},
-                    read=True).result()
+    store = ts.open(
+        {"driver": driver, "kvstore": {"driver": "file", "path": str(path / str(level)) + "/"}},
+        read=True,
+    ).result()
     return np.asarray(store.read().result())
 
 

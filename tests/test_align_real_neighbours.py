@@ -25,28 +25,48 @@ pytestmark = [pytest.mark.real_data, pytest.mark.integration]
 def test_real_vnc_neighbours_align_with_the_sstem_preset(shared_data, tmp_path):
     src = shared_data / "sstem-drosophila-vnc" / "stack1" / "raw"
     stack = np.stack([tifffile.imread(src / f"{z:02d}.tif") for z in range(12)])
-    distort = random_affines(12, max_translation_px=60, max_rotation_deg=2, max_scale_shear=0.01, seed=5,
-                             shape_yx=stack.shape[1:])
+    distort = random_affines(
+        12,
+        max_translation_px=60,
+        max_rotation_deg=2,
+        max_scale_shear=0.01,
+        seed=5,
+        shape_yx=stack.shape[1:],
+    )
     warped, truth = apply_to_stack(stack, distort)
     write_stack(warped, tmp_path / "src", pattern="s%03d.tif")
-    before = max(stack_errors_px({z: np.eye(2, 3) for z in range(12)}, truth, stack.shape[1:]).values())
-    result = run(recipe_from_dict({
-        "source": {"glob": str(tmp_path / "src" / "*.tif")}, "voxel_size_nm": [4.6, 4.6, 45],
-        "output_dir": str(tmp_path / "out"), "outputs": [{"format": "omezarr"}],
-        "align": {"enabled": True, "downsample": 4, "ratio": 0.9, "model": "affine"},
-        "pyramid": {"levels": 2},
-    }))
+    before = max(
+        stack_errors_px({z: np.eye(2, 3) for z in range(12)}, truth, stack.shape[1:]).values()
+    )
+    result = run(
+        recipe_from_dict(
+            {
+                "source": {"glob": str(tmp_path / "src" / "*.tif")},
+                "voxel_size_nm": [4.6, 4.6, 45],
+                "output_dir": str(tmp_path / "out"),
+                "outputs": [{"format": "omezarr"}],
+                "align": {"enabled": True, "downsample": 4, "ratio": 0.9, "model": "affine"},
+                "pyramid": {"levels": 2},
+            }
+        )
+    )
     alignment = Alignment.from_json(result.run_dir / "alignment.json")
     neighbours = [p for p in alignment.pairs if p.z_b == p.z_a + 1]
     assert all(p.ok for p in neighbours), [(p.z_a, p.reason) for p in neighbours if not p.ok]
     assert not alignment.bad_slices
     local = [
-        stack_errors_px({z: alignment.transforms[z], z + 1: alignment.transforms[z + 1]},
-                        truth, stack.shape[1:], ref=z)[z + 1]
+        stack_errors_px(
+            {z: alignment.transforms[z], z + 1: alignment.transforms[z + 1]},
+            truth,
+            stack.shape[1:],
+            ref=z,
+        )[z + 1]
         for z in range(11)
     ]
     distorted = [
-        stack_errors_px({z: np.eye(2, 3), z + 1: np.eye(2, 3)}, truth, stack.shape[1:], ref=z)[z + 1]
+        stack_errors_px({z: np.eye(2, 3), z + 1: np.eye(2, 3)}, truth, stack.shape[1:], ref=z)[
+            z + 1
+        ]
         for z in range(11)
     ]
     assert before > 40 and np.median(distorted) > 40  # the distortion was large

@@ -16,11 +16,26 @@ from benchmarks import limits
 from benchmarks.pyramid_ref import exact_means, pyramid
 
 KERNELS = {
-    "png_decode", "jpeg_q90_encode", "zstd1_encode", "downsample_2x_mean", "warp_affine_linear",
-    "clahe", "sift_feature_copy", "page_cache_write", "memcpy",
+    "png_decode",
+    "jpeg_q90_encode",
+    "zstd1_encode",
+    "downsample_2x_mean",
+    "warp_affine_linear",
+    "clahe",
+    "sift_feature_copy",
+    "page_cache_write",
+    "memcpy",
 }
-MODEL = {"jpeg", "zstd", "jpeg+zstd", "jpeg+zstd+clahe", "full", "full_decode_twice",
-         "full_cv2_clahe", "jpeg+zstd+cv2_clahe"}
+MODEL = {
+    "jpeg",
+    "zstd",
+    "jpeg+zstd",
+    "jpeg+zstd+clahe",
+    "full",
+    "full_decode_twice",
+    "full_cv2_clahe",
+    "jpeg+zstd+cv2_clahe",
+}
 
 
 def _positive(x: object) -> bool:
@@ -31,10 +46,13 @@ def _positive(x: object) -> bool:
 def tiny_inputs() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:96, 0:96]
-    sl = (128 + 60 * np.sin(yy / 7.0) * np.cos(xx / 5.0) + rng.normal(0, 8, (96, 96)))
+    sl = 128 + 60 * np.sin(yy / 7.0) * np.cos(xx / 5.0) + rng.normal(0, 8, (96, 96))
     block = rng.integers(0, 256, (16, 32, 32), dtype=np.uint8)
-    return {"slice": np.clip(sl, 0, 255).astype(np.uint8), "chunk": block[:, :16, :16].copy(),
-            "block": block}
+    return {
+        "slice": np.clip(sl, 0, 255).astype(np.uint8),
+        "chunk": block[:, :16, :16].copy(),
+        "block": block,
+    }
 
 
 def test_limit_kernels_return_positive_finite_figures(tiny_inputs, tmp_path):

@@ -20,10 +20,16 @@ def _stack16(tmp_path):
 
 
 def _recipe(tmp_path, out, depth):
-    return recipe_from_dict({
-        "source": {"glob": str(tmp_path / "*.tif")}, "voxel_size_nm": [8, 8, 8], "enhance": {"clip_limit": 0}, "output_dir": str(tmp_path / out),
-        "outputs": [{"format": "omezarr", "version": "0.4"}], "depth": depth,
-    })
+    return recipe_from_dict(
+        {
+            "source": {"glob": str(tmp_path / "*.tif")},
+            "voxel_size_nm": [8, 8, 8],
+            "enhance": {"clip_limit": 0},
+            "output_dir": str(tmp_path / out),
+            "outputs": [{"format": "omezarr", "version": "0.4"}],
+            "depth": depth,
+        }
+    )
 
 
 def test_fixed_window_and_uint16_kept(tmp_path):

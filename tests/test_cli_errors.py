@@ -13,8 +13,13 @@ from emflow.testing import synthetic_slices, write_stack
 
 
 def emflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emflow", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "emflow", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -38,7 +43,9 @@ outputs:
 {extra}"""
 
 
-def make(tmp_path: Path, source: str = "glob: src/*.png", extra: str = "", n: int = 6, shape=(64, 80)) -> Path:
+def make(
+    tmp_path: Path, source: str = "glob: src/*.png", extra: str = "", n: int = 6, shape=(64, 80)
+) -> Path:
     if not (tmp_path / "src").exists():
         write_stack(synthetic_slices((n, *shape), seed=1), tmp_path / "src", pattern="s%03d.png")
     recipe = tmp_path / "recipe.yaml"
@@ -78,7 +85,9 @@ def test_corrupt_image(tmp_path):
 def test_mixed_shapes_name_the_first_offending_file(tmp_path):
     make(tmp_path)
     write_stack([np.full((50, 50), 9, np.uint8)], tmp_path / "src", pattern="s%03d.png", z_start=4)
-    assert_one_line_error(emflow("validate", "recipe.yaml", cwd=tmp_path), "s004.png", "50 × 50", "64")
+    assert_one_line_error(
+        emflow("validate", "recipe.yaml", cwd=tmp_path), "s004.png", "50 × 50", "64"
+    )
 
 
 @pytest.mark.parametrize(
@@ -97,14 +106,20 @@ def test_bad_recipe_fields(tmp_path, extra, needles):
 def test_bad_yaml_and_missing_recipe(tmp_path):
     (tmp_path / "r.yaml").write_text("source: [unclosed\n")
     assert_one_line_error(emflow("validate", "r.yaml", cwd=tmp_path), "r.yaml", "YAML")
-    assert_one_line_error(emflow("run", "nothing.yaml", cwd=tmp_path), "nothing.yaml", "does not exist")
+    assert_one_line_error(
+        emflow("run", "nothing.yaml", cwd=tmp_path), "nothing.yaml", "does not exist"
+    )
 
 
 def test_nonexistent_source_path_and_empty_match(tmp_path):
     make(tmp_path, source="directory: no/such/dir")
-    assert_one_line_error(emflow("validate", "recipe.yaml", cwd=tmp_path), "no/such/dir", "does not exist")
+    assert_one_line_error(
+        emflow("validate", "recipe.yaml", cwd=tmp_path), "no/such/dir", "does not exist"
+    )
     make(tmp_path, source="glob: src/*.tif")
-    assert_one_line_error(emflow("validate", "recipe.yaml", cwd=tmp_path), "src/*.tif", "no image files")
+    assert_one_line_error(
+        emflow("validate", "recipe.yaml", cwd=tmp_path), "src/*.tif", "no image files"
+    )
 
 
 def test_unwritable_output(tmp_path):
@@ -112,7 +127,9 @@ def test_unwritable_output(tmp_path):
     (tmp_path / "blocker").write_text("a file where a directory should be")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe.read_text().replace("output_dir: out", "output_dir: blocker/out"))
-    assert_one_line_error(emflow("run", "recipe.yaml", "--serial", cwd=tmp_path), "blocker/out", "not writable")
+    assert_one_line_error(
+        emflow("run", "recipe.yaml", "--serial", cwd=tmp_path), "blocker/out", "not writable"
+    )
 
 
 def test_validate_prints_resolved_recipe_and_stack(tmp_path):

@@ -14,8 +14,24 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "emflow", "demo", str(tmp_path / "d"), "--slices", "12",
-                           "--size", "384", "--workers", "0"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "emflow",
+            "demo",
+            str(tmp_path / "d"),
+            "--slices",
+            "12",
+            "--size",
+            "384",
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "d" / "output"
     assert "emflow serve" in proc.stdout
@@ -23,4 +39,6 @@ def test_demo_end_to_end(tmp_path):
     level0 = zarr_python(out / "em.ome.zarr", 0)
     np.testing.assert_array_equal(precomputed_tensorstore(out / "em_jpeg", 0).shape, level0.shape)
     assert level0.shape[0] == 12 and level0.shape[1] >= 384  # aligned frame covers every slice
-    assert (out / "emflow-run" / "alignment.json").is_file() and (out / "emflow-run" / "qc" / "reslices.png").is_file()
+    assert (out / "emflow-run" / "alignment.json").is_file() and (
+        out / "emflow-run" / "qc" / "reslices.png"
+    ).is_file()

@@ -33,7 +33,9 @@ def test_glob_gaps_are_missing_slices(tmp_path):
 def test_pattern_with_fill_zero(tmp_path):
     write_stack([np.ones((4, 5), np.uint8)] * 3, tmp_path, pattern="a%03d.png")
     (tmp_path / "a001.png").unlink()
-    cat = discover(Source(pattern=str(tmp_path / "a%03d.png"), z_start=0, z_stop=3, missing="fill_zero"))
+    cat = discover(
+        Source(pattern=str(tmp_path / "a%03d.png"), z_start=0, z_stop=3, missing="fill_zero")
+    )
     assert [s.fill for s in cat.slices] == [None, "zero", None]
     assert cat.missing == (1,) and cat.shape_zyx == (3, 4, 5)
 
@@ -52,5 +54,5 @@ def test_colour_png_is_refused_naming_the_file(tmp_path):
     import cv2
 
     cv2.imwrite(str(tmp_path / "rgb.png"), np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(SourceError, match="rgb.png.*colour"):
+    with pytest.raises(SourceError, match=r"rgb\.png.*colour"):
         discover(Source(glob=str(tmp_path / "*.png")))

@@ -21,24 +21,46 @@ pytestmark = pytest.mark.integration
 neuroglancer = pytest.importorskip("neuroglancer", reason="pip install neuroglancer (test extra)")
 pytest.importorskip("selenium", reason="pip install selenium (test extra)")
 if not (shutil.which("chromium") and shutil.which("chromedriver")):
-    pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)", allow_module_level=True)
+    pytest.skip(
+        "needs Debian's chromium and chromium-driver (.ci/run installs them)",
+        allow_module_level=True,
+    )
 
-import neuroglancer.webdriver  # noqa: E402
+webdriver = pytest.importorskip("neuroglancer.webdriver")
 
-CHROME_ARGS = ["--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-               "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+CHROME_ARGS = [
+    "--no-sandbox",
+    "--use-gl=angle",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("ng")
     write_stack(synthetic_slices((40, 300, 420), seed=9), root / "src")
-    result = run(recipe_from_dict({
-        "source": {"glob": str(root / "src" / "*.png")}, "voxel_size_nm": [4, 4, 40],
-        "output_dir": str(root / "out"),
-        "outputs": [{"format": "precomputed", "name": "em_jpeg", "encoding": "jpeg", "sharded": True},
-                    {"format": "omezarr", "name": "em.ome.zarr", "version": "0.5"}],
-    }))
+    result = run(
+        recipe_from_dict(
+            {
+                "source": {"glob": str(root / "src" / "*.png")},
+                "voxel_size_nm": [4, 4, 40],
+                "output_dir": str(root / "out"),
+                "outputs": [
+                    {
+                        "format": "precomputed",
+                        "name": "em_jpeg",
+                        "encoding": "jpeg",
+                        "sharded": True,
+                    },
+                    {"format": "omezarr", "name": "em.ome.zarr", "version": "0.5"},
+                ],
+            }
+        )
+    )
     server = make_server(result.output_paths["em_jpeg"].parent, 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -46,10 +68,13 @@ def served(tmp_path_factory):
     server.shutdown()
 
 
-@pytest.mark.parametrize("source,dims", [
-    ("precomputed://{base}/em_jpeg", ("x", "y", "z")),
-    ("zarr://{base}/em.ome.zarr", ("z", "y", "x")),
-])
+@pytest.mark.parametrize(
+    "source,dims",
+    [
+        ("precomputed://{base}/em_jpeg", ("x", "y", "z")),
+        ("zarr://{base}/em.ome.zarr", ("z", "y", "x")),
+    ],
+)
 def test_neuroglancer_opens_the_volume(served, source, dims):
     base, root = served
     neuroglancer.set_server_bind_address("127.0.0.1")
@@ -57,8 +82,9 @@ def test_neuroglancer_opens_the_volume(served, source, dims):
     with viewer.txn() as s:
         s.layers["em"] = neuroglancer.ImageLayer(source=source.format(base=base))
         s.layout = "xy"
-    with neuroglancer.webdriver.Webdriver(viewer, headless=True, browser="chrome",
-                                          extra_command_line_args=CHROME_ARGS):
+    with webdriver.Webdriver(
+        viewer, headless=True, browser="chrome", extra_command_line_args=CHROME_ARGS
+    ):
         deadline = time.monotonic() + 60
         while not viewer.state.dimensions.names and time.monotonic() < deadline:
             time.sleep(0.25)
@@ -77,4 +103,6 @@ def test_neuroglancer_opens_the_volume(served, source, dims):
     img = cv2.imdecode(np.frombuffer(shot.image, np.uint8), cv2.IMREAD_GRAYSCALE)
     centre = img[120:360, 160:480]
     assert centre.std() > 15, "neuroglancer drew no image data"
-    assert (centre < 90).mean() > 0.01 and (centre > 140).mean() > 0.2  # dark membranes, bright cells
+    assert (centre < 90).mean() > 0.01 and (
+        centre > 140
+    ).mean() > 0.2  # dark membranes, bright cells

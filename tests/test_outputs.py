@@ -14,7 +14,11 @@ from emflow.pyramid import reference_pyramid
 from emflow.testing import synthetic_slices, write_stack
 from tests.conftest import psnr, read_pngs, tree_digest
 from tests.readers import (
-    precomputed_cloudvolume, precomputed_tensorstore, validate_ome_zarr, zarr_python, zarr_tensorstore,
+    precomputed_cloudvolume,
+    precomputed_tensorstore,
+    validate_ome_zarr,
+    zarr_python,
+    zarr_tensorstore,
 )
 
 ALL_OUTPUTS = [
@@ -57,12 +61,15 @@ def odd_stack(tmp_path_factory):
 @pytest.mark.integration
 def test_odd_sizes_every_format_two_readers(odd_stack):
     root, volume = odd_stack
-    recipe = recipe_from_dict({
-        "source": {"glob": str(root / "src" / "*.png")},
-        "voxel_size_nm": [4, 4, 40], "enhance": {"clip_limit": 0},
-        "output_dir": str(root / "out"),
-        "outputs": ALL_OUTPUTS,
-    })
+    recipe = recipe_from_dict(
+        {
+            "source": {"glob": str(root / "src" / "*.png")},
+            "voxel_size_nm": [4, 4, 40],
+            "enhance": {"clip_limit": 0},
+            "output_dir": str(root / "out"),
+            "outputs": ALL_OUTPUTS,
+        }
+    )
     result = run(recipe)
     assert len(result.plan.levels) == 5  # until the coarsest level fits one 64³ chunk
     _check_outputs(result, volume, ALL_OUTPUTS)
@@ -83,40 +90,65 @@ def test_slabs_and_coarse_passes_on_local_cluster_equal_serial(tmp_path):
     paths = write_stack(synthetic_slices(shape, seed=5), tmp_path / "src")
     volume = read_pngs(paths)
     outputs = [
-        {"format": "precomputed", "name": "jpeg", "encoding": "jpeg", "chunk_size_xyz": [32, 32, 32]},
+        {
+            "format": "precomputed",
+            "name": "jpeg",
+            "encoding": "jpeg",
+            "chunk_size_xyz": [32, 32, 32],
+        },
         {"format": "precomputed", "name": "raw", "encoding": "raw", "chunk_size_xyz": [32, 32, 32]},
         {"format": "omezarr", "name": "z5", "chunk_size_xyz": [32, 32, 32]},
     ]
 
     def recipe(out):
-        return recipe_from_dict({
-            "source": {"glob": str(tmp_path / "src" / "*.png")},
-            "voxel_size_nm": [8, 8, 8], "enhance": {"clip_limit": 0},
-            "output_dir": str(tmp_path / out),
-            "outputs": outputs,
-            "run": {"slab_depth": 32},
-        })
+        return recipe_from_dict(
+            {
+                "source": {"glob": str(tmp_path / "src" / "*.png")},
+                "voxel_size_nm": [8, 8, 8],
+                "enhance": {"clip_limit": 0},
+                "output_dir": str(tmp_path / out),
+                "outputs": outputs,
+                "run": {"slab_depth": 32},
+            }
+        )
 
     serial = run(recipe("serial"))
     p = serial.plan
     assert len(p.passes[0].blocks) == 4 and len(p.passes) >= 2
     _check_outputs(serial, volume, outputs)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
-            Client(lc) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as lc,
+        Client(lc) as client,
+    ):
         dist = run(recipe("dist"), client=client)
     for o in outputs:
-        assert tree_digest(serial.output_paths[o["name"]]) == tree_digest(dist.output_paths[o["name"]]), o
+        assert tree_digest(serial.output_paths[o["name"]]) == tree_digest(
+            dist.output_paths[o["name"]]
+        ), o
     # every level written by slabs has storage objects no deeper than a slab's share
     info = json.loads((serial.output_paths["raw"] / "info").read_text())
     for k, own in enumerate(p.owner_depth):
         if own is None:
             continue
-        store = ts.open({"driver": "neuroglancer_precomputed",
-                         "kvstore": {"driver": "file", "path": str(serial.output_paths["raw"]) + "/"},
-                         "scale_index": k}).result()
+        store = ts.open(
+            {
+                "driver": "neuroglancer_precomputed",
+                "kvstore": {"driver": "file", "path": str(serial.output_paths["raw"]) + "/"},
+                "scale_index": k,
+            }
+        ).result()
         assert own % store.chunk_layout.write_chunk.shape[2] == 0, (k, own, info["scales"][k])
-        zs = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
-                      "path": str(serial.output_paths["z5"] / str(k)) + "/"}}).result()
+        zs = ts.open(
+            {
+                "driver": "zarr3",
+                "kvstore": {
+                    "driver": "file",
+                    "path": str(serial.output_paths["z5"] / str(k)) + "/",
+                },
+            }
+        ).result()
         assert own % zs.chunk_layout.write_chunk.shape[0] == 0
 
 
@@ -124,15 +156,24 @@ def test_slabs_and_coarse_passes_on_local_cluster_equal_serial(tmp_path):
 def test_formats_place_voxels_at_same_physical_position(odd_stack, tmp_path):
     """Precomputed is corner-based, OME-Zarr centre-based: voxel centres must coincide at every level."""
     root, _ = odd_stack
-    recipe = recipe_from_dict({
-        "source": {"glob": str(root / "src" / "*.png")}, "voxel_size_nm": [4, 4, 40], "enhance": {"clip_limit": 0},
-        "output_dir": str(tmp_path / "out"), "outputs": [ALL_OUTPUTS[2], ALL_OUTPUTS[3]],
-        "pyramid": {"levels": 3},
-    })
+    recipe = recipe_from_dict(
+        {
+            "source": {"glob": str(root / "src" / "*.png")},
+            "voxel_size_nm": [4, 4, 40],
+            "enhance": {"clip_limit": 0},
+            "output_dir": str(tmp_path / "out"),
+            "outputs": [ALL_OUTPUTS[2], ALL_OUTPUTS[3]],
+            "pyramid": {"levels": 3},
+        }
+    )
     result = run(recipe)
     info = json.loads((result.output_paths["raw_plain"] / "info").read_text())
     model = validate_ome_zarr(result.output_paths["v05.ome.zarr"])
-    ms = model.ome_attributes.multiscales[0] if hasattr(model, "ome_attributes") else model.attributes.ome.multiscales[0]
+    ms = (
+        model.ome_attributes.multiscales[0]
+        if hasattr(model, "ome_attributes")
+        else model.attributes.ome.multiscales[0]
+    )
     for k, scale in enumerate(info["scales"]):
         res_xyz = np.array(scale["resolution"], float)
         offset = np.array(scale["voxel_offset"], float)

@@ -12,7 +12,11 @@ from emflow.testing import synthetic_stack
 
 PKG = Path(emflow.__file__).parent
 DASK_ALLOWED = {"pipeline.py", "execute.py", "dashboard.py", "dask_preload.py"}
-DASK_PACKAGES = {"cluster", "lattice", "cli"}  # orchestration packages: emflow/cluster/, emflow/lattice/
+DASK_PACKAGES = {
+    "cluster",
+    "lattice",
+    "cli",
+}  # orchestration packages: emflow/cluster/, emflow/lattice/
 
 
 def test_all_names_import():

@@ -13,7 +13,12 @@ from emflow import recipe_from_dict, run
 from emflow.align.solve import Alignment
 from emflow.align.warp import warp_slice
 from emflow.testing import synthetic_stack, write_stack
-from emflow.testing.transforms import apply_to_stack, insert_bad_slices, random_affines, stack_errors_px
+from emflow.testing.transforms import (
+    apply_to_stack,
+    insert_bad_slices,
+    random_affines,
+    stack_errors_px,
+)
 from tests.conftest import tree_digest
 from tests.readers import precomputed_tensorstore, zarr_python
 
@@ -24,8 +29,14 @@ pytestmark = [pytest.mark.integration]
 def misaligned(tmp_path_factory):
     """20 synthetic slices (512²), each distorted by a known affine; slice 7 blanked."""
     stack = synthetic_stack((20, 512, 512), seed=8)
-    distort = random_affines(20, max_translation_px=40, max_rotation_deg=2, max_scale_shear=0.01, seed=21,
-                             shape_yx=stack.shape[1:])
+    distort = random_affines(
+        20,
+        max_translation_px=40,
+        max_rotation_deg=2,
+        max_scale_shear=0.01,
+        seed=21,
+        shape_yx=stack.shape[1:],
+    )
     warped, truth = apply_to_stack(stack, distort)
     warped = insert_bad_slices(warped, {7: "blank"})
     root = tmp_path_factory.mktemp("align")
@@ -34,13 +45,20 @@ def misaligned(tmp_path_factory):
 
 
 def _recipe(root, out, clip_limit=0.0, **extra):
-    return recipe_from_dict({
-        "source": {"glob": str(root / "src" / "*.png")}, "voxel_size_nm": [4, 4, 50],
-        "enhance": {"clip_limit": clip_limit},
-        "output_dir": str(root / out),
-        "outputs": [{"format": "omezarr", "name": "z"}, {"format": "precomputed", "name": "p", "encoding": "raw"}],
-        "align": {"enabled": True}, **extra,
-    })
+    return recipe_from_dict(
+        {
+            "source": {"glob": str(root / "src" / "*.png")},
+            "voxel_size_nm": [4, 4, 50],
+            "enhance": {"clip_limit": clip_limit},
+            "output_dir": str(root / out),
+            "outputs": [
+                {"format": "omezarr", "name": "z"},
+                {"format": "precomputed", "name": "p", "encoding": "raw"},
+            ],
+            "align": {"enabled": True},
+            **extra,
+        }
+    )
 
 
 def test_pipeline_recovers_known_transforms_and_writes_warped_slices(misaligned):

@@ -15,17 +15,28 @@ def test_bands_equal_whole(ny, threads):
     rng = np.random.default_rng(ny)
     block = rng.integers(0, 256, size=(9, ny, 41), dtype=np.uint8)
     steps = [(1, 2, 2), (1, 2, 2), (2, 2, 2)]
-    for got, want in zip(downsample_in_bands(block, steps, threads), downsample_levels(block, steps), strict=True):
+    for got, want in zip(
+        downsample_in_bands(block, steps, threads), downsample_levels(block, steps), strict=True
+    ):
         np.testing.assert_array_equal(got, want)
 
 
 def test_plan_for_anisotropic_and_isotropic_stacks():
     def recipe(vs, **run):
-        return recipe_from_dict({"source": {"glob": "x/*.png"}, "voxel_size_nm": vs, "output_dir": "o",
-                                 "outputs": [{"format": "precomputed"}, {"format": "omezarr"}], "run": run})
+        return recipe_from_dict(
+            {
+                "source": {"glob": "x/*.png"},
+                "voxel_size_nm": vs,
+                "output_dir": "o",
+                "outputs": [{"format": "precomputed"}, {"format": "omezarr"}],
+                "run": run,
+            }
+        )
 
     # ssTEM: 2000 slices of 8k: slabs of 64 own the xy-only levels; coarse passes do the rest
-    p = plan_output(recipe([4, 4, 40]), 2000, (8192, 8192), "uint8", threads=8, memory_per_thread=4 << 30)
+    p = plan_output(
+        recipe([4, 4, 40]), 2000, (8192, 8192), "uint8", threads=8, memory_per_thread=4 << 30
+    )
     assert p.slab_depth == 64 and p.passes[0].last >= 3 and p.passes[0].blocks[-1] == (1984, 2000)
     for k, own in enumerate(p.owner_depth):
         assert own is None or own % 64 == 0, (k, own)
@@ -34,5 +45,5 @@ def test_plan_for_anisotropic_and_isotropic_stacks():
     # a slab depth that is not a chunk multiple is refused, naming the field
     from emflow.errors import RecipeError
 
-    with pytest.raises(RecipeError, match="run.slab_depth"):
+    with pytest.raises(RecipeError, match=r"run\.slab_depth"):
         plan_output(recipe([4, 4, 40], slab_depth=100), 2000, (512, 512), "uint8")

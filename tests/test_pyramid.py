@@ -18,7 +18,9 @@ def _float_mean(v: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
     for z in range(shape[0]):
         for y in range(shape[1]):
             for x in range(shape[2]):
-                out[z, y, x] = v[z * f[0]:(z + 1) * f[0], y * f[1]:(y + 1) * f[1], x * f[2]:(x + 1) * f[2]].mean()
+                out[z, y, x] = v[
+                    z * f[0] : (z + 1) * f[0], y * f[1] : (y + 1) * f[1], x * f[2] : (x + 1) * f[2]
+                ].mean()
     return np.round(out)
 
 
@@ -61,11 +63,20 @@ def test_levels_downsample_fine_axes_until_near_isotropic():
     assert next_step((40, 4, 4)) == (1, 2, 2)
     assert next_step((40, 32, 32)) == (2, 2, 2)
     levels = plan_levels((37, 777, 1000), (4, 4, 40), (64, 64, 64))
-    assert [lev.factor_zyx for lev in levels] == [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8), (2, 16, 16)]
+    assert [lev.factor_zyx for lev in levels] == [
+        (1, 1, 1),
+        (1, 2, 2),
+        (1, 4, 4),
+        (1, 8, 8),
+        (2, 16, 16),
+    ]
     assert levels[-1].shape_zyx == (19, 49, 63)
     assert all(s <= 64 for s in levels[-1].shape_zyx)
     assert [lev.factor_zyx for lev in plan_levels((64, 64, 64), (8, 8, 8), (64, 64, 64), 3)] == [
-        (1, 1, 1), (2, 2, 2), (4, 4, 4)]
+        (1, 1, 1),
+        (2, 2, 2),
+        (4, 4, 4),
+    ]
     assert steps_between(levels, 1, 4) == [(1, 2, 2), (1, 2, 2), (2, 2, 2)]
 
 
@@ -79,8 +90,10 @@ def test_slabs_cover_the_stack_exactly_once(n, depth):
 
 
 @settings(max_examples=60, deadline=None)
-@given(size=st.tuples(st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 3000)),
-       max_z=st.sampled_from([None, 1, 2, 4, 8]))
+@given(
+    size=st.tuples(st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 3000)),
+    max_z=st.sampled_from([None, 1, 2, 4, 8]),
+)
 def test_shard_layout_is_a_box_and_respects_the_z_limit(size, max_z):
     lay = shard_layout(size, (64, 64, 64), max_chunks=4096, max_z_chunks=max_z)
     n = lay.shard_chunks_xyz[0] * lay.shard_chunks_xyz[1] * lay.shard_chunks_xyz[2]

@@ -22,7 +22,12 @@ def with_(**kw):
 def test_defaults_are_filled_in():
     r = recipe_from_dict(BASE)
     out = r.outputs[0]
-    assert (out.encoding, out.jpeg_quality, out.sharded, out.chunk_size_xyz) == ("jpeg", 90, True, (64, 64, 64))
+    assert (out.encoding, out.jpeg_quality, out.sharded, out.chunk_size_xyz) == (
+        "jpeg",
+        90,
+        True,
+        (64, 64, 64),
+    )
     assert r.align.enabled is False and r.depth.output == "uint8" and r.pyramid.levels is None
     assert "jpeg_quality: 90" in r.to_yaml()
 
@@ -39,7 +44,12 @@ def test_defaults_are_filled_in():
         (with_(source={"pattern": "img.png", "z_start": 0, "z_stop": 3}), "source"),
         (with_(source={"pattern": "img%d.png", "z_start": 5, "z_stop": 3}), "source"),
         (with_(source={"glob": "*.png", "directory": "x"}), "source"),
-        (with_(outputs=[{"format": "omezarr", "version": "0.4", "shard_size_xyz": [128, 128, 128]}]), "outputs.0"),
+        (
+            with_(
+                outputs=[{"format": "omezarr", "version": "0.4", "shard_size_xyz": [128, 128, 128]}]
+            ),
+            "outputs.0",
+        ),
         (with_(depth={"window": [100, 10]}), "depth.window"),
         (with_(outputs=[{"format": "precomputed"}, {"format": "precomputed"}]), "recipe"),
     ],

@@ -13,12 +13,18 @@ from tests.conftest import tree_digest
 
 
 def _recipe(tmp_path, quality=90):
-    return recipe_from_dict({
-        "source": {"glob": str(tmp_path / "src" / "*.png")}, "voxel_size_nm": [4, 4, 40],
-        "output_dir": str(tmp_path / "out"),
-        "outputs": [{"format": "precomputed", "name": "p", "jpeg_quality": quality}, {"format": "omezarr", "name": "z"}],
-        "run": {"slab_depth": 64},
-    })
+    return recipe_from_dict(
+        {
+            "source": {"glob": str(tmp_path / "src" / "*.png")},
+            "voxel_size_nm": [4, 4, 40],
+            "output_dir": str(tmp_path / "out"),
+            "outputs": [
+                {"format": "precomputed", "name": "p", "jpeg_quality": quality},
+                {"format": "omezarr", "name": "z"},
+            ],
+            "run": {"slab_depth": 64},
+        }
+    )
 
 
 def test_rerun_skips_everything_and_restart_redoes(tmp_path):
@@ -28,7 +34,10 @@ def test_rerun_skips_everything_and_restart_redoes(tmp_path):
     journal = (first.run_dir / "journal.jsonl").read_text()
     again = run(_recipe(tmp_path))
     assert {n: tree_digest(p) for n, p in again.output_paths.items()} == digest
-    added = [json.loads(line) for line in (again.run_dir / "journal.jsonl").read_text()[len(journal):].splitlines()]
+    added = [
+        json.loads(line)
+        for line in (again.run_dir / "journal.jsonl").read_text()[len(journal) :].splitlines()
+    ]
     assert not [e for e in added if e["event"] == "done"]
     skipped = {e["stage"]: len(e["indices"]) for e in added if e["event"] == "skipped"}
     assert skipped == {"slab": 2, "coarse1": 1}

@@ -56,9 +56,16 @@ def main():
     url = f"file://{out}/precomputed"
     t0 = time.perf_counter()
     info = CloudVolume.create_new_info(
-        num_channels=1, layer_type="image", data_type="uint8", encoding="jpeg",
-        resolution=[a.voxel_nm] * 3, voxel_offset=[0, 0, 0], chunk_size=[64, 64, 64],
-        volume_size=[nx, ny, nz], encoding_level=a.quality)
+        num_channels=1,
+        layer_type="image",
+        data_type="uint8",
+        encoding="jpeg",
+        resolution=[a.voxel_nm] * 3,
+        voxel_offset=[0, 0, 0],
+        chunk_size=[64, 64, 64],
+        volume_size=[nx, ny, nz],
+        encoding_level=a.quality,
+    )
     vol = CloudVolume(url, info=info, compress=False)
     vol.commit_info()
     # slabs of whole 64-deep chunks, split over the processes
@@ -72,12 +79,26 @@ def main():
     for mip in range(a.levels - 1):
         zsize = -(-zsize // 2)
         tasks = create_downsampling_tasks(
-            url, mip=mip, num_mips=1, factor=(2, 2, 2), compress=False,
-            chunk_size=(64, 64, min(64, zsize)), encoding_level=a.quality)
+            url,
+            mip=mip,
+            num_mips=1,
+            factor=(2, 2, 2),
+            compress=False,
+            chunk_size=(64, 64, min(64, zsize)),
+            encoding_level=a.quality,
+        )
         tq.insert_all(tasks)
     t2 = time.perf_counter()
-    print(json.dumps({"upload_s": t1 - t0, "downsample_s": t2 - t1, "total_s": t2 - t0,
-                      "input_bytes": nz * ny * nx}))
+    print(
+        json.dumps(
+            {
+                "upload_s": t1 - t0,
+                "downsample_s": t2 - t1,
+                "total_s": t2 - t0,
+                "input_bytes": nz * ny * nx,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,18 +37,33 @@ def main():
     t0 = now()
     vol = decode_stack(a.src, a.threads)
     t1 = now()
-    img = nz.to_ngff_image(vol, dims=("z", "y", "x"), scale={d: a.voxel_nm for d in "zyx"},
-                           axes_units={d: "nanometer" for d in "zyx"})
-    ms = nz.to_multiscales(img, scale_factors=[2**i for i in range(1, a.levels)],
-                           method=nz.Methods.DASK_BIN_SHRINK, chunks=64)
+    img = nz.to_ngff_image(
+        vol,
+        dims=("z", "y", "x"),
+        scale={d: a.voxel_nm for d in "zyx"},
+        axes_units={d: "nanometer" for d in "zyx"},
+    )
+    ms = nz.to_multiscales(
+        img,
+        scale_factors=[2**i for i in range(1, a.levels)],
+        method=nz.Methods.DASK_BIN_SHRINK,
+        chunks=64,
+    )
     # a zarr v3 codec dict is one of the compressor forms to_ngff_zarr accepts
     kwargs = {"compressors": [{"name": "zstd", "configuration": {"level": 1}}]}
     codec = "zstd-1"
-    nz.to_ngff_zarr(str(out / "image.ome.zarr"), ms, version="0.5",
-                    chunks_per_shard=(2, 16, 16), **kwargs)
+    nz.to_ngff_zarr(
+        str(out / "image.ome.zarr"), ms, version="0.5", chunks_per_shard=(2, 16, 16), **kwargs
+    )
     t2 = now()
-    report(decode_s=t1 - t0, pyramid_write_s=t2 - t1, total_s=t2 - t0,
-           input_bytes=int(vol.nbytes), codec=codec, version=nz.__version__)
+    report(
+        decode_s=t1 - t0,
+        pyramid_write_s=t2 - t1,
+        total_s=t2 - t0,
+        input_bytes=int(vol.nbytes),
+        codec=codec,
+        version=nz.__version__,
+    )
 
 
 if __name__ == "__main__":

@@ -51,16 +51,29 @@ def main():
     options = []
     for lvl in range(a.levels):
         shape = [-(-s // 2**lvl) for s in vol.shape]
-        options.append({"chunks": (64, 64, 64), "shards": shard_of(shape),
-                        "compressors": ZstdCodec(level=1)})
-    write_image(image, str(out / "image.ome.zarr"),
-                scale_factors=[{"z": 2**i, "y": 2**i, "x": 2**i} for i in range(1, a.levels)],
-                method=Methods.LOCAL_MEAN, fmt=FormatV05(), axes="zyx",
-                scale={d: a.voxel_nm for d in "zyx"},
-                axes_units={d: "nanometer" for d in "zyx"}, storage_options=options)
+        options.append(
+            {"chunks": (64, 64, 64), "shards": shard_of(shape), "compressors": ZstdCodec(level=1)}
+        )
+    write_image(
+        image,
+        str(out / "image.ome.zarr"),
+        scale_factors=[{"z": 2**i, "y": 2**i, "x": 2**i} for i in range(1, a.levels)],
+        method=Methods.LOCAL_MEAN,
+        fmt=FormatV05(),
+        axes="zyx",
+        scale={d: a.voxel_nm for d in "zyx"},
+        axes_units={d: "nanometer" for d in "zyx"},
+        storage_options=options,
+    )
     t2 = now()
-    report(decode_s=t1 - t0, pyramid_write_s=t2 - t1, total_s=t2 - t0,
-           input_bytes=int(vol.nbytes), codec="zstd-1", version=ome_zarr.__version__)
+    report(
+        decode_s=t1 - t0,
+        pyramid_write_s=t2 - t1,
+        total_s=t2 - t0,
+        input_bytes=int(vol.nbytes),
+        codec="zstd-1",
+        version=ome_zarr.__version__,
+    )
 
 
 if __name__ == "__main__":

@@ -30,11 +30,15 @@ enhance:
 
 
 def demo(
-    directory: Annotated[Path, typer.Argument(help="where to put slices, recipe and output")] = Path("emflow-demo"),
+    directory: Annotated[
+        Path, typer.Argument(help="where to put slices, recipe and output")
+    ] = Path("emflow-demo"),
     slices: Annotated[int, typer.Option(help="number of slices")] = 48,
     size: Annotated[int, typer.Option(help="slice width and height in px")] = 1024,
     workers: Annotated[int, typer.Option(help="local Dask workers (0 = serial)")] = 2,
-    align: Annotated[bool, typer.Option("--align/--no-align", help="misalign the slices and align them back")] = True,
+    align: Annotated[
+        bool, typer.Option("--align/--no-align", help="misalign the slices and align them back")
+    ] = True,
 ) -> None:
     """Make a synthetic stack, run it through emflow, and print how to open the result."""
     from emflow.testing import synthetic_slices, write_stack
@@ -47,7 +51,10 @@ def demo(
     if align:
         gen = misaligned_slices(gen, seed=0)
     write_stack(gen, src, pattern="slice_%04d.png")
-    typer.echo(f"wrote {slices} synthetic slices of {size} × {size} px to {src} ({time.perf_counter() - t0:.1f} s)", err=True)
+    typer.echo(
+        f"wrote {slices} synthetic slices of {size} × {size} px to {src} ({time.perf_counter() - t0:.1f} s)",
+        err=True,
+    )
     recipe = directory / "recipe.yaml"
     recipe.write_text(DEMO_RECIPE.format(align="true" if align else "false"))
     from emflow.cli import main

@@ -10,21 +10,41 @@ import typer
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 ClusterOpt = Annotated[
     str,
-    typer.Option("--cluster", help="local | slurm | lsf | pbs | sge | kubernetes | tcp://host:port"),
+    typer.Option(
+        "--cluster", help="local | slurm | lsf | pbs | sge | kubernetes | tcp://host:port"
+    ),
 ]
 ClusterConfigOpt = Annotated[
-    Path | None, typer.Option("--cluster-config", help="site YAML with dask-jobqueue / dask-kubernetes keys")
+    Path | None,
+    typer.Option("--cluster-config", help="site YAML with dask-jobqueue / dask-kubernetes keys"),
 ]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", help="workers (adaptive minimum on HPC)")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="workers (adaptive minimum on HPC)")
+]
 MaxWorkersOpt = Annotated[int | None, typer.Option("--max-workers", help="adaptive maximum on HPC")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads-per-worker", "--threads", help="threads per worker")]
-MemoryOpt = Annotated[str | None, typer.Option("--memory-per-worker", "--memory", help="memory per worker, e.g. 4GiB")]
-InsecureOpt = Annotated[bool, typer.Option("--insecure", help="no TLS between scheduler and workers")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads-per-worker", "--threads", help="threads per worker")
+]
+MemoryOpt = Annotated[
+    str | None, typer.Option("--memory-per-worker", "--memory", help="memory per worker, e.g. 4GiB")
+]
+InsecureOpt = Annotated[
+    bool, typer.Option("--insecure", help="no TLS between scheduler and workers")
+]
 
 
-def cluster_request(recipe, cluster: str, cluster_config: Path | None, workers: int | None,
-                    max_workers: int | None, threads: int | None, memory: str | None,
-                    insecure: bool, log_dir: Path | None, dashboard_address: str = ":8787"):
+def cluster_request(
+    recipe,
+    cluster: str,
+    cluster_config: Path | None,
+    workers: int | None,
+    max_workers: int | None,
+    threads: int | None,
+    memory: str | None,
+    insecure: bool,
+    log_dir: Path | None,
+    dashboard_address: str = ":8787",
+):
     """Merge recipe ``run`` settings and CLI flags (flags win) into a ClusterRequest."""
     from emflow.cluster import ClusterRequest
 

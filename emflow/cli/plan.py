@@ -7,7 +7,14 @@ import json
 import typer
 
 from emflow.cli.options import (
-    ClusterConfigOpt, ClusterOpt, InsecureOpt, MaxWorkersOpt, MemoryOpt, RecipeArg, ThreadsOpt, WorkersOpt,
+    ClusterConfigOpt,
+    ClusterOpt,
+    InsecureOpt,
+    MaxWorkersOpt,
+    MemoryOpt,
+    RecipeArg,
+    ThreadsOpt,
+    WorkersOpt,
     cluster_request,
 )
 
@@ -32,8 +39,17 @@ def plan(
     cat = discover_recipe(r)
     from emflow.pipeline import RUN_FOLDER
 
-    req = cluster_request(r, cluster, cluster_config, workers, max_workers, threads, memory, insecure,
-                          r.output_path / RUN_FOLDER / "worker-logs")
+    req = cluster_request(
+        r,
+        cluster,
+        cluster_config,
+        workers,
+        max_workers,
+        threads,
+        memory,
+        insecure,
+        r.output_path / RUN_FOLDER / "worker-logs",
+    )
     p = plan_output(r, len(cat.slices), cat.shape_yx, cat.dtype)
     typer.echo(cat.summary())
     typer.echo(p.summary())
@@ -46,8 +62,10 @@ def plan(
     stages.append(("slab", len(p.passes[0].blocks)))
     stages += [(f"coarse{q.index}", len(q.blocks)) for q in p.passes[1:]]
     typer.echo("units per stage: " + ", ".join(f"{s} {k}" for s, k in stages))
-    typer.echo(f"planned memory per slab unit: {p.slab_depth * per_slice / 2**30:.2f} GiB "
-               f"({p.slab_depth} slices of {nx} × {ny} px)")
+    typer.echo(
+        f"planned memory per slab unit: {p.slab_depth * per_slice / 2**30:.2f} GiB "
+        f"({p.slab_depth} slices of {nx} × {ny} px)"
+    )
     typer.echo(f"cluster: {json.dumps(clusters.describe(req), default=str)}")
     script = clusters.job_script(req)
     if script:

@@ -10,7 +10,14 @@ from typing import Annotated
 import typer
 
 from emflow.cli.options import (
-    ClusterConfigOpt, ClusterOpt, InsecureOpt, MaxWorkersOpt, MemoryOpt, RecipeArg, ThreadsOpt, WorkersOpt,
+    ClusterConfigOpt,
+    ClusterOpt,
+    InsecureOpt,
+    MaxWorkersOpt,
+    MemoryOpt,
+    RecipeArg,
+    ThreadsOpt,
+    WorkersOpt,
     cluster_request,
 )
 
@@ -54,11 +61,20 @@ def run(
     threads: ThreadsOpt = None,
     memory: MemoryOpt = None,
     insecure: InsecureOpt = False,
-    serial: Annotated[bool, typer.Option("--serial", help="no Dask: run every unit here, in order")] = False,
-    restart: Annotated[bool, typer.Option("--restart", help="discard earlier output of this recipe")] = False,
-    dashboard: Annotated[str, typer.Option("--dashboard", help="local dashboard address")] = ":8787",
+    serial: Annotated[
+        bool, typer.Option("--serial", help="no Dask: run every unit here, in order")
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="discard earlier output of this recipe")
+    ] = False,
+    dashboard: Annotated[
+        str, typer.Option("--dashboard", help="local dashboard address")
+    ] = ":8787",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
-    alignment: Annotated[Path | None, typer.Option("--alignment", help="re-export with this alignment.json (no matching)")] = None,
+    alignment: Annotated[
+        Path | None,
+        typer.Option("--alignment", help="re-export with this alignment.json (no matching)"),
+    ] = None,
 ) -> None:
     """Run a recipe: discover → align → render slabs → write pyramids. Resumes an interrupted run."""
     from emflow.pipeline import RUN_FOLDER
@@ -72,7 +88,9 @@ def run(
     except OSError as exc:
         from emflow.errors import OutputError
 
-        raise OutputError(f"output_dir {r.output_path} is not writable ({exc.strerror or exc})") from None
+        raise OutputError(
+            f"output_dir {r.output_path} is not writable ({exc.strerror or exc})"
+        ) from None
 
     def say(msg: str) -> None:
         log.info(msg)
@@ -83,12 +101,24 @@ def run(
     t0 = time.perf_counter()
     progress = None if not quiet else False
     if serial:
-        result = run_pipeline(r, client=None, restart=restart, progress=progress, log=say, alignment_path=alignment)
+        result = run_pipeline(
+            r, client=None, restart=restart, progress=progress, log=say, alignment_path=alignment
+        )
     else:
         from emflow import cluster as clusters
 
-        req = cluster_request(r, cluster, cluster_config, workers, max_workers, threads, memory, insecure,
-                              run_dir / "worker-logs", dashboard)
+        req = cluster_request(
+            r,
+            cluster,
+            cluster_config,
+            workers,
+            max_workers,
+            threads,
+            memory,
+            insecure,
+            run_dir / "worker-logs",
+            dashboard,
+        )
         with clusters.open_client(req) as client:
             say(f"dashboard: {client.dashboard_link}")
             _wait_for_a_worker(client, cluster, run_dir / "worker-logs", say)
@@ -98,7 +128,14 @@ def run(
                 say(f"lattice:   {dashboard_url(client)}")
             except Exception:  # dashboard page is optional (no bokeh route on a foreign scheduler)
                 pass
-            result = run_pipeline(r, client=client, restart=restart, progress=progress, log=say, alignment_path=alignment)
+            result = run_pipeline(
+                r,
+                client=client,
+                restart=restart,
+                progress=progress,
+                log=say,
+                alignment_path=alignment,
+            )
     secs = time.perf_counter() - t0
     say(
         f"done in {secs:.1f} s: {result.bytes_in / 1e6:.0f} MB of slices at {result.bytes_in / 1e6 / secs:.1f} MB/s"

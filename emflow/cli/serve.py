@@ -32,7 +32,7 @@ class _CorsHandler(http.server.SimpleHTTPRequestHandler):
         if not spec.startswith("bytes=") or not path.is_file():
             return super().do_GET()
         size = path.stat().st_size
-        first, _, last = spec[len("bytes="):].split(",")[0].strip().partition("-")
+        first, _, last = spec[len("bytes=") :].split(",")[0].strip().partition("-")
         try:
             if first:
                 start, stop = int(first), (int(last) if last else size - 1)
@@ -66,12 +66,18 @@ def neuroglancer_link(base_url: str, directory: Path) -> str:
     layers = []
     for p in sorted(directory.iterdir()):
         if (p / "info").is_file():
-            layers.append({"type": "image", "source": f"precomputed://{base_url}/{p.name}", "name": p.name})
+            layers.append(
+                {"type": "image", "source": f"precomputed://{base_url}/{p.name}", "name": p.name}
+            )
         elif (p / "zarr.json").is_file() or (p / ".zattrs").is_file():
             scheme = "zarr3" if (p / "zarr.json").is_file() else "zarr2"
-            layers.append({"type": "image", "source": f"{scheme}://{base_url}/{p.name}", "name": p.name})
+            layers.append(
+                {"type": "image", "source": f"{scheme}://{base_url}/{p.name}", "name": p.name}
+            )
     state = {"layers": layers, "layout": "4panel"}
-    return "https://neuroglancer-demo.appspot.com/#!" + urllib.parse.quote(json.dumps(state, separators=(",", ":")))
+    return "https://neuroglancer-demo.appspot.com/#!" + urllib.parse.quote(
+        json.dumps(state, separators=(",", ":"))
+    )
 
 
 def make_server(directory: Path, port: int) -> http.server.ThreadingHTTPServer:
@@ -91,7 +97,9 @@ def serve(
         raise OutputError(f"{directory} is not a directory; give the output_dir of a run")
     server = make_server(directory, port)
     base = f"http://localhost:{port}"
-    typer.echo(f"serving {directory} at {base} (Ctrl-C to stop)\nneuroglancer: {neuroglancer_link(base, directory)}")
+    typer.echo(
+        f"serving {directory} at {base} (Ctrl-C to stop)\nneuroglancer: {neuroglancer_link(base, directory)}"
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -37,8 +37,10 @@ class HandoffArray:
             "shape": [z, y, x],
             "data_type": self.dtype,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, y, x]}},
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                       {"name": "zstd", "configuration": {"level": 1}}],
+            "codecs": [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                {"name": "zstd", "configuration": {"level": 1}},
+            ],
             "fill_value": 0,
         }
         ts.open(spec, create=True, context=context()).result()

@@ -71,7 +71,13 @@ class OmeZarrWriter:
             return None
         if c.codec == "zstd":
             return {"id": "zstd", "level": c.codec_level}
-        return {"id": "blosc", "cname": "zstd", "clevel": min(c.codec_level, 9), "shuffle": 0, "blocksize": 0}
+        return {
+            "id": "blosc",
+            "cname": "zstd",
+            "clevel": min(c.codec_level, 9),
+            "shuffle": 0,
+            "blocksize": 0,
+        }
 
     def _codecs_v3(self) -> list[dict]:
         c = self.config
@@ -82,7 +88,13 @@ class OmeZarrWriter:
             codecs.append(
                 {
                     "name": "blosc",
-                    "configuration": {"cname": "zstd", "clevel": min(c.codec_level, 9), "shuffle": "noshuffle", "typesize": 1, "blocksize": 0},
+                    "configuration": {
+                        "cname": "zstd",
+                        "clevel": min(c.codec_level, 9),
+                        "shuffle": "noshuffle",
+                        "typesize": 1,
+                        "blocksize": 0,
+                    },
                 }
             )
         return codecs
@@ -173,7 +185,11 @@ class OmeZarrWriter:
             attrs = {"multiscales": [self.multiscales()]} if with_multiscales else {}
             (self.path / ".zattrs").write_text(json.dumps(attrs, indent=2))
         else:
-            attrs = {"ome": {"version": "0.5", "multiscales": [self.multiscales()]}} if with_multiscales else {}
+            attrs = (
+                {"ome": {"version": "0.5", "multiscales": [self.multiscales()]}}
+                if with_multiscales
+                else {}
+            )
             group = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
             (self.path / "zarr.json").write_text(json.dumps(group, indent=2))
 

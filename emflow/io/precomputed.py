@@ -45,7 +45,12 @@ class PrecomputedWriter:
             z, y, x = lev.shape_zyx
             max_z = None if own is None or own >= z else max(1, own // cz)
             self.shards.append(
-                shard_layout((x, y, z), (cx, cy, cz), max_chunks=self.config.shard_chunks_max, max_z_chunks=max_z)
+                shard_layout(
+                    (x, y, z),
+                    (cx, cy, cz),
+                    max_chunks=self.config.shard_chunks_max,
+                    max_z_chunks=max_z,
+                )
             )
 
     def _scale_metadata(self, k: int) -> dict:
@@ -81,7 +86,11 @@ class PrecomputedWriter:
             spec = {
                 "driver": "neuroglancer_precomputed",
                 "kvstore": {"driver": "file", "path": str(self.path) + "/"},
-                "multiscale_metadata": {"type": "image", "data_type": self.dtype, "num_channels": 1},
+                "multiscale_metadata": {
+                    "type": "image",
+                    "data_type": self.dtype,
+                    "num_channels": 1,
+                },
                 "scale_metadata": self._scale_metadata(k),
             }
             ts.open(spec, create=True, context=context()).result()

@@ -54,7 +54,9 @@ def _jpeg_header(path: Path) -> ImageHeader:
         with Image.open(path) as im:
             mode, (width, height) = im.mode, im.size
     except (UnidentifiedImageError, OSError) as exc:
-        raise SourceError(f"{path} is not a readable JPEG file ({exc}); re-export or remove it") from None
+        raise SourceError(
+            f"{path} is not a readable JPEG file ({exc}); re-export or remove it"
+        ) from None
     if mode != "L":
         raise SourceError(
             f"{path} is a {mode} JPEG; emflow ingests greyscale EM slices: convert to greyscale"
@@ -72,7 +74,9 @@ def _tiff_header(path: Path) -> ImageHeader:
             shape, dtype = first.shape, first.dtype
             n = len(pages)
     except Exception as exc:  # tifffile raises many types for damaged files
-        raise SourceError(f"{path} is not a readable TIFF file ({exc}); re-export or remove it") from None
+        raise SourceError(
+            f"{path} is not a readable TIFF file ({exc}); re-export or remove it"
+        ) from None
     if len(shape) != 2:
         raise SourceError(
             f"{path}: pages have shape {shape}; emflow reads greyscale (y, x) pages "
@@ -112,8 +116,10 @@ def read_image(path: str | Path, page: int = 0) -> np.ndarray:
             with tifffile.TiffFile(path) as tif:
                 arr = tif.pages[page].asarray()
         except Exception as exc:
-            raise SourceError(f"{path} (page {page}) could not be decoded ({exc}): the file is "
-                              "corrupt or truncated; re-export it or set source.missing") from None
+            raise SourceError(
+                f"{path} (page {page}) could not be decoded ({exc}): the file is "
+                "corrupt or truncated; re-export it or set source.missing"
+            ) from None
         return arr
     try:
         data = np.fromfile(path, dtype=np.uint8)

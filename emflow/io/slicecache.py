@@ -30,7 +30,9 @@ def store_slice(cache_dir: str | Path, z: int, image: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def load_slice(cache_dir: str | Path, z: int, shape_yx: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+def load_slice(
+    cache_dir: str | Path, z: int, shape_yx: tuple[int, int], dtype: np.dtype
+) -> np.ndarray | None:
     """Read a cached slice, or None when it is not there (then decode the source)."""
     path = cache_path(cache_dir, z)
     try:

@@ -24,8 +24,16 @@ def misaligned_slices(
     from emflow.testing.transforms import random_affines
 
     for i, sl in enumerate(slices):
-        (m,) = random_affines(1, max_translation_px=max_translation_px, max_rotation_deg=max_rotation_deg,
-                              max_scale_shear=max_scale_shear, seed=seed * 100_003 + i, shape_yx=sl.shape)
+        (m,) = random_affines(
+            1,
+            max_translation_px=max_translation_px,
+            max_rotation_deg=max_rotation_deg,
+            max_scale_shear=max_scale_shear,
+            seed=seed * 100_003 + i,
+            shape_yx=sl.shape,
+        )
         if truth is not None:
             truth.append(m)
-        yield cv2.warpAffine(sl, m, (sl.shape[1], sl.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
+        yield cv2.warpAffine(
+            sl, m, (sl.shape[1], sl.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0
+        )
