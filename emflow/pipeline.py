@@ -220,6 +220,21 @@ def make_writers(recipe: Recipe, plan: Plan, root: Path, token: str) -> list[Wri
     return writers
 
 
+def check_ownership(plan: Plan, writers: Sequence[Writer]) -> None:
+    """DESIGN invariant 2: each unit's z range covers whole storage objects at every level it writes.
+
+    A failure here is a planning bug (never bad input): parallel units would rewrite each
+    other's chunks or shards.
+    """
+    for w in writers:
+        for k, own in enumerate(plan.owner_depth):
+            if own is not None and own % w.storage_z(k):
+                raise RuntimeError(
+                    f"emflow planning bug: level {k} of output {w.name!r} stores {w.storage_z(k)} z "
+                    f"per object but units own {own} z; please report it with the recipe"
+                )
+
+
 # ---------------------------------------------------------------------------------------
 # unit functions (run on workers; arguments are small and picklable)
 # ---------------------------------------------------------------------------------------
@@ -576,6 +591,7 @@ def run(
     )
     say(plan.summary())
     writers = make_writers(recipe, plan, root, token=run_id + uuid.uuid4().hex[:6])
+    check_ownership(plan, writers)
     if not resuming:
         for w in writers:
             w.create()

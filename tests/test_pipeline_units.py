@@ -47,3 +47,30 @@ def test_plan_for_anisotropic_and_isotropic_stacks():
 
     with pytest.raises(RecipeError, match=r"run\.slab_depth"):
         plan_output(recipe([4, 4, 40], slab_depth=100), 2000, (512, 512), "uint8")
+
+
+def test_every_planned_level_owns_whole_storage_objects():
+    """Invariant 2 for many shapes: the plan's unit depths divide each writer's chunk/shard depth."""
+    from pathlib import Path
+
+    from emflow.pipeline import check_ownership, make_writers
+
+    r = recipe_from_dict(
+        {
+            "source": {"glob": "x/*.png"},
+            "voxel_size_nm": [4, 4, 40],
+            "output_dir": "o",
+            "outputs": [
+                {"format": "precomputed", "chunk_size_xyz": [32, 32, 32]},
+                {"format": "omezarr", "name": "z5"},
+                {"format": "omezarr", "name": "z4", "version": "0.4"},
+            ],
+        }
+    )
+    for n, frame in [(37, (777, 1000)), (2000, (8192, 8192)), (300, (5000, 300)), (129, (64, 64))]:
+        for memory in (1 << 28, 4 << 30):
+            plan = plan_output(r, n, frame, "uint8", threads=4, memory_per_thread=memory)
+            check_ownership(plan, make_writers(r, plan, Path("/nonexistent"), token="t"))
+            assert (
+                any(own is not None for own in plan.owner_depth) or len(plan.passes[0].blocks) == 1
+            )

@@ -203,9 +203,6 @@ class OmeZarrWriter:
     def write(self, level: int, z0: int, block_zyx: np.ndarray) -> ts.WriteFutures:
         return self._store(level)[z0 : z0 + block_zyx.shape[0]].write(block_zyx)
 
-    def read(self, level: int, z0: int, z1: int) -> np.ndarray:
-        return np.asarray(self._store(level)[z0:z1].read().result())
-
     def finalize(self) -> None:
         """Add the OME multiscales metadata: only a complete image is an OME-Zarr image."""
         self._write_group(with_multiscales=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
-from emflow.geometry import ShardLayout, ceil_div, shard_layout
+from emflow.geometry import ShardLayout, shard_layout
 from emflow.io.tsopen import context, open_store
 from emflow.pyramid import Level
 from emflow.recipe import PrecomputedOutput
@@ -109,28 +109,5 @@ class PrecomputedWriter:
         # a view, not a copy: (z, y, x) C-order memory is x-fastest, the chunk layout of precomputed
         return store[:, :, z0:z1, 0].write(block_zyx.transpose(2, 1, 0))
 
-    def read(self, level: int, z0: int, z1: int) -> np.ndarray:
-        # order="F" of (x, y, z) is C-order (z, y, x): no transposing copy
-        arr = self._store(level)[:, :, z0:z1, 0].read(order="F").result()
-        return arr.transpose(2, 1, 0)
-
     def finalize(self) -> None:
         """Nothing to add: ``info`` is complete from the start (the run folder marks completion)."""
-
-    def file_count(self) -> int:
-        return sum(1 for p in self.path.rglob("*") if p.is_file())
-
-
-def expected_chunk_names(level: Level, chunk_xyz: Sequence[int]) -> list[str]:
-    """Unsharded chunk file names of a level (``x0-x1_y0-y1_z0-z1``), for tests and checks."""
-    z, y, x = level.shape_zyx
-    names = []
-    for iz in range(ceil_div(z, chunk_xyz[2])):
-        for iy in range(ceil_div(y, chunk_xyz[1])):
-            for ix in range(ceil_div(x, chunk_xyz[0])):
-                x0, y0, z0 = ix * chunk_xyz[0], iy * chunk_xyz[1], iz * chunk_xyz[2]
-                names.append(
-                    f"{x0}-{min(x0 + chunk_xyz[0], x)}_{y0}-{min(y0 + chunk_xyz[1], y)}_"
-                    f"{z0}-{min(z0 + chunk_xyz[2], z)}"
-                )
-    return names

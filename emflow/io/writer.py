@@ -40,8 +40,5 @@ class Writer(Protocol):
         not be modified before then. Callers overlap encoding with their next computation.
         """
 
-    def read(self, level: int, z0: int, z1: int) -> np.ndarray:
-        """Read back whole frames [z0, z1) of ``level`` as (z, y, x)."""
-
     def finalize(self) -> None:
         """Write the metadata that marks the volume complete."""
