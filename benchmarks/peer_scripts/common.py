@@ -1,6 +1,8 @@
 """Shared by the peer scripts (standalone: imported by path inside each peer's venv)."""
 
+import argparse
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +25,27 @@ def decode_stack(src, threads=2):
     with ThreadPoolExecutor(threads) as ex:
         list(ex.map(load, range(1, len(paths))))
     return vol
+
+
+def peer_args(*, workers_flag="--threads", extra=()):
+    """Arguments every peer script takes: SRC OUT, worker count, levels, voxel size, ``extra``."""
+    p = argparse.ArgumentParser()
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument(workers_flag, type=int, default=2)
+    p.add_argument("--levels", type=int, default=5)
+    p.add_argument("--voxel-nm", type=float, default=8.0)
+    for flag, kind, default in extra:
+        p.add_argument(flag, type=kind, default=default)
+    return p.parse_args()
+
+
+def fresh_dir(path):
+    """An empty output directory at ``path`` (resolved), replacing an earlier run's."""
+    out = Path(path).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return out
 
 
 def report(**fields):

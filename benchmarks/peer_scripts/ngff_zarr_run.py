@@ -10,30 +10,20 @@ Decode is cv2 in 2 threads, as for every other variant; dask uses its threaded s
     python ngff_zarr_run.py SRC OUT --voxel-nm 8
 """
 
-import argparse
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import decode_stack, now, report
+from common import decode_stack, fresh_dir, now, peer_args, report
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("src")
-    p.add_argument("out")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--levels", type=int, default=5)
-    p.add_argument("--voxel-nm", type=float, default=8.0)
-    a = p.parse_args()
+    a = peer_args()
     import dask
     import ngff_zarr as nz
 
     dask.config.set(scheduler="threads", num_workers=a.threads)
-    out = Path(a.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_dir(a.out)
     t0 = now()
     vol = decode_stack(a.src, a.threads)
     t1 = now()
