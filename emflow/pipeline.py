@@ -515,6 +515,11 @@ def run(
     run_dir = root / RUN_FOLDER
     catalog = discover_recipe(recipe)
     say(f"discovered {catalog.summary()}")
+    saved_alignment = None
+    if alignment_path is not None:  # read it before the run folder is touched (--restart wipes it)
+        from emflow.align_stage import load_alignment
+
+        saved_alignment = load_alignment(Path(alignment_path), catalog)
     resuming = lattice.open_run(run_dir, recipe.output_fingerprint(), restart=restart)
     (run_dir / "COMPLETE").unlink(missing_ok=True)
     (run_dir / "recipe.resolved.yaml").write_text(recipe.to_yaml())
@@ -556,10 +561,10 @@ def run(
     refs = list(catalog.slices)
     source_index = list(range(len(refs)))
     if alignment_path is not None or recipe.align.enabled:
-        from emflow.align_stage import align_stack, load_alignment
+        from emflow.align_stage import align_stack
 
-        if alignment_path is not None:
-            alignment = load_alignment(Path(alignment_path), catalog)
+        if saved_alignment is not None:
+            alignment = saved_alignment
             say(f"alignment from {alignment_path} (no feature matching)")
         else:
             alignment = align_stack(recipe, catalog, run_dir, stage, say)

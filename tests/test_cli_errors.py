@@ -137,3 +137,29 @@ def test_validate_prints_resolved_recipe_and_stack(tmp_path):
     proc = emflow("validate", "recipe.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "jpeg_quality: 90" in proc.stdout and "slices: 6 (x 80 × y 64 px, uint8)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("run", "recipe.yaml", "--bogus"), "No such option: --bogus"),
+        (("run", "recipe.yaml", "--workers", "0"), "'--workers'"),
+        (("run",), "Missing argument"),
+    ],
+)
+def test_usage_errors_print_usage_not_a_traceback(tmp_path, args, needle):
+    make(tmp_path)
+    proc = emflow(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and needle in proc.stderr, proc.stderr
+
+
+def test_bad_alignment_file_leaves_the_run_folder_alone(tmp_path):
+    make(tmp_path)
+    assert emflow("run", "recipe.yaml", "--serial", "-q", cwd=tmp_path).returncode == 0
+    markers = sorted((tmp_path / "out" / "emflow-run" / "done").rglob("*.json"))
+    proc = emflow(
+        "run", "recipe.yaml", "--serial", "--restart", "--alignment", "nope.json", cwd=tmp_path
+    )
+    assert_one_line_error(proc, "nope.json", "cannot read alignment file")
+    assert markers and sorted((tmp_path / "out" / "emflow-run" / "done").rglob("*.json")) == markers

@@ -38,16 +38,41 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # typer/click exit paths
         return int(exc.code or 0)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:
+        if isinstance(exc, _usage_errors()):  # bad option or value: click prints usage + one line
             exc.show()
-            return 2
-        if isinstance(exc, click.exceptions.Abort):
+            return int(getattr(exc, "exit_code", 2) or 2)
+        if isinstance(exc, _aborts()):
             return 1
+        if type(exc).__name__ == "Exit" and hasattr(exc, "exit_code"):  # typer.Exit(code)
+            return int(exc.exit_code)
         raise
     return 0
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Usage-error classes of the click that typer uses (vendored in newer typer, else click)."""
+    kinds: list[type[BaseException]] = []
+    if hasattr(typer, "TyperException"):
+        kinds.append(typer.TyperException)
+    try:
+        import click
+
+        kinds.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _aborts() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [typer.Abort]
+    try:
+        import click
+
+        kinds.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 if __name__ == "__main__":

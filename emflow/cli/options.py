@@ -19,11 +19,13 @@ ClusterConfigOpt = Annotated[
     typer.Option("--cluster-config", help="site YAML with dask-jobqueue / dask-kubernetes keys"),
 ]
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", help="workers (adaptive minimum on HPC)")
+    int | None, typer.Option("--workers", min=1, help="workers (adaptive minimum on HPC)")
 ]
-MaxWorkersOpt = Annotated[int | None, typer.Option("--max-workers", help="adaptive maximum on HPC")]
+MaxWorkersOpt = Annotated[
+    int | None, typer.Option("--max-workers", min=1, help="adaptive maximum on HPC")
+]
 ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads-per-worker", "--threads", help="threads per worker")
+    int | None, typer.Option("--threads-per-worker", "--threads", min=1, help="threads per worker")
 ]
 MemoryOpt = Annotated[
     str | None, typer.Option("--memory-per-worker", "--memory", help="memory per worker, e.g. 4GiB")
