@@ -19,8 +19,6 @@ from emflow.errors import AlignmentError
 from emflow.execute import Unit
 from emflow.recipe import Recipe
 
-THUMB_PX = 256  # long side of the per-slice thumbnail kept for the QC reslices
-
 
 def features_unit(
     ref: SliceRef,
@@ -29,6 +27,7 @@ def features_unit(
     nfeatures: int,
     out_path: str,
     cache_dir: str | None = None,
+    coarse: bool = True,
 ) -> dict:
     """Decode one slice, judge it, compute SIFT features on its reduced copy, save them.
 
@@ -36,7 +35,7 @@ def features_unit(
     """
     import cv2
 
-    from emflow.align.features import compute_features
+    from emflow.align.features import compute_features, thumbnail
     from emflow.align.quality import assess_slice
     from emflow.io.readers import read_image
 
@@ -51,12 +50,16 @@ def features_unit(
             from emflow.io.slicecache import store_slice
 
             store_slice(cache_dir, ref.z, image)
-    feats = compute_features(image, downsample=downsample, nfeatures=nfeatures)
-    scale = max(1, max(shape_yx) // THUMB_PX)
-    thumb = cv2.resize(
-        image, (shape_yx[1] // scale, shape_yx[0] // scale), interpolation=cv2.INTER_AREA
-    )
+    feats = compute_features(image, downsample=downsample, nfeatures=nfeatures, coarse=coarse)
+    thumb, scale = thumbnail(image)
     tmp = out_path + ".tmp.npz"
+    coarse = {}
+    if feats.coarse is not None:
+        coarse = {
+            "coarse_keypoints_xy": feats.coarse.keypoints_xy,
+            "coarse_descriptors": feats.coarse.descriptors,
+            "coarse_downsample": np.array(feats.coarse.downsample),
+        }
     np.savez(
         tmp,
         keypoints_xy=feats.keypoints_xy,
@@ -65,6 +68,7 @@ def features_unit(
         downsample=np.array(feats.downsample),
         thumb=thumb,
         thumb_scale=np.array(scale),
+        **coarse,
     )
     Path(tmp).replace(out_path)
     return {"z": ref.z, "keypoints": len(feats.keypoints_xy), "bad": bad}
@@ -79,11 +83,21 @@ def _load_features(path: str) -> Any:
     from emflow.align.features import Features
 
     with np.load(path) as d:
+        shape_yx = tuple(int(v) for v in d["shape_yx"])
+        coarse = None
+        if "coarse_keypoints_xy" in d:
+            coarse = Features(
+                d["coarse_keypoints_xy"],
+                d["coarse_descriptors"],
+                shape_yx,
+                int(d["coarse_downsample"]),
+            )
         return Features(
             d["keypoints_xy"],
             d["descriptors"],
-            tuple(int(v) for v in d["shape_yx"]),
+            shape_yx,
             int(d["downsample"]),
+            coarse,
         )
 
 
@@ -129,7 +143,15 @@ def align_stack(
         Unit(
             ref.z,
             features_unit,
-            (ref, catalog.shape_yx, cfg.downsample, cfg.nfeatures, paths[i], cache),
+            (
+                ref,
+                catalog.shape_yx,
+                cfg.downsample,
+                cfg.nfeatures,
+                paths[i],
+                cache,
+                cfg.coarse_fallback,
+            ),
             bytes_per_slice,
         )
         for i, ref in enumerate(catalog.slices)
@@ -142,6 +164,7 @@ def align_stack(
         "model": cfg.model,
         "model_corner_threshold_px": cfg.model_corner_threshold_px,
         "ratio": cfg.ratio,
+        "coarse_fallback": cfg.coarse_fallback,
     }
     MatchConfig(**config)  # fail early on a bad field
     n = len(catalog.slices)
@@ -161,8 +184,8 @@ def align_stack(
             bad_slices=bad,
             bad_slice_policy=policy,
         )
-    except AlignmentError:
-        raise
+    except AlignmentError as exc:
+        raise AlignmentError(f"{exc}. {_failure_summary(pairs)}") from None
     alignment.to_json(run_dir / "alignment.json")
     failed = [p for p in pairs if not p.ok]
     breaks = getattr(alignment, "segment_breaks", None)
@@ -178,6 +201,23 @@ def align_stack(
     )
     write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx)
     return alignment
+
+
+def _failure_summary(pairs: list) -> str:
+    """One sentence on how the pairs failed, e.g. for a stack in which nothing matched."""
+    import re
+    from collections import Counter
+
+    failed = [p for p in pairs if not p.ok]
+    kinds = Counter(re.sub(r"\(.*?\)", "(…)", p.reason) for p in failed)
+    if not kinds:
+        return f"All {len(pairs)} pairs matched"
+    kind, count = kinds.most_common(1)[0]
+    example = next(p for p in failed if re.sub(r"\(.*?\)", "(…)", p.reason) == kind)
+    return (
+        f"{len(failed)} of {len(pairs)} pairs failed, {count} of them like z{example.z_a}→z{example.z_b}: "
+        f"{example.reason}"
+    )
 
 
 def write_qc(

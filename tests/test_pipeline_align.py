@@ -93,3 +93,27 @@ def test_reexport_with_alignment_json_is_byte_identical_without_features(misalig
     # and the file itself round-trips
     data = json.loads((first.run_dir / "alignment.json").read_text())
     assert Alignment.from_dict(data) == Alignment.from_json(first.run_dir / "alignment.json")
+
+
+def test_stack_that_cannot_be_aligned_says_how_its_pairs_failed(tmp_path):
+    """Unrelated noise slices: the error names the typical pair failure and the way out."""
+    from emflow.errors import AlignmentError
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(1, 256, (4, 300, 300), dtype=np.uint8)
+    write_stack(noise, tmp_path / "src", pattern="s%03d.png")
+    recipe = recipe_from_dict(
+        {
+            "source": {"glob": str(tmp_path / "src" / "*.png")},
+            "voxel_size_nm": [4, 4, 40],
+            "output_dir": str(tmp_path / "out"),
+            "outputs": [{"format": "omezarr"}],
+            "align": {"enabled": True},
+        }
+    )
+    with pytest.raises(AlignmentError) as err:
+        run(recipe)
+    message = str(err.value)
+    assert "no slice could be aligned" in message and "align: false" in message
+    assert "5 of 5 pairs failed" in message and "like z0→z1" in message, message
+    assert not (tmp_path / "out" / "omezarr").exists()  # nothing left looking complete

@@ -11,16 +11,21 @@ working pixel ``(u, v)`` covers full-resolution pixels ``f*u .. f*u+f-1``, so it
 at full-resolution ``x = f*u + (f-1)/2`` (same for y). Exact-zero fill (warped-in
 background, missing tiles) is masked and the mask eroded so that the fill edge does not
 create features.
+
+A second, coarse feature set (``COARSE_FACTOR`` x coarser) rides along: serial-section TEM
+neighbours 40-50 nm apart share their large structures but few fine ones, so a pair that
+finds too few matches at the working scale is retried on the coarse set (see ``match``).
+It costs ~1/16 of the working-scale SIFT.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
 
-__all__ = ["Features", "choose_downsample", "compute_features", "working_copy"]
+__all__ = ["Features", "choose_downsample", "compute_features", "thumbnail", "working_copy"]
 
 #: Long side (px) above which the working copy is reduced; the working long side ends up
 #: in [WORKING_LONG_SIDE_PX, 2 * WORKING_LONG_SIDE_PX) for inputs at least this large.
@@ -29,6 +34,12 @@ WORKING_LONG_SIDE_PX = 1024
 FILL_MARGIN_PX = 9
 #: Zero regions smaller than this square (working px) are dark pixels, not fill.
 MIN_FILL_SIZE_PX = 5
+#: Long side (px) of the per-slice thumbnail kept for the QC reslices.
+THUMB_PX = 256
+#: The coarse feature set is this many times coarser than the working copy ...
+COARSE_FACTOR = 4
+#: ... and only made when its long side is at least this many px.
+MIN_COARSE_LONG_SIDE_PX = 200
 
 
 @dataclass(frozen=True)
@@ -45,12 +56,16 @@ class Features:
         Full-resolution slice shape ``(height, width)`` in px.
     downsample : int
         Integer block-averaging factor of the working copy the features came from.
+    coarse : Features or None
+        The same slice's features at ``COARSE_FACTOR`` x coarser, the fallback for pairs
+        that do not match at the working scale; None when not computed or too small.
     """
 
     keypoints_xy: np.ndarray
     descriptors: np.ndarray
     shape_yx: tuple[int, int]
     downsample: int
+    coarse: Features | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.keypoints_xy.shape[0])
@@ -136,7 +151,11 @@ def working_copy(image: np.ndarray, downsample: int) -> tuple[np.ndarray, np.nda
 
 
 def compute_features(
-    image: np.ndarray, *, downsample: int | None = None, nfeatures: int = 4000
+    image: np.ndarray,
+    *,
+    downsample: int | None = None,
+    nfeatures: int = 4000,
+    coarse: bool = True,
 ) -> Features:
     """SIFT keypoints (full-res ``(x, y)`` px) and descriptors of a (y, x) slice for matching.
 
@@ -148,6 +167,9 @@ def compute_features(
         Working-copy factor; default :func:`choose_downsample` of the slice shape.
     nfeatures : int
         Keep at most this many strongest keypoints (OpenCV SIFT ``nfeatures``).
+    coarse : bool
+        Also compute the coarse fallback set (``Features.coarse``) when the coarse copy's
+        long side is at least ``MIN_COARSE_LONG_SIDE_PX``.
 
     Returns
     -------
@@ -156,6 +178,29 @@ def compute_features(
     """
     shape_yx = (int(image.shape[0]), int(image.shape[1]))
     f = choose_downsample(shape_yx) if downsample is None else int(downsample)
+    fine = _sift(image, f, nfeatures, shape_yx)
+    fc = f * COARSE_FACTOR
+    if coarse and max(shape_yx) // fc >= MIN_COARSE_LONG_SIDE_PX:
+        return replace(fine, coarse=_sift(image, fc, nfeatures, shape_yx))
+    return fine
+
+
+def thumbnail(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """Block mean of a (y, x) slice over ``s``² px, ``s = max(1, long side // THUMB_PX)``; and ``s``.
+
+    Trailing rows/columns that do not fill a block are dropped, so thumbnail px ``u`` is
+    centred on full-resolution ``x = s*u + (s-1)/2``.
+    """
+    s = max(1, max(image.shape) // THUMB_PX)
+    h, w = (image.shape[0] // s) * s, (image.shape[1] // s) * s
+    img = image[:h, :w]
+    if s == 1:
+        return np.array(img), 1
+    native = img if img.dtype in (np.uint8, np.uint16, np.float32) else img.astype(np.float32)
+    return cv2.resize(native, (w // s, h // s), interpolation=cv2.INTER_AREA), s
+
+
+def _sift(image: np.ndarray, f: int, nfeatures: int, shape_yx: tuple[int, int]) -> Features:
     work, valid = working_copy(image, f)
     kps: list = []
     desc = None

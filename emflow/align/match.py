@@ -10,6 +10,12 @@ on the same inliers, and keep the simplest model whose largest displacement from
 affine over the four corners of slice ``z_b`` is below ``model_corner_threshold_px``
 (full-resolution px). The decision is made in pixels, never on a matrix coefficient.
 A pair that fails a check is a failure (``ok=False`` with a reason), never "identity".
+
+Coarse fallback: a pair that fails at the working scale is matched again on both slices'
+coarse feature sets (``Features.coarse``, 4x coarser) with the looser ratio
+``coarse_ratio``. Serial-section TEM neighbours share large structures but few fine ones:
+on the real VNC stack (1024², 45 nm sections) the working scale finds 3-9 inliers per
+neighbour pair and the coarse set 30-100.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ __all__ = [
     "fit_affine",
     "fit_rigid",
     "fit_translation",
+    "judge_fit",
     "linear_distortion",
     "match",
     "match_features",
@@ -63,14 +70,17 @@ class MatchConfig:
     model: str = "auto"  # "auto" | "translation" | "rigid" | "affine"
     model_corner_threshold_px: float = 1.0  # full-res px, see module docstring
     seed: int = 0  # cv2.setRNGSeed before FLANN and RANSAC
+    coarse_fallback: bool = True  # retry a failed pair on the coarse feature sets
+    coarse_ratio: float = 0.9  # ratio test of that retry (used if looser than ``ratio``)
 
     def __post_init__(self) -> None:
         if self.model not in (*MODELS, "auto"):
             raise AlignmentError(
                 f"align.model must be auto, translation, rigid or affine, not {self.model!r}"
             )
-        if not 0 < self.ratio <= 1:
-            raise AlignmentError(f"align.ratio must be in (0, 1], not {self.ratio!r}")
+        for name in ("ratio", "coarse_ratio"):
+            if not 0 < getattr(self, name) <= 1:
+                raise AlignmentError(f"align.{name} must be in (0, 1], not {getattr(self, name)!r}")
         for name in ("ransac_threshold_px", "max_residual_px", "model_corner_threshold_px"):
             if not getattr(self, name) > 0:
                 raise AlignmentError(f"align.{name} must be > 0, not {getattr(self, name)!r}")
@@ -101,6 +111,8 @@ class PairResult:
         Inlier RMS of the chosen model, full-resolution px.
     corner_gap_px : float
         Largest corner displacement between the chosen model and the affine fit, full-res px.
+    downsample : int
+        Reduction factor of the features the fit came from (the coarse fallback's is larger).
     """
 
     z_a: int
@@ -114,6 +126,7 @@ class PairResult:
     matches: int
     residual_px: float
     corner_gap_px: float
+    downsample: int = 1
 
     @property
     def matrix_array(self) -> np.ndarray:
@@ -145,6 +158,7 @@ class PairResult:
             matches=int(d["matches"]),
             residual_px=_float_or_nan(d["residual_px"]),
             corner_gap_px=_float_or_nan(d["corner_gap_px"]),
+            downsample=int(d.get("downsample", 1)),
         )
 
 
@@ -222,7 +236,9 @@ def _corner_gap(m1: np.ndarray, m2: np.ndarray, shape_yx: tuple[int, int]) -> fl
     return float(np.max(np.linalg.norm(_apply(m1, c) - _apply(m2, c), axis=1)))
 
 
-def _failed(z_a: int, z_b: int, reason: str, matches: int = 0, inliers: int = 0) -> PairResult:
+def _failed(
+    z_a: int, z_b: int, reason: str, matches: int = 0, inliers: int = 0, downsample: int = 1
+) -> PairResult:
     return PairResult(
         z_a,
         z_b,
@@ -235,6 +251,7 @@ def _failed(z_a: int, z_b: int, reason: str, matches: int = 0, inliers: int = 0)
         matches,
         float("nan"),
         float("nan"),
+        downsample,
     )
 
 
@@ -267,7 +284,8 @@ def match_features(
     """Fit the 2x3 transform (full-res (x, y) px) mapping slice ``z_b`` onto slice ``z_a``.
 
     Ratio-test kNN matching, RANSAC affine at the working-scale threshold, least-squares
-    refit on the inliers, model choice (see module docstring) and acceptance checks.
+    refit on the inliers, model choice and acceptance checks; a pair that fails is retried
+    on the coarse feature sets when both slices have them (see module docstring).
 
     Parameters
     ----------
@@ -283,17 +301,36 @@ def match_features(
     PairResult
         ``ok=False`` with a reason when a check fails; never raises for bad data.
     """
+    first = _match_at_scale(fa, fb, z_a, z_b, config)
+    if first.ok or not config.coarse_fallback:
+        return first
+    reasons = [first.reason]
+    if fa.coarse is not None and fb.coarse is not None:
+        coarse = replace(config, ratio=max(config.ratio, config.coarse_ratio))
+        second = _match_at_scale(fa.coarse, fb.coarse, z_a, z_b, coarse)
+        if second.ok:
+            return second
+        reasons.append(f"at {second.downsample}x: {second.reason}")
+    return replace(first, reason="; ".join(reasons))
+
+
+def _match_at_scale(
+    fa: Features, fb: Features, z_a: int, z_b: int, config: MatchConfig
+) -> PairResult:
+    """:func:`match_features` on one feature set per slice, without the coarse fallback."""
     need = max(int(config.min_inliers), 3)
+    ds = max(fa.downsample, fb.downsample)
     for z, f in ((z_a, fa), (z_b, fb)):
         if len(f) < need:
-            return _failed(z_a, z_b, f"too few keypoints in slice {z} ({len(f)} < {need})")
+            return _failed(
+                z_a, z_b, f"too few keypoints in slice {z} ({len(f)} < {need})", downsample=ds
+            )
     ib, ia = _ratio_matches(fa, fb, config)
     n_matches = int(ib.size)
     if n_matches < need:
-        return _failed(z_a, z_b, f"too few matches ({n_matches} < {need})", n_matches)
+        return _failed(z_a, z_b, f"too few matches ({n_matches} < {need})", n_matches, 0, ds)
     pb = fb.keypoints_xy[ib].astype(np.float64)
     pa = fa.keypoints_xy[ia].astype(np.float64)
-    ds = max(fa.downsample, fb.downsample)
     thr = float(config.ransac_threshold_px) * ds
     cv2.setRNGSeed(int(config.seed))
     m0, mask = cv2.estimateAffine2D(
@@ -306,7 +343,7 @@ def match_features(
         refineIters=10,
     )
     if m0 is None or mask is None:
-        return _failed(z_a, z_b, "RANSAC found no model", n_matches)
+        return _failed(z_a, z_b, "RANSAC found no model", n_matches, 0, ds)
     inl = mask.ravel().astype(bool)
     affine = np.asarray(m0, np.float64)
     if inl.sum() >= 3:
@@ -321,15 +358,38 @@ def match_features(
     n_inl = int(inl.sum())
     if n_inl < need:
         return _failed(
-            z_a, z_b, f"too few inliers ({n_inl} < {config.min_inliers})", n_matches, n_inl
+            z_a, z_b, f"too few inliers ({n_inl} < {config.min_inliers})", n_matches, n_inl, ds
         )
-    src, dst = pb[inl], pa[inl]
+    return judge_fit(
+        pb[inl], pa[inl], affine, fb.shape_yx, config, z_a=z_a, z_b=z_b, matches=n_matches, ds=ds
+    )
+
+
+def judge_fit(
+    src: np.ndarray,
+    dst: np.ndarray,
+    affine: np.ndarray,
+    shape_yx: tuple[int, int],
+    config: MatchConfig,
+    *,
+    z_a: int,
+    z_b: int,
+    matches: int,
+    ds: int,
+) -> PairResult:
+    """Model choice and acceptance checks for inlier correspondences ``src`` (b) -> ``dst`` (a).
+
+    ``src``/``dst`` are (N, 2) full-resolution (x, y) px, ``affine`` their 2x3 fit, ``matches``
+    the candidates they were kept from and ``ds`` the working-scale factor (px thresholds of
+    ``config`` are working px).
+    """
+    n_inl, n_matches = int(len(src)), int(matches)
     fits = {
         "translation": fit_translation(src, dst),
         "rigid": fit_rigid(src, dst),
         "affine": affine,
     }
-    gaps = {k: _corner_gap(v, affine, fb.shape_yx) for k, v in fits.items()}
+    gaps = {k: _corner_gap(v, affine, shape_yx) for k, v in fits.items()}
     if config.model == "auto":
         model = next(
             k for k in MODELS if gaps[k] < config.model_corner_threshold_px or k == "affine"
@@ -339,7 +399,7 @@ def match_features(
     chosen = fits[model]
     residual = float(np.sqrt(np.mean(np.sum((_apply(chosen, src) - dst) ** 2, axis=1))))
     scale, shear = linear_distortion(affine)
-    h, w = fb.shape_yx
+    h, w = shape_yx
     centre = np.array([[(w - 1) / 2.0, (h - 1) / 2.0]])
     shift = float(np.linalg.norm(_apply(chosen, centre) - centre))
     reason = ""
@@ -368,6 +428,7 @@ def match_features(
         n_matches,
         residual,
         gaps[model],
+        ds,
     )
 
 

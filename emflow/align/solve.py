@@ -476,7 +476,8 @@ def solve(
     if not placed:
         raise AlignmentError(
             f"no slice could be aligned ({len(bad)} bad slices, e.g. "
-            f"z={min(bad)}: {bad[min(bad)]}); check the input or use method 'identity'"
+            f"z={min(bad)}: {bad[min(bad)]}); check the input, and if the slices are already "
+            "aligned set 'align: false' in the recipe"
         )
     transforms = dict(placed)
     for z in zs:
