@@ -383,7 +383,7 @@ def judge_fit(
     the candidates they were kept from and ``ds`` the working-scale factor (px thresholds of
     ``config`` are working px).
     """
-    n_inl, n_matches = int(len(src)), int(matches)
+    n_inl, n_matches = len(src), int(matches)
     fits = {
         "translation": fit_translation(src, dst),
         "rigid": fit_rigid(src, dst),
