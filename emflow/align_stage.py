@@ -16,7 +16,7 @@ import numpy as np
 
 from emflow.discover import SliceCatalog, SliceRef
 from emflow.errors import AlignmentError
-from emflow.execute import Unit
+from emflow.lattice.execute import Unit
 from emflow.recipe import Recipe
 
 

@@ -1,6 +1,6 @@
 """The only module that turns a recipe into Dask work (or a serial loop).
 
-Stages, in order (each a list of independent units, see :mod:`emflow.execute`):
+Stages, in order (each a list of independent units, see :mod:`emflow.lattice.execute`):
 
 ``stats``     16-bit input only: sample slices → the window mapped to 8 bits
 ``features``  per slice: SIFT on a reduced copy (alignment only)
@@ -34,7 +34,6 @@ from emflow.bitdepth import sample_percentiles, window_to_uint8
 from emflow.discover import SliceCatalog, SliceRef, discover_recipe
 from emflow.enhance import clahe
 from emflow.errors import OutputError, RecipeError, SourceError
-from emflow.execute import Progress, Unit, run_stage
 from emflow.geometry import cut_slabs
 from emflow.io.handoff import HandoffArray
 from emflow.io.omezarr import OmeZarrWriter
@@ -42,6 +41,7 @@ from emflow.io.precomputed import PrecomputedWriter
 from emflow.io.readers import read_image
 from emflow.io.slicecache import load_slice
 from emflow.io.writer import Writer
+from emflow.lattice.execute import Progress, Unit, run_stage
 from emflow.pyramid import Level, downsample_levels, plan_levels, steps_between
 from emflow.recipe import OmeZarrOutput, PrecomputedOutput, Recipe
 

@@ -19,7 +19,7 @@ import pytest
 
 from emflow import lattice as lat
 from emflow.dashboard import dashboard_url, grid_data
-from emflow.execute import Unit, check_complete, run_stage
+from emflow.lattice.execute import Unit, check_complete, run_stage
 
 RUN = "dashdemo"
 

@@ -215,7 +215,7 @@ def test_cli_cancel_stops_with_exit_3_and_run_resumes(stack, reference, tmp_path
     units finish, `emflow run` exits 3 with one line, and running it again completes identically.
     (The run is paused first, through the same scheduler record, so the CLI's start-up time
     cannot let the small run finish before the cancel arrives.)"""
-    from emflow.cli.status import live_run
+    from emflow.lattice import live_run
 
     (tmp_path / "recipe.yaml").write_text(RECIPE_YAML.format(src=stack / "src"))
     run_dir = tmp_path / "out" / "emflow-run"

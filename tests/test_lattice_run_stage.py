@@ -16,7 +16,7 @@ import pytest
 from emflow import lattice as lat
 from emflow.cli import main as cli_main
 from emflow.errors import SourceError
-from emflow.execute import Unit, check_complete, run_stage
+from emflow.lattice.execute import Unit, check_complete, run_stage
 
 
 # ---- unit functions (module level: workers import them by name)

@@ -9,7 +9,7 @@ import pytest
 
 from emflow import lattice as lat
 from emflow.errors import OutputError
-from emflow.execute import unit_key
+from emflow.lattice.execute import unit_key
 
 
 def test_key_round_trip_and_foreign_keys():

@@ -10,8 +10,6 @@ resumed by running ``emflow run`` again.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,31 +47,6 @@ def find_run_dir(path: Path) -> Path:
         "pass the output_dir of a run, "
         "its emflow-run folder, or its recipe"
     )
-
-
-@contextmanager
-def live_run(run_dir: Path, *, timeout: float = 3.0) -> Iterator[tuple[Any, dict[str, Any]] | None]:
-    """Yield ``(client, scheduler record)`` of the live run of ``run_dir``; None if none is live."""
-    info = lat.read_scheduler_file(run_dir)
-    complete = run_dir / "COMPLETE"
-    sched = run_dir / lat.SCHEDULER_JSON
-    if not info or not info.get("address"):
-        yield None
-        return
-    if complete.exists() and complete.stat().st_mtime >= sched.stat().st_mtime:
-        yield None  # the run recorded there has finished
-        return
-    from distributed import Client
-
-    try:
-        client = Client(info["address"], timeout=f"{timeout}s", set_as_default=False)
-    except (OSError, TimeoutError):
-        yield None
-        return
-    try:
-        yield client, info
-    finally:
-        client.close()
 
 
 def _require_live(run_dir: Path, live: Any) -> tuple[Any, dict[str, Any]]:
@@ -132,7 +105,7 @@ def status(
     run_dir = find_run_dir(run)
     snap: dict[str, Any] | None = None
     source = "journal"
-    with live_run(run_dir) as live:
+    with lat.live_run(run_dir) as live:
         if live is not None:
             client, info = live
             try:
@@ -159,7 +132,7 @@ def status(
 
 def _control(run: Path, op: str, **kw: Any) -> dict[str, Any]:
     run_dir = find_run_dir(run)
-    with live_run(run_dir) as live:
+    with lat.live_run(run_dir) as live:
         client, info = _require_live(run_dir, live)
         ans = client.sync(getattr(client.scheduler, op), run_id=info.get("run_id"), **kw)
     if not isinstance(ans, dict):

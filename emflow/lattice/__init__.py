@@ -43,13 +43,15 @@ Modules
 :mod:`~emflow.lattice.state`
     :class:`UnitState`, :data:`TRANSITIONS`, :class:`Lattice` (per-stage aggregation).
 :mod:`~emflow.lattice.plugin`
-    :class:`LatticePlugin`, :func:`ensure_plugin`, :func:`parse_key` (the only Dask part).
+    :class:`LatticePlugin`, :func:`ensure_plugin`, :func:`parse_key` (runs in the scheduler).
+:mod:`~emflow.lattice.execute`
+    :func:`run_stage`: a stage's units serially or on Dask in a bounded window, with markers.
 :mod:`~emflow.lattice.markers`
     atomic JSON markers: :func:`write_marker`, :func:`read_marker`, :func:`done_markers`.
 :mod:`~emflow.lattice.journal`
     :class:`Journal`, :func:`read_journal`, :func:`summarize_journal`, sessions.
 :mod:`~emflow.lattice.rundir`
-    :func:`open_run` and the live-run ``scheduler.json``.
+    :func:`open_run`, the live-run ``scheduler.json`` and :func:`live_run` (a client to it).
 :mod:`~emflow.lattice.errors`
     :class:`IncompleteRun`, :class:`RunCancelled`.
 """
@@ -76,6 +78,7 @@ from emflow.lattice.markers import read_marker as read_marker
 from emflow.lattice.plugin import PLUGIN_NAME as PLUGIN_NAME
 from emflow.lattice.plugin import LatticePlugin, parse_key
 from emflow.lattice.plugin import ensure_plugin as ensure_plugin
+from emflow.lattice.rundir import live_run as live_run
 from emflow.lattice.rundir import open_run
 from emflow.lattice.rundir import read_scheduler_file as read_scheduler_file
 from emflow.lattice.rundir import write_scheduler_file as write_scheduler_file

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,28 @@ def write_scheduler_file(
 def read_scheduler_file(run_dir: Path) -> dict[str, Any] | None:
     """The live-run record written by :func:`write_scheduler_file`, if any."""
     return read_marker(Path(run_dir) / SCHEDULER_JSON)
+
+
+@contextlib.contextmanager
+def live_run(run_dir: Path, *, timeout: float = 3.0) -> Iterator[tuple[Any, dict[str, Any]] | None]:
+    """Yield ``(client, scheduler record)`` of the live run of ``run_dir``; None if none is live."""
+    info = read_scheduler_file(run_dir)
+    complete = run_dir / "COMPLETE"
+    sched = run_dir / SCHEDULER_JSON
+    if not info or not info.get("address"):
+        yield None
+        return
+    if complete.exists() and complete.stat().st_mtime >= sched.stat().st_mtime:
+        yield None  # the run recorded there has finished
+        return
+    from distributed import Client
+
+    try:
+        client = Client(info["address"], timeout=f"{timeout}s", set_as_default=False)
+    except (OSError, TimeoutError):
+        yield None
+        return
+    try:
+        yield client, info
+    finally:
+        client.close()
