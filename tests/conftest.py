@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import cv2
@@ -14,9 +15,13 @@ DATA = SHARED / "data"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip tests needing ../shared/data when it is absent (it is beside every checkout in CI)."""
+    """Skip tests needing ../shared/data when it is absent; in CI (``CI`` set) that is an error."""
     if DATA.is_dir():
         return
+    if os.environ.get("CI"):
+        raise pytest.UsageError(
+            f"real EM test data not found at {DATA}: CI needs ../shared beside the checkout"
+        )
     skip = pytest.mark.skip(reason=f"real EM test data not found at {DATA}")
     for item in items:
         if "real_data" in item.keywords:

@@ -14,8 +14,9 @@ from scipy.ndimage import binary_opening, distance_transform_edt
 import emflow
 from emflow.align.features import choose_downsample, compute_features, working_copy
 from emflow.align.warp import warp_slice
+from tests.conftest import DATA
 
-VNC0 = "/work/shared/data/sstem-drosophila-vnc/stack1/raw/00.tif"
+VNC0 = DATA / "sstem-drosophila-vnc" / "stack1" / "raw" / "00.tif"
 
 
 def test_choose_downsample_keeps_working_copy_1k_to_2k():
@@ -37,7 +38,7 @@ def test_no_keypoints_in_or_at_the_edge_of_fill():
     try:
         img = tifffile.imread(VNC0)
     except FileNotFoundError:
-        pytest.skip("real test data not found")
+        pytest.skip(f"real EM test data not found at {DATA}")
     m = np.array([[0.999, -0.035, 60.0], [0.035, 0.999, 40.0]])
     warped = warp_slice(img, m, (0, 0), img.shape)
     fill = warped == 0

@@ -20,11 +20,11 @@ from emflow.testing.transforms import (
     corner_error_px,
     random_affines,
 )
+from tests.conftest import DATA
 
-DATA = "/work/shared/data"
 ISBI = sorted(glob.glob(f"{DATA}/isbi2012-sstem/train/*.png"))
 VNC = sorted(glob.glob(f"{DATA}/sstem-drosophila-vnc/stack1/raw/*.tif"))
-pytestmark = pytest.mark.skipif(not (ISBI and VNC), reason="real test data not found")
+pytestmark = pytest.mark.skipif(not (ISBI and VNC), reason=f"real EM test data not found at {DATA}")
 #: 100 px translations are 20 % of a 512 px slice (40 % between two slices): widen the
 #: outlier limit that is meant for real data (default 0.25 of the long side).
 WIDE = MatchConfig(max_translation_fraction=0.5)

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import glob
-
 import cv2
 import numpy as np
 import pytest
 
 from emflow.align.quality import assess_slice
 from emflow.testing.transforms import insert_bad_slices
+from tests.conftest import DATA
 
-ISBI = sorted(glob.glob("/work/shared/data/isbi2012-sstem/train/*.png"))
+ISBI = sorted(str(p) for p in (DATA / "isbi2012-sstem" / "train").glob("*.png"))
 
 
 @pytest.fixture(scope="module")
 def stack() -> np.ndarray:
     if not ISBI:
-        pytest.skip("real test data not found")
+        pytest.skip(f"real EM test data not found at {DATA}")
     return np.stack([cv2.imread(p, cv2.IMREAD_GRAYSCALE) for p in ISBI[:4]])
 
 

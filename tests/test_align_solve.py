@@ -11,8 +11,6 @@ matches), so they cannot serve as a stack with known truth.
 
 from __future__ import annotations
 
-import glob
-
 import cv2
 import numpy as np
 import pytest
@@ -30,8 +28,9 @@ from emflow.testing.transforms import (
     random_affines,
     stack_errors_px,
 )
+from tests.conftest import DATA
 
-ISBI = sorted(glob.glob("/work/shared/data/isbi2012-sstem/train/*.png"))
+ISBI = sorted(str(p) for p in (DATA / "isbi2012-sstem" / "train").glob("*.png"))
 N, STEPS = 30, 8
 #: 100 px shifts on 512 px slices need a wider translation limit; the truth is affine, and
 #: "auto" may pick a rigid model up to 1 px (model_corner_threshold_px) off per link, which
@@ -51,7 +50,7 @@ def _pairs(feats: list[Features], zs: range) -> list[PairResult]:
 @pytest.fixture(scope="module")
 def stack():
     if not ISBI:
-        pytest.skip("real test data not found")
+        pytest.skip(f"real EM test data not found at {DATA}")
     sections = np.stack([cv2.imread(p, cv2.IMREAD_GRAYSCALE) for p in ISBI]).astype(np.float64)
     slices = []
     for z in range(N):

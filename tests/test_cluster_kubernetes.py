@@ -18,7 +18,6 @@ import copy
 import functools
 import gc
 import hashlib
-import importlib.util
 import os
 import socket
 import subprocess
@@ -285,8 +284,6 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], seconds: float = 60) ->
 class _Pods:
     """The scheduler and worker pods of a spec, run as local processes."""
 
-    preload_available = importlib.util.find_spec(PRELOAD_MODULE) is not None
-
     def __init__(self, spec: dict[str, Any], workdir: Path) -> None:
         from distributed.security import Security
 
@@ -303,8 +300,6 @@ class _Pods:
         self.procs: list[subprocess.Popen[bytes]] = []
         sched, worker = _containers(spec)
         self.scheduler_env = self._env(sched)
-        if not self.preload_available:
-            del self.scheduler_env["DASK_DISTRIBUTED__SCHEDULER__PRELOAD"]
         # what differs from a pod: ports (no pod network) and the service DNS name
         sched_args = [
             *_command(sched["args"], self.scheduler_env),
@@ -433,12 +428,6 @@ def test_emulated_scheduler_refuses_clients_without_certificates(pods: _Pods) ->
 @pytest.mark.integration
 def test_emulated_scheduler_loaded_the_emflow_preload(pods: _Pods) -> None:
     from distributed import Client
-
-    if not pods.preload_available:
-        pytest.skip(
-            f"{PRELOAD_MODULE} does not exist yet (another engineer writes it); the spec sets "
-            "DASK_DISTRIBUTED__SCHEDULER__PRELOAD but the emulated scheduler ran without it"
-        )
 
     def preloads(dask_scheduler: Any) -> list[str]:
         return [str(getattr(p, "name", p)) for p in dask_scheduler.preloads]

@@ -7,8 +7,9 @@ import pytest
 import tifffile
 
 from emflow.enhance import clahe, clahe_halo_px
+from tests.conftest import DATA
 
-VNC0 = "/work/shared/data/sstem-drosophila-vnc/stack1/raw/00.tif"
+VNC0 = DATA / "sstem-drosophila-vnc" / "stack1" / "raw" / "00.tif"
 
 
 @pytest.fixture(scope="module")
