@@ -13,8 +13,6 @@ so a smoke run never replaces the committed table).
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import shutil
 import sys
@@ -279,47 +277,31 @@ def section_overhead(res: dict, quick: bool) -> None:
 
 
 def section_alignment(res: dict, quick: bool) -> None:
-    try:
-        mod = importlib.import_module("benchmarks.align_cost")
-    except ImportError as exc:
-        res["alignment"] = {"note": f"benchmarks/align_cost.py not present ({exc}); skipped"}
-        return
-    fn = getattr(mod, "measure", None)
-    if fn is None:
-        res["alignment"] = {"note": "benchmarks/align_cost.py has no measure(); skipped"}
-        return
+    """Seconds per slice per core of features + 2 matches (benchmarks/align_cost.py)."""
+    from benchmarks.align_cost import measure_details
+
     sizes = (512,) if quick else (1024, 2048, 4096)
     l0 = machine.load1()
     try:
-        details = getattr(mod, "measure_details", None)
-        if details is not None:  # superset of measure(): features/match split, keypoints
-            figures = {int(k): v for k, v in details(sizes).items()}
-            how = "align_cost.measure_details(sizes)"
-        else:
-            params = inspect.signature(fn).parameters
-            raw = fn(sizes=sizes) if "sizes" in params else fn()
-            figures = {
-                int(k): (v if isinstance(v, dict) else {"seconds_per_slice_per_core": v})
-                for k, v in raw.items()
-            }
-            how = "align_cost.measure(sizes)"
-        for size, d in figures.items():
-            sec = d.get("seconds_per_slice_per_core")
-            if sec:
-                d["mb_s_per_core"] = size * size / 1e6 / sec
-                d["cpu_s_per_gb"] = sec / (size * size / 1e9)
+        figures = {int(k): v for k, v in measure_details(sizes).items()}
+    except Exception as exc:  # a report entry, not the end of the whole benchmark run
         res["alignment"] = {
-            "figures": figures,
-            "how": how,
-            "sizes": list(sizes),
-            "load1_before": l0,
-            "load1_after": machine.load1(),
-        }
-    except Exception as exc:
-        res["alignment"] = {
-            "note": f"align_cost.measure() failed: {type(exc).__name__}: {exc}",
+            "note": f"align_cost.measure_details() failed: {type(exc).__name__}: {exc}",
             "traceback": traceback.format_exc()[-2000:],
         }
+        return
+    for size, d in figures.items():
+        sec = d.get("seconds_per_slice_per_core")
+        if sec:
+            d["mb_s_per_core"] = size * size / 1e6 / sec
+            d["cpu_s_per_gb"] = sec / (size * size / 1e9)
+    res["alignment"] = {
+        "figures": figures,
+        "how": "align_cost.measure_details(sizes)",
+        "sizes": list(sizes),
+        "load1_before": l0,
+        "load1_after": machine.load1(),
+    }
 
 
 def section_profile(res: dict, args, src: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -25,7 +26,7 @@ from emflow.align.match import MatchConfig, match_features
 from emflow.align.warp import warp_slice
 from emflow.testing.transforms import random_affines
 
-VNC = "/work/shared/data/sstem-drosophila-vnc/stack1/raw/*.tif"
+VNC = str(Path(__file__).resolve().parents[2] / "shared/data/sstem-drosophila-vnc/stack1/raw/*.tif")
 
 
 def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -88,11 +89,6 @@ def measure_details(
             "pairs_ok": int(sum(p.ok for p in pairs)),
         }
     return out
-
-
-def measure(sizes: tuple[int, ...] = (1024, 2048, 4096)) -> dict[int, float]:
-    """Seconds per slice per core (features + 1st and 2nd neighbour match) for each size."""
-    return {s: d["seconds_per_slice_per_core"] for s, d in measure_details(sizes).items()}
 
 
 if __name__ == "__main__":

@@ -363,7 +363,7 @@ def render(res: dict, findings: str = "") -> str:
         L.append("")
     a = res.get("alignment")
     if a:
-        L += ["## 5. Alignment cost (benchmarks/align_cost.py `measure()`)", ""]
+        L += ["## 5. Alignment cost (benchmarks/align_cost.py `measure_details()`)", ""]
         if "note" in a:
             L += [a["note"], ""]
         else:
