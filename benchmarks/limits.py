@@ -175,7 +175,7 @@ CLAHE_KERNEL_PX, CLAHE_CLIP = 1024, 0.02
 
 
 def _clahe_fn() -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """emflow.enhance.clahe called as emflow.pipeline calls it, else skimage's."""
+    """emflow.enhance.clahe called as emflow.render calls it, else skimage's."""
     try:
         from emflow.enhance import clahe  # type: ignore[attr-defined]
 

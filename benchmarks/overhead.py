@@ -5,7 +5,7 @@ scheduler and N one-thread workers as separate processes (so scheduler memory is
 apart from the driver's), then:
 
 1. plans: a SliceCatalog of ``slices`` fake 2048² PNG refs (no files) and emflow's own
-   ``pipeline.plan_output`` (levels, slabs, coarse passes), plus one no-op ``Unit`` per
+   ``plan.plan_output`` (levels, slabs, coarse passes), plus one no-op ``Unit`` per
    slice (the per-slice stages, e.g. features) -- time and driver memory;
 2. runs that stage through ``emflow.lattice.execute.run_stage`` (bounded window, keys
    ``("emflow-<stage>-<run>", i)``) and stops it after ``units`` results: time to the
@@ -160,11 +160,11 @@ def run(slices: int, units: int, workers: int) -> dict:
             }
             # 1. plan
             t0 = time.perf_counter()
-            planner = "emflow.pipeline.plan_output + emflow.lattice.execute.run_stage"
+            planner = "emflow.plan.plan_output + emflow.lattice.execute.run_stage"
             try:
                 from emflow.discover import SliceCatalog, SliceRef
                 from emflow.lattice.execute import Unit, run_stage
-                from emflow.pipeline import plan_output
+                from emflow.plan import plan_output
                 from emflow.recipe import recipe_from_dict
 
                 recipe = recipe_from_dict(

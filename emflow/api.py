@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from emflow.discover import SliceCatalog, discover_recipe
-from emflow.pipeline import Plan, RunResult, plan_output
+from emflow.pipeline import RunResult
 from emflow.pipeline import run as _run
+from emflow.plan import Plan, plan_output
 from emflow.recipe import Recipe, load_recipe, recipe_from_dict
 
 

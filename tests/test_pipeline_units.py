@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emflow.pipeline import downsample_in_bands, plan_output
+from emflow.plan import plan_output
 from emflow.pyramid import downsample_levels
 from emflow.recipe import recipe_from_dict
+from emflow.render import downsample_in_bands
 
 
 @pytest.mark.parametrize("ny,threads", [(77, 2), (64, 3), (5, 2), (130, 4)])
@@ -53,7 +54,7 @@ def test_every_planned_level_owns_whole_storage_objects():
     """Invariant 2 for many shapes: the plan's unit depths divide each writer's chunk/shard depth."""
     from pathlib import Path
 
-    from emflow.pipeline import check_ownership, make_writers
+    from emflow.plan import check_ownership, make_writers
 
     r = recipe_from_dict(
         {
