@@ -8,7 +8,7 @@ from typing import Any
 from emflow.discover import SliceCatalog, discover_recipe
 from emflow.pipeline import RunResult
 from emflow.pipeline import run as _run
-from emflow.plan import Plan, plan_output
+from emflow.plan import Plan, plan_preview
 from emflow.recipe import Recipe, load_recipe, recipe_from_dict
 
 
@@ -48,17 +48,13 @@ def discover(recipe: Recipe | str | Path | dict) -> SliceCatalog:
     return discover_recipe(_as_recipe(recipe))
 
 
-def plan(
-    recipe: Recipe | str | Path | dict, *, threads: int = 2, memory_per_thread: int = 4 << 30
-) -> Plan:
-    """Plan levels, slabs and passes (identity alignment frame; alignment may enlarge it)."""
+def plan(recipe: Recipe | str | Path | dict, *, alignment: str | Path | None = None) -> Plan:
+    """The plan ``run`` would execute: levels, stages, units and their planned memory.
+
+    It depends on the recipe and the stack only (and on the frame of a saved ``alignment``;
+    without one an aligned run plans again after its solve). See ``Plan.summary()``.
+    """
     r = _as_recipe(recipe)
     cat = discover_recipe(r)
-    return plan_output(
-        r,
-        len(cat.slices),
-        cat.shape_yx,
-        cat.dtype,
-        threads=threads,
-        memory_per_thread=memory_per_thread,
-    )
+    p, _note = plan_preview(r, len(cat.slices), cat.shape_yx, cat.dtype, alignment_path=alignment)
+    return p

@@ -58,30 +58,27 @@ def shard_layout(
     *,
     max_chunks: int = 4096,
     max_z_chunks: int | None = None,
+    cell_chunks_xyz: Sequence[int | None] | None = None,
 ) -> ShardLayout:
     """Choose a shard layout whose shards are boxes of at most ``max_chunks`` chunks.
 
     With an identity hash the low bits of a chunk's compressed Morton code select
     its place inside a shard; those bits go to x, y, z in turn (skipping axes whose
     chunk grid is exhausted), so the first ``b`` bits span a box of chunks. The box
-    is limited to ``max_z_chunks`` chunks along z so that a slab of that depth owns
-    whole shard files.
+    may be limited per axis (``cell_chunks_xyz``, None = unlimited; ``max_z_chunks``
+    limits z alone): growth stops at the first bit that would exceed a limit, so a
+    unit owning a cell of that many chunks owns whole shard files.
     """
     grid = [ceil_div(s, c) for s, c in zip(size_xyz, chunk_xyz, strict=True)]
     grid_bits = [_bits(g) for g in grid]
     total_bits = sum(grid_bits)
-    limit = (
-        _bits(max(1, max_chunks))
-        if max_chunks & (max_chunks - 1) == 0
-        else int(math.log2(max_chunks))
-    )
-    z_limit = (
-        None
-        if max_z_chunks is None
-        else _bits(max_z_chunks)
-        if max_z_chunks & (max_z_chunks - 1) == 0
-        else int(math.log2(max_z_chunks))
-    )
+    limit = _floor_bits(max(1, max_chunks))
+    caps: list[int | None] = [None, None, None]
+    if cell_chunks_xyz is not None:
+        caps = [None if c is None else _floor_bits(max(1, c)) for c in cell_chunks_xyz]
+    if max_z_chunks is not None:
+        z = _floor_bits(max(1, max_z_chunks))
+        caps[2] = z if caps[2] is None else min(caps[2], z)
     used = [0, 0, 0]
     b = 0
     while b < min(limit, total_bits):
@@ -90,9 +87,10 @@ def shard_layout(
             if b >= min(limit, total_bits):
                 break
             if used[d] < grid_bits[d]:
-                if d == 2 and z_limit is not None and used[2] >= z_limit:
-                    # z may take no more bits; the morton order would still assign the
-                    # next bit to z, so the box stops growing here.
+                cap = caps[d]
+                if cap is not None and used[d] >= cap:
+                    # this axis may take no more bits; the Morton order would still assign
+                    # the next bit to it, so the box stops growing here.
                     return _layout(used, b, total_bits)
                 used[d] += 1
                 b += 1
@@ -100,6 +98,11 @@ def shard_layout(
         if not placed:
             break
     return _layout(used, b, total_bits)
+
+
+def _floor_bits(n: int) -> int:
+    """floor(log2(n)) for n >= 1."""
+    return n.bit_length() - 1
 
 
 def _layout(used: list[int], b: int, total_bits: int) -> ShardLayout:

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from emflow.discover import SliceCatalog, SliceRef, discover_recipe
-from emflow.errors import OutputError
+from emflow.errors import ClusterError, OutputError
+from emflow.io import rendercache
 from emflow.io.handoff import HandoffArray
 from emflow.lattice.execute import Progress, Unit, run_stage
 from emflow.plan import (  # noqa: F401  (re-exported: emflow.pipeline names used before the split)
@@ -37,16 +38,18 @@ from emflow.plan import (  # noqa: F401  (re-exported: emflow.pipeline names use
     Pass,
     Plan,
     check_ownership,
+    load_plan,
     make_writers,
     plan_output,
 )
 from emflow.recipe import Recipe
 from emflow.render import (  # noqa: F401  (re-exported, as above)
-    CoarseJob,
-    SlabJob,
-    build_coarse_block,
+    BrickJob,
+    SliceJob,
+    SliceRender,
+    build_brick,
     downsample_in_bands,
-    render_slab,
+    render_slice,
     sample_window,
 )
 
@@ -112,6 +115,139 @@ def _accepts_n_workers(client: Any) -> bool:
         return False
 
 
+PYRAMID_STAGES = ("render", "slab", "coarse")
+
+
+def plan_for_run(
+    recipe: Recipe,
+    run_dir: Path,
+    n_slices: int,
+    frame_shape_yx: tuple[int, int],
+    in_dtype: str,
+    resuming: bool,
+) -> tuple[Plan, bool]:
+    """The plan this run executes and whether its units resume: the stored plan when resuming,
+    else a new one (stored).
+
+    Units are numbered within the plan, so a resumed run must execute the plan its done
+    markers refer to, whatever the cluster now looks like. A run folder from before plans
+    were stored (or holding a plan of another frame) redoes its pyramid stages.
+    """
+    if resuming:
+        old = load_plan(run_dir)
+        if (
+            old is not None
+            and old.frame_shape_yx == tuple(frame_shape_yx)
+            and old.levels[0].shape_zyx[0] == n_slices
+            and old.in_dtype == in_dtype
+        ):
+            return old, True
+    plan = plan_output(recipe, n_slices, frame_shape_yx, in_dtype)
+    markers = run_dir / "done"
+    if markers.is_dir():  # markers of another plan's units must not be reused
+        for d in markers.iterdir():
+            if d.name.startswith(PYRAMID_STAGES):
+                shutil.rmtree(d, ignore_errors=True)
+    for w in ("handoff", rendercache.FOLDER):
+        shutil.rmtree(run_dir / w, ignore_errors=True)
+    plan.save(run_dir)
+    return plan, False
+
+
+def check_worker_memory(client: Any, plan: Plan) -> None:
+    """Refuse to start when the connected workers have less memory per thread than a unit needs."""
+    if client is None:
+        return
+    try:
+        workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
+    except TypeError:
+        workers = client.scheduler_info().get("workers", {}).values()
+    per = [
+        w["memory_limit"] / max(1, w.get("nthreads", 1)) for w in workers if w.get("memory_limit")
+    ]
+    need = plan.memory_per_unit
+    if per and min(per) < need:
+        raise ClusterError(
+            f"workers have {min(per) / _GIB:.2f} GiB per thread, but units of this plan need up to "
+            f"{need / _GIB:.2f} GiB (emflow plan lists them); set run.memory_per_worker (and "
+            "run.threads_per_worker) in the recipe to what workers have, so the plan cuts smaller "
+            "units, or give workers more memory"
+        )
+
+
+def pyramid_stages(
+    recipe: Recipe,
+    plan: Plan,
+    how: SliceRender,
+    slices: list[SliceJob],
+    root: Path,
+    run_dir: Path,
+    run_id: str,
+    stage: Any,
+    *,
+    resuming: bool,
+    threads: int,
+) -> list[Any]:
+    """Create the outputs (fresh runs) and run the render stage and every pass; return writers."""
+    writers = make_writers(recipe, plan, root, token=run_id + uuid.uuid4().hex[:6])
+    check_ownership(plan, writers)
+    if not resuming:
+        for w in writers:
+            w.create()
+    handoffs: dict[int, HandoffArray] = {}
+    for p in plan.passes:
+        if p.handoff is None:
+            continue
+        h = p.handoff
+        fs, fh = plan.levels[p.source].factor_zyx, plan.levels[h].factor_zyx
+        chunk = tuple(
+            plan.levels[h].shape_zyx[a] if p.grid_zyx[a] == 1 else p.brick_zyx[a] * fs[a] // fh[a]
+            for a in range(3)
+        )
+        arr = HandoffArray(
+            run_dir / "handoff" / f"level{h}",
+            plan.levels[h].shape_zyx,
+            plan.handoff_dtype(h),
+            chunk,  # type: ignore[arg-type]
+            token=run_id,
+        )
+        if not resuming or not (Path(arr.path) / "zarr.json").exists():
+            arr.create()
+        handoffs[h] = arr
+    render_dir = None
+    if plan.render_stage:
+        render_dir = str(rendercache.cache_dir(run_dir))
+        nbytes = how.shape_yx[0] * how.shape_yx[1] * (2 if how.in_dtype == "uint16" else 1)
+        stage(
+            "render",
+            [Unit(i, render_slice, (how, s, render_dir), nbytes) for i, s in enumerate(slices)],
+        )
+    for p in plan.passes:
+        units = []
+        for i in range(p.n_units):
+            box = p.box(i)
+            first = p.index == 0
+            job = BrickJob(
+                index=i,
+                box=box,
+                source=p.source,
+                last=p.last,
+                handoff_level=p.handoff,
+                levels=plan.levels,
+                writers=tuple(writers),
+                out_dtype=plan.out_dtype,
+                handoff=handoffs.get(p.handoff) if p.handoff is not None else None,
+                source_array=None if first else handoffs[p.source],
+                how=how if first else None,
+                slices=tuple(slices[box[0] : box[1]]) if first and render_dir is None else (),
+                render_dir=render_dir if first else None,
+                threads=threads,
+            )
+            units.append(Unit(i, build_brick, (job,), job.bytes_in))
+        stage(p.stage, units)
+    return writers
+
+
 def run(
     recipe: Recipe,
     *,
@@ -144,7 +280,7 @@ def run(
     (run_dir / "COMPLETE").unlink(missing_ok=True)
     (run_dir / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     run_id = recipe.output_fingerprint()
-    threads, mem_per_thread = _cluster_resources(client)
+    threads, _ = _cluster_resources(client)
     stage_seconds: dict[str, float] = {}
 
     def stage(name: str, units: list[Unit]) -> dict[int, Any]:
@@ -206,79 +342,26 @@ def run(
         from emflow.align_stage import slice_cache_dir
 
         cache_dir = str(slice_cache_dir(run_dir))
-    plan = plan_output(
-        recipe,
-        len(catalog.slices),
-        frame,
-        catalog.dtype,
-        threads=threads,
-        memory_per_thread=mem_per_thread,
+    plan, resuming = plan_for_run(
+        recipe, run_dir, len(catalog.slices), frame, catalog.dtype, resuming
     )
     say(plan.summary())
-    writers = make_writers(recipe, plan, root, token=run_id + uuid.uuid4().hex[:6])
-    check_ownership(plan, writers)
-    if not resuming:
-        for w in writers:
-            w.create()
-    handoffs = []
-    for p in plan.passes[:-1]:
-        h = HandoffArray(
-            run_dir / "handoff" / f"level{p.last}",
-            plan.levels[p.last].shape_zyx,
-            plan.out_dtype,
-            token=run_id,
-        )
-        if not resuming:
-            h.create()
-        handoffs.append(h)
-    # slabs
-    p0 = plan.passes[0]
-    slab_units = []
-    for i, (z0, z1) in enumerate(p0.blocks):
-        job = SlabJob(
-            z0=z0,
-            refs=tuple(refs[z0:z1]),
-            shape_yx=catalog.shape_yx,
-            frame_shape_yx=frame,
-            transforms=tuple(transforms[z0:z1]),
-            window=window,
-            out_dtype=plan.out_dtype,
-            clip_limit=recipe.enhance.clip_limit,
-            kernel_size_px=recipe.enhance.kernel_size_px,
-            levels=plan.levels,
-            last_level=p0.last,
-            writers=tuple(writers),
-            handoff=handoffs[0] if handoffs else None,
-            threads=2 if threads <= 2 else 1,
-            in_dtype=catalog.dtype,
-            cache_dir=cache_dir,
-            source_index=tuple(source_index[z0:z1]),
-        )
-        nbytes = (
-            (z1 - z0)
-            * catalog.shape_yx[0]
-            * catalog.shape_yx[1]
-            * (2 if catalog.dtype == "uint16" else 1)
-        )
-        slab_units.append(Unit(i, render_slab, (job,), nbytes))
-    stage("slab", slab_units)
-    for p in plan.passes[1:]:
-        units = []
-        for i, (z0, z1) in enumerate(p.blocks):
-            job = CoarseJob(
-                z0,
-                z1,
-                p.source,
-                p.first,
-                p.last,
-                plan.levels,
-                tuple(writers),
-                handoffs[p.index - 1],
-                handoffs[p.index] if p.index < len(handoffs) else None,
-                threads=2 if threads <= 2 else 1,
-            )
-            units.append(Unit(i, build_coarse_block, (job,)))
-        stage(f"coarse{p.index}", units)
+    check_worker_memory(client, plan)
+    how = SliceRender(
+        shape_yx=catalog.shape_yx,
+        frame_shape_yx=frame,
+        window=window,
+        out_dtype=plan.out_dtype,
+        clip_limit=recipe.enhance.clip_limit,
+        kernel_size_px=recipe.enhance.kernel_size_px,
+        in_dtype=catalog.dtype,
+        cache_dir=cache_dir,
+    )
+    slices = [SliceJob(refs[i], transforms[i], source_index[i]) for i in range(len(refs))]
+    writers = pyramid_stages(
+        recipe, plan, how, slices, root, run_dir, run_id, stage,
+        resuming=resuming, threads=2 if threads <= 2 else 1,
+    )  # fmt: skip
     # finalize: metadata, then move complete volumes into place
     out_paths: dict[str, Path] = {}
     for w in writers:
@@ -291,6 +374,7 @@ def run(
             shutil.rmtree(final)
         Path(w.path).rename(final)
     shutil.rmtree(run_dir / "handoff", ignore_errors=True)
+    shutil.rmtree(rendercache.cache_dir(run_dir), ignore_errors=True)
     if cache_dir is not None:
         shutil.rmtree(cache_dir, ignore_errors=True)
     from emflow.io.tsopen import forget

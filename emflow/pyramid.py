@@ -150,12 +150,89 @@ def _sum_dtype(max_value: int, n_voxels: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
+def axis_counts(extent0: int, factor: int, start: int, size: int) -> np.ndarray:
+    """Level-0 voxels under each of ``size`` level voxels from ``start`` along one axis.
+
+    A level with cumulative factor ``factor`` covers level-0 ``[i*f, min((i+1)*f, extent0))``
+    with voxel ``i`` (partial only at the far edge), so counts follow from geometry alone:
+    hand-offs between passes need to carry only the integer sums.
+    """
+    i = np.arange(start, start + size, dtype=np.int64)
+    return np.minimum(factor, extent0 - i * factor)
+
+
+def sum_dtype(max_value: int, n_voxels: int) -> np.dtype:
+    """Narrowest unsigned integer that holds a sum of ``n_voxels`` values up to ``max_value``."""
+    return _sum_dtype(max_value, n_voxels)
+
+
+def divide_round(sums: np.ndarray, counts: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """Means from sums: ``sums / counts`` rounded half to even, with per-axis (z, y, x) counts."""
+    cz, cy, cx = counts
+    if cz.min() == cz.max() and cy.min() == cy.max() and cx.min() == cx.max():
+        c: np.ndarray | int = int(cz[0] * cy[0] * cx[0])
+    else:
+        c = (cz[:, None, None] * cy[None, :, None] * cx[None, None, :]).astype(sums.dtype)
+    return _divide_round_half_even(sums, c, np.dtype(dtype))
+
+
+def downsample_sums(
+    sums: np.ndarray,
+    counts: Sequence[np.ndarray],
+    steps: Sequence[Sequence[int]],
+    *,
+    max_value: int,
+    dtype: np.dtype,
+    keep_sums: bool = False,
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Levels below a block of integer sums, each rounded once from the level-0 sums it covers.
+
+    Parameters
+    ----------
+    sums
+        (z, y, x) sums of level-0 voxels per voxel of the block's level (for level 0:
+        the voxels themselves). The block starts on a multiple of every step's
+        cumulative factor; only blocks at the volume's far edge may end off the grid.
+    counts
+        Per-axis level-0 voxel counts of the block's voxels (see :func:`axis_counts`).
+    steps
+        One (fz, fy, fx) step per output level, each entry 1 or 2.
+    max_value, dtype
+        Largest level-0 value and the dtype of the rounded levels.
+    keep_sums
+        Also return the sums (and implicitly counts) of the last level, for a later pass.
+
+    Returns
+    -------
+    levels, last_sums
+        One rounded (z, y, x) array per step; the last level's sums or None.
+    """
+    if sums.dtype.kind != "u":
+        raise TypeError(f"downsample needs unsigned integers, got {sums.dtype}")
+    counts = [np.asarray(c, dtype=np.int64) for c in counts]
+    total = int(counts[0].max() * counts[1].max() * counts[2].max())
+    out = []
+    for step in steps:
+        total *= int(np.prod(step))
+        sdtype = _sum_dtype(max_value, total)
+        for axis, f in enumerate(step):  # z and y first: whole rows, contiguous
+            if f == 1:
+                continue
+            if f != 2:
+                raise ValueError(f"steps must be 1 or 2 per axis, got {step}")
+            n = sums.shape[axis]
+            sums = _sum_pairs_fast(sums, axis, sdtype)
+            counts[axis] = _counts_1d(n, counts[axis])
+        out.append(divide_round(sums, counts, dtype))
+    return out, (sums if keep_sums else None)
+
+
 def downsample_levels(block_zyx: np.ndarray, steps: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """Mean-downsample a block by successive per-axis steps of 1 or 2, rounding once per level.
 
     Every level is computed from integer sums of the block's own voxels (not from
     the rounded level above), then rounded half to even. The block must start on a
-    multiple of each level's cumulative factor (true for slabs cut on chunk grids);
+    multiple of each level's cumulative factor (true for units cut on chunk grids);
     blocks whose far edge is the volume's edge may have odd sizes.
 
     Parameters
@@ -173,29 +250,11 @@ def downsample_levels(block_zyx: np.ndarray, steps: Sequence[Sequence[int]]) -> 
     dtype = block_zyx.dtype
     if dtype.kind != "u":
         raise TypeError(f"downsample_levels needs unsigned integers, got {dtype}")
-    max_value = int(np.iinfo(dtype).max)
-    sums: np.ndarray = block_zyx
     counts = [np.ones(n, dtype=np.int64) for n in block_zyx.shape]
-    total = 1
-    out = []
-    for step in steps:
-        total *= int(np.prod(step))
-        sdtype = _sum_dtype(max_value, total)
-        for axis, f in enumerate(step):  # z and y first: whole rows, contiguous
-            if f == 1:
-                continue
-            if f != 2:
-                raise ValueError(f"steps must be 1 or 2 per axis, got {step}")
-            n = sums.shape[axis]
-            sums = _sum_pairs_fast(sums, axis, sdtype)
-            counts[axis] = _counts_1d(n, counts[axis])
-        cz, cy, cx = counts
-        if cz.min() == cz.max() and cy.min() == cy.max() and cx.min() == cx.max():
-            c: np.ndarray | int = int(cz[0] * cy[0] * cx[0])
-        else:
-            c = (cz[:, None, None] * cy[None, :, None] * cx[None, None, :]).astype(sums.dtype)
-        out.append(_divide_round_half_even(sums, c, dtype))
-    return out
+    levels, _ = downsample_sums(
+        block_zyx, counts, steps, max_value=int(np.iinfo(dtype).max), dtype=dtype
+    )
+    return levels
 
 
 def steps_between(levels: Sequence[Level], first: int, last: int) -> list[tuple[int, int, int]]:

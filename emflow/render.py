@@ -1,11 +1,13 @@
-"""Unit functions run on workers: render a slab, build a coarse block, sample a 16-bit window.
+"""Unit functions run on workers: render slices, build a brick's pyramid, sample a 16-bit window.
 
 Arguments are small frozen dataclasses (picklable); the functions are plain Python and
-NumPy with no Dask, so the serial path and notebooks call them directly.
+NumPy with no Dask, so the serial path and notebooks call them directly. Boxes are
+``(z0, z1, y0, y1, x0, x1)`` half-open, in voxels of the level named beside them.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,32 +21,38 @@ from emflow.bitdepth import sample_percentiles, window_to_uint8
 from emflow.discover import SliceRef
 from emflow.enhance import clahe
 from emflow.errors import SourceError
+from emflow.io import rendercache
 from emflow.io.readers import read_image
 from emflow.io.slicecache import load_slice
-from emflow.pyramid import Level, downsample_levels, steps_between
+from emflow.pyramid import Level, axis_counts, divide_round, downsample_sums, steps_between
+
+Box = tuple[int, int, int, int, int, int]
 
 
+# ---------------------------------------------------------------------------------------
+# one slice: decode → warp → 8 bit → CLAHE
+# ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SlabJob:
-    """What one slab unit needs: its slices, how to render them, where to write."""
+class SliceRender:
+    """How to turn source slices into output-frame slices (shared by every slice of a run)."""
 
-    z0: int
-    refs: tuple[SliceRef, ...]
     shape_yx: tuple[int, int]
     frame_shape_yx: tuple[int, int]
-    transforms: tuple[tuple[tuple[float, ...], ...] | None, ...]  # per slice 2x3 or None
     window: tuple[float, float] | None
     out_dtype: str
     clip_limit: float
     kernel_size_px: int
-    levels: tuple[Level, ...]
-    last_level: int
-    writers: tuple[Any, ...]
-    handoff: Any = None
-    threads: int = 2
     in_dtype: str = "uint8"  # the source slices' dtype (from the catalog's headers)
-    cache_dir: str | None = None  # decoded slices kept by the feature pass (zstd-1)
-    source_index: tuple[int, ...] = ()  # per slice: catalog z whose pixels it shows (fill_previous)
+    cache_dir: str | None = None  # decoded source slices kept by the feature pass (zstd-1)
+
+
+@dataclass(frozen=True)
+class SliceJob:
+    """One slice: its source, its 2x3 transform (or None) and the catalog z it shows."""
+
+    ref: SliceRef
+    transform: tuple[tuple[float, ...], ...] | None
+    source_z: int | None = None  # catalog z whose pixels it shows (fill_previous)
 
 
 def _load_slice(
@@ -69,143 +77,205 @@ def _load_slice(
     return img
 
 
-def _render_slice(job: SlabJob, i: int, in_dtype: np.dtype) -> np.ndarray:
+def render_one(how: SliceRender, job: SliceJob) -> np.ndarray:
     """Decode, warp into the output frame, convert to the output dtype, and CLAHE one slice."""
-    ref = job.refs[i]
-    src_z = job.source_index[i] if job.source_index else None
-    img = _load_slice(ref, job.shape_yx, in_dtype, job.cache_dir, src_z)
-    matrix = job.transforms[i]
-    if matrix is not None:
-        img = warp_slice(img, np.asarray(matrix, dtype=np.float64), (0, 0), job.frame_shape_yx)
-    if job.out_dtype == "uint8" and img.dtype != np.uint8:
-        lo, hi = job.window or (0.0, 65535.0)
+    img = _load_slice(job.ref, how.shape_yx, np.dtype(how.in_dtype), how.cache_dir, job.source_z)
+    if job.transform is not None:
+        img = warp_slice(
+            img, np.asarray(job.transform, dtype=np.float64), (0, 0), how.frame_shape_yx
+        )
+    if how.out_dtype == "uint8" and img.dtype != np.uint8:
+        lo, hi = how.window or (0.0, 65535.0)
         img = window_to_uint8(img, lo, hi)
-    if job.clip_limit > 0:
+    if how.clip_limit > 0:
         img = clahe(
             img,
             origin_yx=(0, 0),
-            frame_shape_yx=job.frame_shape_yx,
-            kernel_size_px=job.kernel_size_px,
-            clip_limit=job.clip_limit,
+            frame_shape_yx=how.frame_shape_yx,
+            kernel_size_px=how.kernel_size_px,
+            clip_limit=how.clip_limit,
         )
     return img
 
 
-def render_slab(job: SlabJob) -> dict:
-    """Render one slab and write levels 0..last of it to every output; returns a small summary."""
+def render_slice(how: SliceRender, job: SliceJob, folder: str) -> dict:
+    """Render unit: one slice into the run folder's rendered level-0 copy."""
     import cv2
 
     cv2.setNumThreads(1)
     t0 = time.perf_counter()
-    in_dtype = np.dtype(job.in_dtype)
-    n = len(job.refs)
-    slab = np.empty((n, *job.frame_shape_yx), dtype=job.out_dtype)
+    rendercache.store_slice(folder, job.ref.z, render_one(how, job))
+    nbytes = how.shape_yx[0] * how.shape_yx[1] * np.dtype(how.in_dtype).itemsize
+    return {"z": job.ref.z, "bytes_in": int(nbytes), "seconds": time.perf_counter() - t0}
 
-    def one(i: int) -> None:
-        slab[i] = _render_slice(job, i, in_dtype)
+
+# ---------------------------------------------------------------------------------------
+# a brick: its levels source..last written, the sums of the next level handed off
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BrickJob:
+    """One unit of a pass: ``box`` of level ``source``, writing levels ``source..last``.
+
+    Pass 0 (``source == 0``) reads slices: rendering them itself (``slices``) or from the
+    rendered copy (``render_dir``); later passes read hand-off sums (``source_array``).
+    """
+
+    index: int
+    box: Box
+    source: int
+    last: int
+    handoff_level: int | None
+    levels: tuple[Level, ...]
+    writers: tuple[Any, ...]
+    out_dtype: str
+    handoff: Any = None  # HandoffArray receiving the sums of handoff_level
+    source_array: Any = None  # HandoffArray holding the sums of level `source` (pass > 0)
+    how: SliceRender | None = None
+    slices: tuple[SliceJob, ...] = ()  # pass 0, rendering here: one per z of the box
+    render_dir: str | None = None  # pass 0: rendered slices to read instead
+    threads: int = 2
+
+    @property
+    def bytes_in(self) -> int:
+        """Source bytes this unit stands for (for progress rates)."""
+        if self.source != 0 or self.how is None:
+            return 0
+        z0, z1, y0, y1, x0, x1 = self.box
+        ny, nx = self.how.frame_shape_yx
+        sy, sx = self.how.shape_yx
+        share = (y1 - y0) * (x1 - x0) / (ny * nx)
+        return int((z1 - z0) * sy * sx * np.dtype(self.how.in_dtype).itemsize * share)
+
+
+def _read_block(job: BrickJob) -> np.ndarray:
+    """Level-0 voxels of the box: rendered here (full frames) or read from the rendered copy."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    z0, z1, y0, y1, x0, x1 = job.box
+    assert job.how is not None
+    block = np.empty((z1 - z0, y1 - y0, x1 - x0), dtype=job.out_dtype)
+    if job.render_dir is not None:
+        frame = job.how.frame_shape_yx
+
+        def one(i: int) -> None:
+            rendercache.read_window(
+                job.render_dir, z0 + i, frame, block.dtype, (y0, y1, x0, x1), block[i]
+            )
+
+    else:
+
+        def one(i: int) -> None:
+            block[i] = render_one(job.how, job.slices[i])[y0:y1, x0:x1]
 
     with ThreadPoolExecutor(max_workers=max(1, job.threads)) as pool:
-        list(pool.map(one, range(n)))
-    t_render = time.perf_counter()
-    # level 0 is encoded and written by tensorstore's threads while the levels are computed
-    pending = _start_writes(job.writers, job.levels, [slab], 0, job.z0, job.handoff, job.last_level)
-    coarser = downsample_in_bands(slab, steps_between(job.levels, 0, job.last_level), job.threads)
-    t_ds = time.perf_counter()
-    pending += _start_writes(
-        job.writers, job.levels, coarser, 1, job.z0, job.handoff, job.last_level
+        list(pool.map(one, range(z1 - z0)))
+    return block
+
+
+def build_brick(job: BrickJob) -> dict:
+    """Read one brick, write its levels to every output, hand off the next level's sums."""
+    t0 = time.perf_counter()
+    levels = job.levels
+    extent0 = levels[0].shape_zyx
+    z0, z1, y0, y1, x0, x1 = job.box
+    origin = (z0, y0, x0)
+    fs = levels[job.source].factor_zyx
+    counts = [
+        axis_counts(extent0[a], fs[a], origin[a], (z1 - z0, y1 - y0, x1 - x0)[a]) for a in range(3)
+    ]
+    if job.source == 0:
+        block = _read_block(job)
+        sums = block
+    else:
+        sums = job.source_array.read(job.box)
+        block = divide_round(sums, counts, np.dtype(job.out_dtype))
+    t_read = time.perf_counter()
+    # level `source` is encoded by tensorstore's threads while the levels below are computed
+    pending = [w.write(job.source, origin, block) for w in job.writers]
+    deepest = job.handoff_level if job.handoff_level is not None else job.last
+    steps = steps_between(levels, job.source, deepest)
+    max_value = 65535 if job.out_dtype == "uint16" else 255
+    coarser, last_sums = downsample_in_bands(
+        sums,
+        counts,
+        steps,
+        job.threads,
+        max_value=max_value,
+        dtype=np.dtype(job.out_dtype),
+        keep_sums=job.handoff_level is not None,
     )
+    t_ds = time.perf_counter()
+    for offset, arr in enumerate(coarser):
+        k = job.source + 1 + offset
+        if k > job.last:
+            break
+        pending += [w.write(k, _origin_at(levels, job.source, k, origin), arr) for w in job.writers]
+    if job.handoff_level is not None:
+        assert last_sums is not None
+        h_origin = _origin_at(levels, job.source, job.handoff_level, origin)
+        pending.append(job.handoff.write(h_origin, last_sums))
     for fut in pending:
         fut.result()
     t_end = time.perf_counter()
     return {
-        "z0": job.z0,
-        "z1": job.z0 + n,
-        "bytes_in": int(n * job.shape_yx[0] * job.shape_yx[1] * in_dtype.itemsize),
-        "seconds": {"render": t_render - t0, "downsample": t_ds - t_render, "write": t_end - t_ds},
+        "box": list(job.box),
+        "level": job.source,
+        "bytes_in": job.bytes_in,
+        "seconds": {"read": t_read - t0, "downsample": t_ds - t_read, "write": t_end - t_ds},
     }
 
 
+def _origin_at(
+    levels: Sequence[Level], source: int, k: int, origin: tuple[int, int, int]
+) -> tuple[int, int, int]:
+    fs, fk = levels[source].factor_zyx, levels[k].factor_zyx
+    return tuple(o * s // f for o, s, f in zip(origin, fs, fk, strict=True))  # type: ignore[return-value]
+
+
 def downsample_in_bands(
-    block: np.ndarray, steps: Sequence[Sequence[int]], threads: int
-) -> list[np.ndarray]:
-    """:func:`~emflow.pyramid.downsample_levels` on y-bands in parallel threads (numpy frees the GIL).
+    sums: np.ndarray,
+    counts: Sequence[np.ndarray],
+    steps: Sequence[Sequence[int]],
+    threads: int,
+    *,
+    max_value: int,
+    dtype: np.dtype,
+    keep_sums: bool = False,
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """:func:`~emflow.pyramid.downsample_sums` on y-bands in parallel threads (numpy frees the GIL).
 
     Bands start on multiples of the total y factor, so each band's levels are exactly the
     whole block's rows (chunked equals whole); results are concatenated along y.
     """
     if not steps:
-        return []
-    fy = int(np.prod([s[1] for s in steps]))
-    ny = block.shape[1]
+        return [], (sums if keep_sums else None)
+    fy = math.prod(s[1] for s in steps)
+    ny = sums.shape[1]
     band = -(-ny // max(1, threads))
     band = -(-band // fy) * fy
     if threads <= 1 or band >= ny:
-        return downsample_levels(block, steps)
+        return downsample_sums(
+            sums, counts, steps, max_value=max_value, dtype=dtype, keep_sums=keep_sums
+        )
     cuts = [(y0, min(y0 + band, ny)) for y0 in range(0, ny, band)]
+
+    def part(c: tuple[int, int]) -> tuple[list[np.ndarray], np.ndarray | None]:
+        cz, cy, cx = counts
+        return downsample_sums(
+            sums[:, c[0] : c[1]],
+            (cz, cy[c[0] : c[1]], cx),
+            steps,
+            max_value=max_value,
+            dtype=dtype,
+            keep_sums=keep_sums,
+        )
+
     with ThreadPoolExecutor(max_workers=len(cuts)) as pool:
-        parts = list(pool.map(lambda c: downsample_levels(block[:, c[0] : c[1]], steps), cuts))
-    return [np.concatenate([p[k] for p in parts], axis=1) for k in range(len(steps))]
-
-
-def _start_writes(
-    writers: Sequence[Any],
-    levels: Sequence[Level],
-    arrays: Sequence[np.ndarray],
-    first: int,
-    z0_first: int,
-    handoff: Any,
-    last: int,
-) -> list[Any]:
-    """Start writing arrays of levels ``first..`` (block at z0_first in level-``first`` voxels).
-
-    Returns the pending write futures; the arrays must stay untouched until they resolve.
-    """
-    f0 = levels[first].factor_zyx[0]
-    pending = []
-    for offset, arr in enumerate(arrays):
-        k = first + offset
-        zk = z0_first * f0 // levels[k].factor_zyx[0]
-        pending += [w.write(k, zk, arr) for w in writers]
-        if handoff is not None and k == last:
-            pending.append(handoff.write(zk, arr))
-    return pending
-
-
-@dataclass(frozen=True)
-class CoarseJob:
-    """One block of a coarse pass: read level ``source`` [z0, z1), write levels first..last."""
-
-    z0: int
-    z1: int
-    source: int
-    first: int
-    last: int
-    levels: tuple[Level, ...]
-    writers: tuple[Any, ...]
-    source_array: Any
-    handoff: Any = None
-    threads: int = 2
-
-
-def build_coarse_block(job: CoarseJob) -> dict:
-    """Downsample one block of the hand-off level into the coarse levels it owns."""
-    t0 = time.perf_counter()
-    block = job.source_array.read(job.z0, job.z1)
-    arrays = downsample_in_bands(
-        block, steps_between(job.levels, job.source, job.last), job.threads
-    )
-    # arrays[i] is level source+1+i (first == source + 1)
-    for fut in _start_writes(
-        job.writers, job.levels, arrays, job.first, _z_at(job), job.handoff, job.last
-    ):
-        fut.result()
-    return {"z0": job.z0, "z1": job.z1, "level": job.source, "seconds": time.perf_counter() - t0}
-
-
-def _z_at(job: CoarseJob) -> int:
-    """z0 of the block in level ``source + 1`` voxels."""
-    ratio = job.levels[job.source + 1].factor_zyx[0] // job.levels[job.source].factor_zyx[0]
-    return job.z0 // ratio
+        parts = list(pool.map(part, cuts))
+    levels = [np.concatenate([p[0][k] for p in parts], axis=1) for k in range(len(steps))]
+    last = np.concatenate([p[1] for p in parts], axis=1) if keep_sums else None  # type: ignore[misc]
+    return levels, last
 
 
 def sample_window(refs: Sequence[SliceRef], percentiles: tuple[float, float]) -> dict:

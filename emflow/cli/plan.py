@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -28,16 +30,19 @@ def plan(
     threads: ThreadsOpt = None,
     memory: MemoryOpt = None,
     insecure: InsecureOpt = False,
+    alignment: Annotated[
+        Path | None,
+        typer.Option("--alignment", help="plan the re-export with this alignment.json"),
+    ] = None,
 ) -> None:
     """Print units per stage, planned memory per unit, and the job script a cluster would run."""
     from emflow import cluster as clusters
     from emflow.discover import discover_recipe
-    from emflow.pipeline import plan_output
+    from emflow.plan import RUN_FOLDER, plan_preview
     from emflow.recipe import load_recipe
 
     r = load_recipe(recipe)
     cat = discover_recipe(r)
-    from emflow.pipeline import RUN_FOLDER
 
     req = cluster_request(
         r,
@@ -50,22 +55,19 @@ def plan(
         insecure,
         r.output_path / RUN_FOLDER / "worker-logs",
     )
-    p = plan_output(r, len(cat.slices), cat.shape_yx, cat.dtype)
+    p, note = plan_preview(r, len(cat.slices), cat.shape_yx, cat.dtype, alignment_path=alignment)
     typer.echo(cat.summary())
+    typer.echo(f"plan: {note}")
     typer.echo(p.summary())
-    ny, nx = p.frame_shape_yx
-    per_slice = ny * nx * ((2 if cat.dtype == "uint16" else 1) + 4)
     n = len(cat.slices)
     stages = []
-    if r.align.enabled:
+    if cat.dtype == "uint16" and r.depth.output == "uint8" and r.depth.window is None:
+        stages.append(("stats", 1))
+    if r.align.enabled and alignment is None:
         stages += [("features", n), ("match", max(0, 2 * n - 3)), ("solve", 1)]
-    stages.append(("slab", len(p.passes[0].blocks)))
-    stages += [(f"coarse{q.index}", len(q.blocks)) for q in p.passes[1:]]
+    stages += [(s, k) for s, k, _ in p.stages()]
     typer.echo("units per stage: " + ", ".join(f"{s} {k}" for s, k in stages))
-    typer.echo(
-        f"planned memory per slab unit: {p.slab_depth * per_slice / 2**30:.2f} GiB "
-        f"({p.slab_depth} slices of {nx} × {ny} px)"
-    )
+    typer.echo(f"planned memory per unit: up to {p.memory_per_unit / 2**30:.2f} GiB")
     typer.echo(f"cluster: {json.dumps(clusters.describe(req), default=str)}")
     script = clusters.job_script(req)
     if script:

@@ -1,7 +1,10 @@
-"""A lossless scratch copy of one pyramid level, handed from one pass to the next.
+"""Integer sums of one pyramid level, handed from one pass to the next.
 
-Stored in the run folder as a Zarr v3 array with one chunk per z plane (zstd-1),
-so blocks of any depth own whole chunks. Deleted when the run completes.
+A pass whose units cannot own the next level hands it the sums of level-0 voxels per
+voxel of that level (counts follow from geometry, :func:`emflow.pyramid.axis_counts`),
+so the next pass rounds every level once from exact sums. Stored in the run folder as
+a Zarr v3 array (zstd-1) whose chunks are the handing units' images, so each unit
+writes whole chunks. Deleted when the run completes.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from emflow.io.tsopen import context, open_store
 
 @dataclass
 class HandoffArray:
-    """(z, y, x) scratch array of one level."""
+    """(z, y, x) integer sums of one level."""
 
     path: Path
     shape_zyx: tuple[int, int, int]
     dtype: str
+    chunk_zyx: tuple[int, int, int] | None = None
     token: str = ""
 
     def _spec(self) -> dict:
@@ -32,11 +36,13 @@ class HandoffArray:
         if Path(self.path).exists():
             shutil.rmtree(self.path)
         z, y, x = self.shape_zyx
+        chunk = list(self.chunk_zyx) if self.chunk_zyx is not None else [1, y, x]
+        chunk = [max(1, min(c, n)) for c, n in zip(chunk, (z, y, x), strict=True)]
         spec = self._spec()
         spec["metadata"] = {
             "shape": [z, y, x],
             "data_type": self.dtype,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, y, x]}},
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
             "codecs": [
                 {"name": "bytes", "configuration": {"endian": "little"}},
                 {"name": "zstd", "configuration": {"level": 1}},
@@ -45,11 +51,14 @@ class HandoffArray:
         }
         ts.open(spec, create=True, context=context()).result()
 
-    def write(self, z0: int, block: np.ndarray) -> ts.WriteFutures:
-        """Start writing frames [z0, z0 + len(block)); ``.result()`` waits for the disk."""
+    def write(self, origin_zyx: tuple[int, int, int], block: np.ndarray) -> ts.WriteFutures:
+        """Start writing ``block`` at ``origin_zyx``; ``.result()`` waits for the disk."""
         store = open_store(self._spec(), token=self.token)
-        return store[z0 : z0 + block.shape[0]].write(block)
+        (z0, y0, x0), (nz, ny, nx) = origin_zyx, block.shape
+        return store[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx].write(block)
 
-    def read(self, z0: int, z1: int) -> np.ndarray:
+    def read(self, box: tuple[int, int, int, int, int, int]) -> np.ndarray:
+        """The sums of ``box`` = (z0, z1, y0, y1, x0, x1)."""
         store = open_store(self._spec(), token=self.token)
-        return np.asarray(store[z0:z1].read().result())
+        z0, z1, y0, y1, x0, x1 = box
+        return np.asarray(store[z0:z1, y0:y1, x0:x1].read().result())

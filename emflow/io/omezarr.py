@@ -36,7 +36,9 @@ class OmeZarrWriter:
     config: OmeZarrOutput
     levels: Sequence[Level]
     dtype: str
-    owner_depth: Sequence[int | None]
+    cells: Sequence[
+        Sequence[int | None]
+    ]  # per level: (z, y, x) box one unit owns, None = whole axis
     token: str = ""
     shard_zyx: list[tuple[int, int, int] | None] = field(default_factory=list)
 
@@ -44,25 +46,26 @@ class OmeZarrWriter:
         self.path = Path(self.path)
         cx, cy, cz = self.config.chunk_size_xyz
         self.shard_zyx = []
-        for lev, own in zip(self.levels, self.owner_depth, strict=True):
+        for lev, cell in zip(self.levels, self.cells, strict=True):
             if self.config.version == "0.4":
                 self.shard_zyx.append(None)
                 continue
-            z, y, x = lev.shape_zyx
+            chunk = (cz, cy, cx)
             if self.config.shard_size_xyz is not None:
                 sx, sy, sz = self.config.shard_size_xyz
+                given = (sz, sy, sx)
+                # a given shard larger than the level shrinks to the level (chunk multiple)
+                shard = tuple(
+                    min(g, _round_up(n, c))
+                    for g, n, c in zip(given, lev.shape_zyx, chunk, strict=True)
+                )
             else:
-                sx, sy, sz = 1024, 1024, 1 << 30
-            sz = min(sz, _round_up(z, cz))
-            if own is not None and own < z:
-                sz = min(sz, own)
-            # shard z must be a multiple of the chunk and divide the owner depth
-            sz = max(cz, sz - sz % cz)
-            while own is not None and own < z and own % sz:
-                sz -= cz
-            sy = max(cy, min(_round_up(sy, cy), _round_up(y, cy)))
-            sx = max(cx, min(_round_up(sx, cx), _round_up(x, cx)))
-            self.shard_zyx.append((sz, sy, sx))
+                # default: the box one unit owns (whole shards by construction)
+                shard = tuple(
+                    _round_up(n, c) if own is None else min(own, _round_up(n, c))
+                    for own, n, c in zip(cell, lev.shape_zyx, chunk, strict=True)
+                )
+            self.shard_zyx.append(shard)  # type: ignore[arg-type]
 
     # ---- metadata -------------------------------------------------------------------
     def _codec_v2(self) -> dict | None:
@@ -193,15 +196,21 @@ class OmeZarrWriter:
             group = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
             (self.path / "zarr.json").write_text(json.dumps(group, indent=2))
 
-    def storage_z(self, level: int) -> int:
+    def storage_zyx(self, level: int) -> tuple[int, int, int]:
         shard = self.shard_zyx[level]
-        return shard[0] if shard is not None else self.config.chunk_size_xyz[2]
+        if shard is not None:
+            return shard
+        cx, cy, cz = self.config.chunk_size_xyz
+        return cz, cy, cx
 
     def _store(self, level: int) -> ts.TensorStore:
         return open_store(self._array_spec(level, create=False), token=self.token)
 
-    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> ts.WriteFutures:
-        return self._store(level)[z0 : z0 + block_zyx.shape[0]].write(block_zyx)
+    def write(
+        self, level: int, origin_zyx: tuple[int, int, int], block_zyx: np.ndarray
+    ) -> ts.WriteFutures:
+        (z0, y0, x0), (nz, ny, nx) = origin_zyx, block_zyx.shape
+        return self._store(level)[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx].write(block_zyx)
 
     def finalize(self) -> None:
         """Add the OME multiscales metadata: only a complete image is an OME-Zarr image."""

@@ -30,7 +30,9 @@ class PrecomputedWriter:
     config: PrecomputedOutput
     levels: Sequence[Level]
     dtype: str
-    owner_depth: Sequence[int | None]  # per level: z depth one unit owns, None = whole level
+    cells: Sequence[
+        Sequence[int | None]
+    ]  # per level: (z, y, x) box one unit owns, None = whole axis
     token: str = ""
     shards: list[ShardLayout | None] = field(default_factory=list)
 
@@ -38,18 +40,21 @@ class PrecomputedWriter:
         self.path = Path(self.path)
         cx, cy, cz = self.config.chunk_size_xyz
         self.shards = []
-        for lev, own in zip(self.levels, self.owner_depth, strict=True):
+        for lev, cell in zip(self.levels, self.cells, strict=True):
             if not self.config.sharded:
                 self.shards.append(None)
                 continue
             z, y, x = lev.shape_zyx
-            max_z = None if own is None or own >= z else max(1, own // cz)
+            cz_, cy_, cx_ = (
+                None if c is None else max(1, c // k)
+                for c, k in zip(cell, (cz, cy, cx), strict=True)
+            )
             self.shards.append(
                 shard_layout(
                     (x, y, z),
                     (cx, cy, cz),
                     max_chunks=self.config.shard_chunks_max,
-                    max_z_chunks=max_z,
+                    cell_chunks_xyz=(cx_, cy_, cz_),
                 )
             )
 
@@ -95,19 +100,25 @@ class PrecomputedWriter:
             }
             ts.open(spec, create=True, context=context()).result()
 
-    def storage_z(self, level: int) -> int:
-        cz = self.config.chunk_size_xyz[2]
+    def storage_zyx(self, level: int) -> tuple[int, int, int]:
+        cx, cy, cz = self.config.chunk_size_xyz
         shard = self.shards[level]
-        return cz * (shard.shard_chunks_xyz[2] if shard is not None else 1)
+        if shard is None:
+            return cz, cy, cx
+        sx, sy, sz = shard.shard_chunks_xyz
+        return cz * sz, cy * sy, cx * sx
 
     def _store(self, level: int) -> ts.TensorStore:
         return open_store(self._spec(level), token=self.token)
 
-    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> ts.WriteFutures:
+    def write(
+        self, level: int, origin_zyx: tuple[int, int, int], block_zyx: np.ndarray
+    ) -> ts.WriteFutures:
         store = self._store(level)
-        z1 = z0 + block_zyx.shape[0]
+        (z0, y0, x0), (nz, ny, nx) = origin_zyx, block_zyx.shape
         # a view, not a copy: (z, y, x) C-order memory is x-fastest, the chunk layout of precomputed
-        return store[:, :, z0:z1, 0].write(block_zyx.transpose(2, 1, 0))
+        region = store[x0 : x0 + nx, y0 : y0 + ny, z0 : z0 + nz, 0]
+        return region.write(block_zyx.transpose(2, 1, 0))
 
     def finalize(self) -> None:
         """Nothing to add: ``info`` is complete from the start (the run folder marks completion)."""

@@ -1,7 +1,7 @@
 """The Writer protocol every output format implements.
 
 A writer is created once by the driver (``create``: metadata and empty arrays),
-pickled to workers, and used there to write whole-frame blocks of one level
+pickled to workers, and used there to write blocks (whole storage objects) of one level
 (``write``); the driver calls ``finalize`` after every block is written. The
 pipeline guarantees that a block covers whole storage objects (chunks or shards)
 of that level, so writes never overlap.
@@ -30,11 +30,13 @@ class Writer(Protocol):
     def create(self) -> None:
         """Write metadata and create every level (replacing what is there)."""
 
-    def storage_z(self, level: int) -> int:
-        """Depth in z (level voxels) of this level's storage objects (chunk or shard)."""
+    def storage_zyx(self, level: int) -> tuple[int, int, int]:
+        """(z, y, x) extent in level voxels of this level's storage objects (chunk or shard)."""
 
-    def write(self, level: int, z0: int, block_zyx: np.ndarray) -> WriteFuture:
-        """Start writing a whole-frame block of ``level`` at z0 (level voxels).
+    def write(
+        self, level: int, origin_zyx: tuple[int, int, int], block_zyx: np.ndarray
+    ) -> WriteFuture:
+        """Start writing a block of ``level`` at ``origin_zyx`` (level voxels).
 
         Returns a future: the bytes are durable once ``.result()`` returned. The block must
         not be modified before then. Callers overlap encoding with their next computation.
