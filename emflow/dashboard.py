@@ -1,14 +1,17 @@
 """The lattice page on the scheduler's own Dask dashboard.
 
-* ``/emflow`` — a Bokeh page: the stage x unit grid of each run coloured by
-  unit state (stages top to bottom in run order, units left to right; stages
-  with more than :data:`MAX_COLUMNS` units are binned and a bin shows its most
-  urgent state: failed > orphaned > running > waiting > done > skipped), a
-  table of per-stage counts, rate and ETA, and the failed units with their
-  errors. Refreshed every second.
+* ``/emflow`` — a Bokeh page in the Dask dashboard's frame (its navigation bar,
+  which also gains an *Emflow* entry on every Dask page): the stage x unit grid
+  of each run coloured by unit state, every stage planned from the start
+  (stages top to bottom in run order, units left to right; stages with more
+  than :data:`MAX_COLUMNS` units are binned and a bin shows its most urgent
+  state: failed > orphaned > running > queued > waiting > redone > done >
+  skipped). Hovering a cell shows its unit(s) and label (a slab's z range).
+  Below: per-stage counts, lost attempts, rate and ETA (frozen while paused),
+  and the failed units with their errors. Refreshed every second.
 * ``/emflow/lattice.json`` — the same data as JSON
   (:meth:`emflow.lattice.Lattice.snapshot`); ``?run=<run_id>`` selects a run,
-  ``?cells=0`` drops the per-unit state letters.
+  ``?cells=0`` drops the per-unit state letters and labels.
 
 Both are installed by :class:`emflow.lattice.LatticePlugin` when it starts
 (:func:`install`); :func:`dashboard_url` gives the page's address for a client.
@@ -33,13 +36,18 @@ JSON_ROUTE = "/emflow/lattice.json"
 MAX_COLUMNS = 400  # grid columns per stage; beyond that units are binned
 COLORS = {
     "waiting": "#d9d9d9",
+    "queued": "#9ecae1",
     "running": "#1f77b4",
     "done": "#2ca02c",
+    "redone": "#6a3d9a",
     "failed": "#d62728",
     "skipped": "#a1d99b",
     "orphaned": "#ff7f0e",
 }
-_PRIORITY = "forwds"  # failed, orphaned, running, waiting, done, skipped
+#: the Dask dashboard's page frame (navigation bar) with this page's title
+_FRAME = """{% extends "simple.html" %}
+{% block extra_resources %}<script>document.title = "emflow: lattice";</script>{% endblock %}"""
+_PRIORITY = "forqweds"  # failed, orphaned, running, queued, waiting, redone, done, skipped
 _NAME = {s.code: s.value for s in UnitState}
 
 
@@ -89,11 +97,33 @@ def install(scheduler: Any, plugin: Any) -> None:
         from distributed.dashboard.core import BokehApplication
         from tornado.ioloop import IOLoop
 
-        app = BokehApplication({PAGE: lattice_doc}, scheduler, prefix=prefix or "/")
+        app = BokehApplication(
+            {PAGE: lattice_doc}, scheduler, prefix=prefix or "/",
+            template_variables=_dask_navigation(scheduler),
+        )  # fmt: skip
         http_app.add_application(app)
         app.initialize(IOLoop.current())
     except Exception:  # no bokeh: the JSON route still works
         logger.warning("emflow: could not add the %s dashboard page", PAGE, exc_info=True)
+
+
+def _dask_navigation(scheduler: Any) -> dict[str, Any]:
+    """The Dask dashboard's navigation (its template variables), with an *Emflow* entry added.
+
+    distributed builds the navigation bar of its pages from one memoised dict per
+    scheduler whose ``pages`` list every page shares, so adding ``emflow`` there links
+    the lattice page from every Dask page (and the lattice page gets the same bar).
+    """
+    try:
+        from distributed.dashboard.scheduler import template_variables
+
+        tv = template_variables(scheduler)
+    except Exception:  # another distributed version: the page without the Dask frame
+        return {}
+    pages = tv.get("pages")
+    if isinstance(pages, list) and PAGE.strip("/") not in pages:
+        pages.append(PAGE.strip("/"))
+    return tv
 
 
 # --------------------------------------------------------------------------- page data
@@ -106,15 +136,22 @@ def _bin_state(codes: str) -> str:
     return "w"
 
 
+def _bin_label(labels: list[str] | None, lo: int, hi: int) -> str:
+    if not labels or hi >= len(labels):
+        return ""
+    return labels[lo] if lo == hi else f"{labels[lo]} … {labels[hi]}"
+
+
 def grid_data(snapshot: dict[str, Any], max_columns: int = MAX_COLUMNS) -> dict[str, list[Any]]:
     """Columns of the grid's rectangles from a snapshot: one rect per unit, or per bin of units."""
     data: dict[str, list[Any]] = {
-        k: [] for k in ("x", "y", "w", "color", "state", "units", "detail")
+        k: [] for k in ("x", "y", "w", "color", "state", "units", "label", "detail")
     }
     for run in snapshot["runs"]:
         many = len(snapshot["runs"]) > 1
         for st in run["stages"]:
             cells: str = st.get("cells", "")
+            labels = st.get("labels")
             total = len(cells)
             if not total:
                 continue
@@ -131,6 +168,7 @@ def grid_data(snapshot: dict[str, Any], max_columns: int = MAX_COLUMNS) -> dict[
                 data["state"].append(_NAME[code])
                 lo, hi = b * size, min(total, (b + 1) * size) - 1
                 data["units"].append(str(lo) if lo == hi else f"{lo}-{hi}")
+                data["label"].append(_bin_label(labels, lo, hi))
                 if size == 1:
                     data["detail"].append(_NAME[code])
                 else:
@@ -150,8 +188,13 @@ def _fmt_s(s: float | None) -> str:
 
 
 def summary_html(snapshot: dict[str, Any]) -> str:
-    """Per-stage counts, rate and ETA, then failed units with their errors, as an HTML fragment."""
+    """Per-stage counts, lost attempts, rate and ETA, then failed units, as an HTML fragment.
+
+    A stage only planned so far shows its unit count as ``≈N``; while the run is paused
+    the ETA (which excludes paused time) is marked *paused*.
+    """
     states = [s.value for s in UnitState]
+    td = "<td style='text-align:right;padding:2px 8px'>"
     parts = []
     for run in snapshot["runs"]:
         flags = []
@@ -173,19 +216,19 @@ def summary_html(snapshot: dict[str, Any]) -> str:
         rows = []
         for st in run["stages"]:
             c = st["counts"]
-            cells = "".join(
-                f"<td style='text-align:right;padding:2px 8px'>{c[s]}</td>" for s in states
-            )
+            cells = "".join(f"{td}{c.get(s, 0)}</td>" for s in states)
+            total = f"&asymp;{st['total']}" if st.get("planned") else str(st["total"])
+            paused = run["paused"] or st["stage"] in run["paused_stages"]
+            eta = _fmt_s(st["eta_s"]) + (" (paused)" if paused and st["eta_s"] else "")
             rows.append(
                 f"<tr><td style='padding:2px 8px'><b>{html.escape(st['stage'])}</b></td>"
-                f"<td style='text-align:right;padding:2px 8px'>{st['total']}</td>{cells}"
-                f"<td style='text-align:right;padding:2px 8px'>{st['rate_per_s']:.2f}/s</td>"
-                f"<td style='text-align:right;padding:2px 8px'>{_fmt_s(st['eta_s'])}</td></tr>"
+                f"{td}{total}</td>{cells}{td}{st.get('lost', 0)}</td>"
+                f"{td}{st['rate_per_s']:.2f}/s</td>{td}{eta}</td></tr>"
             )
         parts.append(
             "<table style='border-collapse:collapse;font-family:sans-serif;font-size:13px'>"
             "<tr><th style='padding:2px 8px'>stage</th><th>units</th>"
-            f"{head}<th>rate</th><th>ETA</th></tr>" + "".join(rows) + "</table>"
+            f"{head}<th>lost</th><th>rate</th><th>ETA</th></tr>" + "".join(rows) + "</table>"
         )
         failed = [(st["stage"], f) for st in run["stages"] for f in st["failed"]]
         if failed:
@@ -241,7 +284,14 @@ def lattice_doc(scheduler: Any, extra: dict[str, Any], doc: Any) -> None:
         source=source,
     )
     fig.add_tools(
-        HoverTool(tooltips=[("stage", "@y"), ("unit(s)", "@units"), ("state", "@detail")])
+        HoverTool(
+            tooltips=[
+                ("stage", "@y"),
+                ("unit(s)", "@units"),
+                ("", "@label"),
+                ("state", "@detail"),
+            ]
+        )
     )
     fig.xaxis.visible = False
     fig.xgrid.visible = False
@@ -258,6 +308,12 @@ def lattice_doc(scheduler: Any, extra: dict[str, Any], doc: Any) -> None:
     title = Div(text="<h2 style='font-family:sans-serif;margin:4px 0'>emflow — lattice</h2>")
     doc.title = "emflow: lattice"
     doc.add_root(column(title, legend, fig, table, sizing_mode="stretch_width"))
+    if extra.get("pages"):  # inside the Dask dashboard's frame (navigation bar)
+        from distributed.dashboard.components.scheduler import BOKEH_THEME, env
+
+        doc.template = env.from_string(_FRAME)
+        doc.template_variables.update(extra)
+        doc.theme = BOKEH_THEME
 
     def update() -> None:
         s = snap()

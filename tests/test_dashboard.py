@@ -238,8 +238,10 @@ def test_live_page_and_json_match_the_lattice(tmp_path):
         stages = {st["stage"]: st for st in run["stages"]}
         assert stages["features"]["counts"] == {
             "waiting": 0,
+            "queued": 0,
             "running": 0,
             "done": 19,
+            "redone": 0,
             "failed": 1,
             "skipped": 20,
             "orphaned": 0,
@@ -251,7 +253,9 @@ def test_live_page_and_json_match_the_lattice(tmp_path):
 
         # the page as Bokeh serves it to a browser
         with urllib.request.urlopen(url) as r:
-            assert r.status == 200 and b"<title>emflow: lattice</title>" in r.read()
+            page = r.read()
+            assert r.status == 200 and b'document.title = "emflow: lattice"' in page
+            assert b'href="emflow"' in page  # the Dask navigation bar, with its emflow entry
         time.sleep(1.2)  # one periodic refresh after the pause
         with pull_session(url=url) as session:
             models = list(session.document.models)
@@ -273,8 +277,10 @@ def test_live_page_and_json_match_the_lattice(tmp_path):
         final = {st["stage"]: st["counts"] for st in _snap(client)["runs"][0]["stages"]}
     assert final["match"] == {
         "waiting": 0,
+        "queued": 0,
         "running": 0,
         "done": 36,
+        "redone": 0,
         "failed": 1,
         "skipped": 0,
         "orphaned": 2,

@@ -161,13 +161,15 @@ def test_dask_retries_lattice_and_incomplete(cluster, tmp_path):
     assert [(f["index"], f["attempts"]) for f in e.value.failed] == [(5, 2)]
     snap = cluster.sync(cluster.scheduler.emflow_lattice, run_id="dretry")
     st = snap["runs"][0]["stages"][0]
-    assert st["cells"] == "dddddfdd"
-    assert st["counts"]["done"] == 7 and st["counts"]["failed"] == 1
+    assert st["cells"] == "ddeddfdd"  # unit 2 was redone after its first attempt failed
+    assert st["counts"]["done"] == 6 and st["counts"]["redone"] == 1 and st["counts"]["failed"] == 1
     (f,) = st["failed"]
     assert f["index"] == 5 and f["attempts"] == 2 and "transient failure 2 of unit 5" in f["error"]
     u2 = cluster.sync(cluster.scheduler.emflow_unit, run_id="dretry", stage="match", index=2)
-    assert u2["state"] == "done" and u2["attempts"] == 2
-    assert [h[1] for h in u2["history"]] == ["running", "failed", "running", "done"]
+    assert u2["state"] == "redone" and u2["attempts"] == 2
+    assert [h[1] for h in u2["history"]] == [
+        "queued", "running", "failed", "queued", "running", "redone"
+    ]
     assert set(lat.done_markers(run_dir, "match")) == {0, 1, 2, 3, 4, 6, 7}
     # the live-run record lets the CLI find this scheduler
     assert lat.read_scheduler_file(run_dir)["address"] == cluster.scheduler.address
@@ -323,7 +325,16 @@ def test_sigkill_worker_mid_unit_completes_identically(tmp_path):
         t.join(120)
         assert not t.is_alive() and sorted(box["res"]) == list(range(12))
         u = client.sync(client.scheduler.emflow_unit, run_id="dkill", stage="slab", index=index)
-    assert u["state"] == "done"
-    assert [h[1] for h in u["history"]][:2] == ["running", "waiting"] and u["attempts"] >= 2
+    # the whole truth: started on the killed worker, lost with it, redone elsewhere
+    assert u["state"] == "redone" and u["attempts"] >= 2 and u["lost"] == 1
+    states = [h[1] for h in u["history"]]
+    assert states[:3] == ["queued", "running", "lost"], u["history"]
+    assert u["history"][2][2] == unit["worker"]
+    lost = [r for r in lat.read_journal(run_dir) if r["event"] == "lost"]
+    assert [(r["index"], r["worker"]) for r in lost] == [(index, unit["worker"])]
+    starts = [r for r in lat.read_journal(run_dir) if r["event"] == "start" and r["index"] == index]
+    assert [r["attempt"] for r in starts] == [1, 2] and starts[0]["worker"] == unit["worker"]
+    (done,) = [r for r in lat.read_journal(run_dir) if r["event"] == "done" and r["index"] == index]
+    assert done["redone"] is True and done["attempts"] == 2
     assert _digest(out) == _digest(serial_out) and len(_digest(out)) == 12
     assert set(lat.done_markers(run_dir, "slab")) == set(range(12))

@@ -52,18 +52,20 @@ def test_named_transitions_and_late_duplicates():
     (st,) = run["stages"]
     assert st["counts"] == {
         "waiting": 0,
+        "queued": 0,
         "running": 0,
-        "done": 2,
+        "done": 1,
+        "redone": 1,  # unit 1: done at its second attempt
         "failed": 1,
         "skipped": 1,
         "orphaned": 0,
     }
-    assert st["cells"] == "ddfs"
+    assert st["cells"] == "defs"
     assert run["rejected"] == 3
     assert [(f["index"], f["attempts"], f["error"]) for f in st["failed"]] == [(2, 2, "boom")]
     u1 = la.unit("r", "slab", 1)
-    assert u1["state"] == "done" and u1["attempts"] == 2 and u1["worker"] == "w2"
-    assert [h[1] for h in u1["history"]] == ["running", "failed", "running", "done"]
+    assert u1["state"] == "redone" and u1["attempts"] == 2 and u1["worker"] == "w2"
+    assert [h[1] for h in u1["history"]] == ["running", "failed", "running", "redone"]
 
 
 def test_orphan_and_transition_table_is_closed():

@@ -2,9 +2,12 @@
 
 ``RUN`` is the output directory, its ``emflow-run`` folder, or the recipe. A
 live run is reached through the scheduler address the driver recorded in
-``emflow-run/scheduler.json``; ``status`` falls back to the journal when no
-run is live. ``resume`` continues a *paused* live run; an interrupted run is
-resumed by running ``emflow run`` again.
+``emflow-run/scheduler.json``, with the client credentials it keeps in
+``emflow-run/secrets/`` (readable by the run's owner only) on a TLS cluster. When
+the run is not live (finished, stopped, killed, or its scheduler unreachable) every
+command says why on stderr, shows the journal's view and exits 0. ``resume``
+continues a *paused* live run; an interrupted run is resumed by running ``emflow
+run`` again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from emflow import lattice as lat
-from emflow.errors import EmflowError, OutputError
+from emflow.errors import OutputError
 
 RunArg = Annotated[
     Path, typer.Argument(help="output directory, its emflow-run folder, or the recipe YAML")
@@ -25,10 +28,6 @@ StageOpt = Annotated[
     str | None, typer.Option("--stage", help="only this stage (default: the whole run)")
 ]
 RUN_FOLDER = "emflow-run"
-
-
-class NoLiveRun(EmflowError):
-    """The run is not running (its scheduler cannot be reached)."""
 
 
 def find_run_dir(path: Path) -> Path:
@@ -49,16 +48,6 @@ def find_run_dir(path: Path) -> Path:
     )
 
 
-def _require_live(run_dir: Path, live: Any) -> tuple[Any, dict[str, Any]]:
-    if live is None:
-        raise NoLiveRun(
-            f"no live run in {run_dir}: its scheduler is not reachable "
-            "(the run finished or stopped); "
-            "'emflow status' shows the journal, 'emflow run' resumes an interrupted run"
-        )
-    return live
-
-
 def _fmt_s(s: float | None) -> str:
     if s is None:
         return "-"
@@ -66,7 +55,9 @@ def _fmt_s(s: float | None) -> str:
 
 
 def format_snapshot(snap: dict[str, Any], *, source: str) -> str:
-    """Human-readable status: one line per stage with counts, rate and ETA, then failed units."""
+    """Human-readable status: one line per stage with counts, redo counts, rate and ETA,
+    then failed units. ``redone``: units done after a failed or lost attempt; ``lost``:
+    attempts lost with their worker (or with a driver that stopped)."""
     lines: list[str] = []
     states = [s.value for s in lat.UnitState]
     for run in snap["runs"]:
@@ -76,15 +67,16 @@ def format_snapshot(snap: dict[str, Any], *, source: str) -> str:
         lines.append(f"run {run['run_id']} ({source}) {' '.join(flags)}".rstrip())
         lines.append(
             f"{'stage':<12}{'units':>7}"
-            + "".join(f"{s:>10}" for s in states)
-            + f"{'rate/s':>9}{'ETA':>8}"
+            + "".join(f"{s:>9}" for s in states)
+            + f"{'lost':>6}{'rate/s':>8}{'ETA':>7}"
         )
         for st in run["stages"]:
             c = st["counts"]
+            total = f"~{st['total']}" if st.get("planned") else str(st["total"])
             lines.append(
-                f"{st['stage']:<12}{st['total']:>7}"
-                + "".join(f"{c[s]:>10}" for s in states)
-                + f"{st['rate_per_s']:>9.2f}{_fmt_s(st['eta_s']):>8}"
+                f"{st['stage']:<12}{total:>7}"
+                + "".join(f"{c.get(s, 0):>9}" for s in states)
+                + f"{st.get('lost', 0):>6}{st['rate_per_s']:>8.2f}{_fmt_s(st['eta_s']):>7}"
             )
         if not run["stages"]:
             lines.append("no units recorded yet")
@@ -98,74 +90,106 @@ def format_snapshot(snap: dict[str, Any], *, source: str) -> str:
     return "\n".join(lines)
 
 
+def _journal_view(run_dir: Path, contact: lat.RunContact) -> tuple[dict[str, Any], str]:
+    snap = lat.summarize_journal(run_dir, stopped=contact.stopped)
+    if (run_dir / "COMPLETE").exists():
+        return snap, "journal, run complete"
+    return snap, "journal"
+
+
 def status(
     run: RunArg, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False
 ) -> None:
-    """Show per-stage unit counts, rates, ETA and failed units, live or from the journal."""
+    """Show per-stage unit counts, redo counts, rates, ETA and failed units, live or from the journal.
+
+    A run whose scheduler cannot be reached (stopped, killed, unreachable) is shown from
+    its journal, with the reason on stderr; the exit code is 0 either way.
+    """
     run_dir = find_run_dir(run)
     snap: dict[str, Any] | None = None
-    source = "journal"
-    with lat.live_run(run_dir) as live:
-        if live is not None:
-            client, info = live
+    with lat.connect_run(run_dir) as contact:
+        if contact.client is not None:
+            info = contact.info or {}
             try:
-                snap = client.sync(
-                    client.scheduler.emflow_lattice, run_id=info.get("run_id"), cells=as_json
+                snap = contact.client.sync(
+                    contact.client.scheduler.emflow_lattice,
+                    run_id=info.get("run_id"),
+                    cells=as_json,
                 )
-            except Exception:
+            except Exception as exc:
+                contact.reason = f"its scheduler has no emflow lattice ({type(exc).__name__})"
                 snap = None
             if snap is not None and snap["runs"]:
                 source = f"live, scheduler {info['address']}"
                 if info.get("dashboard"):
-                    source += f", dashboard {info['dashboard']}"
+                    source += f", lattice page {info['dashboard']}"
             else:
                 snap = None
     if snap is None:
-        snap = lat.summarize_journal(run_dir)
-        if (run_dir / "COMPLETE").exists():
-            source = "journal, run complete"
+        snap, source = _journal_view(run_dir, contact)
+        if not (run_dir / "COMPLETE").exists():
+            typer.echo(f"emflow: the run is not live: {contact.reason}", err=True)
     if as_json:
-        typer.echo(json.dumps({"source": source, **snap}))
+        typer.echo(json.dumps({"source": source, "live": contact.client is not None, **snap}))
     else:
         typer.echo(format_snapshot(snap, source=source))
 
 
-def _control(run: Path, op: str, **kw: Any) -> dict[str, Any]:
+def _control(run: Path, op: str, verb: str, **kw: Any) -> dict[str, Any] | None:
+    """Send ``op`` to the live run; on a run that is not live say so, show the journal, None."""
     run_dir = find_run_dir(run)
-    with lat.live_run(run_dir) as live:
-        client, info = _require_live(run_dir, live)
-        ans = client.sync(getattr(client.scheduler, op), run_id=info.get("run_id"), **kw)
+    ans: Any = None
+    with lat.connect_run(run_dir) as contact:
+        if contact.client is not None:
+            info = contact.info or {}
+            try:
+                ans = contact.client.sync(
+                    getattr(contact.client.scheduler, op), run_id=info.get("run_id"), **kw
+                )
+            except Exception as exc:
+                contact.reason = f"its scheduler has no emflow lattice ({type(exc).__name__})"
+                ans = None
     if not isinstance(ans, dict):
-        raise NoLiveRun(
-            f"the scheduler of {run_dir} has no emflow lattice plugin; cannot {op[7:]} the run"
-        )
-    with lat.Journal(
-        run_dir
-    ) as j:  # the driver also journals what it observes; this is the request
-        j.append(f"{op[7:]}_request", **kw)
+        typer.echo(f"emflow: cannot {verb}: the run is not live: {contact.reason}", err=True)
+        snap, source = _journal_view(run_dir, contact)
+        typer.echo(format_snapshot(snap, source=source))
+        return None
+    with lat.Journal(run_dir) as j:  # the driver journals what it observes; this is the request
+        j.append(f"{verb}_request", **kw)
     return ans
 
 
-def pause(run: RunArg, stage: StageOpt = None) -> None:
-    """Stop releasing new units (of one stage or the whole run); running units finish."""
-    _control(run, "emflow_pause", stage=stage)
-    typer.echo(
-        f"paused {'stage ' + stage if stage else 'run'}; running units finish, no new unit starts"
-    )
+def pause(
+    run: RunArg,
+    stage: StageOpt = None,
+) -> None:
+    """Pause the run (or one stage): no unit starts any more, running units finish.
+
+    Units already queued on a worker go back to waiting. ``emflow resume`` continues.
+    """
+    if _control(run, "emflow_pause", "pause", stage=stage) is not None:
+        typer.echo(
+            f"paused {'stage ' + stage if stage else 'run'}: no unit starts from now on; "
+            "running units finish"
+        )
 
 
 def resume(run: RunArg, stage: StageOpt = None) -> None:
     """Release units of a paused run (or stage) again."""
-    _control(run, "emflow_resume", stage=stage)
-    typer.echo(f"resumed {'stage ' + stage if stage else 'run'}")
+    if _control(run, "emflow_resume", "resume", stage=stage) is not None:
+        typer.echo(f"resumed {'stage ' + stage if stage else 'run'}")
 
 
 def cancel(run: RunArg) -> None:
-    """Stop the run cleanly: no new units, running units finish; 'emflow run' resumes it later."""
-    _control(run, "emflow_cancel")
-    typer.echo(
-        "cancel requested; running units finish, then the run stops (resumable with 'emflow run')"
-    )
+    """Stop the run cleanly: no unit starts any more, running units finish, then the run ends.
+
+    ``emflow run`` with the same recipe resumes it later.
+    """
+    if _control(run, "emflow_cancel", "cancel") is not None:
+        typer.echo(
+            "cancel requested: no unit starts from now on; running units finish, then the run "
+            "stops (resumable with 'emflow run')"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -6,11 +6,16 @@ A run is a sequence of *stages* (``"stats"``, ``"features"``, ``"match"``, ...);
 a stage is a list of independent *units* numbered ``0 .. total-1``. Every unit
 (cell of the stage x unit lattice) is in one :class:`UnitState`::
 
-    waiting --start--> running --finish--> done
-       ^  |               |  \\--fail----> failed --start--> running (retry)
-       |  |               \\--requeue--> waiting   (worker lost, cancelled)
+    waiting --queue--> queued --start--> running --finish--> done | redone
+       ^  |              |                  |  \\--fail----> failed --start--> running (retry)
+       |  |              +--requeue--+------+--requeue/lost--> waiting
        |  +--skip----> skipped   (done by an earlier run: its marker exists)
        +--+--orphan--> orphaned  (an upstream unit failed)
+
+*queued*: the scheduler assigned the unit's task to a worker; *running*: the unit
+passed the run's start gate on that worker (a paused or cancelled run refuses it,
+and it goes back to waiting). A unit finishes *redone* when an earlier attempt
+failed or was lost with its worker (or with a driver that died).
 
 Transitions are named (:data:`TRANSITIONS`); a transition that is not allowed
 from the current state (a late duplicate ``finish`` of a unit already done, a
@@ -27,11 +32,18 @@ Durable truth lives outside Dask, in the run folder ``run_dir``:
     disk; it holds the unit's (small, JSON) result, worker and timings. The
     markers are the source of truth for resume.
 ``journal.jsonl``
-    append-only event log written by the driver (sessions, stages, done,
-    failed, skipped, orphaned, pause, cancel); an index over the markers,
-    reconciled with them when a run resumes. ``emflow status`` reads it.
+    append-only event log written by the driver: sessions, the planned stages,
+    and for every unit: started (worker, time, attempt), done, failed (error),
+    lost (with its worker, or with a driver that died), skipped, orphaned; pause,
+    resume, cancel. An index over the markers, reconciled with them when a run
+    resumes. ``emflow status`` reads it when the run is not live.
 ``scheduler.json``
-    address of the scheduler of the live run, for ``emflow status/pause/...``.
+    address of the scheduler of the live run, the driver's pid and host, and the
+    paths of the client credentials, for ``emflow status/pause/resume/cancel``.
+``secrets/``
+    (0700, files 0600) temporary TLS certificates of a live run: the client copies
+    and the worker jobs' files; removed when the driver ends, or by the next
+    driver when it died (:mod:`emflow.cluster.secrets`).
 
 The in-memory lattice of a live run is held by :class:`LatticePlugin` on the
 Dask scheduler, fed by task keys ``("emflow-<stage>-<run_id>", index)``; it
@@ -63,6 +75,7 @@ from emflow.lattice.journal import _SESSIONS as _SESSIONS
 from emflow.lattice.journal import JOURNAL as JOURNAL
 from emflow.lattice.journal import (
     Journal,
+    earlier_attempts,
     read_journal,
     session_id,
     start_session,
@@ -78,9 +91,13 @@ from emflow.lattice.markers import read_marker as read_marker
 from emflow.lattice.plugin import PLUGIN_NAME as PLUGIN_NAME
 from emflow.lattice.plugin import LatticePlugin, parse_key
 from emflow.lattice.plugin import ensure_plugin as ensure_plugin
+from emflow.lattice.rundir import RunContact as RunContact
+from emflow.lattice.rundir import announce_run as announce_run
+from emflow.lattice.rundir import connect_run as connect_run
 from emflow.lattice.rundir import live_run as live_run
 from emflow.lattice.rundir import open_run
 from emflow.lattice.rundir import read_scheduler_file as read_scheduler_file
+from emflow.lattice.rundir import retire_run as retire_run
 from emflow.lattice.rundir import write_scheduler_file as write_scheduler_file
 from emflow.lattice.state import _CODE as _CODE
 from emflow.lattice.state import _FROM_CODE as _FROM_CODE
@@ -88,8 +105,10 @@ from emflow.lattice.state import HISTORY_MAX as HISTORY_MAX
 from emflow.lattice.state import TRANSITIONS, Lattice, UnitState
 from emflow.lattice.state import Cell as Cell
 from emflow.lattice.state import D as D
+from emflow.lattice.state import E as E
 from emflow.lattice.state import F as F
 from emflow.lattice.state import O as O
+from emflow.lattice.state import Q as Q
 from emflow.lattice.state import R as R
 from emflow.lattice.state import RunLattice as RunLattice
 from emflow.lattice.state import S as S
@@ -105,6 +124,7 @@ __all__ = [
     "RunCancelled",
     "UnitState",
     "done_markers",
+    "earlier_attempts",
     "marker_path",
     "open_run",
     "parse_key",

@@ -16,6 +16,7 @@ return their recorded result; the driver appends every outcome to the journal.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import traceback
@@ -35,6 +36,8 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (SourceError, RecipeError, Outpu
 #: seconds between two pause/cancel queries to the scheduler
 CONTROL_POLL_S = 0.2
 
+# unit events of each run already copied from the plugin to the journal (emflow_control cursor)
+_CURSORS: dict[str, int] = {}
 # failed or orphaned units of each (run_id, journal session) in this process (Unit.needs,
 # keep_going); a new session of the same run (emflow run again) starts with none
 _FAILED: dict[tuple[str, str | None], dict[tuple[str, int], dict[str, Any]]] = {}
@@ -135,15 +138,49 @@ class _QuietBadInput(logging.Filter):
 _QUIET = _QuietBadInput()
 
 
+_NO_GATE: set[str] = set()  # schedulers (by address) without the lattice plugin
+
+
+def _gate() -> dict[str, Any] | None:
+    """Ask the scheduler whether the unit this worker thread runs may start (see
+    :meth:`LatticePlugin.gate`); None when not on a Dask worker or there is no plugin."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except (ImportError, ValueError, KeyError):
+        return None
+    if not (isinstance(key, tuple) and len(key) == 2 and str(key[0]).startswith("emflow-")):
+        return None
+    address = str(worker.scheduler.address)
+    if address in _NO_GATE:
+        return None
+    from distributed.utils import sync
+
+    try:
+        return sync(
+            worker.loop,
+            worker.scheduler.emflow_gate,
+            prefix=key[0],
+            index=int(key[1]),
+            worker=str(worker.address),
+        )
+    except Exception:  # a scheduler without the plugin: no pause gate, run the unit
+        _NO_GATE.add(address)
+        return None
+
+
 def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict[str, Any]:
     """Run a unit function and then record it durably (runs on the worker).
 
-    Returns ``{"result", "worker", "start", "end", "reused"}``. With a marker
-    path, an existing marker is reused (a recomputation after a lost worker is
-    a no-op), and otherwise the marker is written atomically *after* ``fn``
-    returned (unit functions return only once their output is written). The
-    result is round-tripped through JSON so a fresh and a resumed run return
-    the same values.
+    Returns ``{"result", "worker", "start", "end", "attempt", "reused"}``, or
+    ``{"deferred": True}`` when the run's pause/cancel gate did not let the unit start
+    (it goes back to waiting). With a marker path, an existing marker is reused (a
+    recomputation after a lost worker is a no-op), and otherwise the marker is written
+    atomically *after* ``fn`` returned (unit functions return only once their output is
+    written). The result is round-tripped through JSON so a fresh and a resumed run
+    return the same values.
     """
     worker_log = logging.getLogger("distributed.worker")
     if _QUIET not in worker_log.filters:
@@ -152,6 +189,9 @@ def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict
         old = lat.read_marker(Path(marker))
         if old is not None:
             return {**old, "reused": True}
+    gate = _gate()
+    if gate is not None and not gate.get("go", True):
+        return {"deferred": True}
     start = time.time()
     result = fn(*args)
     end = time.time()
@@ -160,6 +200,7 @@ def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict
         "worker": _worker_name(),
         "start": start,
         "end": end,
+        "attempt": gate.get("attempt") if gate else None,
     }
     if marker is not None:
         import json
@@ -181,15 +222,37 @@ def _error_text(exc: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + "..."
 
 
-class _Control:
-    """Pause/cancel switches of a run, asked of the scheduler plugin every CONTROL_POLL_S."""
+def _pause_after(stage: str) -> int | None:
+    """``EMFLOW_PAUSE_AFTER=stage:N[,stage:N]``: pause ``stage`` once N of its units started.
 
-    def __init__(self, client: Any, run_id: str, stage: str) -> None:
+    For reproducing an interruption at a chosen point of a run (tests, bug reports):
+    the run holds there until ``emflow resume`` (or is stopped); N=0 pauses before the
+    stage's first unit.
+    """
+    for item in os.environ.get("EMFLOW_PAUSE_AFTER", "").split(","):
+        name, sep, n = item.strip().rpartition(":")
+        if sep and name == stage and n.strip().isdigit():
+            return int(n)
+    return None
+
+
+class _Control:
+    """Pause/cancel switches of a run, asked of the scheduler plugin every CONTROL_POLL_S.
+
+    Each poll also fetches the unit events the plugin saw (started on a worker, lost
+    with its worker) and appends them to the journal.
+    """
+
+    def __init__(
+        self, client: Any, run_id: str, stage: str, journal: Any = None, sid: str | None = None
+    ) -> None:
         self.client, self.run_id, self.stage = client, run_id, stage
+        self.journal, self.sid = journal, sid
         self.ok = client is not None
         self._next = 0.0
         self.paused = False
         self.cancelled = False
+        self.was_paused = False
 
     def poll(self, *, force: bool = False) -> None:
         if not self.ok:
@@ -200,7 +263,10 @@ class _Control:
         self._next = now + CONTROL_POLL_S
         try:
             ans = self.client.sync(
-                self.client.scheduler.emflow_control, run_id=self.run_id, stage=self.stage
+                self.client.scheduler.emflow_control,
+                run_id=self.run_id,
+                stage=self.stage,
+                cursor=_CURSORS.get(self.run_id, 0),
             )
         except Exception:  # scheduler without the plugin: no pause/cancel
             logger.warning("lattice plugin not reachable; pause/cancel disabled", exc_info=True)
@@ -210,6 +276,27 @@ class _Control:
             self.ok = False
             return
         self.paused, self.cancelled = bool(ans["paused"]), bool(ans["cancelled"])
+        if "cursor" in ans:
+            _CURSORS[self.run_id] = int(ans["cursor"])
+        if self.journal is not None:
+            for ev in ans.get("events", ()):
+                rec = {k: v for k, v in ev.items() if k not in ("event", "t")}
+                self.journal.append(ev["event"], session=self.sid, at=ev.get("t"), **rec)
+            if self.paused != self.was_paused:
+                self.journal.append(
+                    "pause" if self.paused else "resume", session=self.sid, stage=self.stage
+                )
+        self.was_paused = self.paused
+
+    def call(self, op: str, **kw: Any) -> Any:
+        """One RPC to the plugin; None when it is not reachable."""
+        if not self.ok:
+            return None
+        try:
+            return self.client.sync(getattr(self.client.scheduler, op), **kw)
+        except Exception:
+            logger.warning("lattice plugin call %s failed", op, exc_info=True)
+            return None
 
 
 def run_stage(
@@ -224,13 +311,17 @@ def run_stage(
     on_result: Callable[[Unit, Any], None] | None = None,
     run_dir: Path | None = None,
     keep_going: bool = False,
+    where: str = "workers",
+    labels: Sequence[str] | None = None,
 ) -> dict[int, Any]:
     """Run every unit of a stage and return ``{index: result}``.
 
     With ``client=None`` units run here, in order (notebooks, pdb). With a Dask
     client they are submitted in a window of ``window`` units (default two per
-    worker thread); new units are not released while the run or this stage is
-    paused (``emflow pause``), and none after ``emflow cancel``.
+    worker thread); each unit passes the run's start gate on its worker, so none
+    starts while the run or this stage is paused (``emflow pause``) and none after
+    ``emflow cancel``. ``where="driver"`` runs the units here, in order, yet through
+    the same gate and lattice (the solve and finalize steps of a pipeline).
 
     A unit is tried at most ``1 + retries`` times; other units keep going. A
     unit raising :class:`~emflow.errors.SourceError`, ``RecipeError`` or
@@ -242,13 +333,15 @@ def run_stage(
     run_dir
         Run folder: units with a done marker there are skipped (their recorded
         result is returned), every unit writes its marker after its output,
-        and outcomes are appended to ``run_dir/journal.jsonl``. None: no
-        markers, no journal.
+        and what happens to every unit (started, done, failed, lost, skipped) is
+        appended to ``run_dir/journal.jsonl``. None: no markers, no journal.
     keep_going
         When False (default) a stage with units still failing raises
         :class:`~emflow.lattice.IncompleteRun` at its end. When True their
         indices are missing from the result, later units that ``need`` them
         are orphaned, and :func:`check_complete` raises at the end of the run.
+    labels
+        Per-unit labels for the dashboard (e.g. the z range of a slab).
 
     Raises
     ------
@@ -272,6 +365,8 @@ def run_stage(
     if orphaned:
         orphan_ids = {u.index for u in orphaned}
         todo = [u for u in todo if u.index not in orphan_ids]
+    # units an earlier driver started but did not finish: they will be redone
+    redo = sorted(set(lat.earlier_attempts(run_dir, stage)) & {u.index for u in todo})
 
     journal = lat.Journal(run_dir) if run_dir is not None else None
     try:
@@ -284,6 +379,7 @@ def run_stage(
                 total=total,
                 units=len(units),
                 retries=retries,
+                redo=redo or None,
             )
             if skipped:
                 journal.append(
@@ -313,8 +409,16 @@ def run_stage(
         def marker(u: Unit) -> str | None:
             return str(lat.marker_path(run_dir, stage, u.index)) if run_dir is not None else None
 
+        def record_start(u: Unit, attempt: int, worker: str | None) -> None:
+            if journal is not None:
+                journal.append(
+                    "start", session=sid, stage=stage, index=u.index, worker=worker,
+                    attempt=attempt,
+                )  # fmt: skip
+
         def record_done(u: Unit, payload: dict[str, Any], attempts: int) -> None:
             res = payload["result"]
+            attempts = int(payload.get("attempt") or attempts)
             if journal is not None:
                 journal.append(
                     "done",
@@ -322,6 +426,7 @@ def run_stage(
                     stage=stage,
                     index=u.index,
                     attempts=attempts,
+                    redone=(attempts > 1 or u.index in redo) or None,
                     worker=payload.get("worker"),
                     start=payload.get("start"),
                     end=payload.get("end"),
@@ -346,26 +451,21 @@ def run_stage(
                     traceback="".join(traceback.format_exception(exc))[-4000:] if final else None,
                 )
 
+        hooks = _Hooks(stage, marker, record_start, record_done, record_failed)
+        control = None
+        if client is not None:
+            control = _begin(
+                client, stage, run_id, run_dir, journal, sid, total,
+                skipped=[u.index for u in skipped], orphaned=[u.index for u in orphaned],
+                redo=redo, labels=labels,
+            )  # fmt: skip
         if client is None:
-            failures = _run_serial(todo, stage, retries, marker, record_done, record_failed)
-            cancelled = False
+            failures, cancelled = _run_here(todo, retries, hooks, None, run_id)
+        elif where == "driver":
+            failures, cancelled = _run_here(todo, retries, hooks, control, run_id)
         else:
             failures, cancelled = _run_dask(
-                todo,
-                stage,
-                client,
-                run_id,
-                window,
-                retries,
-                marker,
-                record_done,
-                record_failed,
-                run_dir=run_dir,
-                skipped=[u.index for u in skipped],
-                orphaned=[u.index for u in orphaned],
-                total=total,
-                journal=journal,
-                sid=sid,
+                todo, client, run_id, window, retries, hooks, control, journal, sid
             )
         for f in failures:
             failed_before[(stage, f["index"])] = f
@@ -403,64 +503,28 @@ def check_complete(run_id: str, run_dir: Path | None = None) -> None:
         raise lat.IncompleteRun.from_failures(list(failed.values()), run_dir)
 
 
-RecordDone = Callable[[Unit, dict[str, Any], int], None]
-RecordFailed = Callable[..., None]
+@dataclass(frozen=True)
+class _Hooks:
+    """What the runners call back: marker path, and journal records of a stage's units."""
+
+    stage: str
+    marker: Callable[[Unit], str | None]
+    start: Callable[[Unit, int, str | None], None]
+    done: Callable[[Unit, dict[str, Any], int], None]
+    failed: Callable[..., None]
 
 
-def _run_serial(
-    todo: Sequence[Unit],
-    stage: str,
-    retries: int,
-    marker: Callable[[Unit], str | None],
-    record_done: RecordDone,
-    record_failed: RecordFailed,
-) -> list[dict[str, Any]]:
-    failures = []
-    for u in todo:
-        for attempt in range(1, retries + 2):
-            try:
-                payload = durable_call(u.fn, marker(u), *u.args)
-            except FATAL_ERRORS as exc:
-                record_failed(u, exc, attempt, True)
-                raise
-            except Exception as exc:
-                final = attempt == retries + 1
-                record_failed(u, exc, attempt, final)
-                if final:
-                    failures.append(
-                        {
-                            "stage": stage,
-                            "index": u.index,
-                            "attempts": attempt,
-                            "error": _error_text(exc),
-                        }
-                    )
-                continue
-            record_done(u, payload, attempt)
-            break
-    return failures
-
-
-def _run_dask(
-    todo: Sequence[Unit],
-    stage: str,
+def _begin(
     client: Any,
+    stage: str,
     run_id: str,
-    window: int | None,
-    retries: int,
-    marker: Callable[[Unit], str | None],
-    record_done: RecordDone,
-    record_failed: RecordFailed,
-    *,
     run_dir: Path | None,
-    skipped: list[int],
-    orphaned: list[int],
-    total: int,
-    journal: lat.Journal | None,
+    journal: Any,
     sid: str | None,
-) -> tuple[list[dict[str, Any]], bool]:
-    from distributed import as_completed
-
+    total: int,
+    **declared: Any,
+) -> _Control:
+    """Install the plugin, declare the stage to it, arm ``EMFLOW_PAUSE_AFTER``; the control."""
     prefix = unit_key(stage, run_id, 0)[0]
     try:
         lat.ensure_plugin(client)
@@ -470,27 +534,113 @@ def _run_dask(
             stage=stage,
             total=total,
             prefix=prefix,
-            skipped=skipped,
-            orphaned=orphaned,
             run_dir=str(run_dir) if run_dir is not None else None,
             session=sid,
+            **{k: (list(v) if v is not None else None) for k, v in declared.items()},
         )
-        if run_dir is not None:
-            from emflow.dashboard import dashboard_url
-
-            try:
-                dash = dashboard_url(client)
-            except Exception:
-                dash = None
-            lat.write_scheduler_file(
-                run_dir, address=client.scheduler.address, dashboard=dash, run_id=run_id
-            )
+        after = _pause_after(stage)
+        if after is not None:
+            client.sync(client.scheduler.emflow_pause, run_id=run_id, stage=stage, after=after)
+        if run_dir is not None and (lat.read_scheduler_file(run_dir) or {}).get("session") != sid:
+            lat.announce_run(client, run_dir, run_id)
     except Exception:
         logger.warning(
             "could not install the lattice plugin; no dashboard page, pause or cancel",
             exc_info=True,
         )
-    control = _Control(client, run_id, stage)
+    return _Control(client, run_id, stage, journal, sid)
+
+
+def _run_here(
+    todo: Sequence[Unit],
+    retries: int,
+    hooks: _Hooks,
+    control: _Control | None,
+    run_id: str,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Run units in this process, in order; with a control, through the run's gate and lattice."""
+    failures = []
+    prefix = unit_key(hooks.stage, run_id, 0)[0]
+
+    def report(u: Unit, transition: str, error: str | None = None) -> None:
+        if control is not None:
+            control.call(
+                "emflow_report", run_id=run_id, stage=hooks.stage, index=u.index,
+                transition=transition, worker="driver", error=error,
+            )  # fmt: skip
+
+    for u in todo:
+        for attempt in range(1, retries + 2):
+            if control is not None:  # wait at the gate while paused; stop when cancelled
+                while True:
+                    ans = control.call(
+                        "emflow_gate", prefix=prefix, index=u.index, worker="driver", task=False
+                    )
+                    if ans is None or ans.get("go", True):
+                        attempt = int((ans or {}).get("attempt") or attempt)
+                        break
+                    control.poll(force=True)
+                    if control.cancelled:
+                        return failures, True
+                    time.sleep(CONTROL_POLL_S)
+                control.poll()
+            hooks.start(u, attempt, "driver" if control is not None else None)
+            try:
+                payload = durable_call(u.fn, hooks.marker(u), *u.args)
+            except FATAL_ERRORS as exc:
+                hooks.failed(u, exc, attempt, True)
+                report(u, "fail", _error_text(exc))
+                raise
+            except Exception as exc:
+                final = attempt >= retries + 1
+                hooks.failed(u, exc, attempt, final)
+                report(u, "fail", _error_text(exc))
+                if final:
+                    failures.append(
+                        {
+                            "stage": hooks.stage,
+                            "index": u.index,
+                            "attempts": attempt,
+                            "error": _error_text(exc),
+                        }
+                    )
+                    break
+                continue
+            report(u, "finish")
+            hooks.done(u, {**payload, "attempt": attempt}, attempt)
+            break
+    if control is not None:
+        control.poll(force=True)
+    return failures, bool(control is not None and control.cancelled)
+
+
+def _next_ready(ac: Any, timeout: float) -> list[Any]:
+    """Futures of ``ac`` that are done, waiting at most ``timeout`` s for the first one."""
+    if not ac.has_ready():
+        cond = getattr(ac, "thread_condition", None)
+        if cond is not None:
+            with cond:
+                if not ac.has_ready():
+                    cond.wait(timeout=timeout)
+        else:  # pragma: no cover - other distributed versions
+            time.sleep(min(timeout, 0.01))
+    return ac.next_batch(block=False) if ac.has_ready() else []
+
+
+def _run_dask(
+    todo: Sequence[Unit],
+    client: Any,
+    run_id: str,
+    window: int | None,
+    retries: int,
+    hooks: _Hooks,
+    control: _Control,
+    journal: lat.Journal | None,
+    sid: str | None,
+) -> tuple[list[dict[str, Any]], bool]:
+    from distributed import as_completed
+
+    stage = hooks.stage
     if window is None:
         threads = sum(client.nthreads().values()) or 1
         window = max(2, 2 * threads)
@@ -501,7 +651,6 @@ def _run_dask(
     attempts: dict[int, int] = {}
     failures: list[dict[str, Any]] = []
     ac = as_completed([], with_results=False)
-    was_paused = False
 
     def release() -> None:
         while (retry or pending) and len(in_flight) < window:
@@ -513,7 +662,7 @@ def _run_dask(
                 fut = client.submit(
                     durable_call,
                     u.fn,
-                    marker(u),
+                    hooks.marker(u),
                     *u.args,
                     key=unit_key(stage, run_id, u.index),
                     pure=False,
@@ -529,10 +678,6 @@ def _run_dask(
                 for fut, _u in retry:
                     fut.release()
                 retry.clear()
-            elif control.paused != was_paused:
-                was_paused = control.paused
-                if journal is not None:
-                    journal.append("pause" if was_paused else "resume", session=sid, stage=stage)
             if not control.paused and not control.cancelled:
                 release()
             if not in_flight:
@@ -540,36 +685,42 @@ def _run_dask(
                     break
                 time.sleep(CONTROL_POLL_S)  # paused, nothing running: wait for resume
                 continue
-            fut = next(ac)
-            u = in_flight.pop(fut.key)
-            attempts[u.index] = attempts.get(u.index, 0) + 1
-            n = attempts[u.index]
-            if fut.status == "finished":
-                payload = fut.result()
-                fut.release()
-                record_done(u, payload, n)
-                continue
-            if fut.status == "cancelled":  # cancelled from outside: run it again
-                attempts[u.index] -= 1
-                fut.release()
-                pending.appendleft(u)
-                continue
-            exc = fut.exception()
-            if isinstance(exc, FATAL_ERRORS):
-                record_failed(u, exc, n, True)
-                for other in list(ac.futures):
-                    other.cancel()
-                raise exc
-            final = n >= retries + 1 or control.cancelled
-            record_failed(u, exc, n, final)
-            if final:
-                fut.release()
-                failures.append(
-                    {"stage": stage, "index": u.index, "attempts": n, "error": _error_text(exc)}
-                )
-            else:
-                retry.append((fut, u))
+            for fut in _next_ready(ac, CONTROL_POLL_S):
+                u = in_flight.pop(fut.key)
+                if fut.status == "finished":
+                    payload = fut.result()
+                    fut.release()
+                    if payload.get("deferred"):  # refused at the gate: paused or cancelled
+                        if not control.cancelled:
+                            pending.appendleft(u)
+                        control.poll(force=True)
+                        continue
+                    attempts[u.index] = attempts.get(u.index, 0) + 1
+                    hooks.done(u, payload, attempts[u.index])
+                    continue
+                if fut.status == "cancelled":  # cancelled from outside: run it again
+                    fut.release()
+                    pending.appendleft(u)
+                    continue
+                attempts[u.index] = attempts.get(u.index, 0) + 1
+                n = attempts[u.index]
+                exc = fut.exception()
+                if isinstance(exc, FATAL_ERRORS):
+                    hooks.failed(u, exc, n, True)
+                    for other in list(ac.futures):
+                        other.cancel()
+                    raise exc
+                final = n >= retries + 1 or control.cancelled
+                hooks.failed(u, exc, n, final)
+                if final:
+                    fut.release()
+                    failures.append(
+                        {"stage": stage, "index": u.index, "attempts": n, "error": _error_text(exc)}
+                    )
+                else:
+                    retry.append((fut, u))
     finally:
+        control.poll(force=True)  # the last unit events into the journal
         if journal is not None and control.cancelled:
             journal.append("cancel", session=sid, stage=stage)
     return failures, control.cancelled

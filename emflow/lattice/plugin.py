@@ -2,18 +2,24 @@
 
 :func:`parse_key` maps task keys ``("emflow-<stage>-<run_id>", index)`` to
 ``(run_id, stage, index)``; the plugin feeds a :class:`~emflow.lattice.state.Lattice`
-from scheduler transitions and serves the ``emflow_*`` RPC handlers and the dashboard.
+from scheduler transitions (a task assigned to a worker is *queued*) and from the start
+gate every unit passes on its worker (:meth:`LatticePlugin.gate`: only then is it
+*running*; a paused or cancelled run refuses it, so no unit starts after a pause was
+acknowledged). It serves the ``emflow_*`` RPC handlers and the dashboard, and keeps the
+unit events (started on a worker, lost with its worker) the driver copies to the journal.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from emflow.lattice.state import Lattice, RunLattice
+from emflow.lattice.state import Lattice, Q, R, RunLattice, W
 
 PLUGIN_NAME = "emflow-lattice"
+EVENTS_MAX = 100_000  # unit events kept per run for the driver (oldest dropped beyond)
 
 
 # --------------------------------------------------------------------------- keys
@@ -28,7 +34,7 @@ def parse_key(
     (exact even when names contain ``-``); otherwise the stage is the text up
     to the first ``-`` after ``emflow-``.
     """
-    if type(key) is not tuple or len(key) != 2:
+    if type(key) not in (tuple, list) or len(key) != 2:
         return None
     prefix, index = key
     if (
@@ -54,9 +60,10 @@ class LatticePlugin(SchedulerPlugin):
 
     Installed by :func:`emflow.dask_preload.dask_setup` (schedulers emflow did
     not start) or by :func:`ensure_plugin` (``client.register_plugin``;
-    idempotent). Serves RPC handlers ``emflow_begin_stage``, ``emflow_lattice``,
-    ``emflow_unit``, ``emflow_pause``, ``emflow_resume``, ``emflow_cancel``,
-    ``emflow_control`` and the dashboard (:mod:`emflow.dashboard`).
+    idempotent). Serves RPC handlers ``emflow_plan``, ``emflow_begin_stage``,
+    ``emflow_lattice``, ``emflow_unit``, ``emflow_pause``, ``emflow_resume``,
+    ``emflow_cancel``, ``emflow_control``, ``emflow_gate``, ``emflow_report`` and the
+    dashboard (:mod:`emflow.dashboard`).
     """
 
     name = PLUGIN_NAME
@@ -65,6 +72,8 @@ class LatticePlugin(SchedulerPlugin):
     def __init__(self) -> None:
         self.lattice = Lattice()
         self.known: dict[str, tuple[str, str]] = {}  # key prefix -> (run_id, stage)
+        self.refused: set[tuple[str, int]] = set()  # tasks turned away by the gate
+        self.events: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # run -> (base, list)
         self.scheduler: Any = None
 
     async def start(self, scheduler: Any) -> None:
@@ -73,6 +82,7 @@ class LatticePlugin(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers.update(
             {
+                "emflow_plan": self.plan,
                 "emflow_begin_stage": self.begin_stage,
                 "emflow_lattice": self.snapshot,
                 "emflow_unit": self.unit,
@@ -80,13 +90,34 @@ class LatticePlugin(SchedulerPlugin):
                 "emflow_resume": self.resume,
                 "emflow_cancel": self.cancel,
                 "emflow_control": self.control,
+                "emflow_gate": self.gate,
+                "emflow_report": self.report,
             }
         )
         from emflow import dashboard
 
         dashboard.install(scheduler, self)
 
+    # -- events for the driver's journal
+    def _event(self, run_id: str, **rec: Any) -> None:
+        base, events = self.events.setdefault(run_id, (0, []))
+        events.append({"t": round(time.time(), 3), **rec})
+        if len(events) > EVENTS_MAX:
+            drop = len(events) - EVENTS_MAX
+            del events[:drop]
+            self.events[run_id] = (base + drop, events)
+
     # -- RPC handlers (called as ``await client.scheduler.emflow_pause(run_id=...)``)
+    def plan(
+        self,
+        run_id: str,
+        stages: list[dict[str, Any]],
+        run_dir: str | None = None,
+        session: str | None = None,
+    ) -> None:
+        """Announce every stage of a run with its unit count (and labels) before it begins."""
+        self.lattice.plan(run_id, stages, run_dir=run_dir, session=session)
+
     def begin_stage(
         self,
         run_id: str,
@@ -95,6 +126,8 @@ class LatticePlugin(SchedulerPlugin):
         prefix: str,
         skipped: list[int] | None = None,
         orphaned: list[int] | None = None,
+        redo: list[int] | None = None,
+        labels: list[str] | None = None,
         run_dir: str | None = None,
         session: str | None = None,
     ) -> None:
@@ -105,6 +138,8 @@ class LatticePlugin(SchedulerPlugin):
             total,
             skipped=skipped or (),
             orphaned=orphaned or (),
+            redo=redo or (),
+            labels=labels,
             run_dir=run_dir,
             session=session,
         )
@@ -120,33 +155,110 @@ class LatticePlugin(SchedulerPlugin):
             return list(self.lattice.runs.values())
         return [self.lattice.run(run_id)]
 
-    def pause(self, run_id: str | None = None, stage: str | None = None) -> dict[str, Any]:
+    def _unqueue(self, r: RunLattice) -> None:
+        """Units queued on a worker of a paused/cancelled run go back to waiting at once.
+
+        Their tasks are refused by :meth:`gate` when a worker gets to them.
+        """
+        for name, st in r.stages.items():
+            if not r.cancelled and not r.is_paused(name):
+                continue
+            for i in [i for i in st.cells if st.codes[i] == ord(Q.code)]:
+                st.codes[i] = ord(W.code)
+
+    def pause(
+        self, run_id: str | None = None, stage: str | None = None, after: int | None = None
+    ) -> dict[str, Any]:
+        """Pause the run (or one stage): from now on no unit of it starts.
+
+        ``after=N`` (with a stage): let N more units of the stage start, then pause it.
+        """
         for r in self._runs(run_id):
-            if stage is None:
-                r.paused = True
-            else:
-                r.paused_stages.add(stage)
+            if after and stage is not None:
+                r.hold[stage] = int(after)
+                continue
+            r.set_paused(True, stage)
+            self._unqueue(r)
         return {"runs": [r.run_id for r in self._runs(run_id)], "paused": True, "stage": stage}
 
     def resume(self, run_id: str | None = None, stage: str | None = None) -> dict[str, Any]:
         for r in self._runs(run_id):
-            if stage is None:
-                r.paused = False
-                r.paused_stages.clear()
-            else:
-                r.paused_stages.discard(stage)
+            r.set_paused(False, stage)
         return {"runs": [r.run_id for r in self._runs(run_id)], "paused": False, "stage": stage}
 
     def cancel(self, run_id: str | None = None) -> dict[str, Any]:
         for r in self._runs(run_id):
             r.cancelled = True
+            self._unqueue(r)
         return {"runs": [r.run_id for r in self._runs(run_id)], "cancelled": True}
 
-    def control(self, run_id: str, stage: str | None = None) -> dict[str, bool]:
+    def control(
+        self, run_id: str, stage: str | None = None, cursor: int | None = None
+    ) -> dict[str, Any]:
+        """The driver's poll: pause/cancel switches, plus unit events after ``cursor``."""
+        r = self.lattice.runs.get(run_id)
+        ans: dict[str, Any] = {
+            "paused": r.is_paused(stage) if r is not None else False,
+            "cancelled": r.cancelled if r is not None else False,
+        }
+        if cursor is not None:
+            base, events = self.events.get(run_id, (0, []))
+            if cursor > base + len(events):  # a cursor of another scheduler: start over
+                cursor = base
+            start = max(0, cursor - base)
+            ans["events"] = events[start:]
+            ans["cursor"] = base + len(events)
+            if start:  # acknowledged by the driver: forget them
+                del events[:start]
+                self.events[run_id] = (base + start, events)
+        return ans
+
+    def gate(
+        self, prefix: str, index: int, worker: str | None = None, task: bool = True
+    ) -> dict[str, Any]:
+        """Called by a unit before it starts (on its worker, or in the driver): may it start?
+
+        Refused while its run or stage is paused or the run is cancelled: the unit goes
+        back to waiting and its task returns without running. Otherwise the unit is
+        *running* from now on; the answer holds its attempt number.
+        """
+        key = (prefix, int(index))
+        parsed = parse_key(key, self.known)
+        if parsed is None:
+            return {"go": True, "attempt": None}
+        run_id, stage, index = parsed
         r = self.lattice.runs.get(run_id)
         if r is None:
-            return {"paused": False, "cancelled": False}
-        return {"paused": r.is_paused(stage), "cancelled": r.cancelled}
+            return {"go": True, "attempt": None}
+        st = r.stage(stage)
+        if r.cancelled or r.is_paused(stage):
+            if task:
+                self.refused.add(key)
+            if st.state(index) in (Q, R):
+                self.lattice.apply(run_id, stage, index, "requeue", worker=worker)
+            return {"go": False, "attempt": None}
+        if stage in r.hold:
+            r.hold[stage] -= 1
+            if r.hold[stage] <= 0:
+                del r.hold[stage]
+                r.set_paused(True, stage)  # this unit is the last one let through
+                self._unqueue(r)
+        self.lattice.apply(run_id, stage, index, "start", worker=worker)
+        attempt = st.cells[index].attempts if index in st.cells else 1
+        self._event(run_id, event="start", stage=stage, index=index, worker=worker, attempt=attempt)
+        return {"go": True, "attempt": attempt}
+
+    def report(
+        self,
+        run_id: str,
+        stage: str,
+        index: int,
+        transition: str,
+        worker: str | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """A transition observed by the driver itself (units it runs in-process)."""
+        return self.lattice.apply(run_id, stage, index, transition, worker=worker, error=error)
 
     # -- scheduler hooks
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
@@ -157,15 +269,35 @@ class LatticePlugin(SchedulerPlugin):
         if finish == "processing":
             ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
             worker = ts.processing_on.address if ts is not None and ts.processing_on else None
-            self.lattice.apply(run_id, stage, index, "start", worker=worker)
-        elif start == "processing" and finish == "memory":
-            self.lattice.apply(run_id, stage, index, "finish", worker=kwargs.get("worker"))
-        elif start == "processing" and finish == "erred":
+            self.lattice.apply(run_id, stage, index, "queue", worker=worker)
+            return
+        if start != "processing":
+            return
+        refused = key in self.refused
+        self.refused.discard(key)
+        st = self.lattice.run(run_id).stage(stage)
+        if finish == "memory":
+            if not refused:  # a refused task returned without running: it is waiting
+                self.lattice.apply(run_id, stage, index, "finish", worker=kwargs.get("worker"))
+        elif finish == "erred":
             text = kwargs.get("exception_text") or str(kwargs.get("exception") or "error")
             self.lattice.apply(
                 run_id, stage, index, "fail", worker=kwargs.get("worker"), error=text
             )
-        elif start == "processing":  # worker lost, task cancelled or released
+        elif st.state(index) == R:  # started on a worker that is gone (or was cancelled)
+            cell = st.cells.get(index)
+            worker = cell.worker if cell is not None else None
+            stim = str(kwargs.get("stimulus_id") or "")
+            gone = self.scheduler is not None and worker not in self.scheduler.workers
+            if gone or "worker" in stim:
+                self.lattice.lose(run_id, stage, index, worker=worker, reason="worker lost")
+                self._event(
+                    run_id, event="lost", stage=stage, index=index, worker=worker,
+                    reason="worker lost",
+                )  # fmt: skip
+            else:
+                self.lattice.apply(run_id, stage, index, "requeue")
+        elif st.state(index) == Q:  # queued on a worker that is gone, or released
             self.lattice.apply(run_id, stage, index, "requeue")
 
 
