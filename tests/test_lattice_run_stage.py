@@ -168,7 +168,12 @@ def test_dask_retries_lattice_and_incomplete(cluster, tmp_path):
     u2 = cluster.sync(cluster.scheduler.emflow_unit, run_id="dretry", stage="match", index=2)
     assert u2["state"] == "redone" and u2["attempts"] == 2
     assert [h[1] for h in u2["history"]] == [
-        "queued", "running", "failed", "queued", "running", "redone"
+        "queued",
+        "running",
+        "failed",
+        "queued",
+        "running",
+        "redone",
     ]
     assert set(lat.done_markers(run_dir, "match")) == {0, 1, 2, 3, 4, 6, 7}
     # the live-run record lets the CLI find this scheduler
