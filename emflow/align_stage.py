@@ -2,8 +2,9 @@
 
 Feature and match units write their results to the run folder (features as
 ``features/z<z>.npz``, pairs in their unit results) so a resumed run does not
-recompute them; the solve runs in the driver on small data and writes
-``alignment.json`` plus the QC table and plots.
+recompute them; the solve runs in the driver on small data (as a one-unit lattice
+stage, so a resumed run skips it) and writes ``alignment.json`` plus the QC table and
+plots.
 """
 
 from __future__ import annotations
@@ -122,12 +123,16 @@ def align_stack(
     recipe: Recipe,
     catalog: SliceCatalog,
     run_dir: Path,
-    stage: Callable[[str, list[Unit]], dict[int, Any]],
+    stage: Callable[..., dict[int, Any]],
     say: Callable[[str], None],
 ) -> Any:
-    """Run features → match → solve for a catalog; returns the Alignment (also saved)."""
+    """Run features → match → solve for a catalog; returns the Alignment (read back from
+    the run folder's alignment.json).
+
+    ``stage(name, units, **kw)`` runs a lattice stage (``kw`` passed to
+    :func:`~emflow.lattice.execute.run_stage`; the solve runs ``where="driver"``).
+    """
     from emflow.align.match import MatchConfig, PairResult
-    from emflow.align.solve import solve
 
     cfg = recipe.align
     feat_dir = run_dir / "features"
@@ -174,15 +179,40 @@ def align_stack(
         for i, (a, b) in enumerate(pair_list)
     ]
     pairs = [PairResult.from_dict(d) for _, d in sorted(stage("match", units).items())]
-    policy = cfg.bad_slices
+    # the solve runs in the driver, as a lattice stage: done once alignment.json and the QC
+    # files are written; every run then reads alignment.json, so a resumed run equals a fresh one
+    stage(
+        "solve",
+        [Unit(0, solve_alignment, (pairs, n, bad, paths, run_dir, recipe, catalog.shape_yx, say))],
+        where="driver",
+    )
+    from emflow.align.solve import Alignment
+
+    return Alignment.from_json(run_dir / "alignment.json")
+
+
+def solve_alignment(
+    pairs: list,
+    n: int,
+    bad: dict[int, str],
+    feature_paths: list[str],
+    run_dir: Path,
+    recipe: Recipe,
+    shape_yx: tuple[int, int],
+    say: Callable[[str], None],
+) -> dict:
+    """Solve transforms and frame from the matched pairs; write alignment.json and QC files."""
+    from emflow.align.solve import solve
+
+    cfg = recipe.align
     try:
         alignment = solve(
             pairs,
             list(range(n)),
-            catalog.shape_yx,
+            shape_yx,
             method=cfg.method,
             bad_slices=bad,
-            bad_slice_policy=policy,
+            bad_slice_policy=cfg.bad_slices,
         )
     except AlignmentError as exc:
         raise AlignmentError(f"{exc}. {_failure_summary(pairs)}") from None
@@ -199,8 +229,13 @@ def align_stack(
         f"{len(alignment.rejected_pairs)} rejected); frame {alignment.frame_shape_yx[1]} × "
         f"{alignment.frame_shape_yx[0]} px → {run_dir / 'alignment.json'}"
     )
-    write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx)
-    return alignment
+    write_qc(alignment, pairs, feature_paths, run_dir, recipe, shape_yx)
+    return {
+        "alignment": "alignment.json",
+        "pairs": len(pairs),
+        "failed": len(failed),
+        "frame_yx": [int(v) for v in alignment.frame_shape_yx],
+    }
 
 
 def _failure_summary(pairs: list) -> str:

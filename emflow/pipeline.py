@@ -17,6 +17,7 @@ the last level written, kept in the run folder.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 import uuid
@@ -30,7 +31,7 @@ from emflow.discover import SliceCatalog, SliceRef, discover_recipe
 from emflow.errors import ClusterError, OutputError
 from emflow.io import rendercache
 from emflow.io.handoff import HandoffArray
-from emflow.lattice.execute import Progress, Unit, run_stage
+from emflow.lattice.execute import Progress, Unit, declare_plan, run_stage
 from emflow.plan import (  # noqa: F401  (re-exported: emflow.pipeline names used before the split)
     _GIB,
     PARTIAL_SUFFIX,
@@ -52,6 +53,9 @@ from emflow.render import (  # noqa: F401  (re-exported, as above)
     render_slice,
     sample_window,
 )
+from emflow.resume import open_volumes
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,16 +189,14 @@ def pyramid_stages(
     run_id: str,
     stage: Any,
     *,
-    resuming: bool,
     threads: int,
 ) -> list[Any]:
-    """Create the outputs (fresh runs) and run the render stage and every pass; return writers."""
+    """Open or create the outputs and hand-offs (every run), run the render stage and every
+    pass; return the writers."""
     writers = make_writers(recipe, plan, root, token=run_id + uuid.uuid4().hex[:6])
     check_ownership(plan, writers)
-    if not resuming:
-        for w in writers:
-            w.create()
     handoffs: dict[int, HandoffArray] = {}
+    producers: list[tuple[HandoffArray, str]] = []
     for p in plan.passes:
         if p.handoff is None:
             continue
@@ -211,9 +213,23 @@ def pyramid_stages(
             chunk,  # type: ignore[arg-type]
             token=run_id,
         )
-        if not resuming or not (Path(arr.path) / "zarr.json").exists():
-            arr.create()
         handoffs[h] = arr
+        producers.append((arr, p.stage))
+    from emflow.lattice import done_markers
+
+    finalized = {writers[i].name for i in done_markers(run_dir, "finalize") if i < len(writers)}
+    dropped = open_volumes(
+        run_dir,
+        plan,
+        writers,
+        producers,
+        stages=[p.stage for p in plan.passes],
+        finalized=finalized,
+        root=root,
+        fingerprint=run_id,
+    )
+    if dropped:
+        logger.info("output volumes (re)created: units of %s run again", ", ".join(dropped))
     render_dir = None
     if plan.render_stage:
         render_dir = str(rendercache.cache_dir(run_dir))
@@ -248,6 +264,66 @@ def pyramid_stages(
     return writers
 
 
+def _labels(p: Pass) -> list[str] | None:
+    """Dashboard labels of a pass's units: the z range (and y/x range of partial frames)."""
+    if p.n_units > 20_000:
+        return None
+    level = "" if p.index == 0 else f" (level {p.source})"
+    out = []
+    for z0, z1, y0, y1, x0, x1 in p.blocks:
+        where = "" if p.full_frame else f" y {y0}-{y1 - 1} x {x0}-{x1 - 1}"
+        out.append(f"z {z0}-{z1 - 1}{where}{level}")
+    return out
+
+
+def planned_stages(
+    recipe: Recipe,
+    catalog: SliceCatalog,
+    plan: Plan,
+    *,
+    stats: bool,
+    aligning: bool,
+) -> list[dict[str, Any]]:
+    """Every stage of a run in order, with its unit count and unit labels (z ranges).
+
+    ``stats`` (16-bit window), ``features``/``match``/``solve`` (alignment), ``render``
+    (when the plan has it), ``slab``, ``coarse<N>``, ``finalize`` (one unit per output).
+    """
+    n = len(catalog.slices)
+    out: list[dict[str, Any]] = []
+    if stats:
+        out.append({"stage": "stats", "total": 1})
+    if aligning:
+        pairs = [(z, z + k) for z in range(n) for k in (1, 2) if z + k < n]
+        out.append({"stage": "features", "total": n})
+        labels = [f"z {a}→{b}" for a, b in pairs] if len(pairs) <= 20_000 else None
+        out.append({"stage": "match", "total": len(pairs), "labels": labels})
+        out.append({"stage": "solve", "total": 1})
+    if plan.render_stage:
+        out.append({"stage": "render", "total": plan.levels[0].shape_zyx[0]})
+    for p in plan.passes:
+        out.append({"stage": p.stage, "total": p.n_units, "labels": _labels(p)})
+    names = [o.name for o in recipe.outputs]
+    out.append({"stage": "finalize", "total": len(names), "labels": names})
+    return out
+
+
+def finalize_output(writer: Any, final: str) -> dict:
+    """Write the metadata that marks an output complete and move it into place (a unit).
+
+    Idempotent: an output already moved into place (``.partial`` gone, final there) by
+    a run that died before recording it is left as it is.
+    """
+    partial, dest = Path(writer.path), Path(final)
+    if not partial.exists() and dest.exists():
+        return {"output": writer.name, "path": str(dest), "moved": False}
+    writer.finalize()
+    if dest.exists():
+        shutil.rmtree(dest)
+    partial.rename(dest)
+    return {"output": writer.name, "path": str(dest), "moved": True}
+
+
 def run(
     recipe: Recipe,
     *,
@@ -261,15 +337,15 @@ def run(
 
     ``client=None`` runs every unit here, in order (notebooks, debugging).
     ``alignment_path`` re-exports with a saved alignment.json instead of matching again.
+    Any point of a run is a safe place to stop: running it again continues from there.
     """
     from emflow import lattice
 
-    t_start = time.perf_counter()
-    say = log or (lambda msg: None)
     root = recipe.output_path
     _check_writable(root)
     run_dir = root / RUN_FOLDER
     catalog = discover_recipe(recipe)
+    say = log or (lambda msg: None)
     say(f"discovered {catalog.summary()}")
     saved_alignment = None
     if alignment_path is not None:  # read it before the run folder is touched (--restart wipes it)
@@ -277,15 +353,44 @@ def run(
 
         saved_alignment = load_alignment(Path(alignment_path), catalog)
     resuming = lattice.open_run(run_dir, recipe.output_fingerprint(), restart=restart)
+    try:
+        if client is not None:
+            try:
+                lattice.announce_run(client, run_dir, recipe.output_fingerprint())
+            except Exception:  # pragma: no cover - the run goes on without emflow status
+                logger.warning("could not record the live run in %s", run_dir, exc_info=True)
+        return _run(
+            recipe, catalog, run_dir, client, progress, say, alignment_path, saved_alignment,
+            resuming,
+        )  # fmt: skip
+    finally:
+        lattice.retire_run(run_dir)
+
+
+def _run(
+    recipe: Recipe,
+    catalog: SliceCatalog,
+    run_dir: Path,
+    client: Any,
+    progress: bool | None,
+    say: Any,
+    alignment_path: str | Path | None,
+    saved_alignment: Any,
+    resuming: bool,
+) -> RunResult:
+    t_start = time.perf_counter()
+    root = recipe.output_path
     (run_dir / "COMPLETE").unlink(missing_ok=True)
     (run_dir / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     run_id = recipe.output_fingerprint()
     threads, _ = _cluster_resources(client)
     stage_seconds: dict[str, float] = {}
+    planned: list[dict[str, Any]] = []
 
-    def stage(name: str, units: list[Unit]) -> dict[int, Any]:
+    def stage(name: str, units: list[Unit], **kw: Any) -> dict[int, Any]:
         t = time.perf_counter()
         prog = Progress(name, len(units), enabled=progress)
+        labels = next((s.get("labels") for s in planned if s["stage"] == name), None)
         res = run_stage(
             name,
             units,
@@ -294,9 +399,28 @@ def run(
             retries=recipe.run.retries,
             progress=prog,
             run_dir=run_dir,
+            labels=labels,
+            **kw,
         )
         stage_seconds[name] = time.perf_counter() - t
         return res
+
+    needs_stats = (
+        catalog.dtype == "uint16" and recipe.depth.output == "uint8" and recipe.depth.window is None
+    )
+    aligning = recipe.align.enabled and alignment_path is None
+
+    def announce(plan: Plan) -> None:
+        planned[:] = planned_stages(recipe, catalog, plan, stats=needs_stats, aligning=aligning)
+        declare_plan(planned, client=client, run_id=run_id, run_dir=run_dir)
+
+    # the whole run from the start: the stored plan of a resumed run, else the plan for the
+    # source frame (pyramid unit counts may change once the alignment fixed the frame)
+    frame = catalog.shape_yx
+    if saved_alignment is not None:
+        frame = tuple(saved_alignment.frame_shape_yx)  # type: ignore[assignment]
+    early = load_plan(run_dir) if resuming else None
+    announce(early or plan_output(recipe, len(catalog.slices), frame, catalog.dtype))
 
     # 16-bit window
     window: tuple[float, float] | None = None
@@ -313,7 +437,6 @@ def run(
     # alignment
     alignment = None
     transforms: list[Any] = [None] * len(catalog.slices)
-    frame = catalog.shape_yx
     refs = list(catalog.slices)
     source_index = list(range(len(refs)))
     if alignment_path is not None or recipe.align.enabled:
@@ -346,6 +469,7 @@ def run(
         recipe, run_dir, len(catalog.slices), frame, catalog.dtype, resuming
     )
     say(plan.summary())
+    announce(plan)
     check_worker_memory(client, plan)
     how = SliceRender(
         shape_yx=catalog.shape_yx,
@@ -360,19 +484,15 @@ def run(
     slices = [SliceJob(refs[i], transforms[i], source_index[i]) for i in range(len(refs))]
     writers = pyramid_stages(
         recipe, plan, how, slices, root, run_dir, run_id, stage,
-        resuming=resuming, threads=2 if threads <= 2 else 1,
+        threads=2 if threads <= 2 else 1,
     )  # fmt: skip
-    # finalize: metadata, then move complete volumes into place
-    out_paths: dict[str, Path] = {}
-    for w in writers:
-        final = root / w.name
-        out_paths[w.name] = final
-        if not Path(w.path).exists() and final.exists():
-            continue  # resumed after an earlier run had already finalised this output
-        w.finalize()
-        if final.exists():
-            shutil.rmtree(final)
-        Path(w.path).rename(final)
+    # finalize: metadata, then move complete volumes into place (a unit per output)
+    out_paths = {w.name: root / w.name for w in writers}
+    stage(
+        "finalize",
+        [Unit(i, finalize_output, (w, str(out_paths[w.name]))) for i, w in enumerate(writers)],
+        where="driver",
+    )
     shutil.rmtree(run_dir / "handoff", ignore_errors=True)
     shutil.rmtree(rendercache.cache_dir(run_dir), ignore_errors=True)
     if cache_dir is not None:

@@ -40,7 +40,7 @@ def test_rerun_skips_everything_and_restart_redoes(tmp_path):
     ]
     assert not [e for e in added if e["event"] == "done"]
     skipped = {e["stage"]: len(e["indices"]) for e in added if e["event"] == "skipped"}
-    assert skipped == {"slab": 2, "coarse1": 1}
+    assert skipped == {"slab": 2, "coarse1": 1, "finalize": 2}
     assert (again.run_dir / "COMPLETE").is_file()
     with pytest.raises(OutputError, match="--restart"):
         run(_recipe(tmp_path, quality=80))

@@ -46,6 +46,7 @@ def cluster_request(
     insecure: bool,
     log_dir: Path | None,
     dashboard_address: str = ":8787",
+    secrets_dir: Path | None = None,
 ):
     """Merge recipe ``run`` settings and CLI flags (flags win) into a ClusterRequest."""
     from emflow.cluster import ClusterRequest
@@ -60,4 +61,5 @@ def cluster_request(
         insecure=insecure,
         log_dir=log_dir,
         dashboard_address=dashboard_address,
+        secrets_dir=secrets_dir,
     )

@@ -118,16 +118,17 @@ def run(
             insecure,
             run_dir / "worker-logs",
             dashboard,
+            run_dir / "secrets",
         )
         with clusters.open_client(req) as client:
             say(f"dashboard: {client.dashboard_link}")
-            _wait_for_a_worker(client, cluster, run_dir / "worker-logs", say)
             try:
                 from emflow.dashboard import dashboard_url
 
                 say(f"lattice:   {dashboard_url(client)}")
             except Exception:  # dashboard page is optional (no bokeh route on a foreign scheduler)
                 pass
+            _wait_for_a_worker(client, cluster, run_dir / "worker-logs", say)
             result = run_pipeline(
                 r,
                 client=client,

@@ -131,8 +131,12 @@ class ClusterRequest:
     insecure : bool
         ``--insecure``: plain TCP on a non-local cluster (emits a warning).
     log_dir : Path, optional
-        Directory for worker job logs (the run folder's ``worker-logs``); also
-        the shared directory for temporary TLS files when the YAML sets none.
+        Directory for worker job logs (the run folder's ``worker-logs``).
+    secrets_dir : Path, optional
+        The run folder's ``secrets`` (mode 0700): temporary TLS certificates of the
+        worker jobs go there when the YAML sets no ``shared_temp_directory``; removed
+        when the cluster closes, or by the next driver when this one died. None: they
+        go to ``log_dir``.
     dashboard_address : str
         Address of the scheduler's dashboard; ``":0"`` picks a free port.
     """
@@ -146,6 +150,7 @@ class ClusterRequest:
     insecure: bool = False
     log_dir: Path | None = None
     dashboard_address: str = ":8787"
+    secrets_dir: Path | None = None
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from emflow.cluster import secrets
 from emflow.cluster.config import (
     _EMFLOW_KEYS,
     _JOBQUEUE_CLASS,
@@ -56,7 +57,7 @@ def _jobqueue_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[st
     sched.setdefault("dashboard_address", request.dashboard_address)
     kw["scheduler_options"] = sched
     if not request.insecure and "shared_temp_directory" not in kw:
-        shared = request.log_dir or kw.get("log_directory") or Path.cwd()
+        shared = request.secrets_dir or request.log_dir or kw.get("log_directory") or Path.cwd()
         kw["shared_temp_directory"] = str(shared)
     return kw
 
@@ -185,20 +186,44 @@ def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterato
                     f"cluster config {key} {directory}: cannot create ({exc.strerror}); "
                     "choose a directory on a file system the compute nodes share"
                 ) from exc
+    if not request.insecure and request.secrets_dir is not None:
+        secrets.prepare(request.secrets_dir)  # 0700; a dead driver's certificates removed
     try:
         cluster = cluster_cls(**kw)
     except (TypeError, ValueError, OSError) as exc:
         msg = str(exc).splitlines()[0]
         raise ClusterError(f"--cluster {request.kind}: cannot start ({msg})") from exc
+    if not request.insecure and request.secrets_dir is not None:
+        _register_worker_certificates(cluster, request.secrets_dir)
     low, high = _adapt_bounds(request, config) or (1, 1)
     per_job = int(kw.get("processes") or 1)  # adapt counts jobs; bounds count workers
     min_jobs, max_jobs = -(-low // per_job), -(-high // per_job)
+
+    def after_close() -> None:
+        try:
+            _reap_jobs(cluster_cls.job_cls.cancel_command, submitted)
+        finally:
+            if request.secrets_dir is not None:
+                secrets.release(request.secrets_dir)
+
     with client_on(
         cluster,
         setup=lambda: cluster.adapt(minimum_jobs=min_jobs, maximum_jobs=max_jobs),
-        after_close=lambda: _reap_jobs(cluster_cls.job_cls.cancel_command, submitted),
+        after_close=after_close,
     ) as client:
         yield client
+
+
+def _register_worker_certificates(cluster: Any, folder: Path) -> None:
+    """Note the worker certificate files dask-jobqueue wrote outside ``folder`` (a site's own
+    ``shared_temp_directory``) so the next driver removes them if this one dies."""
+    files = [
+        getattr(getattr(cluster, f"_job_{key}", None), "name", None)
+        for key in ("ca_file", "cert", "key")
+    ]
+    outside = [f for f in files if f and Path(f).resolve().parent != Path(folder).resolve()]
+    if outside:
+        secrets.register(folder, outside)
 
 
 def _reap_jobs(cancel_command: str, job_ids: list[str]) -> None:

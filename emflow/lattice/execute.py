@@ -27,12 +27,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from emflow import lattice as lat
-from emflow.errors import OutputError, RecipeError, SourceError
+from emflow.errors import AlignmentError, OutputError, RecipeError, SourceError
 
 logger = logging.getLogger(__name__)
 
 #: exceptions meaning bad input: a unit failing with one stops the run at once, unchanged
-FATAL_ERRORS: tuple[type[BaseException], ...] = (SourceError, RecipeError, OutputError)
+FATAL_ERRORS: tuple[type[BaseException], ...] = (
+    SourceError,
+    RecipeError,
+    OutputError,
+    AlignmentError,
+)
 #: seconds between two pause/cancel queries to the scheduler
 CONTROL_POLL_S = 0.2
 
@@ -493,6 +498,41 @@ def run_stage(
     finally:
         if journal is not None:
             journal.close()
+
+
+def declare_plan(
+    stages: Sequence[dict[str, Any]],
+    *,
+    client: Any = None,
+    run_id: str = "run",
+    run_dir: Path | None = None,
+) -> None:
+    """Announce every stage of a run before it begins: ``[{"stage", "total", "labels"?}]``.
+
+    The dashboard and ``emflow status`` show the whole run from its start (stages not
+    begun yet marked as planned: their unit counts may still change, e.g. slabs once
+    the alignment fixed the output frame). Journaled, and sent to the lattice plugin.
+    """
+    sid = lat.session_id(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        with lat.Journal(run_dir) as j:
+            j.append(
+                "plan", session=sid, run_id=run_id,
+                stages=[{k: v for k, v in s.items() if k != "labels"} for s in stages],
+            )  # fmt: skip
+    if client is None:
+        return
+    try:
+        lat.ensure_plugin(client)
+        client.sync(
+            client.scheduler.emflow_plan,
+            run_id=run_id,
+            stages=[dict(s) for s in stages],
+            run_dir=str(run_dir) if run_dir is not None else None,
+            session=sid,
+        )
+    except Exception:
+        logger.warning("could not announce the run's stages to the lattice", exc_info=True)
 
 
 def check_complete(run_id: str, run_dir: Path | None = None) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 RUN_JSON = "run.json"
 SCHEDULER_JSON = "scheduler.json"
+OUTPUTS_JSON = "outputs.json"  # the volumes created under the current plan (emflow.resume)
 MARKERS = "done"
 
 

@@ -19,14 +19,21 @@ from typing import Any
 
 from emflow.errors import OutputError
 from emflow.lattice.journal import JOURNAL, start_session
-from emflow.lattice.markers import MARKERS, RUN_JSON, SCHEDULER_JSON, read_marker, write_marker
+from emflow.lattice.markers import (
+    MARKERS,
+    OUTPUTS_JSON,
+    RUN_JSON,
+    SCHEDULER_JSON,
+    read_marker,
+    write_marker,
+)
 
 
 def open_run(run_dir: Path, fingerprint: str, *, restart: bool) -> bool:
     """Prepare the run folder; return True when an earlier run of the same recipe is resumed.
 
-    With ``restart`` every marker, the journal and the live-run file are
-    removed first, so nothing is skipped.
+    With ``restart`` every marker, the journal, the live-run file and the record
+    of created volumes are removed first, so nothing is skipped or reused.
 
     Raises
     ------
@@ -53,7 +60,7 @@ def open_run(run_dir: Path, fingerprint: str, *, restart: bool) -> bool:
     if restart:
         for name in (MARKERS,):
             shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in (JOURNAL, SCHEDULER_JSON, RUN_JSON):
+        for name in (JOURNAL, SCHEDULER_JSON, RUN_JSON, OUTPUTS_JSON):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / name).unlink()
     try:
