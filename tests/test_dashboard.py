@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from emflow import lattice as lat
-from emflow.dashboard import dashboard_url, grid_data
+from emflow.dashboard import COLORS, dashboard_url, grid_data
 from emflow.lattice.execute import Unit, check_complete, run_stage
 
 RUN = "dashdemo"
@@ -328,3 +328,133 @@ def test_scheduler_preload_installs_plugin_and_page():
         )
         assert res == {i: {"i": i} for i in range(3)}
         assert plugin.snapshot("pre")["runs"][0]["stages"][0]["cells"] == "ddd"
+
+
+def flaky_once(marks: str, i: int, delay: float) -> dict:
+    """Fail the first attempt of the unit (a transient error), then succeed."""
+    flag = Path(marks) / f"{i}.tried"
+    if not flag.exists():
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.touch()
+        raise OSError(f"unit {i}: transient read error (stale NFS handle)")
+    time.sleep(delay)
+    return {"i": i}
+
+
+def _pixels(png: Path, hex_color: str) -> int:
+    import cv2
+    import numpy as np
+
+    img = cv2.imread(str(png), cv2.IMREAD_COLOR)
+    bgr = [int(hex_color[k : k + 2], 16) for k in (5, 3, 1)]
+    return int(np.all(img == np.array(bgr, dtype=img.dtype), axis=2).sum())
+
+
+@pytest.mark.integration
+def test_screenshot_mid_run_shows_every_state_and_the_whole_plan(tmp_path):
+    """A run of the pipeline's stage plan (64-slice recipe) through the real lattice on a
+    LocalCluster (worker-saturation inf: the scheduler hands the worker every released unit),
+    caught mid-run: features done (two redone after a transient failure), match done,
+    running, queued on the worker and waiting, later stages planned with their slab z
+    ranges. The page rendered by headless Chromium shows those cells (their colours fill
+    cell-sized areas, more than the legend's squares), and its table the planned totals; the
+    Dask dashboard's own pages link to it."""
+    import dask
+    from bokeh.client import pull_session
+    from distributed import Client, LocalCluster
+
+    from emflow import recipe_from_dict
+    from emflow.discover import SliceCatalog, SliceRef
+    from emflow.lattice.execute import declare_plan
+    from emflow.pipeline import plan_output, planned_stages
+
+    recipe = recipe_from_dict(
+        {
+            "source": {"pattern": str(tmp_path / "img%03d.png"), "z_start": 0, "z_stop": 64},
+            "voxel_size_nm": [8, 8, 8],
+            "output_dir": str(tmp_path / "out"),
+            "outputs": [
+                {"format": "precomputed", "name": "em", "chunk_size_xyz": [64, 64, 16]},
+                {"format": "omezarr", "chunk_size_xyz": [64, 64, 16]},
+            ],
+            "align": {"enabled": True},
+            "run": {"slab_depth": 16},
+        }
+    )
+    catalog = SliceCatalog(
+        tuple(SliceRef(z, z, str(tmp_path / f"img{z:03d}.png")) for z in range(64)),
+        (2048, 2048),
+        "uint8",
+        (),
+    )
+    plan = plan_output(recipe, 64, (2048, 2048), "uint8")
+    stages = planned_stages(recipe, catalog, plan, stats=False, aligning=True)
+    run_id, run_dir = "mid-run", tmp_path / "emflow-run"
+    with (
+        dask.config.set({"distributed.scheduler.worker-saturation": float("inf")}),
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0"
+        ) as lc,
+        Client(lc) as client,
+    ):
+        lat.open_run(run_dir, "fp", restart=False)
+        declare_plan(stages, client=client, run_id=run_id, run_dir=run_dir)
+        feats = [
+            Unit(i, flaky_once if i in (5, 9) else demo_unit,
+                 (str(tmp_path / "marks"), i, 0.0) if i in (5, 9) else (i, 0.0, ()))
+            for i in range(64)
+        ]  # fmt: skip
+        run_stage("features", feats, client=client, run_id=run_id, run_dir=run_dir, retries=1)
+        match = [Unit(i, demo_unit, (i, 0.05 if i < 40 else 30.0, ())) for i in range(125)]
+        t = threading.Thread(
+            target=lambda: run_stage(
+                "match", match, client=client, run_id=run_id, run_dir=run_dir, window=6
+            ),
+            daemon=True,
+        )
+        t.start()
+
+        def match_counts() -> dict:
+            st = {
+                s["stage"]: s
+                for s in client.sync(client.scheduler.emflow_lattice, run_id=run_id)["runs"][0][
+                    "stages"
+                ]
+            }
+            return st["match"]["counts"]
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            c = match_counts()
+            if c["running"] == 2 and c["queued"] >= 3 and c["done"] >= 40:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the run never reached the mid-run state: {match_counts()}")
+        url = dashboard_url(client)
+        shot = tmp_path / "lattice-page.png"
+        assert screenshot(url, shot, size=(1280, 800)), "the Bokeh page did not render"
+        print(f"lattice page screenshot: {shot}")
+        snap = client.sync(client.scheduler.emflow_lattice, run_id=run_id)["runs"][0]
+        with pull_session(url=url) as session:
+            models = list(session.document.models)
+        with urllib.request.urlopen(url.replace("/emflow", "/status")) as r:
+            status_page = r.read()
+        cancelled = client.sync(client.scheduler.emflow_cancel, run_id=run_id)
+        assert cancelled["cancelled"]
+    states = {s["stage"]: s for s in snap["stages"]}
+    assert list(states) == ["features", "match", "solve", "slab", "coarse1", "finalize"]
+    assert (
+        states["features"]["counts"]["redone"] == 2 and states["features"]["counts"]["done"] == 62
+    )
+    m = states["match"]["counts"]
+    assert m["running"] == 2 and m["queued"] >= 3 and m["waiting"] > 0 and m["done"] >= 40
+    assert states["slab"]["planned"] and states["slab"]["labels"][1] == "z 16-31"
+    legend_only = _pixels(shot, COLORS["failed"])  # no failed cell: its legend marks only
+    for state in ("waiting", "queued", "running", "done", "redone"):
+        assert _pixels(shot, COLORS[state]) > legend_only + 150, f"no {state} cell in the shot"
+    table = next(mdl for mdl in models if type(mdl).__name__ == "Div" and "<table" in mdl.text)
+    assert "&asymp;4</td>" in table.text  # the slabs, planned: 4 of 16 z
+    source = next(mdl for mdl in models if "label" in getattr(mdl, "data", {}))
+    assert "z 48-63" in source.data["label"]
+    assert b'href="emflow"' in status_page  # the Dask dashboard links the lattice page

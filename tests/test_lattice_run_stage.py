@@ -343,3 +343,75 @@ def test_sigkill_worker_mid_unit_completes_identically(tmp_path):
     assert done["redone"] is True and done["attempts"] == 2
     assert _digest(out) == _digest(serial_out) and len(_digest(out)) == 12
     assert set(lat.done_markers(run_dir, "slab")) == set(range(12))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("op", ["emflow_pause", "emflow_cancel"])
+def test_no_unit_starts_after_pause_or_cancel_is_acknowledged(cluster, tmp_path, op):
+    """With more units handed to the worker than it has threads (queued there), a pause (or
+    cancel) sends the queued ones back to waiting at once; no unit starts after the request was answered; after a
+    resume every unit is done exactly once."""
+    run_dir, out = tmp_path / "emflow-run", tmp_path / "out"
+    out.mkdir()
+    lat.open_run(run_dir, "fp", restart=False)
+    run_id = f"gate-{op}"
+    lat.ensure_plugin(cluster)
+    units = [Unit(i, write_unit, (str(out), i, 0.4)) for i in range(14)]
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["res"] = run_stage(
+                "slab", units, client=cluster, run_id=run_id, run_dir=run_dir, window=8
+            )
+        except lat.RunCancelled as exc:
+            box["exc"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+
+    def stage_snap() -> dict:
+        snap = cluster.sync(cluster.scheduler.emflow_lattice, run_id=run_id)
+        return snap["runs"][0]["stages"][0] if snap["runs"] else {"counts": {}}
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        c = stage_snap()["counts"]
+        # 2 threads; the scheduler hands a worker about 1.1 tasks per thread (worker-saturation)
+        if c.get("running") == 2 and c.get("queued", 0) >= 1:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail(f"never saw units queued on the worker: {stage_snap()}")
+    queued = [i for i, c in enumerate(stage_snap()["cells"]) if c == "q"]
+    cluster.sync(getattr(cluster.scheduler, op), run_id=run_id)
+    acked = time.time()
+    right_after = stage_snap()
+    assert right_after["counts"]["queued"] == 0  # back to waiting at once
+    assert right_after["counts"]["running"] <= 2
+    if op == "emflow_pause":
+        while stage_snap()["counts"]["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        held = stage_snap()
+        assert held["counts"]["waiting"] >= 10 and held["counts"]["running"] == 0
+        cluster.sync(cluster.scheduler.emflow_resume, run_id=run_id)
+    t.join(120)
+    assert not t.is_alive()
+    recs = list(lat.read_journal(run_dir))
+    starts = [r for r in recs if r["event"] == "start"]
+    paused_starts = [r for r in starts if acked < r["at"]]
+    if op == "emflow_cancel":
+        assert "exc" in box and not paused_starts, paused_starts  # nothing started after cancel
+        assert len(lat.done_markers(run_dir, "slab")) == len(starts) <= 4
+    else:
+        resumed = min(r["t"] for r in recs if r["event"] == "resume")
+        assert all(r["at"] >= resumed - 1.0 for r in paused_starts)  # only after the resume
+        assert sorted(box["res"]) == list(range(14))
+        done = [r["index"] for r in recs if r["event"] == "done"]
+        assert sorted(done) == list(range(14))  # each unit done once
+        assert len(starts) == 14  # and started once: refused units never started
+    for i in queued:  # units queued on the worker when the request came went back to waiting
+        hist = [h[1] for h in cluster.sync(
+            cluster.scheduler.emflow_unit, run_id=run_id, stage="slab", index=i
+        )["history"]]  # fmt: skip
+        assert hist[:2] == ["queued", "waiting"], (i, hist)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -199,3 +202,145 @@ def test_large_lattice_is_cheap():
     st = la.snapshot("big")["runs"][0]["stages"][0]
     assert st["counts"]["skipped"] == 50_000 and st["counts"]["done"] == 1000
     assert len(st["cells"]) == 100_000 and len(la.run("big").stages["slab"].cells) == 1000
+
+
+def test_eta_stays_put_while_paused():
+    """Paused time does not count: the rate (and so the ETA) at the pause holds while paused."""
+    la = lat.Lattice()
+    la.begin_stage("r", "s", 10)
+    for i in range(4):
+        la.apply("r", "s", i, "start", when=100.0 + i)
+        la.apply("r", "s", i, "finish", when=101.0 + i)
+    run = la.run("r")
+    run.set_paused(True, now=104.0)
+    at_pause = la.snapshot(now=104.0)["runs"][0]["stages"][0]
+    later = la.snapshot(now=500.0)["runs"][0]["stages"][0]
+    assert at_pause["eta_s"] == later["eta_s"] == pytest.approx(6.0)
+    run.set_paused(False, now=500.0)
+    la.apply("r", "s", 4, "start", when=500.0)
+    la.apply("r", "s", 4, "finish", when=501.0)
+    st = la.snapshot(now=501.0)["runs"][0]["stages"][0]
+    assert st["elapsed_s"] == pytest.approx(5.0)  # 100..104 and 500..501
+    assert st["rate_per_s"] == pytest.approx(1.0) and st["eta_s"] == pytest.approx(5.0)
+    # a pause of another stage does not hold this one
+    run.set_paused(True, "other", now=501.0)
+    assert la.snapshot(now=600.0)["runs"][0]["stages"][0]["eta_s"] > 5.0  # this one runs on
+
+
+def test_queued_units_and_lost_attempts():
+    la = lat.Lattice()
+    la.begin_stage("r", "slab", 3)
+    assert la.apply("r", "slab", 0, "queue", worker="w1")
+    assert la.apply("r", "slab", 0, "start", worker="w1")
+    la.lose("r", "slab", 0, worker="w1")  # the worker died running it
+    assert la.apply("r", "slab", 0, "queue", worker="w2")
+    assert la.apply("r", "slab", 0, "start", worker="w2")
+    assert la.apply("r", "slab", 0, "finish", worker="w2")
+    assert la.apply("r", "slab", 1, "queue", worker="w1")
+    assert la.apply("r", "slab", 1, "requeue")  # paused while queued: not an attempt
+    st = la.snapshot()["runs"][0]["stages"][0]
+    assert st["cells"] == "eww" and st["lost"] == 1
+    u0 = la.unit("r", "slab", 0)
+    assert u0["attempts"] == 2 and u0["lost"] == 1
+    assert [h[1] for h in u0["history"]] == [
+        "queued", "running", "lost", "queued", "running", "redone"
+    ]  # fmt: skip
+    assert u0["history"][2][2] == "w1"
+    assert la.unit("r", "slab", 1)["attempts"] == 0
+    # a unit an earlier driver had started is lost with it, and redone
+    la.begin_stage("r", "slab", 3, skipped=[0], redo=[2])
+    la.apply("r", "slab", 2, "start", worker="w3")
+    la.apply("r", "slab", 2, "finish", worker="w3")
+    assert la.snapshot()["runs"][0]["stages"][0]["cells"] == "swe"
+
+
+def test_plan_announces_every_stage_and_keeps_begun_ones():
+    la = lat.Lattice()
+    la.plan(
+        "r",
+        [
+            {"stage": "features", "total": 4},
+            {"stage": "slab", "total": 2, "labels": ["z 0-7", "z 8-15"]},
+        ],
+    )
+    la.begin_stage("r", "features", 4)
+    la.apply("r", "features", 0, "start")
+    la.apply("r", "features", 0, "finish")
+    la.plan(
+        "r",
+        [
+            {"stage": "features", "total": 4},
+            {"stage": "slab", "total": 3, "labels": ["z 0-3", "z 4-7", "z 8-9"]},
+        ],
+    )
+    stages = la.snapshot()["runs"][0]["stages"]
+    assert [(s["stage"], s["total"], s["planned"]) for s in stages] == [
+        ("features", 4, False), ("slab", 3, True)
+    ]  # fmt: skip
+    assert stages[0]["cells"] == "dwww" and stages[1]["labels"][2] == "z 8-9"
+    la.begin_stage("r", "slab", 3)  # labels kept from the plan
+    assert la.unit("r", "slab", 1)["label"] == "z 4-7"
+
+
+def test_journal_replay_tells_starts_losses_and_redos(tmp_path):
+    """A session that died with units in flight: the next session records them lost with the
+    dead driver and redoes them; the replay (what `emflow status` shows) counts it all."""
+    lat.open_run(tmp_path, "fp", restart=False)
+    with lat.Journal(tmp_path) as j:
+        j.append("plan", stages=[{"stage": "slab", "total": 4}, {"stage": "coarse1", "total": 1}])
+        j.append("stage", stage="slab", run_id="fp", total=4)
+        for i in range(3):
+            j.append("start", stage="slab", index=i, worker=f"w{i}", attempt=1)
+        j.append("lost", stage="slab", index=1, worker="w1", reason="worker lost")
+        j.append("start", stage="slab", index=1, worker="w0", attempt=2)
+        j.append("done", stage="slab", index=1, attempts=2, redone=True, worker="w0")
+        j.append("done", stage="slab", index=0, attempts=1, worker="w0")
+    lat.write_marker(lat.marker_path(tmp_path, "slab", 0), {"result": {}})
+    lat.write_marker(lat.marker_path(tmp_path, "slab", 1), {"result": {}})
+    live = lat.summarize_journal(tmp_path)["runs"][0]["stages"]
+    assert [(s["stage"], s["cells"]) for s in live] == [("slab", "derw"), ("coarse1", "w")]
+    dead = lat.summarize_journal(tmp_path, stopped=True)["runs"][0]["stages"][0]
+    assert dead["cells"] == "deww" and dead["lost"] == 2  # unit 2 was lost with the driver
+    # the next session: unit 2 (started, no marker) is lost with the dead driver, then redone
+    lat.open_run(tmp_path, "fp", restart=False)
+    assert lat.earlier_attempts(tmp_path, "slab") == {2}
+    lost = [r for r in lat.read_journal(tmp_path) if r["event"] == "lost"]
+    assert lost[-1] == {**lost[-1], "index": 2, "worker": "w2", "reason": "driver stopped"}
+    with lat.Journal(tmp_path) as j:
+        j.append("stage", stage="slab", run_id="fp", total=4, redo=[2])
+        j.append("skipped", stage="slab", indices=[0, 1])
+        j.append("start", stage="slab", index=2, worker="w5", attempt=1)
+        j.append("done", stage="slab", index=2, attempts=1, redone=True, worker="w5")
+    st = lat.summarize_journal(tmp_path)["runs"][0]["stages"][0]
+    assert st["cells"] == "ssew" and st["lost"] == 1 and st["counts"]["redone"] == 1
+
+
+def test_secrets_folder_is_private_and_a_dead_drivers_files_go(tmp_path):
+    from emflow.cluster import secrets
+
+    folder = secrets.prepare(tmp_path / "secrets")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    pem = secrets.write_pem(folder, "client-key.pem", "-----BEGIN PRIVATE KEY-----\nx\n")
+    assert stat.S_IMODE(pem.stat().st_mode) == 0o600
+    outside = tmp_path / "site-shared" / ".dask-jobqueue.worker.key.abc"
+    outside.parent.mkdir()
+    outside.write_text("k")
+    secrets.register(folder, [outside])
+    # another driver starts while this one lives: nothing is removed, nothing claimed
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from emflow.cluster import secrets; "
+         "secrets.prepare(sys.argv[1])", str(folder)], check=True,
+    )  # fmt: skip
+    assert other.returncode == 0 and pem.exists() and outside.exists()
+    assert secrets.owner(folder)["pid"] == os.getpid()
+    # this driver "dies": its claim names a process that no longer runs
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rec = secrets.owner(folder)
+    (folder / secrets.OWNER).write_text(json.dumps({**rec, "pid": dead.pid}))
+    secrets.prepare(folder)  # the next driver
+    assert not pem.exists() and not outside.exists()
+    assert secrets.owner(folder)["pid"] == os.getpid()
+    secrets.write_pem(folder, "client-ca.pem", "ca")
+    secrets.release(folder, ["client-ca.pem"])
+    assert list(folder.iterdir()) == []

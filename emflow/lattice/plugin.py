@@ -16,7 +16,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from emflow.lattice.state import Lattice, Q, R, RunLattice, W
+from emflow.lattice.state import Lattice, Q, R, RunLattice
 
 PLUGIN_NAME = "emflow-lattice"
 EVENTS_MAX = 100_000  # unit events kept per run for the driver (oldest dropped beyond)
@@ -164,7 +164,7 @@ class LatticePlugin(SchedulerPlugin):
             if not r.cancelled and not r.is_paused(name):
                 continue
             for i in [i for i in st.cells if st.codes[i] == ord(Q.code)]:
-                st.codes[i] = ord(W.code)
+                self.lattice.apply(r.run_id, name, i, "requeue")
 
     def pause(
         self, run_id: str | None = None, stage: str | None = None, after: int | None = None

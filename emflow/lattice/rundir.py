@@ -264,6 +264,11 @@ def _client(address: str, security: Any, timeout: float) -> tuple[Any, str]:
 
     from distributed import Client
 
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:  # a refused port answers at once; Client would retry it until its timeout
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        return None, f"its scheduler {address} is not reachable ({exc.strerror or exc})"
     quiet = [logging.getLogger(n) for n in ("distributed", "distributed.client", "tornado")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
