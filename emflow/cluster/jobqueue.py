@@ -9,11 +9,12 @@ scales it with ``adapt`` and cancels every job it submitted on exit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,17 @@ def _job_only_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if k not in _CLUSTER_ONLY}
 
 
-def _tracking_job_cls(base: type, seen: list[str]) -> type:
+def _tracking_job_cls(
+    base: type, seen: list[str], on_submit: Callable[[str], object] | None = None
+) -> type:
     """A subclass of a dask-jobqueue job class that records submitted job ids."""
 
     async def start(self: Any) -> None:
         await base.start(self)
         if self.job_id:
             seen.append(str(self.job_id))
+            if on_submit is not None:
+                on_submit(str(self.job_id))
 
     return type(f"Emflow{base.__name__}", (base,), {"start": start})
 
@@ -175,7 +180,12 @@ def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterato
     if not request.insecure:
         kw["security"] = True  # Security.temporary(); worker files in shared_temp_directory
     submitted: list[str] = []
-    kw["job_cls"] = _tracking_job_cls(cluster_cls.job_cls, submitted)
+    cancel = cluster_cls.job_cls.cancel_command
+    folder = request.secrets_dir
+    note = None
+    if folder is not None:  # a driver that dies leaves its jobs to the next one to cancel
+        note = lambda job_id: secrets.note_job(folder, job_id, cancel)  # noqa: E731
+    kw["job_cls"] = _tracking_job_cls(cluster_cls.job_cls, submitted, note)
     for key in ("log_directory", "shared_temp_directory"):
         if kw.get(key):
             directory = Path(os.path.expanduser(os.path.expandvars(str(kw[key]))))
@@ -186,8 +196,8 @@ def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterato
                     f"cluster config {key} {directory}: cannot create ({exc.strerror}); "
                     "choose a directory on a file system the compute nodes share"
                 ) from exc
-    if not request.insecure and request.secrets_dir is not None:
-        secrets.prepare(request.secrets_dir)  # 0700; a dead driver's certificates removed
+    if request.secrets_dir is not None:
+        secrets.prepare(request.secrets_dir)  # 0700; a dead driver's certificates and jobs go
     try:
         cluster = cluster_cls(**kw)
     except (TypeError, ValueError, OSError) as exc:
@@ -201,8 +211,13 @@ def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterato
 
     def after_close() -> None:
         try:
-            _reap_jobs(cluster_cls.job_cls.cancel_command, submitted)
+            _reap_jobs(cancel, submitted)
         finally:
+            for key in ("ca_file", "cert", "key"):  # dask-jobqueue's temporary files: delete
+                handle = getattr(cluster, f"_job_{key}", None)
+                if handle is not None:
+                    with contextlib.suppress(OSError):
+                        handle.close()
             if request.secrets_dir is not None:
                 secrets.release(request.secrets_dir)
 

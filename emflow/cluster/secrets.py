@@ -5,9 +5,11 @@ two kinds of files must carry: the worker jobs' copies (dask-jobqueue writes the
 its ``shared_temp_directory``) and the client copies ``emflow status | pause | resume |
 cancel`` use to reach the live scheduler. Both live in one folder, mode 0700, files
 0600, claimed by the driver that wrote them (``owner.json``: pid, host, files kept
-elsewhere). The driver removes them when it ends; when it died instead (SIGKILL,
-node failure) the next driver's :func:`prepare` removes them before it writes its own.
-No Dask import: plain file operations.
+elsewhere, and the batch jobs it submitted). The driver removes them when it ends; when
+it died instead (SIGKILL, node failure) the next driver's :func:`prepare` removes them,
+and cancels the dead driver's worker jobs (they would wait for a scheduler that is
+gone), before it writes its own. No Dask import: file operations and the batch
+system's cancel command.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import socket
+import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -95,11 +99,11 @@ def _mine(rec: dict[str, Any] | None) -> bool:
     )
 
 
-def _claim(folder: Path, files: list[str]) -> None:
+def _claim(folder: Path, files: list[str], jobs: dict[str, Any] | None = None) -> None:
     _write_private(
         folder / OWNER,
         json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "t": time.time(),
-                    "files": files}),
+                    "files": files, "jobs": jobs or {}}),
     )  # fmt: skip
 
 
@@ -107,7 +111,16 @@ def register(folder: Path, paths: Iterable[str | Path]) -> None:
     """Note secret files this driver keeps outside ``folder`` (a site's shared_temp_directory)."""
     rec = owner(folder) or {}
     files = sorted({*rec.get("files", []), *(str(Path(p).resolve()) for p in paths)})
-    _claim(Path(folder), files)
+    _claim(Path(folder), files, rec.get("jobs"))
+
+
+def note_job(folder: Path, job_id: str, cancel_command: str) -> None:
+    """Note a batch job this driver submitted (``{"cancel": command, "ids": [...]}``)."""
+    rec = owner(folder) or {}
+    jobs = dict(rec.get("jobs") or {})
+    jobs["cancel"] = cancel_command
+    jobs["ids"] = sorted({*jobs.get("ids", []), str(job_id)})
+    _claim(Path(folder), list(rec.get("files", [])), jobs)
 
 
 def write_pem(folder: Path, name: str, text: str) -> Path:
@@ -118,9 +131,17 @@ def write_pem(folder: Path, name: str, text: str) -> Path:
 
 
 def clean(folder: Path, rec: dict[str, Any] | None = None) -> None:
-    """Remove every file of ``folder`` and the outside files its owner registered."""
+    """Remove every file of ``folder`` and the outside files its owner registered; cancel the
+    batch jobs of an owner that is not this process (a dead driver's)."""
     folder = Path(folder)
     rec = owner(folder) if rec is None else rec
+    jobs = (rec or {}).get("jobs") or {}
+    if jobs.get("ids") and jobs.get("cancel") and not _mine(rec):  # a dead driver's jobs
+        try:
+            subprocess.run([*shlex.split(jobs["cancel"]), *jobs["ids"]], capture_output=True,
+                           timeout=30, check=False)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # best effort: they end by themselves once their death timeout passes
     for f in (rec or {}).get("files", []):
         with contextlib.suppress(OSError):
             Path(f).unlink()
