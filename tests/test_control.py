@@ -20,7 +20,7 @@ from emflow import lattice as lat
 from emflow.cli import main as cli_main
 from emflow.cluster import secrets
 from emflow.testing import synthetic_slices, write_stack
-from tests.test_kill_matrix import RECIPE, cli, journal, wait_for
+from tests.test_kill_matrix import RECIPE, cli, journal, sessions, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -140,9 +140,12 @@ def test_a_killed_tls_run_is_shown_from_its_journal_and_its_certificates_cleared
                 env={"EMFLOW_PAUSE_AFTER": "slab:0"})  # fmt: skip
     try:
         wait_for(
-            lambda: (lat.read_scheduler_file(run_dir) or {}).get("pid") == again.pid,
+            lambda: (
+                (lat.read_scheduler_file(run_dir) or {}).get("pid") == again.pid
+                and any(r["event"] == "pause" for r in sessions(run_dir)[-1])
+            ),
             again,
-            "the new driver",
+            "the new driver, held at slab",
         )
         new = {p.name: p.read_text() for p in (run_dir / "secrets").glob("client-*.pem")}
         assert sorted(new) == sorted(old) and all(new[k] != old[k] for k in old)

@@ -327,20 +327,24 @@ def test_sigkill_worker_mid_unit_completes_identically(tmp_path):
         assert victim is not None
         index, unit = victim
         os.kill(pids[unit["worker"]], signal.SIGKILL)
+        t_kill = time.time()
         t.join(120)
         assert not t.is_alive() and sorted(box["res"]) == list(range(12))
         u = client.sync(client.scheduler.emflow_unit, run_id="dkill", stage="slab", index=index)
-    # the whole truth: started on the killed worker, lost with it, redone elsewhere
-    assert u["state"] == "redone" and u["attempts"] >= 2 and u["lost"] == 1
     states = [h[1] for h in u["history"]]
-    assert states[:3] == ["queued", "running", "lost"], u["history"]
-    assert u["history"][2][2] == unit["worker"]
-    lost = [r for r in lat.read_journal(run_dir) if r["event"] == "lost"]
-    assert [(r["index"], r["worker"]) for r in lost] == [(index, unit["worker"])]
-    starts = [r for r in lat.read_journal(run_dir) if r["event"] == "start" and r["index"] == index]
-    assert [r["attempt"] for r in starts] == [1, 2] and starts[0]["worker"] == unit["worker"]
-    (done,) = [r for r in lat.read_journal(run_dir) if r["event"] == "done" and r["index"] == index]
-    assert done["redone"] is True and done["attempts"] == 2
+    if states[:3] == ["queued", "running", "done"]:  # it finished just before the signal landed
+        assert u["end"] <= t_kill + 0.5 and u["state"] == "done", u
+    else:  # the whole truth: started on the killed worker, lost with it, redone elsewhere
+        assert u["state"] == "redone" and u["attempts"] >= 2 and u["lost"] == 1
+        assert states[:3] == ["queued", "running", "lost"], u["history"]
+        assert u["history"][2][2] == unit["worker"]
+        recs = list(lat.read_journal(run_dir))
+        lost = [r for r in recs if r["event"] == "lost"]
+        assert [(r["index"], r["worker"]) for r in lost] == [(index, unit["worker"])]
+        starts = [r for r in recs if r["event"] == "start" and r["index"] == index]
+        assert [r["attempt"] for r in starts] == [1, 2] and starts[0]["worker"] == unit["worker"]
+        (done,) = [r for r in recs if r["event"] == "done" and r["index"] == index]
+        assert done["redone"] is True and done["attempts"] == 2
     assert _digest(out) == _digest(serial_out) and len(_digest(out)) == 12
     assert set(lat.done_markers(run_dir, "slab")) == set(range(12))
 

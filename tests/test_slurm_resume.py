@@ -198,8 +198,9 @@ def test_status_and_control_on_a_tls_slurm_run_live_then_dead(stack, reference, 
     before = markers(run_dir)
     again = cli(slurm_run(stack), tmp_path, env={"EMFLOW_PAUSE_AFTER": "slab:0"})
     try:
-        wait_for(lambda: (lat.read_scheduler_file(run_dir) or {}).get("pid") == again.pid,
-                 again, "the new driver", timeout=600)  # fmt: skip
+        wait_for(lambda: (lat.read_scheduler_file(run_dir) or {}).get("pid") == again.pid
+                 and any(r["event"] == "pause" for r in sessions(run_dir)[-1]),
+                 again, "the new driver, held at slab", timeout=600)  # fmt: skip
         now = sorted(p.name for p in folder.iterdir())
         assert not set(workers) & set(now), "the dead driver's certificates were removed"
         assert not set(jobs) & set(our_jobs()), "the dead driver's jobs were cancelled"
