@@ -55,15 +55,19 @@ Modules
 :mod:`~emflow.lattice.state`
     :class:`UnitState`, :data:`TRANSITIONS`, :class:`Lattice` (per-stage aggregation).
 :mod:`~emflow.lattice.plugin`
-    :class:`LatticePlugin`, :func:`ensure_plugin`, :func:`parse_key` (runs in the scheduler).
+    :class:`LatticePlugin` (runs in the scheduler: transitions, the units' start gate,
+    pause/cancel, unit events for the journal), :func:`ensure_plugin`, :func:`parse_key`.
 :mod:`~emflow.lattice.execute`
-    :func:`run_stage`: a stage's units serially or on Dask in a bounded window, with markers.
+    :func:`run_stage`: a stage's units serially, on Dask in a bounded window, or in the
+    driver through the same gate, with markers; :func:`declare_plan`.
 :mod:`~emflow.lattice.markers`
     atomic JSON markers: :func:`write_marker`, :func:`read_marker`, :func:`done_markers`.
 :mod:`~emflow.lattice.journal`
-    :class:`Journal`, :func:`read_journal`, :func:`summarize_journal`, sessions.
+    :class:`Journal`, :func:`read_journal`, :func:`summarize_journal`, sessions and the
+    units earlier sessions left unfinished (:func:`earlier_attempts`).
 :mod:`~emflow.lattice.rundir`
-    :func:`open_run`, the live-run ``scheduler.json`` and :func:`live_run` (a client to it).
+    :func:`open_run`; :func:`announce_run` / :func:`retire_run` (``scheduler.json`` and the
+    client credentials of a live run) and :func:`connect_run` (a client to it, or why not).
 :mod:`~emflow.lattice.errors`
     :class:`IncompleteRun`, :class:`RunCancelled`.
 """
