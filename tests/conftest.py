@@ -33,6 +33,21 @@ def shared_data() -> Path:
     return DATA
 
 
+def slurm_unavailable() -> str | None:
+    """Why the real SLURM (partition ``debug``) cannot be used here, or None when it can."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sbatch") is None:
+        return "sbatch not found: run `bash .ci/slurm.sh` first"
+    proc = subprocess.run(
+        ["sinfo", "-h", "-p", "debug", "-o", "%a"], capture_output=True, text=True, timeout=20
+    )
+    if proc.returncode != 0 or "up" not in proc.stdout:
+        return f"SLURM partition debug not up ({proc.stderr.strip()}): run `bash .ci/slurm.sh`"
+    return None
+
+
 def read_pngs(paths) -> np.ndarray:
     return np.stack([cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths])
 

@@ -236,39 +236,40 @@ def arm_worker_kills(dask_scheduler, stages: list[str], nth: int = 2) -> None:
     dask_scheduler.handlers["emflow_gate"] = killing_gate
 
 
-def test_worker_killed_in_every_stage_run_completes_identically(stack, reference, tmp_path):
-    """One run, two worker processes: in each stage a worker is SIGKILLed -- the one that just
-    started a unit of it (solve and finalize run in the driver: an idle worker dies meanwhile).
-    The run ends with exit 0; the journal holds each unit lost with its worker, redone; `emflow
-    status` counts them; the rerun skips everything; the output equals the reference."""
+WORKER_STAGES = ("features", "match", "slab", "coarse1")  # the stages whose units run on workers
+
+
+def run_with_worker_kills(proc: subprocess.Popen, run_dir: Path, timeout: float = 300) -> str:
+    """Let a run held before its first unit (``EMFLOW_PAUSE_AFTER=features:0``) go on with
+    :func:`arm_worker_kills` armed in its scheduler (reached like `emflow status` reaches it);
+    wait for it to end and return its stderr."""
     import cloudpickle
-    from distributed import Client
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the driver cannot import tests
-    run_dir = make_run(stack, tmp_path)
-    proc = cli(
-        ["run", "recipe.yaml", "--workers", "2", "--threads", "1", "--dashboard", ":0", "-q"],
-        tmp_path,
-        env={"EMFLOW_PAUSE_AFTER": "features:0"},  # hold the run until the kills are armed
-    )
     try:
         wait_for(
-            lambda: any(r["event"] == "pause" for r in journal(run_dir)), proc, "the first stage"
-        )
-        info = lat.read_scheduler_file(run_dir)
-        with Client(info["address"], timeout="30s") as client:
+            lambda: any(r["event"] == "pause" for r in journal(run_dir)),
+            proc, "the first stage", timeout=600,
+        )  # fmt: skip
+        with lat.connect_run(run_dir, timeout=30) as contact:
+            client = contact.client
+            assert client is not None, contact.reason
             client.run_on_scheduler(arm_worker_kills, stages=list(STAGES))
-            client.sync(client.scheduler.emflow_resume, run_id=info["run_id"])
-            _out, err = proc.communicate(timeout=300)
+            client.sync(client.scheduler.emflow_resume, run_id=contact.info["run_id"])
+            _out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, err
+    return err
+
+
+def assert_lost_and_redone(run_dir: Path) -> None:
+    """In every worker stage one unit was lost with the worker that had started it, and redone
+    on another (a second loss may follow while both workers restart: journaled too)."""
     recs = journal(run_dir)
-    for stage in ("features", "match", "slab", "coarse1"):
+    for stage in WORKER_STAGES:
         lost = [r for r in recs if r["event"] == "lost" and r["stage"] == stage]
-        # (another loss may follow while both workers restart: both are journaled)
         assert lost and lost[0]["reason"] == "worker lost", (stage, lost)
         (start,) = [r for r in recs if r["event"] == "start" and r["stage"] == stage
                     and r["index"] == lost[0]["index"] and r["attempt"] == 1]  # fmt: skip
@@ -276,6 +277,22 @@ def test_worker_killed_in_every_stage_run_completes_identically(stack, reference
         (done,) = [r for r in recs if r["event"] == "done" and r["stage"] == stage
                    and r["index"] == lost[0]["index"]]  # fmt: skip
         assert done["redone"] and done["attempts"] >= 2 and done["worker"] != lost[0]["worker"]
+
+
+def test_worker_killed_in_every_stage_run_completes_identically(stack, reference, tmp_path):
+    """One run, two worker processes: in each stage a worker is SIGKILLed -- the one that just
+    started a unit of it (solve and finalize run in the driver: an idle worker dies meanwhile).
+    The run ends with exit 0; the journal holds each unit lost with its worker, redone; `emflow
+    status` counts them; the rerun skips everything; the output equals the reference."""
+    run_dir = make_run(stack, tmp_path)
+    proc = cli(
+        ["run", "recipe.yaml", "--workers", "2", "--threads", "1", "--dashboard", ":0", "-q"],
+        tmp_path,
+        env={"EMFLOW_PAUSE_AFTER": "features:0"},  # hold the run until the kills are armed
+    )
+    err = run_with_worker_kills(proc, run_dir)
+    assert proc.returncode == 0, err
+    assert_lost_and_redone(run_dir)
     assert_identical(tmp_path / "out", reference)
     st = subprocess.run(
         [sys.executable, "-m", "emflow", "status", "out", "--json"],
@@ -283,7 +300,7 @@ def test_worker_killed_in_every_stage_run_completes_identically(stack, reference
     )  # fmt: skip
     assert st.returncode == 0, st.stderr
     shown = {s["stage"]: s for s in json.loads(st.stdout)["runs"][0]["stages"]}
-    for stage in ("features", "match", "slab", "coarse1"):
+    for stage in WORKER_STAGES:
         assert shown[stage]["lost"] >= 1 and shown[stage]["counts"]["redone"] == 1, shown[stage]
 
     again = cli(command(stack, processes=False), tmp_path)

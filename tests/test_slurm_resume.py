@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,18 +23,19 @@ import pytest
 
 from emflow import lattice as lat
 from emflow.cluster import secrets
+from tests.conftest import slurm_unavailable
 from tests.test_kill_matrix import (
     HOLD,
     OUTPUTS,
     RECIPE,
     STAGES,
-    arm_worker_kills,
     assert_identical,
+    assert_lost_and_redone,
     assert_resumed,
     cli,
     command,
-    journal,
     markers,
+    run_with_worker_kills,
     sessions,
     wait_for,
 )
@@ -43,17 +43,7 @@ from tests.test_kill_matrix import (
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 
-def _slurm_ready() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "sbatch not found: run `bash .ci/slurm.sh` first"
-    proc = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%a"], capture_output=True,
-                          text=True, timeout=20)  # fmt: skip
-    if proc.returncode != 0 or "up" not in proc.stdout:
-        return f"SLURM partition debug not up ({proc.stderr.strip()}): run `bash .ci/slurm.sh`"
-    return None
-
-
-_why = _slurm_ready()
+_why = slurm_unavailable()
 if _why is not None:
     pytest.skip(_why, allow_module_level=True)
 
@@ -267,32 +257,9 @@ def test_worker_killed_in_every_stage_on_slurm(stack, reference, tmp_path):
     """The worker process inside a SLURM job is SIGKILLed the moment it starts a unit of each
     stage (its nanny starts a new one); the run completes, the journal holds each unit lost with
     its worker and redone, and the output equals the reference."""
-    import cloudpickle
-    from distributed import Client
-    from distributed.security import Security
-
-    cloudpickle.register_pickle_by_value(sys.modules["tests.test_kill_matrix"])
     proc, run_dir = held(stack, tmp_path, "features:0")
-    try:
-        info = lat.read_scheduler_file(run_dir)
-        tls = {k: str(run_dir / v) for k, v in info["tls"].items()}
-        security = Security(tls_ca_file=tls["ca_file"], tls_client_cert=tls["cert"],
-                            tls_client_key=tls["key"], require_encryption=True)  # fmt: skip
-        with Client(info["address"], security=security, timeout="30s") as client:
-            client.run_on_scheduler(arm_worker_kills, stages=list(STAGES))
-            client.sync(client.scheduler.emflow_resume, run_id=info["run_id"])
-            _out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    err = run_with_worker_kills(proc, run_dir, timeout=600)
     assert proc.returncode == 0, err
-    recs = journal(run_dir)
-    for stage in ("features", "match", "slab", "coarse1"):
-        lost = [r for r in recs if r["event"] == "lost" and r["stage"] == stage]
-        assert lost and lost[0]["reason"] == "worker lost", (stage, lost)
-        (done,) = [r for r in recs if r["event"] == "done" and r["stage"] == stage
-                   and r["index"] == lost[0]["index"]]  # fmt: skip
-        assert done["redone"] and done["worker"] != lost[0]["worker"]
+    assert_lost_and_redone(run_dir)
     assert_identical(tmp_path / "out", reference)
     assert our_jobs() == []
