@@ -141,6 +141,16 @@ def _start_cluster(workers: int, tmp: Path) -> tuple[list[subprocess.Popen], str
     return procs, str(sched_file)
 
 
+def _default_window(client: object) -> int:
+    """run_stage's default window for this client (older emflow: two per worker thread)."""
+    try:
+        from emflow.lattice.execute import _window
+
+        return _window(client)
+    except ImportError:
+        return max(2, 2 * sum(client.nthreads().values()))  # type: ignore[attr-defined]
+
+
 def run(slices: int, units: int, workers: int) -> dict:
     from distributed import Client
 
@@ -185,14 +195,12 @@ def run(slices: int, units: int, workers: int) -> dict:
                     "uint8",
                     (),
                 )
-                plan = plan_output(
-                    recipe, len(cat.slices), cat.shape_yx, cat.dtype, threads=workers
-                )
+                plan = plan_output(recipe, len(cat.slices), cat.shape_yx, cat.dtype)
                 unit_list = [Unit(i, noop, (i,), 2048 * 2048) for i in range(slices)]
                 out["plan"] = {
                     "levels": len(plan.levels),
                     "slab_depth": plan.slab_depth,
-                    "passes": [len(p.blocks) for p in plan.passes],
+                    "stages": {name: n for name, n, _ in plan.stages()},
                 }
                 have_emflow = True
             except ImportError as exc:
@@ -205,7 +213,7 @@ def run(slices: int, units: int, workers: int) -> dict:
             out["planner"] = planner
             # 2. run the per-slice stage through the window, stop after `units` results
             times: list[float] = []
-            timed = _TimedClient(client, window=max(2, 2 * workers))
+            timed = _TimedClient(client, window=_default_window(client))
             t1 = timed.t0
 
             def on_result(_unit: object, _res: object) -> None:
@@ -236,7 +244,7 @@ def run(slices: int, units: int, workers: int) -> dict:
                         ac.add(client.submit(noop, next(it), pure=False))
                 except _Stop:
                     pass
-            out["window"] = max(2, 2 * workers)
+            out["window"] = _default_window(client)
             out["first_window_submitted_s"] = (
                 round(timed.window_submitted_s, 4) if timed.window_submitted_s is not None else None
             )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import emflow.plan  # noqa: F401  (the module loads first: `emflow.plan` then names the function)
 from emflow.discover import SliceCatalog, discover_recipe
-from emflow.pipeline import RunResult
-from emflow.pipeline import run as _run
-from emflow.plan import Plan, plan_preview
 from emflow.recipe import Recipe, load_recipe, recipe_from_dict
+
+if TYPE_CHECKING:  # imported where used: Dask and tensorstore load only when a run starts
+    from emflow.pipeline import RunResult
+    from emflow.plan import Plan
 
 
 def _as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
@@ -33,6 +35,8 @@ def run(
 
     ``alignment`` names a saved alignment.json to re-export with (no feature matching).
     """
+    from emflow.pipeline import run as _run
+
     return _run(
         _as_recipe(recipe),
         client=client,
@@ -54,6 +58,8 @@ def plan(recipe: Recipe | str | Path | dict, *, alignment: str | Path | None = N
     It depends on the recipe and the stack only (and on the frame of a saved ``alignment``;
     without one an aligned run plans again after its solve). See ``Plan.summary()``.
     """
+    from emflow.plan import plan_preview
+
     r = _as_recipe(recipe)
     cat = discover_recipe(r)
     p, _note = plan_preview(r, len(cat.slices), cat.shape_yx, cat.dtype, alignment_path=alignment)

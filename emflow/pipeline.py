@@ -324,6 +324,18 @@ def finalize_output(writer: Any, final: str) -> dict:
     return {"output": writer.name, "path": str(dest), "moved": True}
 
 
+def _warm_up_workers(client: Any) -> None:
+    """One fire-and-forget import task per connected worker (see :func:`emflow.render.warm_up`)."""
+    from distributed import fire_and_forget
+
+    from emflow.render import warm_up
+
+    tag = uuid.uuid4().hex[:8]
+    for i, address in enumerate(client.scheduler_info().get("workers", {})):
+        fut = client.submit(warm_up, key=f"warm-up-{tag}-{i}", workers=[address], pure=False)
+        fire_and_forget(fut)
+
+
 def run(
     recipe: Recipe,
     *,
@@ -341,6 +353,8 @@ def run(
     """
     from emflow import lattice
 
+    if client is not None:  # workers import while the driver discovers and plans
+        _warm_up_workers(client)
     root = recipe.output_path
     _check_writable(root)
     run_dir = root / RUN_FOLDER

@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from emflow.errors import RecipeError
-from emflow.io.omezarr import OmeZarrWriter
-from emflow.io.precomputed import PrecomputedWriter
 from emflow.io.writer import Writer
 from emflow.pyramid import Level, plan_levels, sum_dtype
 from emflow.recipe import OmeZarrOutput, PrecomputedOutput, Recipe
@@ -643,6 +641,9 @@ def plan_output(
 # ---------------------------------------------------------------------------------------
 def make_writers(recipe: Recipe, plan: Plan, root: Path, token: str) -> list[Writer]:
     """One writer per recipe output, writing under ``root/<name>.partial`` until the run completes."""
+    from emflow.io.omezarr import OmeZarrWriter  # tensorstore: loaded when writers are made
+    from emflow.io.precomputed import PrecomputedWriter
+
     writers: list[Writer] = []
     for o in recipe.outputs:
         path = root / (o.name + PARTIAL_SUFFIX)

@@ -285,3 +285,18 @@ def sample_window(refs: Sequence[SliceRef], percentiles: tuple[float, float]) ->
     samples = [read_image(r.path, r.page)[::4, ::4] for r in picks]
     lo, hi = sample_percentiles(samples, percentiles)
     return {"window": [lo, hi], "slices": [r.z for r in picks]}
+
+
+def warm_up() -> None:
+    """Import what units need (tensorstore, OpenCV, the writers) so the first unit need not.
+
+    The driver asks every worker to run this as soon as it has a client, while it still
+    discovers slices and plans; it returns nothing and writes nothing.
+    """
+    import cv2  # noqa: F401
+    import tensorstore  # noqa: F401
+
+    import emflow.io.handoff
+    import emflow.io.omezarr
+    import emflow.io.precomputed
+    import emflow.lattice.execute  # noqa: F401

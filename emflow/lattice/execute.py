@@ -40,6 +40,10 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (
 )
 #: seconds between two pause/cancel queries to the scheduler
 CONTROL_POLL_S = 0.2
+#: units in flight per worker thread (at least WINDOW_MIN), counting the threads an adaptive
+#: cluster may grow to: queued units are what the scheduler's adaptive target sees
+WINDOW_PER_THREAD = 4
+WINDOW_MIN = 16
 
 # unit events of each run already copied from the plugin to the journal (emflow_control cursor)
 _CURSORS: dict[str, int] = {}
@@ -322,9 +326,9 @@ def run_stage(
     """Run every unit of a stage and return ``{index: result}``.
 
     With ``client=None`` units run here, in order (notebooks, pdb). With a Dask
-    client they are submitted in a window of ``window`` units (default two per
-    worker thread); each unit passes the run's start gate on its worker, so none
-    starts while the run or this stage is paused (``emflow pause``) and none after
+    client they are submitted in a window of ``window`` units (default WINDOW_PER_THREAD per
+    thread the cluster has or may adapt to, at least WINDOW_MIN); each unit passes the run's
+    start gate on its worker, so none starts while the run or this stage is paused (``emflow pause``) and none after
     ``emflow cancel``. ``where="driver"`` runs the units here, in order, yet through
     the same gate and lattice (the solve and finalize steps of a pipeline).
 
@@ -655,7 +659,7 @@ def _run_here(
 
 
 def _next_ready(ac: Any, timeout: float) -> list[Any]:
-    """Futures of ``ac`` that are done, waiting at most ``timeout`` s for the first one."""
+    """(future, result) pairs of ``ac`` that are done, waiting at most ``timeout`` s for one."""
     if not ac.has_ready():
         cond = getattr(ac, "thread_condition", None)
         if cond is not None:
@@ -665,6 +669,18 @@ def _next_ready(ac: Any, timeout: float) -> list[Any]:
         else:  # pragma: no cover - other distributed versions
             time.sleep(min(timeout, 0.01))
     return ac.next_batch(block=False) if ac.has_ready() else []
+
+
+def _window(client: Any) -> int:
+    """Units to keep in flight: WINDOW_PER_THREAD per thread the cluster has or may adapt to."""
+    nthreads = client.nthreads()
+    threads = sum(nthreads.values())
+    per_worker = threads / len(nthreads) if nthreads else 1
+    adaptive = getattr(getattr(client, "cluster", None), "_adaptive", None)
+    maximum = getattr(adaptive, "maximum", None) if adaptive is not None else None
+    if isinstance(maximum, int | float) and maximum < float("inf"):
+        threads = max(threads, int(maximum * per_worker))
+    return max(WINDOW_MIN, WINDOW_PER_THREAD * max(1, threads))
 
 
 def _run_dask(
@@ -681,18 +697,22 @@ def _run_dask(
     from distributed import as_completed
 
     stage = hooks.stage
-    if window is None:
-        threads = sum(client.nthreads().values()) or 1
-        window = max(2, 2 * threads)
+    fixed_window = window
+    window = fixed_window or _window(client)
+    next_window = time.monotonic() + 2.0
 
     pending: deque[Unit] = deque(todo)
     retry: deque[tuple[Any, Unit]] = deque()  # erred futures to retry (same key) on release
     in_flight: dict[Any, Unit] = {}
     attempts: dict[int, int] = {}
     failures: list[dict[str, Any]] = []
-    ac = as_completed([], with_results=False)
+    # results travel with the completions (gathered in the background): no round trip per unit
+    ac = as_completed([], with_results=True, raise_errors=False)
 
     def release() -> None:
+        nonlocal window, next_window
+        if fixed_window is None and time.monotonic() > next_window:  # workers join and leave
+            window, next_window = _window(client), time.monotonic() + 2.0
         while (retry or pending) and len(in_flight) < window:
             if retry:
                 fut, u = retry.popleft()
@@ -725,10 +745,9 @@ def _run_dask(
                     break
                 time.sleep(CONTROL_POLL_S)  # paused, nothing running: wait for resume
                 continue
-            for fut in _next_ready(ac, CONTROL_POLL_S):
+            for fut, payload in _next_ready(ac, CONTROL_POLL_S):
                 u = in_flight.pop(fut.key)
                 if fut.status == "finished":
-                    payload = fut.result()
                     fut.release()
                     if payload.get("deferred"):  # refused at the gate: paused or cancelled
                         if not control.cancelled:
