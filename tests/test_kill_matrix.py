@@ -285,11 +285,8 @@ def test_worker_killed_in_every_stage_run_completes_identically(stack, reference
     The run ends with exit 0; the journal holds each unit lost with its worker, redone; `emflow
     status` counts them; the rerun skips everything; the output equals the reference."""
     run_dir = make_run(stack, tmp_path)
-    proc = cli(
-        ["run", "recipe.yaml", "--workers", "2", "--threads", "1", "--dashboard", ":0", "-q"],
-        tmp_path,
-        env={"EMFLOW_PAUSE_AFTER": "features:0"},  # hold the run until the kills are armed
-    )
+    two = ["run", "recipe.yaml", "--workers", "2", "--threads", "1", "--dashboard", ":0", "-q"]
+    proc = cli(two, tmp_path, env={"EMFLOW_PAUSE_AFTER": "features:0"})  # held until armed
     err = run_with_worker_kills(proc, run_dir)
     assert proc.returncode == 0, err
     assert_lost_and_redone(run_dir)
@@ -303,7 +300,7 @@ def test_worker_killed_in_every_stage_run_completes_identically(stack, reference
     for stage in WORKER_STAGES:
         assert shown[stage]["lost"] >= 1 and shown[stage]["counts"]["redone"] == 1, shown[stage]
 
-    again = cli(command(stack, processes=False), tmp_path)
+    again = cli(two, tmp_path)  # the same command again
     _out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert_resumed(run_dir, markers(run_dir), [])
