@@ -50,7 +50,7 @@ from emflow.render import (  # noqa: F401  (re-exported, as above)
     SliceRender,
     build_brick,
     downsample_in_bands,
-    render_slice,
+    render_slices,
     sample_window,
 )
 from emflow.resume import open_volumes
@@ -233,11 +233,13 @@ def pyramid_stages(
     render_dir = None
     if plan.render_stage:
         render_dir = str(rendercache.cache_dir(run_dir))
-        nbytes = how.shape_yx[0] * how.shape_yx[1] * (2 if how.in_dtype == "uint16" else 1)
-        stage(
-            "render",
-            [Unit(i, render_slice, (how, s, render_dir), nbytes) for i, s in enumerate(slices)],
-        )
+        per_slice = how.shape_yx[0] * how.shape_yx[1] * (2 if how.in_dtype == "uint16" else 1)
+        units = []
+        for i in range(plan.render_units):
+            z0, z1 = plan.render_slices(i)
+            args = (how, slices[z0:z1], render_dir)
+            units.append(Unit(i, render_slices, args, per_slice * (z1 - z0)))
+        stage("render", units)
     for p in plan.passes:
         units = []
         for i in range(p.n_units):
@@ -300,7 +302,7 @@ def planned_stages(
         out.append({"stage": "match", "total": len(pairs), "labels": labels})
         out.append({"stage": "solve", "total": 1})
     if plan.render_stage:
-        out.append({"stage": "render", "total": plan.levels[0].shape_zyx[0]})
+        out.append({"stage": "render", "total": plan.render_units})
     for p in plan.passes:
         out.append({"stage": p.stage, "total": p.n_units, "labels": _labels(p)})
     names = [o.name for o in recipe.outputs]

@@ -50,6 +50,8 @@ BRICK_XY_PX = 1024
 MIN_UNITS = 4
 #: resident memory of an idle worker process (interpreter, numpy, tensorstore, distributed)
 WORKER_BASE = 320 * _MIB
+#: source bytes one render unit decodes (several slices per unit amortise its bookkeeping)
+RENDER_UNIT_BYTES = 32 * _MIB
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,6 +126,16 @@ class Plan:
     render_memory: int
     unit_budget: int
     budget_source: str
+    render_group: int = 1  # slices per render unit
+
+    @property
+    def render_units(self) -> int:
+        return -(-self.levels[0].shape_zyx[0] // self.render_group) if self.render_stage else 0
+
+    def render_slices(self, i: int) -> tuple[int, int]:
+        """z range [z0, z1) of render unit ``i``."""
+        g, n = self.render_group, self.levels[0].shape_zyx[0]
+        return i * g, min((i + 1) * g, n)
 
     @property
     def slab_depth(self) -> int:
@@ -150,7 +162,7 @@ class Plan:
         """(stage, units, planned memory per unit) in execution order (pyramid stages)."""
         out = []
         if self.render_stage:
-            out.append(("render", self.levels[0].shape_zyx[0], self.render_memory))
+            out.append(("render", self.render_units, self.render_memory))
         out += [(p.stage, p.n_units, p.memory) for p in self.passes]
         return out
 
@@ -172,8 +184,8 @@ class Plan:
         lines.append(f"memory budget per unit: {_gib(self.unit_budget)} ({self.budget_source})")
         if self.render_stage:
             lines.append(
-                f"stage render: {self.levels[0].shape_zyx[0]} units (one slice each: decode, "
-                f"warp, CLAHE → raw level-0 copy in the run folder), "
+                f"stage render: {self.render_units} units of {self.render_group} slice(s) "
+                f"(decode, warp, CLAHE → raw level-0 copy in the run folder), "
                 f"planned {_gib(self.render_memory)} per unit"
             )
         for p in self.passes:
@@ -222,6 +234,7 @@ class Plan:
             "render_memory": self.render_memory,
             "unit_budget": self.unit_budget,
             "budget_source": self.budget_source,
+            "render_group": self.render_group,
         }
 
     @classmethod
@@ -258,6 +271,7 @@ class Plan:
             render_memory=data["render_memory"],
             unit_budget=data["unit_budget"],
             budget_source=data["budget_source"],
+            render_group=data.get("render_group", 1),
         )
 
     def save(self, run_dir: Path) -> None:
@@ -622,6 +636,9 @@ def plan_output(
             f"rendering one {nx} × {ny} slice needs {_gib(render_mem)}, more than the "
             f"{_gib(budget)} a unit may use; raise run.memory_per_worker"
         )
+    # render units: RENDER_UNIT_BYTES of source each, yet at least MIN_UNITS of them
+    n = len(levels) and levels[0].shape_zyx[0]
+    group = max(1, min(RENDER_UNIT_BYTES // max(1, frame_px * in_bytes), n // MIN_UNITS))
     return Plan(
         levels,
         tuple(passes),
@@ -633,6 +650,7 @@ def plan_output(
         render_mem if render else 0,
         int(budget),
         source_text,
+        group if render else 1,
     )
 
 

@@ -98,15 +98,20 @@ def render_one(how: SliceRender, job: SliceJob) -> np.ndarray:
     return img
 
 
-def render_slice(how: SliceRender, job: SliceJob, folder: str) -> dict:
-    """Render unit: one slice into the run folder's rendered level-0 copy."""
+def render_slices(how: SliceRender, jobs: Sequence[SliceJob], folder: str) -> dict:
+    """Render unit: slices, one after the other, into the run folder's rendered level-0 copy."""
     import cv2
 
     cv2.setNumThreads(1)
     t0 = time.perf_counter()
-    rendercache.store_slice(folder, job.ref.z, render_one(how, job))
-    nbytes = how.shape_yx[0] * how.shape_yx[1] * np.dtype(how.in_dtype).itemsize
-    return {"z": job.ref.z, "bytes_in": int(nbytes), "seconds": time.perf_counter() - t0}
+    for job in jobs:
+        rendercache.store_slice(folder, job.ref.z, render_one(how, job))
+    nbytes = len(jobs) * how.shape_yx[0] * how.shape_yx[1] * np.dtype(how.in_dtype).itemsize
+    return {
+        "z": [jobs[0].ref.z, jobs[-1].ref.z + 1] if jobs else [],
+        "bytes_in": int(nbytes),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,6 +15,17 @@ from typing import Any
 from emflow.cluster.config import _EMFLOW_KEYS, ClusterRequest, _adapt_bounds
 from emflow.errors import ClusterError
 
+#: threads per worker process when neither the config nor the command line says: units spend
+#: their time in code that releases the GIL (OpenCV decode, numpy, tensorstore), so a few
+#: processes with several threads each start faster and share one tensorstore cache
+LOCAL_THREADS_PER_WORKER = 4
+
+
+def default_local_shape(cores: int) -> tuple[int, int]:
+    """(workers, threads per worker) of the default local cluster on ``cores`` cores."""
+    threads = max(1, min(LOCAL_THREADS_PER_WORKER, cores))
+    return max(1, cores // threads), threads
+
 
 def _local_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[str, Any]:
     kw = {k: v for k, v in config.items() if k not in _EMFLOW_KEYS}
@@ -22,6 +33,11 @@ def _local_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[str, 
         kw["n_workers"] = request.workers
     if request.threads_per_worker is not None:
         kw["threads_per_worker"] = request.threads_per_worker
+    if kw.get("n_workers") is None and kw.get("threads_per_worker") is None:
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        kw["n_workers"], kw["threads_per_worker"] = default_local_shape(cores or 1)
     if request.memory_per_worker is not None:
         kw["memory_limit"] = request.memory_per_worker
     kw.setdefault("dashboard_address", request.dashboard_address)
