@@ -62,5 +62,7 @@ def plan(recipe: Recipe | str | Path | dict, *, alignment: str | Path | None = N
 
     r = _as_recipe(recipe)
     cat = discover_recipe(r)
-    p, _note = plan_preview(r, len(cat.slices), cat.shape_yx, cat.dtype, alignment_path=alignment)
+    p, _note = plan_preview(
+        r, len(cat.slices), cat.shape_yx, cat.dtype, alignment_path=alignment, refs=cat.slices
+    )
     return p

@@ -42,6 +42,7 @@ from emflow.plan import (  # noqa: F401  (re-exported: emflow.pipeline names use
     load_plan,
     make_writers,
     plan_output,
+    windowed_stack,
 )
 from emflow.recipe import Recipe
 from emflow.render import (  # noqa: F401  (re-exported, as above)
@@ -129,6 +130,8 @@ def plan_for_run(
     frame_shape_yx: tuple[int, int],
     in_dtype: str,
     resuming: bool,
+    *,
+    windowed: bool = False,
 ) -> tuple[Plan, bool]:
     """The plan this run executes and whether its units resume: the stored plan when resuming,
     else a new one (stored).
@@ -146,7 +149,7 @@ def plan_for_run(
             and old.in_dtype == in_dtype
         ):
             return old, True
-    plan = plan_output(recipe, n_slices, frame_shape_yx, in_dtype)
+    plan = plan_output(recipe, n_slices, frame_shape_yx, in_dtype, windowed=windowed)
     markers = run_dir / "done"
     if markers.is_dir():  # markers of another plan's units must not be reused
         for d in markers.iterdir():
@@ -481,8 +484,9 @@ def _run(
         from emflow.align_stage import slice_cache_dir
 
         cache_dir = str(slice_cache_dir(run_dir))
+    windowed = windowed_stack(recipe, catalog.slices, alignment is not None)
     plan, resuming = plan_for_run(
-        recipe, run_dir, len(catalog.slices), frame, catalog.dtype, resuming
+        recipe, run_dir, len(catalog.slices), frame, catalog.dtype, resuming, windowed=windowed
     )
     say(plan.summary())
     announce(plan)

@@ -580,11 +580,14 @@ def plan_output(
     *,
     budget: int | None = None,
     brick_xy_px: int = BRICK_XY_PX,
+    windowed: bool = False,
 ) -> Plan:
     """Plan levels, passes and ownership for a stack of ``n_slices`` frames of this shape.
 
     ``budget`` (bytes per unit) overrides the recipe's (see :func:`unit_budget`);
-    ``brick_xy_px`` the largest brick side in x and y (tests use small ones).
+    ``brick_xy_px`` the largest brick side in x and y (tests use small ones); ``windowed``:
+    slices need no rendering and can be read by window (uncompressed TIFF, no alignment,
+    no CLAHE), so bricks cut in x/y read them directly instead of a rendered copy.
     """
     out_dtype = "uint16" if (recipe.depth.output == "uint16" and in_dtype == "uint16") else "uint8"
     if recipe.run.slab_depth is not None:
@@ -628,7 +631,7 @@ def plan_output(
         passes.append(p)
         cells += _cells(levels, p.source, p.last, p.brick_zyx, p.grid_zyx)
         source = p.last + 1
-    render = not passes[0].full_frame
+    render = not passes[0].full_frame and not windowed
     render_mem = WORKER_BASE + _render_memory(frame_shape_yx, in_bytes, out_bytes)
     if render and render_mem > budget:
         ny, nx = frame_shape_yx
@@ -701,6 +704,15 @@ def check_ownership(plan: Plan, writers: Sequence[Writer]) -> None:
 # ---------------------------------------------------------------------------------------
 # what `emflow plan` shows: the plan `emflow run` will execute
 # ---------------------------------------------------------------------------------------
+def windowed_stack(recipe: Recipe, refs: Sequence[Any], aligned: bool) -> bool:
+    """Whether bricks may read this stack's slices by window (see :func:`plan_output`)."""
+    if aligned or recipe.enhance.clip_limit > 0:
+        return False
+    from emflow.io.windows import stack_windowed
+
+    return stack_windowed(list(refs))
+
+
 def plan_preview(
     recipe: Recipe,
     n_slices: int,
@@ -708,6 +720,7 @@ def plan_preview(
     in_dtype: str,
     *,
     alignment_path: str | Path | None = None,
+    refs: Sequence[Any] = (),
 ) -> tuple[Plan, str]:
     """The plan ``emflow run`` would execute now, and a note on where it comes from.
 
@@ -744,4 +757,5 @@ def plan_preview(
             and old.frame_shape_yx == frame
         ):
             return old, f"stored in {run_dir / PLAN_JSON}: the resumed run executes it"
-    return plan_output(recipe, n_slices, frame, in_dtype), note  # type: ignore[arg-type]
+    windowed = windowed_stack(recipe, refs, saved is not None or recipe.align.enabled)
+    return plan_output(recipe, n_slices, frame, in_dtype, windowed=windowed), note  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from emflow.bitdepth import sample_percentiles, window_to_uint8
 from emflow.discover import SliceRef
 from emflow.enhance import clahe
 from emflow.errors import SourceError
-from emflow.io import rendercache
+from emflow.io import rendercache, windows
 from emflow.io.readers import read_image
 from emflow.io.slicecache import load_slice
 from emflow.pyramid import Level, axis_counts, divide_round, downsample_sums, steps_between
@@ -98,6 +98,26 @@ def render_one(how: SliceRender, job: SliceJob) -> np.ndarray:
     return img
 
 
+def render_window(
+    how: SliceRender, job: SliceJob, window: tuple[int, int, int, int], out: np.ndarray
+) -> None:
+    """Write window (y0, y1, x0, x1) of one rendered slice into ``out``.
+
+    Without a transform or CLAHE, an uncompressed TIFF page is read by window only (see
+    :mod:`emflow.io.windows`); otherwise the slice is rendered whole and cropped.
+    """
+    y0, y1, x0, x1 = window
+    ref = job.ref
+    if job.transform is None and how.clip_limit == 0 and ref.fill != "zero" and ref.path:
+        raw = out if np.dtype(how.in_dtype) == out.dtype else np.empty(out.shape, how.in_dtype)
+        if windows.read_window(str(ref.path), ref.page, window, raw):
+            if raw is not out:
+                lo, hi = how.window or (0.0, 65535.0)
+                out[...] = window_to_uint8(raw, lo, hi)
+            return
+    out[...] = render_one(how, job)[y0:y1, x0:x1]
+
+
 def render_slices(how: SliceRender, jobs: Sequence[SliceJob], folder: str) -> dict:
     """Render unit: slices, one after the other, into the run folder's rendered level-0 copy."""
     import cv2
@@ -171,7 +191,7 @@ def _read_block(job: BrickJob) -> np.ndarray:
     else:
 
         def one(i: int) -> None:
-            block[i] = render_one(job.how, job.slices[i])[y0:y1, x0:x1]
+            render_window(job.how, job.slices[i], (y0, y1, x0, x1), block[i])
 
     with ThreadPoolExecutor(max_workers=max(1, job.threads)) as pool:
         list(pool.map(one, range(z1 - z0)))

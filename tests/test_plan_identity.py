@@ -134,3 +134,36 @@ def test_killed_run_resumed_with_another_worker_count_writes_the_same_bytes(
     assert proc.returncode == 0, err
     assert json.loads((run_dir / "plan.json").read_text()) == plan_before
     assert {n: tree_digest(tmp_path / "out" / n) for n in NAMES} == want
+
+
+def test_uncompressed_tiff_bricks_read_windows_without_a_rendered_copy(tmp_path):
+    """Big uncompressed TIFF slices need no rendered copy: bricks cut in x/y memory-map their
+    window of each page (16-bit here, windowed to 8 bit); levels equal the exact pyramid."""
+    import tifffile
+
+    from emflow import recipe_from_dict, run
+    from emflow.bitdepth import window_to_uint8
+
+    rng = np.random.default_rng(4)
+    vol16 = rng.integers(1000, 60000, size=(9, 1100, 1300), dtype=np.uint16)
+    (tmp_path / "src").mkdir()
+    for z in range(9):
+        tifffile.imwrite(tmp_path / "src" / f"s{z:02d}.tif", vol16[z])
+    recipe = recipe_from_dict(
+        {
+            "source": {"glob": str(tmp_path / "src" / "*.tif")},
+            "voxel_size_nm": [8, 8, 8],
+            "output_dir": str(tmp_path / "out"),
+            "enhance": {"clip_limit": 0},
+            "depth": {"window": [2000, 50000]},
+            "outputs": [{"format": "omezarr", "name": "z5", "chunk_size_xyz": [32, 32, 32]}],
+        }
+    )
+    result = run(recipe)
+    plan = result.plan
+    assert not plan.render_stage and plan.passes[0].grid_zyx[1:] == (2, 2)
+    assert not (result.run_dir / "rendered").exists()
+    volume = np.stack([window_to_uint8(s, 2000, 50000) for s in vol16])
+    ref = reference_pyramid(volume, plan.levels)
+    for k in range(len(plan.levels)):
+        np.testing.assert_array_equal(zarr_tensorstore(result.output_paths["z5"], k), ref[k])

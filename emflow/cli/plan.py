@@ -55,7 +55,9 @@ def plan(
         insecure,
         r.output_path / RUN_FOLDER / "worker-logs",
     )
-    p, note = plan_preview(r, len(cat.slices), cat.shape_yx, cat.dtype, alignment_path=alignment)
+    p, note = plan_preview(
+        r, len(cat.slices), cat.shape_yx, cat.dtype, alignment_path=alignment, refs=cat.slices
+    )
     typer.echo(cat.summary())
     typer.echo(f"plan: {note}")
     typer.echo(p.summary())
