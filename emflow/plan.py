@@ -149,6 +149,10 @@ class Plan:
             [p.memory for p in self.passes] + [self.render_memory if self.render_stage else 0]
         )
 
+    def worker_memory(self, threads: int) -> int:
+        """Planned peak of a worker running ``threads`` units at once (one process base)."""
+        return WORKER_BASE + max(1, threads) * (self.memory_per_unit - WORKER_BASE)
+
     @property
     def max_value(self) -> int:
         return 65535 if self.out_dtype == "uint16" else 255

@@ -24,6 +24,7 @@ from emflow.errors import SourceError
 from emflow.io import rendercache, windows
 from emflow.io.readers import read_image
 from emflow.io.slicecache import load_slice
+from emflow.memory import limit_malloc_arenas
 from emflow.pyramid import Level, axis_counts, divide_round, downsample_sums, steps_between
 
 Box = tuple[int, int, int, int, int, int]
@@ -122,6 +123,7 @@ def render_slices(how: SliceRender, jobs: Sequence[SliceJob], folder: str) -> di
     """Render unit: slices, one after the other, into the run folder's rendered level-0 copy."""
     import cv2
 
+    limit_malloc_arenas()
     cv2.setNumThreads(1)
     t0 = time.perf_counter()
     for job in jobs:
@@ -200,6 +202,7 @@ def _read_block(job: BrickJob) -> np.ndarray:
 
 def build_brick(job: BrickJob) -> dict:
     """Read one brick, write its levels to every output, hand off the next level's sums."""
+    limit_malloc_arenas()
     t0 = time.perf_counter()
     levels = job.levels
     extent0 = levels[0].shape_zyx
@@ -320,6 +323,8 @@ def warm_up() -> None:
     """
     import cv2  # noqa: F401
     import tensorstore  # noqa: F401
+
+    limit_malloc_arenas()
 
     import emflow.io.handoff
     import emflow.io.omezarr

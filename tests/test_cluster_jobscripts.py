@@ -82,7 +82,8 @@ def _worker_line(
     return line
 
 
-PROLOGUE = ["module load emflow", "export OMP_NUM_THREADS=1"]
+# emflow appends MALLOC_ARENA_MAX (emflow.memory.WORKER_ENV) to the site prologue
+PROLOGUE = ["module load emflow", "export OMP_NUM_THREADS=1", "export MALLOC_ARENA_MAX=2"]
 
 
 def test_slurm_script(tmp_path: Path) -> None:

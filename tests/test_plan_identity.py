@@ -92,6 +92,16 @@ def test_plan_cli_prints_the_plan_the_run_stores(stack, one_worker, tmp_path):
     assert stored.summary() in shown.stdout
     assert "stage render:" in shown.stdout and "stage coarse1:" in shown.stdout
     assert stored.passes[0].grid_zyx[1:] == (2, 2) and len(stored.passes) >= 2
+    assert "planned memory per worker (" in shown.stdout and ": fits" in shown.stdout
+    # workers smaller than the plan: said before anything starts
+    small = subprocess.run(
+        [sys.executable, "-m", "emflow", "plan", "recipe.yaml", "--memory", "200MiB"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "DOES NOT FIT: set run.memory_per_worker" in small.stdout, small.stdout
     # levels read back equal the exact pyramid of the source (lossless output)
     ref = reference_pyramid(volume, stored.levels)
     for k in range(len(stored.levels)):

@@ -70,6 +70,17 @@ def plan(
     stages += [(s, k) for s, k, _ in p.stages()]
     typer.echo("units per stage: " + ", ".join(f"{s} {k}" for s, k in stages))
     typer.echo(f"planned memory per unit: up to {p.memory_per_unit / 2**30:.2f} GiB")
+    threads = clusters.threads_per_worker(req)
+    if threads:
+        need, have = p.worker_memory(threads), clusters.memory_per_worker(req)
+        fits = ""
+        if have:
+            fits = f"; workers have {have / 2**30:.2f} GiB: " + (
+                "fits" if need <= have else "DOES NOT FIT: set run.memory_per_worker"
+            )
+        typer.echo(
+            f"planned memory per worker ({threads} thread(s)): up to {need / 2**30:.2f} GiB{fits}"
+        )
     typer.echo(f"cluster: {json.dumps(clusters.describe(req), default=str)}")
     script = clusters.job_script(req)
     if script:

@@ -96,7 +96,9 @@ __all__ = [
     "kubernetes_spec",
     "kubernetes_tls_secret",
     "load_config",
+    "memory_per_worker",
     "open_client",
+    "threads_per_worker",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,6 +161,39 @@ def describe(request: ClusterRequest) -> dict[str, Any]:
             security=_security_text(request),
         )
     return out
+
+
+def threads_per_worker(request: ClusterRequest) -> int | None:
+    """Threads each worker of this request will run (units at once), if known before start."""
+    kw = describe(request).get("kwargs") or {}
+    if request.kind == "local":
+        return kw.get("threads_per_worker")
+    if request.kind in JOBQUEUE_KINDS:
+        processes = int(kw.get("processes") or 1)
+        return max(1, int(kw.get("cores") or 1) // processes)
+    return request.threads_per_worker
+
+
+def memory_per_worker(request: ClusterRequest) -> int | None:
+    """Bytes of memory each worker of this request will have, if known before start."""
+    from dask.utils import parse_bytes
+
+    kw = describe(request).get("kwargs") or {}
+    try:
+        if request.kind == "local":
+            limit = kw.get("memory_limit", "auto")
+            if limit in (None, 0, "0"):
+                return None
+            if limit == "auto":
+                import psutil
+
+                return int(psutil.virtual_memory().total / max(1, int(kw.get("n_workers") or 1)))
+            return int(parse_bytes(limit)) if isinstance(limit, str) else int(limit)
+        if request.kind in JOBQUEUE_KINDS and kw.get("memory"):
+            return int(parse_bytes(str(kw["memory"]))) // max(1, int(kw.get("processes") or 1))
+    except (ValueError, TypeError):
+        return None
+    return None
 
 
 def _security_text(request: ClusterRequest) -> str:

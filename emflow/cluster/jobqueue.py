@@ -54,6 +54,13 @@ def _jobqueue_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[st
     if "walltime" in kw and not any(str(a).startswith("--lifetime") for a in extra):
         extra += lifetime_args(walltime_seconds(kw["walltime"], kind))
     kw["worker_extra_args"] = extra
+    from emflow.memory import WORKER_ENV
+
+    prologue = list(kw.get("job_script_prologue") or [])
+    for name, value in WORKER_ENV.items():  # malloc arenas: see emflow.memory
+        if not any(f"{name}=" in str(line) for line in prologue):
+            prologue.append(f"export {name}={value}")
+    kw["job_script_prologue"] = prologue
     sched = dict(kw.get("scheduler_options") or {})
     sched.setdefault("dashboard_address", request.dashboard_address)
     kw["scheduler_options"] = sched

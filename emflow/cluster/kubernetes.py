@@ -73,7 +73,9 @@ def kubernetes_spec(request: ClusterRequest) -> dict[str, Any]:
     namespace = config.get("namespace") or "default"
 
     scheduler_env = {**user_env, "DASK_DISTRIBUTED__SCHEDULER__PRELOAD": PRELOAD_MODULE}
-    worker_env = dict(user_env)
+    from emflow.memory import WORKER_ENV
+
+    worker_env = {**WORKER_ENV, **user_env}  # malloc arenas (emflow.memory); the site's win
     volumes = list((config.get("pod") or {}).get("volumes") or [])
     mounts = list((config.get("pod") or {}).get("volumeMounts") or [])
     if not request.insecure:

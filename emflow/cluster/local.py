@@ -129,12 +129,25 @@ def client_on(
 
 
 @contextmanager
+def worker_environment() -> Iterator[None]:
+    """Nannies created inside start their workers with emflow's environment (malloc arenas)."""
+    import dask
+
+    from emflow.memory import WORKER_ENV
+
+    env = {**WORKER_ENV, **(dask.config.get("distributed.nanny.pre-spawn-environ") or {})}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        yield
+
+
+@contextmanager
 def _local_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
     from distributed import LocalCluster
 
     kw = _local_kwargs(request, config)
     try:
-        cluster = LocalCluster(**kw)
+        with worker_environment():
+            cluster = LocalCluster(**kw)
     except TypeError as exc:
         raise ClusterError(f"local cluster config: {exc}; check the keys") from exc
     bounds = _adapt_bounds(request, config)
