@@ -26,7 +26,12 @@ from benchmarks.proc import dir_stats, run_measured
 
 #: variants measured once (CLAHE and alignment take minutes at full size)
 HEAVY = ("both+clahe", "full")
-SECTIONS = ("limits", "e2e", "peers", "scaling", "overhead", "alignment", "profile")
+SECTIONS = ("limits", "e2e", "peers", "scaling", "big", "overhead", "alignment", "profile")
+#: the large stacks of section "big": uncompressed uint8 TIFF (z, y, x), and the full
+#: pipeline (alignment + CLAHE + both outputs) on 4096² PNG slices
+BIG_STACKS = ((64, 8192, 8192), (32, 16384, 16384), (256, 4096, 4096))
+FULL_4096 = (16, 4096, 4096)
+BIGMEM_LOCK = "/tmp/emflow-bigmem.lock"
 HERE = Path(__file__).resolve().parent
 
 
@@ -109,19 +114,12 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
         )
         full.format_note += f" (first {nf} slices)"
         variants.append(full)
-        # what-if: one slab as deep as the stack owns every level (no hand-off pass)
         # the fixed cost of one `emflow run` (interpreter, imports, LocalCluster, plan,
         # finalize): the same command on a tiny 32 x 256² stack
         tiny, _ = ensure_png_stack((32, 256, 256))
         fixed = e2e.emflow_variant("emflow-fixed-cost", "both", tiny, 32, work, 3)
         fixed.family, fixed.format_note = "fixed", "both, on 32 x 256² (2 MB): start-up cost"
         variants.append(fixed)
-        deep = -(-nz // 64) * 64  # a multiple of the chunk depth
-        variants.append(
-            e2e.emflow_variant(
-                f"emflow-both-slab{deep}", "both", src, nz, work, lv, slab_depth=deep
-            )
-        )
     if "peers" in sections:
         for peer in e2e.PEER_VARIANTS:
             log(f"peers: venv {peer}")
@@ -196,13 +194,6 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
     ratio("ceiling JPEG vs igneous", "igneous-jpeg", "ceiling-jpeg", "igneous ÷ ceiling")
     ratio("CLAHE cost", "emflow-both-clahe", "emflow-both", "wall with CLAHE ÷ without")
     ratio("alignment + CLAHE cost", "emflow-full", "emflow-both", "full pipeline ÷ pyramid only")
-    deep = -(-nz // 64) * 64
-    ratio(
-        "one deep slab vs default plan",
-        "emflow-both",
-        f"emflow-both-slab{deep}",
-        "default plan wall ÷ single deep slab wall (> 1: the default plan's hand-off pass costs)",
-    )
 
 
 def section_scaling(res: dict, args, src: Path, source) -> None:
@@ -212,27 +203,20 @@ def section_scaling(res: dict, args, src: Path, source) -> None:
     out: dict = {"runs": {}, "ratios": {}}
     variants = [
         (
-            "1 worker, pinned to 1 core",
-            e2e.emflow_variant(
-                "scale-1w-1core",
-                "both",
-                src,
-                args.slices,
-                work,
-                args.levels,
-                workers=1,
-                pin_cores="0",
-            ),
+            "1 worker × 1 thread, pinned to 1 core",
+            e2e.emflow_variant("scale-1w-1core", "both", src, args.slices, work, args.levels,
+                               workers=1, threads=1, pin_cores="0"),
         ),
         (
-            "1 worker, 2 cores",
-            e2e.emflow_variant("scale-1w", "both", src, args.slices, work, args.levels, workers=1),
+            "2 workers × 1 thread",
+            e2e.emflow_variant("scale-2w", "both", src, args.slices, work, args.levels,
+                               workers=2, threads=1),
         ),
         (
-            "2 workers, 2 cores",
-            e2e.emflow_variant("scale-2w", "both", src, args.slices, work, args.levels, workers=2),
+            "default local cluster (1 worker × 2 threads)",
+            e2e.emflow_variant("scale-default", "both", src, args.slices, work, args.levels),
         ),
-    ]
+    ]  # fmt: skip
     for label, v in variants:
         ms = []
         for _ in range(1):  # one run each: the ratio is large next to the noise
@@ -243,14 +227,57 @@ def section_scaling(res: dict, args, src: Path, source) -> None:
                 break
         out["runs"][label] = e2e.summarize_runs(v, ms, source.nbytes, frame, model)
     r = out["runs"]
-    one, two = r["1 worker, pinned to 1 core"].get("wall_s"), r["2 workers, 2 cores"].get("wall_s")
+    one = r["1 worker × 1 thread, pinned to 1 core"].get("wall_s")
+    two = r["2 workers × 1 thread"].get("wall_s")
     if one and two:
-        out["ratios"]["speed-up 2 workers vs 1 core"] = one / two
+        out["ratios"]["speed-up 2 workers vs 1"] = one / two
         out["ratios"]["parallel efficiency (speed-up / 2)"] = one / two / 2
-    w1 = r["1 worker, 2 cores"].get("wall_s")
-    if w1 and two:
-        out["ratios"]["1 worker (2 decode threads) / 2 workers wall"] = w1 / two
+    default = r["default local cluster (1 worker × 2 threads)"].get("wall_s")
+    if default and two:
+        out["ratios"]["default (1 worker × 2 threads) / 2 workers wall"] = default / two
     res["scaling"] = out
+
+
+def section_big(res: dict, args) -> None:
+    """Large stacks on the default local cluster (held under the machine's big-memory lock):
+    8192² x 64, 16384² x 32 and 4096² x 256 uncompressed TIFF to both outputs, and the full
+    pipeline on 4096² PNG slices. Figures: MB/s, % of the derived limit, peak worker RSS over
+    the plan's largest unit."""
+    import fcntl
+
+    from benchmarks.bigdata import ensure_tiff_stack
+
+    work = OUT / "big"
+    model = res.get("limits", {}).get("model", {})
+    rows = []
+    with open(BIGMEM_LOCK, "w") as lock:
+        log(f"big: waiting for {BIGMEM_LOCK}")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stacks = [(64, 1024, 1024)] if args.quick else BIG_STACKS
+        for shape in stacks:
+            src = ensure_tiff_stack(shape)
+            nz, ny, nx = shape
+            name = f"emflow-tiff-{nx}x{ny}x{nz}"
+            v = e2e.emflow_variant(name, "both-tiff", src, nz, work, None)
+            v.format_note += f" ({nx}² x {nz})" if nx == ny else f" ({nx} x {ny} x {nz})"
+            m = e2e.measure_variant(v, timeout_s=3600)
+            log(f"big {name}: rc {m.returncode} wall {m.wall_s:.1f} s")
+            rows.append(e2e.summarize_runs(v, [m], nz * ny * nx, ny * nx, model))
+            shutil.rmtree(v.out_dir, ignore_errors=True)  # GBs: keep only the figures
+        shape = (4, 1024, 1024) if args.quick else FULL_4096
+        src, _ = ensure_png_stack(shape)
+        nz, ny, nx = shape
+        v = e2e.emflow_variant(f"emflow-full-{nx}", "full", src, nz, work, args.levels)
+        v.format_note += f" ({nx}² x {nz} PNG)"
+        m = e2e.measure_variant(v, timeout_s=3600)
+        log(f"big full {nx}: rc {m.returncode} wall {m.wall_s:.1f} s")
+        full_model = dict(model)
+        if "full" in model:  # SIFT runs on a working copy of at most 1024 px: per slice, not per
+            full_model["full"] = limits.full_limit_at(res["limits"]["kernels"], nx, args.size)
+        row = e2e.summarize_runs(v, [m], nz * ny * nx, ny * nx, full_model)
+        rows.append(row)
+        shutil.rmtree(v.out_dir, ignore_errors=True)
+    res["big"] = rows
 
 
 def section_overhead(res: dict, quick: bool) -> None:
@@ -381,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         section_e2e(res, args, src, source, sections)
     if "scaling" in sections:
         section_scaling(res, args, src, source)
+    if "big" in sections:
+        section_big(res, args)
     if "overhead" in sections:
         section_overhead(res, args.quick)
     if "alignment" in sections:

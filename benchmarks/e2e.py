@@ -31,6 +31,7 @@ LIMIT_KEY = {
     "both": "jpeg+zstd",
     "both+clahe": "jpeg+zstd+clahe",
     "full": "full",
+    "both-tiff": "jpeg+zstd_tiff",
 }
 CLAHE = {"clip_limit": 0.02, "kernel_size_px": 1024}  # = limits.CLAHE_*
 
@@ -59,14 +60,17 @@ def emflow_recipe(
     nz: int,
     out_dir: Path,
     kind: str,
-    levels: int,
+    levels: int | None,
     voxel_nm: float = 8.0,
     slab_depth: int | None = None,
 ) -> Path:
-    """Write the YAML recipe of an emflow variant and return its path."""
+    """Write the YAML recipe of an emflow variant and return its path.
+
+    ``kind`` ``both-tiff`` reads ``src/img%05d.tif``; ``levels`` None: until one chunk.
+    """
     src, out_dir = src.resolve(), out_dir.resolve()
     outputs = []
-    if kind in ("jpeg", "both", "both+clahe", "full"):
+    if kind in ("jpeg", "both", "both+clahe", "full", "both-tiff"):
         outputs.append(
             {
                 "format": "precomputed",
@@ -76,7 +80,7 @@ def emflow_recipe(
                 "sharded": True,
             }
         )
-    if kind in ("zarr", "both", "both+clahe", "full"):
+    if kind in ("zarr", "both", "both+clahe", "full", "both-tiff"):
         outputs.append(
             {
                 "format": "omezarr",
@@ -86,13 +90,15 @@ def emflow_recipe(
                 "codec_level": 1,
             }
         )
+    ext = "tif" if kind == "both-tiff" else "png"
     recipe: dict = {
-        "source": {"pattern": str(src / "img%05d.png"), "z_start": 0, "z_stop": nz},
+        "source": {"pattern": str(src / f"img%05d.{ext}"), "z_start": 0, "z_stop": nz},
         "voxel_size_nm": [voxel_nm] * 3,
         "output_dir": str(out_dir),
         "outputs": outputs,
-        "pyramid": {"levels": levels},
     }
+    if levels is not None:
+        recipe["pyramid"] = {"levels": levels}
     # emflow's default enables CLAHE: pyramid-only variants switch it off explicitly
     recipe["enhance"] = dict(CLAHE) if kind in ("both+clahe", "full") else {"clip_limit": 0.0}
     if kind == "full":
@@ -111,29 +117,22 @@ def emflow_variant(
     src: Path,
     nz: int,
     work: Path,
-    levels: int,
-    workers: int = 2,
+    levels: int | None,
+    workers: int | None = None,
     pin_cores: str | None = None,
     slab_depth: int | None = None,
     input_bytes: int = 0,
+    threads: int | None = None,
 ) -> Variant:
+    """An ``emflow run`` variant; without ``workers``/``threads``: the default local cluster."""
     out = work / name
     recipe = emflow_recipe(src, nz, out, kind, levels, slab_depth=slab_depth)
-    cmd = [
-        sys.executable,
-        "-m",
-        "emflow",
-        "run",
-        str(recipe),
-        "--workers",
-        str(workers),
-        "--threads",
-        "1",
-        "--dashboard",
-        ":0",
-        "--quiet",
-        "--restart",
-    ]
+    cmd = [sys.executable, "-m", "emflow", "run", str(recipe)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    cmd += ["--dashboard", ":0", "--quiet", "--restart"]
     cores = 2
     if pin_cores is not None:
         cmd = ["taskset", "-c", pin_cores, *cmd]
@@ -144,6 +143,7 @@ def emflow_variant(
         "both": "JPEG + zstd OME-Zarr, one decode",
         "both+clahe": "both + CLAHE",
         "full": "both + CLAHE + alignment",
+        "both-tiff": "JPEG + zstd OME-Zarr from uncompressed TIFF",
     }[kind]
     if slab_depth is not None:
         note += f", slab_depth {slab_depth}"
@@ -235,23 +235,22 @@ def _emflow_log(out_dir: Path) -> dict:
     m = re.search(r"done in ([0-9.]+) s", text)
     if m:
         info["emflow_run_s"] = float(m.group(1))
-    m = re.search(r"slabs: (\d+) of (\d+) z", text)
-    if m:
-        info["slabs"], info["slab_depth"] = int(m.group(1)), int(m.group(2))
-    # planned blocks of every pass: depth x the (y, x) of its source level, in bytes (uint8)
-    shapes = {
-        int(k): (int(y), int(x))
-        for k, x, y in re.findall(r"^\s+(\d+): x (\d+) \u00d7 y (\d+) \u00d7 z \d+", text, re.M)
-    }
-    blocks = []
-    for n, depth, level in re.findall(r"(?:slabs|blocks): (\d+) of (\d+) z \(level (\d+)\)", text):
-        y, x = shapes.get(int(level), (0, 0))
-        blocks.append(
-            {"units": int(n), "depth": int(depth), "level": int(level), "bytes": int(depth) * y * x}
-        )
-    if blocks:
-        info["passes"] = blocks
-        info["largest_block_mb"] = max(b["bytes"] for b in blocks) / 1e6
+    # the plan's stages: "stage slab: 4 units of x 1024 × y 1024 × z 128 (level 0; ...) ...
+    # planned 1.01 GiB per unit" (render: "stage render: 16 units of 8 slice(s) ...")
+    stages = []
+    for name, n, rest in re.findall(r"^stage (\w+): (\d+) units (.*)$", text, re.M):
+        m = re.search(r"planned ([0-9.]+) GiB per unit", rest)
+        d = {"stage": name, "units": int(n), "planned_gib": float(m.group(1)) if m else None}
+        m = re.search(r"of x (\d+) \u00d7 y (\d+) \u00d7 z (\d+) \(level (\d+)", rest)
+        if m:
+            d["brick_xyz"] = [int(m.group(i)) for i in (1, 2, 3)]
+            d["level"] = int(m.group(4))
+        stages.append(d)
+    if stages:
+        info["stages"] = stages
+        planned = [d["planned_gib"] for d in stages if d.get("planned_gib")]
+        if planned:
+            info["planned_unit_mib"] = max(planned) * 1024
     stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) (\S+)", text, re.M)
     if len(stamps) >= 2:
         from datetime import datetime
@@ -376,14 +375,12 @@ def summarize_runs(
                 row["pct_of_limit_slab_stage"] = row["mb_s_slab_stage"] / row["limit_mb_s"]
         if "emflow_run_s" in info:
             row["mb_s_inside_run"] = input_bytes / 1e6 / info["emflow_run_s"]
-        if "slab_depth" in info:
-            block = info["slab_depth"] * frame_bytes
-            row["planned_block_mb"] = block / 1e6
-            row["rss_per_slab_block"] = row["peak_worker_rss_mb"] / (block / 1e6)
-        if info.get("largest_block_mb"):
-            # the coarse passes plan their own blocks (of the hand-off level): the worker's
-            # peak belongs to the largest block of any pass
-            row["rss_per_block"] = row["peak_worker_rss_mb"] / info["largest_block_mb"]
+        if info.get("planned_unit_mib"):
+            # peak worker RSS (MB = 1e6 B) over the plan's largest planned unit (MiB);
+            # a worker running T units at once is planned at base + T × (unit - base)
+            planned_mb = info["planned_unit_mib"] * 2**20 / 1e6
+            row["planned_unit_mb"] = planned_mb
+            row["rss_per_planned_unit"] = row["peak_worker_rss_mb"] / planned_mb
     files, mb = 0, 0.0
     if v.out_dir.exists():
         for child in v.out_dir.iterdir():

@@ -339,7 +339,9 @@ def cost_model(k: dict[str, dict], cores: int = 2) -> dict[str, dict]:
     ``jpeg+zstd`` (both from one decode: the emflow case), ``full`` (jpeg+zstd plus warp,
     CLAHE and SIFT on the feature copy; one decode, the slice kept as zstd-1 between the
     feature and render passes), ``full_decode_twice`` (no cache, PNG decoded twice),
-    ``jpeg+zstd+clahe``, and two what-ifs with OpenCV's CLAHE speed (``*cv2_clahe``).
+    ``jpeg+zstd+clahe``, two what-ifs with OpenCV's CLAHE speed (``*cv2_clahe``), and
+    ``jpeg+zstd_tiff``: both outputs from uncompressed TIFF slices (reading them costs a copy
+    from the page cache instead of a PNG decode; the large-stack benchmarks).
     """
 
     def per_gb(name: str, factor: float = 1.0) -> float:
@@ -367,6 +369,7 @@ def cost_model(k: dict[str, dict], cores: int = 2) -> dict[str, dict]:
         "clahe": per_gb("clahe"),
         "clahe_cv2": 1000.0 / k["clahe"]["cv2_mb_s"],
         "sift": per_gb("sift_feature_copy"),
+        "tiff_read": per_gb("memcpy"),
     }
     base = ["decode", "downsample", "copies"]
     recipes = {
@@ -409,6 +412,15 @@ def cost_model(k: dict[str, dict], cores: int = 2) -> dict[str, dict]:
             "sift",
         ],
         "jpeg+zstd+cv2_clahe": [*base, "jpeg", "jpeg_write", "zstd", "zstd_write", "clahe_cv2"],
+        "jpeg+zstd_tiff": [
+            "tiff_read",
+            "downsample",
+            "copies",
+            "jpeg",
+            "jpeg_write",
+            "zstd",
+            "zstd_write",
+        ],
     }
     out = {}
     for name, items in recipes.items():
@@ -421,3 +433,23 @@ def cost_model(k: dict[str, dict], cores: int = 2) -> dict[str, dict]:
             "parts_cpu_s_per_gb": {i: parts[i] for i in items},
         }
     return out
+
+
+def full_limit_at(k: dict[str, dict], size: int, measured_size: int, cores: int = 2) -> dict:
+    """The ``full`` limit for slices of ``size``² when the kernels were measured at
+    ``measured_size``²: SIFT runs on a working copy of at most 1024 px, so its cost per slice
+    stays and its cost per GB of input falls with the slice area; every other part is per byte.
+    """
+    model = cost_model(k, cores)["full"]
+    parts = dict(model["parts_cpu_s_per_gb"])
+    work_now = min(size, 1024) ** 2 / size**2
+    work_then = min(measured_size, 1024) ** 2 / measured_size**2
+    parts["sift"] *= work_now / work_then
+    cpu = sum(parts.values())
+    return {
+        "cpu_s_per_gb": cpu,
+        "mb_s_per_core": 1000.0 / cpu,
+        "mb_s_limit": cores * 1000.0 / cpu,
+        "cores": cores,
+        "parts_cpu_s_per_gb": parts,
+    }
