@@ -35,6 +35,7 @@ MODEL = {
     "full_decode_twice",
     "full_cv2_clahe",
     "jpeg+zstd+cv2_clahe",
+    "jpeg+zstd_tiff",
 }
 
 
@@ -72,6 +73,13 @@ def test_limit_kernels_return_positive_finite_figures(tiny_inputs, tmp_path):
     # each richer pipeline costs at least as much as the pyramid alone
     assert model["jpeg+zstd"]["cpu_s_per_gb"] >= model["jpeg"]["cpu_s_per_gb"]
     assert model["full"]["cpu_s_per_gb"] >= model["jpeg+zstd"]["cpu_s_per_gb"]
+    # TIFF input: a page-cache copy instead of a PNG decode
+    assert model["jpeg+zstd_tiff"]["cpu_s_per_gb"] < model["jpeg+zstd"]["cpu_s_per_gb"]
+    # SIFT runs on a working copy of at most 1024 px: per GB it costs 4x less at 4096²
+    at4k = limits.full_limit_at(kernels, 4096, 2048)
+    assert at4k["parts_cpu_s_per_gb"]["sift"] == pytest.approx(
+        model["full"]["parts_cpu_s_per_gb"]["sift"] / 4
+    )
 
 
 def test_reference_pyramid_rounds_once_and_matches_emflow():
