@@ -177,3 +177,34 @@ def test_uncompressed_tiff_bricks_read_windows_without_a_rendered_copy(tmp_path)
     ref = reference_pyramid(volume, plan.levels)
     for k in range(len(plan.levels)):
         np.testing.assert_array_equal(zarr_tensorstore(result.output_paths["z5"], k), ref[k])
+
+
+def test_plan_with_a_saved_alignment_prints_the_aligned_frame_the_run_executes(tmp_path):
+    """`emflow plan --alignment a.json` plans the aligned frame; `emflow run --alignment` then
+    stores and executes exactly that plan."""
+    from emflow.align.solve import Alignment
+
+    write_stack(synthetic_slices((6, 300, 280), seed=2), tmp_path / "src")
+    shifts = [(0.0, 0.0), (12.0, 3.0), (40.0, -5.0), (65.0, 10.0), (80.0, 0.0), (101.0, 20.0)]
+    transforms = {
+        z: np.array([[1.0, 0.0, dx], [0.0, 1.0, dy + 5.0]]) for z, (dx, dy) in enumerate(shifts)
+    }
+    Alignment(transforms, (330, 381), "global").to_json(tmp_path / "a.json")
+    (tmp_path / "recipe.yaml").write_text(RECIPE.format(src=tmp_path / "src"))
+    shown = subprocess.run(
+        [sys.executable, "-m", "emflow", "plan", "recipe.yaml", "--alignment", "a.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "plan: frame: from a.json" in shown.stdout
+    assert "frame: x 381 × y 330 px, 6 slices" in shown.stdout
+    proc = cli("run", "recipe.yaml", "--alignment", "a.json", "--dashboard", ":0", "-q",
+               cwd=tmp_path)  # fmt: skip
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    stored = load_plan(tmp_path / "out" / "emflow-run")
+    assert stored is not None and stored.frame_shape_yx == (330, 381)
+    assert stored.summary() in shown.stdout
