@@ -74,6 +74,11 @@ class SliceCatalog:
             lines.append(f"missing source z: {_ranges(self.missing)} (filled per source.missing)")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        from emflow.reprs import catalog_html
+
+        return catalog_html(self)
+
 
 def _ranges(values: Sequence[int]) -> str:
     out, start, prev = [], None, None

@@ -75,13 +75,16 @@ def _axis_weights(start: int, size: int, k: int, n_cells: int) -> tuple[np.ndarr
 def clahe(
     tile: np.ndarray,
     *,
-    origin_yx: tuple[int, int],
-    frame_shape_yx: tuple[int, int],
+    origin_yx: tuple[int, int] = (0, 0),
+    frame_shape_yx: tuple[int, int] | None = None,
     kernel_size_px: int = 1024,
     clip_limit: float = 0.02,
     nbins: int = 256,
 ) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation of a (y, x) tile of the global frame.
+    """Contrast-limited adaptive histogram equalisation of a (y, x) slice, or of a tile of it.
+
+    ``clahe(img, clip_limit=0.02, kernel_size_px=256)`` equalises a whole slice; a tile of a
+    larger frame gives its place with ``origin_yx`` and ``frame_shape_yx`` (what a run does).
 
     Parameters
     ----------
@@ -89,9 +92,10 @@ def clahe(
         ``(y, x)`` uint8 or uint16 pixels of global rows ``origin_y ..`` and columns
         ``origin_x ..``; must lie inside the frame. 0 is background.
     origin_yx : tuple of int
-        Global ``(y, x)`` of ``tile[0, 0]``.
-    frame_shape_yx : tuple of int
-        Global frame ``(height, width)`` px (defines the cell grid's edge cells).
+        Global ``(y, x)`` of ``tile[0, 0]``; default ``(0, 0)``.
+    frame_shape_yx : tuple of int, optional
+        Global frame ``(height, width)`` px (defines the cell grid's edge cells); default:
+        the tile's own shape (a whole slice).
     kernel_size_px : int
         Contextual-region side, full-resolution px.
     clip_limit : float
@@ -118,6 +122,8 @@ def clahe(
     k = int(kernel_size_px)
     if k < 1:
         raise ValueError(f"kernel_size_px must be >= 1, got {kernel_size_px}")
+    if frame_shape_yx is None:
+        frame_shape_yx = (int(tile.shape[0]), int(tile.shape[1]))
     oy, ox = (int(v) for v in origin_yx)
     fh, fw = (int(v) for v in frame_shape_yx)
     th, tw = tile.shape

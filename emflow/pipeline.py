@@ -79,6 +79,17 @@ class RunResult:
     def mb_per_s(self) -> float:
         return self.bytes_in / 1e6 / max(self.seconds, 1e-9)
 
+    def summary(self) -> str:
+        """Time, stages, alignment (pairs matched/failed/rejected), outputs, run folder."""
+        from emflow.reprs import run_text
+
+        return "\n".join(run_text(self))
+
+    def _repr_html_(self) -> str:
+        from emflow.reprs import run_html
+
+        return run_html(self)
+
 
 def _check_writable(root: Path) -> None:
     try:

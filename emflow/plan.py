@@ -204,6 +204,11 @@ class Plan:
             )
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        from emflow.reprs import plan_html
+
+        return plan_html(self)
+
     # ---- storage in the run folder --------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {

@@ -175,6 +175,11 @@ class Alignment:
             raise AlignmentError(f"{p}: cannot read alignment file ({e}); check the path") from e
         return cls.from_dict(d, where=str(p))
 
+    def _repr_html_(self) -> str:
+        from emflow.reprs import alignment_html
+
+        return alignment_html(self)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Alignment):
             return NotImplemented

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from emflow import lattice as lat
+from emflow import progress as progress_display
 from emflow.errors import AlignmentError, OutputError, RecipeError, SourceError
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class Unit:
 
 @dataclass
 class Progress:
-    """A one-line terminal progress bar per stage (silent when not a terminal)."""
+    """Units done of one stage; shown by the display :mod:`emflow.progress` picks (a table in
+    Jupyter, a bar on a terminal, log lines elsewhere; ``enabled=False``: the log only)."""
 
     stage: str
     total: int
@@ -79,34 +81,24 @@ class Progress:
     nbytes: int = 0
     start: float = field(default_factory=time.perf_counter)
     _last: float = 0.0
+    _display: Any = None
 
     def __post_init__(self) -> None:
         if self.stream is None:
             self.stream = sys.stderr
-        if self.enabled is None:
-            self.enabled = self.stream.isatty()
+        self._display = progress_display.display_for(self, self.stream, self.enabled)
 
     def advance(self, nbytes: int = 0) -> None:
         self.done += 1
         self.nbytes += nbytes
         now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.2 or self.done == self.total):
+        end = self.done == self.total
+        if self._display is not None and (now - self._last > progress_display.REDRAW_S or end):
             self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        width = 30
-        frac = self.done / max(1, self.total)
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        elapsed = now - self.start
-        rate = f"  {self.nbytes / 1e6 / elapsed:6.1f} MB/s" if self.nbytes and elapsed > 0 else ""
-        eta = ""
-        if 0 < self.done < self.total and elapsed > 0:
-            eta = f"  eta {elapsed / self.done * (self.total - self.done):5.0f} s"
-        end = "\n" if self.done == self.total else ""
-        assert self.stream is not None
-        self.stream.write(f"\r{self.stage:>10} [{bar}] {self.done}/{self.total}{rate}{eta}{end}")
-        self.stream.flush()
+            self._display.update(self, now)
+        if end:
+            shown = not isinstance(self._display, progress_display.LogLines)
+            progress_display.stage_finished(self, now, shown=shown)
 
 
 def unit_key(stage: str, run_id: str, index: int) -> tuple[str, int]:

@@ -1,0 +1,222 @@
+"""What a run says: progress per stage (bar on a terminal, log lines elsewhere), messages through
+logging with a default console handler, a summary at the end, and run.log from every entry point.
+
+The README's ``python -c "import emflow; emflow.run('recipe.yaml')"`` runs in a real subprocess,
+once with stderr piped and once on a pseudo-terminal."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pty
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import emflow
+from emflow import logs
+from emflow import progress as progress_display
+from emflow.align.solve import Alignment
+from emflow.lattice.execute import Progress
+from emflow.reprs import pair_totals
+from emflow.testing import synthetic_slices, write_stack
+from emflow.testing.misalign import misaligned_slices
+
+pytestmark = pytest.mark.integration
+
+RECIPE = """\
+source:
+  glob: src/*.png
+voxel_size_nm: [8, 8, 40]
+output_dir: out
+outputs:
+  - format: precomputed
+    name: em
+    encoding: jpeg
+  - format: omezarr
+    name: em.ome.zarr
+align: true
+"""
+STAGES = ("features", "match", "slab")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messages")
+    write_stack(misaligned_slices(synthetic_slices((8, 256, 256), seed=2), seed=2), root / "src")
+    (root / "recipe.yaml").write_text(RECIPE)
+    return root
+
+
+def _python(code: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "EMFLOW_PROGRESS"}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        **kw,
+    )
+
+
+def test_default_run_says_what_it_does_and_sums_up(stack):
+    """stderr is a pipe: one log line per stage, then the summary; the same lines in run.log."""
+    proc = _python("import emflow; emflow.run('recipe.yaml', restart=True)", stack)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "emflow: discovered slices: 8 (x 256 × y 256 px, uint8)" in err
+    for stage in STAGES:
+        assert re.search(rf"^emflow: {stage}: (\d+)/\1 units, .*done$", err, re.M), stage
+    alignment = Alignment.from_json(stack / "out" / "emflow-run" / "alignment.json")
+    t = pair_totals(alignment)
+    assert t["matched"] + t["failed"] + t["rejected"] == len(alignment.pairs) == 13
+    assert (
+        f"pairs: {t['matched']} matched, {t['failed']} failed, {t['rejected']} rejected" in err
+    )
+    assert re.search(r"^emflow: done in [\d.]+ s: 8 slices", err, re.M)
+    assert f"emflow: output em: {stack / 'out' / 'em'} (neuroglancer precomputed" in err
+    assert f"emflow: output em.ome.zarr: {stack / 'out' / 'em.ome.zarr'} (OME-Zarr 0.5" in err
+    assert proc.stdout == ""
+    # run.log: every message, with a time stamp, in order
+    log = (stack / "out" / "emflow-run" / "run.log").read_text()
+    lines = [ln.split(" ", 2)[2] for ln in log.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", ln)]
+    said = [ln.removeprefix("emflow: ") for ln in err.splitlines() if ln.startswith("emflow: ")]
+    assert lines == said
+    assert lines[0].startswith("discovered") and lines[-1].startswith("run folder:")
+
+
+def test_terminal_gets_progress_bars(stack):
+    """stderr is a terminal: a redrawn bar per stage (units done/total), no stage log lines."""
+    main, child = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", "import emflow; emflow.run('recipe.yaml', restart=True)"],
+            cwd=stack,
+            stdout=subprocess.PIPE,
+            stderr=child,
+            timeout=600,
+            env={k: v for k, v in os.environ.items() if k != "EMFLOW_PROGRESS"},
+        )
+        os.close(child)
+        child = -1
+        chunks = []
+        while True:
+            try:
+                data = os.read(main, 65536)
+            except OSError:  # EIO: the other end is closed and drained
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(main)
+        if child != -1:
+            os.close(child)
+    assert proc.returncode == 0
+    text = b"".join(chunks).decode(errors="replace")
+    for stage in STAGES:
+        assert re.search(rf"\r\s*{stage} \[#+\] (\d+)/\1", text), stage
+        assert f"emflow: {stage}: " not in text  # the bar showed it
+    assert "emflow: done in" in text and "pairs:" in text
+
+
+def test_logging_configured_by_the_user_is_respected(stack):
+    code = (
+        "import logging, emflow\n"
+        "logging.basicConfig(level=logging.INFO, format='[%(name)s] %(message)s')\n"
+        "emflow.run('recipe.yaml', restart=True, progress=False)\n"
+    )
+    proc = _python(code, stack)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "emflow: " not in proc.stderr  # no second, emflow-made handler
+    assert "[emflow.pipeline] done in" in proc.stderr
+    assert "[emflow.progress] slab:" in proc.stderr
+
+
+def test_log_callable_and_api_run_log(stack):
+    """``log=`` gets every message; run.log is written by an in-process API run too."""
+    said: list[str] = []
+    result = emflow.run(stack / "recipe.yaml", restart=True, log=said.append, progress=False)
+    assert said[0].startswith("discovered") and any(s.startswith("done in") for s in said)
+    assert not any(isinstance(h, logs.ConsoleHandler) for h in logging.getLogger("emflow").handlers)
+    text = (result.run_dir / "run.log").read_text()
+    for s in said:
+        assert s.splitlines()[0] in text
+    assert not any(isinstance(h, logs.RunLog) for h in logging.getLogger("emflow").handlers)
+
+
+def test_cli_run_writes_run_log(stack):
+    proc = subprocess.run(
+        [sys.executable, "-m", "emflow", "run", "recipe.yaml", "--serial", "--restart"],
+        cwd=stack,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (stack / "out" / "emflow-run" / "run.log").read_text()
+    assert "discovered slices: 8" in text and "done in" in text
+
+
+def test_failed_run_is_in_run_log(stack, tmp_path):
+    """A slice truncated after its header fails when decoded: the error ends run.log."""
+    bad = tmp_path / "bad"
+    paths = write_stack(synthetic_slices((6, 128, 128), seed=1), bad / "src")
+    paths[3].write_bytes(paths[3].read_bytes()[:200])
+    (bad / "recipe.yaml").write_text(RECIPE.replace("align: true", "align: false"))
+    with pytest.raises(emflow.SourceError) as err:
+        emflow.run(bad / "recipe.yaml", progress=False)
+    last = (bad / "out" / "emflow-run" / "run.log").read_text().splitlines()[-1]
+    assert "run stopped: SourceError" in last and paths[3].name in last
+    assert str(err.value).splitlines()[0] in last
+
+
+def test_progress_display_choice(monkeypatch):
+    monkeypatch.delenv("EMFLOW_PROGRESS", raising=False)
+    pipe, tty = io.StringIO(), io.StringIO()
+    tty.isatty = lambda: True  # type: ignore[method-assign]
+    assert progress_display.choose_style(pipe, None) == "log"
+    assert progress_display.choose_style(tty, None) == "text"
+    assert progress_display.choose_style(pipe, True) == "text"
+    assert progress_display.choose_style(tty, False) == "off"
+    monkeypatch.setenv("EMFLOW_PROGRESS", "off")
+    assert progress_display.choose_style(tty, None) == "off"
+    monkeypatch.setenv("EMFLOW_PROGRESS", "html")
+    assert progress_display.choose_style(pipe, None) == "html"
+
+
+def test_log_lines_while_a_stage_runs_carry_counts_and_eta(monkeypatch, caplog):
+    monkeypatch.delenv("EMFLOW_PROGRESS", raising=False)
+    monkeypatch.setattr(progress_display, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(progress_display, "REDRAW_S", -1.0)
+    caplog.set_level(logging.INFO, logger="emflow")
+    p = Progress("slab", 4, stream=io.StringIO())
+    for _ in range(4):
+        p.advance(1_000_000)
+    lines = [r.getMessage() for r in caplog.records if r.name == "emflow.progress"]
+    assert [ln.split(",")[0] for ln in lines] == [
+        "slab: 1/4 units",
+        "slab: 2/4 units",
+        "slab: 3/4 units",
+        "slab: 4/4 units",
+    ]
+    assert all("ETA" in ln for ln in lines[:3]) and lines[3].endswith("done")
+    assert all("MB/s" in ln for ln in lines)
+
+
+def test_board_html_lists_every_stage():
+    board = progress_display.Board()
+    a, b = Progress("features", 20, enabled=False), Progress("match", 37, enabled=False)
+    a.done, b.done = 20, 11
+    board.rows = {"features": (a, a.start + 15), "match": (b, b.start + 4)}
+    html = board.html()
+    assert html.count("<progress") == 2
+    assert "value='20' max='20'" in html and "20/20" in html and "done" in html
+    assert "11/37" in html and "ETA 9 s" in html
+    assert board.text().splitlines()[1].startswith("match: 11/37 units, 4 s, ETA 9 s")
