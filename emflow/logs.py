@@ -88,7 +88,7 @@ class RunLog(logging.Handler):
             if self._file is not None or self._held is None:
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+            self._file = open(self.path, "a", encoding="utf-8", errors="replace")
             held, self._held = self._held or [], None
             for record in held:
                 self._write(record)

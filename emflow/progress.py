@@ -113,7 +113,7 @@ def eta_s(p: StageCounts, now: float) -> float | None:
 
 def format_s(seconds: float) -> str:
     """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 60:
         return f"{s} s"
     if s < 3600:

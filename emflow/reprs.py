@@ -37,9 +37,7 @@ def _table(head: Sequence[str], rows: Iterable[Sequence[Any]], num: Sequence[int
     h = "".join(f"<th {right if i in num else left}>{_e(c)}</th>" for i, c in enumerate(head))
     body = []
     for row in rows:
-        cells = "".join(
-            f"<td {right if i in num else left}>{c}</td>" for i, c in enumerate(row)
-        )
+        cells = "".join(f"<td {right if i in num else left}>{c}</td>" for i, c in enumerate(row))
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -233,7 +231,7 @@ def alignment_html(alignment: Any) -> str:
                     if summary[k].get(s, 0)
                     else "0"
                     for s in ("failed", "rejected")
-                )
+                ),
             )
             for k in kinds
         ],
@@ -347,9 +345,7 @@ def run_html(result: Any) -> str:
     run_dir = Path(result.run_dir)
     qc = run_dir / "qc"
     thumbs = "".join(
-        thumbnail_html(qc / name)
-        for name in ("reslices.png", "pairs.png")
-        if (qc / name).is_file()
+        thumbnail_html(qc / name) for name in ("reslices.png", "pairs.png") if (qc / name).is_file()
     )
     if thumbs:
         parts.append(f"<div>{thumbs}</div>")

@@ -13,9 +13,12 @@ import html
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emflow.errors import OutputError
+
+if TYPE_CHECKING:
+    from emflow.pipeline import RunResult
 
 
 def _scheme(path: Path) -> str | None:
@@ -76,9 +79,7 @@ class Served:
             self._server = None
 
     def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<li><code>{html.escape(self.source(n))}</code></li>" for n in self.outputs
-        )
+        rows = "".join(f"<li><code>{html.escape(self.source(n))}</code></li>" for n in self.outputs)
         link = html.escape(self.neuroglancer_link())
         return (
             f"<div>serving <code>{html.escape(str(self.directory))}</code> at "
@@ -88,7 +89,7 @@ class Served:
         )
 
 
-def serve(source: Any, port: int = 0) -> Served:
+def serve(source: RunResult | str | Path, port: int = 0) -> Served:
     """Serve a run's ``output_dir`` (a RunResult, the folder, or a volume in it) on 127.0.0.1.
 
     ``port=0`` picks a free port. The server runs in a daemon thread of this process.

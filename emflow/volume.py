@@ -21,13 +21,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorstore as ts
 
 from emflow.errors import OutputError
 from emflow.io.location import Location
+
+if TYPE_CHECKING:
+    import xarray
 
 #: dask chunks are storage chunks grown (y and x first, then z) up to about this many bytes
 TARGET_CHUNK_BYTES = 32 << 20
@@ -211,7 +214,10 @@ def _omezarr_info(loc: Location, multiscales: Any, driver: str) -> VolumeInfo:
     axes = [a if isinstance(a, dict) else {"name": a} for a in axes]  # 0.3-style names
     dims = tuple(str(a["name"]) for a in axes)
     factor = np.array(
-        [_UNIT_NM.get(a.get("unit"), 1.0) if a.get("type", "space") == "space" else 1.0 for a in axes]
+        [
+            _UNIT_NM.get(a.get("unit"), 1.0) if a.get("type", "space") == "space" else 1.0
+            for a in axes
+        ]
     )
     outer_scale, outer_shift = _transform(ms.get("coordinateTransformations"), len(axes))
     levels = []
@@ -289,11 +295,11 @@ def grown_chunks(chunk: Sequence[int], shape: Sequence[int], itemsize: int) -> t
     return tuple(out)
 
 
-def open(  # noqa: A001 (emflow.open, like zarr.open)
+def open(
     source: Any,
     level: int = 0,
     output: str | None = None,
-) -> Any:
+) -> xarray.DataArray:
     """A lazily loaded level of an output volume, as an ``xarray.DataArray`` backed by dask.
 
     Parameters
@@ -361,4 +367,3 @@ def open(  # noqa: A001 (emflow.open, like zarr.open)
             "units": "nm",
         },
     )
-

@@ -76,9 +76,7 @@ def test_default_run_says_what_it_does_and_sums_up(stack):
     alignment = Alignment.from_json(stack / "out" / "emflow-run" / "alignment.json")
     t = pair_totals(alignment)
     assert t["matched"] + t["failed"] + t["rejected"] == len(alignment.pairs) == 13
-    assert (
-        f"pairs: {t['matched']} matched, {t['failed']} failed, {t['rejected']} rejected" in err
-    )
+    assert f"pairs: {t['matched']} matched, {t['failed']} failed, {t['rejected']} rejected" in err
     assert re.search(r"^emflow: done in [\d.]+ s: 8 slices", err, re.M)
     assert f"emflow: output em: {stack / 'out' / 'em'} (neuroglancer precomputed" in err
     assert f"emflow: output em.ome.zarr: {stack / 'out' / 'em.ome.zarr'} (OME-Zarr 0.5" in err
