@@ -11,7 +11,8 @@ import emflow
 from emflow.testing import synthetic_stack
 
 PKG = Path(emflow.__file__).parent
-DASK_ALLOWED = {"pipeline.py", "execute.py", "dashboard.py", "dask_preload.py"}
+# volume.py: emflow.open hands back outputs as dask-backed arrays (reading, not pipeline work)
+DASK_ALLOWED = {"pipeline.py", "execute.py", "dashboard.py", "dask_preload.py", "volume.py"}
 DASK_PACKAGES = {
     "cluster",
     "lattice",
