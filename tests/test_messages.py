@@ -218,3 +218,15 @@ def test_board_html_lists_every_stage():
     assert "value='20' max='20'" in html and "20/20" in html and "done" in html
     assert "11/37" in html and "ETA 9 s" in html
     assert board.text().splitlines()[1].startswith("match: 11/37 units, 4 s, ETA 9 s")
+
+
+def test_tqdm_when_asked_for(monkeypatch):
+    """``EMFLOW_PROGRESS=tqdm``: tqdm.auto bars (widgets in Jupyter), counting every unit."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setenv("EMFLOW_PROGRESS", "tqdm")
+    stream = io.StringIO()
+    p = Progress("match", 5, stream=stream)
+    assert isinstance(p._display, progress_display.TqdmBar)
+    for _ in range(5):
+        p.advance()
+    assert p._display.bar.n == 5 and p._display.bar.total == 5
