@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tensorstore as ts
 
 from emflow.errors import OutputError
 from emflow.io.location import Location
 
 if TYPE_CHECKING:
+    import tensorstore as ts
     import xarray
 
 #: dask chunks are storage chunks grown (y and x first, then z) up to about this many bytes
@@ -238,6 +238,8 @@ def _omezarr_info(loc: Location, multiscales: Any, driver: str) -> VolumeInfo:
                 dims,
             )
         )
+    import tensorstore as ts
+
     dtype = ts.open(levels[0].spec, read=True).result().dtype.name
     return VolumeInfo("omezarr", loc, tuple(levels), dtype)
 
@@ -259,6 +261,8 @@ class TensorStoreArray:
         self._store: ts.TensorStore | None = None
 
     def store(self) -> ts.TensorStore:
+        import tensorstore as ts
+
         if self._store is None:
             s = ts.open(self.level.spec, read=True).result()
             if self.format == "precomputed":  # (x, y, z, channel) -> (z, y, x) / (c, z, y, x)

@@ -141,3 +141,18 @@ def test_readme_jupyter_code_runs_as_written(tmp_path, monkeypatch, caplog):
     assert emflow.plan("recipe.yaml", alignment=saved).frame_shape_yx == frame
     assert emflow.plan("recipe.yaml", alignment=result).frame_shape_yx == frame
     assert emflow.plan("recipe.yaml", alignment=result.alignment) == result.plan
+
+
+def test_import_emflow_stays_light():
+    """The notebook API adds no heavy import to ``import emflow`` (Dask, tensorstore, xarray
+    and IPython load when a run, a plan or emflow.open needs them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, emflow\n"
+        "heavy = ('dask', 'distributed', 'tensorstore', 'xarray', 'IPython', 'matplotlib')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

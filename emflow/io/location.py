@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tensorstore as ts
-
 from emflow.errors import OutputError
 
 #: URL schemes tensorstore reads (file, http(s), Google Cloud Storage, S3)
@@ -71,6 +69,8 @@ class Location:
 
     def read(self, key: str) -> bytes | None:
         """The value at ``key`` in this folder, or None if there is none."""
+        import tensorstore as ts
+
         try:
             store = ts.KvStore.open(self.kvstore).result()
             got = store.read(key).result()
