@@ -34,6 +34,7 @@ def ran(tmp_path_factory):
         {
             "source": {"glob": str(root / "src" / "*.png")},
             "voxel_size_nm": list(VOXEL_XYZ),
+            "align": False,  # level 0 = the slices, exactly
             "enhance": {"clip_limit": 0},
             "output_dir": str(root / "out"),
             "outputs": OUTPUTS,
