@@ -356,6 +356,7 @@ def run_html(result: Any) -> str:
             if (run_dir / "alignment.json").is_file()
             else ""
         )
-        + " · open a level with <code>emflow.open(result, level=0)</code>"
+        + " · open a level with <code>emflow.open(result, level=0)</code> · view it in "
+        "neuroglancer with <code>emflow.serve(result)</code>"
     )
     return _box("RunResult", *parts)
