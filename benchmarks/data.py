@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,8 +26,12 @@ def texture_version() -> str:
 
 
 def stack_dir(shape_zyx: tuple[int, int, int], seed: int = 0) -> Path:
+    """Cache folder of a PNG stack: ``$EMFLOW_BENCH_DATA`` (outside the repository) if set."""
     z, y, x = shape_zyx
-    return OUT / "data" / f"png-{z}x{y}x{x}-seed{seed}-{texture_version()}"
+    root = (
+        Path(os.environ["EMFLOW_BENCH_DATA"]) if "EMFLOW_BENCH_DATA" in os.environ else OUT / "data"
+    )
+    return root / f"png-{z}x{y}x{x}-seed{seed}-{texture_version()}"
 
 
 def ensure_png_stack(shape_zyx: tuple[int, int, int], seed: int = 0) -> tuple[Path, list[Path]]:

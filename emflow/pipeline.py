@@ -18,6 +18,7 @@ the last level written, kept in the run folder.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -172,6 +173,21 @@ def plan_for_run(
     return plan, False
 
 
+def _drop_lost_renders(run_dir: Path, plan: Plan) -> None:
+    """Render units whose rendered slices are gone (the copy is deleted when a run completes)
+    run again if a pass-0 unit still needs them (e.g. an output volume was recreated)."""
+    from emflow.lattice import done_markers, marker_path
+
+    if len(done_markers(run_dir, plan.passes[0].stage)) == plan.passes[0].n_units:
+        return
+    folder = rendercache.cache_dir(run_dir)
+    have = set(os.listdir(folder)) if folder.is_dir() else set()
+    for i in done_markers(run_dir, "render"):
+        z0, z1 = plan.render_slices(i)
+        if any(rendercache.slice_path(folder, z).name not in have for z in range(z0, z1)):
+            marker_path(run_dir, "render", i).unlink(missing_ok=True)
+
+
 def check_worker_memory(client: Any, plan: Plan) -> None:
     """Refuse to start when the connected workers have less memory per thread than a unit needs."""
     if client is None:
@@ -247,6 +263,7 @@ def pyramid_stages(
     render_dir = None
     if plan.render_stage:
         render_dir = str(rendercache.cache_dir(run_dir))
+        _drop_lost_renders(run_dir, plan)
         per_slice = how.shape_yx[0] * how.shape_yx[1] * (2 if how.in_dtype == "uint16" else 1)
         units = []
         for i in range(plan.render_units):
