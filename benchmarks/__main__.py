@@ -30,7 +30,7 @@ SECTIONS = ("limits", "e2e", "peers", "scaling", "big", "overhead", "alignment",
 #: the large stacks of section "big": uncompressed uint8 TIFF (z, y, x), and the full
 #: pipeline (alignment + CLAHE + both outputs) on 4096² PNG slices
 BIG_STACKS = ((64, 8192, 8192), (32, 16384, 16384), (256, 4096, 4096))
-FULL_4096 = (16, 4096, 4096)
+FULL_4096 = (32, 4096, 4096)
 BIGMEM_LOCK = "/tmp/emflow-bigmem.lock"
 HERE = Path(__file__).resolve().parent
 

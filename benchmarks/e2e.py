@@ -50,6 +50,7 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)
     skip: str = ""  # reason, when it cannot run
     input_bytes: int = 0  # when the variant reads only part of the stack (0: all of it)
+    threads: int | None = None  # threads per worker given on the command line (None: default)
 
 
 # --- builders ---------------------------------------------------------------------------
@@ -157,6 +158,7 @@ def emflow_variant(
         cores,
         env={"PYTHONPATH": str(REPO)},
         input_bytes=input_bytes,
+        threads=threads,
     )
 
 
@@ -306,6 +308,13 @@ def _emflow_stages(out_dir: Path) -> dict:
     return out
 
 
+def _default_threads(cores: int) -> int:
+    """Threads per worker of emflow's default local cluster on this machine."""
+    from emflow.cluster.local import default_local_shape
+
+    return default_local_shape(cores)[1]
+
+
 def measure_variant(v: Variant, timeout_s: float = 1800.0) -> Measured:
     if v.family != "emflow":
         shutil.rmtree(v.out_dir, ignore_errors=True)
@@ -381,6 +390,13 @@ def summarize_runs(
             planned_mb = info["planned_unit_mib"] * 2**20 / 1e6
             row["planned_unit_mb"] = planned_mb
             row["rss_per_planned_unit"] = row["peak_worker_rss_mb"] / planned_mb
+            from emflow.plan import WORKER_BASE
+
+            threads = v.threads or _default_threads(v.cores)
+            base = WORKER_BASE / 1e6
+            row["threads_per_worker"] = threads
+            row["planned_worker_mb"] = base + threads * (planned_mb - base)
+            row["rss_per_planned_worker"] = row["peak_worker_rss_mb"] / row["planned_worker_mb"]
     files, mb = 0, 0.0
     if v.out_dir.exists():
         for child in v.out_dir.iterdir():

@@ -316,13 +316,15 @@ def render(res: dict, findings: str = "") -> str:
             "",
             "Uncompressed uint8 TIFF (read by window, no rendered copy) to both outputs, and "
             "the full pipeline on 4096² PNG; one run each, under the machine's big-memory lock. "
-            "% limit against `jpeg+zstd_tiff` (TIFF) or `full` with SIFT per slice (4096²).",
+            "% limit against `jpeg+zstd_tiff` (TIFF) or `full` with SIFT per slice (4096²). "
+            "RSS/planned worker: over base + threads × (unit − base), the per-worker figure "
+            "`emflow plan` prints for the default local cluster's 2 threads per worker.",
             "",
         ]
         rows = []
         for r in bg:
             if "error" in r:
-                rows.append([r["name"], r.get("format", ""), "–", "–", "–", "–", "–", "–",
+                rows.append([r["name"], r.get("format", ""), "–", "–", "–", "–", "–", "–", "–",
                              r["error"][:120]])  # fmt: skip
                 continue
             rows.append(
@@ -335,12 +337,13 @@ def render(res: dict, findings: str = "") -> str:
                     _f(r["cpu_s_per_gb"]),
                     _f(r["peak_worker_rss_mb"], 0),
                     _f(r.get("rss_per_planned_unit"), 2),
+                    _f(r.get("rss_per_planned_worker"), 2),
                     _notes(r),
                 ]
             )
         L += _table(
             ["variant", "input", "wall s", "MB/s in", "% limit", "CPU-s/GB",
-             "peak worker RSS MB", "RSS/planned unit", "notes"],
+             "peak worker RSS MB", "RSS/planned unit", "RSS/planned worker", "notes"],
             rows,
         )  # fmt: skip
         L.append("")

@@ -127,6 +127,7 @@ class Plan:
     unit_budget: int
     budget_source: str
     render_group: int = 1  # slices per render unit
+    align_memory: int = 0  # planned peak of a features unit (0: no alignment)
 
     @property
     def render_units(self) -> int:
@@ -146,7 +147,8 @@ class Plan:
     def memory_per_unit(self) -> int:
         """The largest planned peak of any unit (bytes)."""
         return max(
-            [p.memory for p in self.passes] + [self.render_memory if self.render_stage else 0]
+            [p.memory for p in self.passes]
+            + [self.render_memory if self.render_stage else 0, self.align_memory]
         )
 
     def worker_memory(self, threads: int) -> int:
@@ -186,6 +188,10 @@ class Plan:
                 f"unit owns x×y×z {own}"
             )
         lines.append(f"memory budget per unit: {_gib(self.unit_budget)} ({self.budget_source})")
+        if self.align_memory:
+            lines.append(
+                f"stages features, match (alignment): planned {_gib(self.align_memory)} per unit"
+            )
         if self.render_stage:
             lines.append(
                 f"stage render: {self.render_units} units of {self.render_group} slice(s) "
@@ -244,6 +250,7 @@ class Plan:
             "unit_budget": self.unit_budget,
             "budget_source": self.budget_source,
             "render_group": self.render_group,
+            "align_memory": self.align_memory,
         }
 
     @classmethod
@@ -281,6 +288,7 @@ class Plan:
             unit_budget=data["unit_budget"],
             budget_source=data["budget_source"],
             render_group=data.get("render_group", 1),
+            align_memory=data.get("align_memory", 0),
         )
 
     def save(self, run_dir: Path) -> None:
@@ -334,10 +342,19 @@ def unit_budget(recipe: Recipe) -> tuple[int, str]:
     return int(per * MEMORY_HEADROOM), f"{src} × {MEMORY_HEADROOM:g} headroom"
 
 
-def _render_memory(frame_yx: tuple[int, int], in_bytes: int, out_bytes: int) -> int:
-    """One slice rendered: decoded source, warped copy, 8-bit/CLAHE copy, written copy."""
+def _render_memory(
+    frame_yx: tuple[int, int], in_bytes: int, out_bytes: int, clahe_px: int = 0
+) -> int:
+    """One slice rendered: decoded (or cached) source, its zstd buffer, the warped copy, the
+    8-bit and CLAHE copies; CLAHE blends in float32 one kernel-sized rectangle at a time."""
     px = frame_yx[0] * frame_yx[1]
-    return int(px * (2 * in_bytes + 2 * out_bytes))
+    return int(px * (3 * in_bytes + 2 * out_bytes) + 16 * clahe_px)
+
+
+def _align_memory(source_yx: tuple[int, int], in_bytes: int) -> int:
+    """A features unit: the decoded slice, its QC and zstd copies, SIFT on a copy of at most
+    1024 px (float32 scale space and descriptors: about 96 MiB)."""
+    return WORKER_BASE + int(source_yx[0] * source_yx[1] * 3 * in_bytes) + 96 * _MIB
 
 
 def _pass_memory(
@@ -348,6 +365,7 @@ def _pass_memory(
     render_px: int,
     in_bytes: int,
     render_threads: int,
+    clahe_px: int = 0,
 ) -> int:
     """Planned peak of one unit: base + the block + downsample temporaries + writer buffers.
 
@@ -361,7 +379,9 @@ def _pass_memory(
     temps = voxels * max(2, in_item)
     writers = int(1.3 * n_outputs * voxels * out_bytes)
     render = (
-        render_threads * _render_memory((1, render_px), in_bytes, out_bytes) if render_px else 0
+        render_threads * _render_memory((1, render_px), in_bytes, out_bytes, clahe_px)
+        if render_px
+        else 0
     )
     return WORKER_BASE + block + rounded + temps + writers + render
 
@@ -498,6 +518,8 @@ def _plan_pass(
     max_value = 65535 if out_dtype == "uint16" else 255
     item = out_bytes if index == 0 else sum_dtype(max_value, math.prod(lev.factor_zyx)).itemsize
     n_out = len(recipe.outputs)
+    k = recipe.enhance.kernel_size_px
+    clahe_px = min(frame_px, k * k) if recipe.enhance.clip_limit > 0 else 0
     grid_bits = [_bits(-(-shape[a] // chunk[a])) for a in range(3)]
     order: list[int] = []
     xy_cap = max(0, (brick_xy_px // max(chunk[1], chunk[2])).bit_length() - 1)
@@ -522,7 +544,7 @@ def _plan_pass(
         own_render = index == 0 and g[1] == 1 and g[2] == 1
         return _pass_memory(
             vox, in_bytes if own_render else item, out_bytes, n_out,
-            frame_px if own_render else 0, in_bytes, 2,
+            frame_px if own_render else 0, in_bytes, 2, clahe_px,
         )  # fmt: skip
 
     def shrink(allowed: set[int]) -> bool:
@@ -641,7 +663,9 @@ def plan_output(
         cells += _cells(levels, p.source, p.last, p.brick_zyx, p.grid_zyx)
         source = p.last + 1
     render = not passes[0].full_frame and not windowed
-    render_mem = WORKER_BASE + _render_memory(frame_shape_yx, in_bytes, out_bytes)
+    k = recipe.enhance.kernel_size_px
+    clahe_px = min(frame_px, k * k) if recipe.enhance.clip_limit > 0 else 0
+    render_mem = WORKER_BASE + _render_memory(frame_shape_yx, in_bytes, out_bytes, clahe_px)
     if render and render_mem > budget:
         ny, nx = frame_shape_yx
         raise RecipeError(
@@ -663,6 +687,7 @@ def plan_output(
         int(budget),
         source_text,
         group if render else 1,
+        _align_memory(frame_shape_yx, in_bytes) if recipe.align.enabled else 0,
     )
 
 

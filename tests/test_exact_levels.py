@@ -110,7 +110,7 @@ def _recipe(vs, chunk, slab_depth, zarr_shard=None):
     run = {"slab_depth": slab_depth} if slab_depth else {}
     return recipe_from_dict(
         {"source": {"glob": "x/*.png"}, "voxel_size_nm": vs, "output_dir": "o",
-         "outputs": outputs, "run": run}
+         "outputs": outputs, "run": run, "enhance": {"clip_limit": 0}}
     )  # fmt: skip
 
 
