@@ -95,6 +95,7 @@ def emflow_recipe(
     recipe: dict = {
         "source": {"pattern": str(src / f"img%05d.{ext}"), "z_start": 0, "z_stop": nz},
         "voxel_size_nm": [voxel_nm] * 3,
+        "align": False,  # "full" turns it on below
         "output_dir": str(out_dir),
         "outputs": outputs,
     }

@@ -185,6 +185,7 @@ def run(slices: int, units: int, workers: int) -> dict:
                             "z_stop": slices,
                         },
                         "voxel_size_nm": [8, 8, 8],
+                        "align": False,
                         "output_dir": str(tmp / "out"),
                         "outputs": [{"format": "precomputed"}, {"format": "omezarr"}],
                     }

@@ -108,6 +108,16 @@ def _last_number(path: str) -> int | None:
     return int(nums[-1]) if nums else None
 
 
+def _broken_links(paths: Sequence[str]) -> None:
+    """Refuse image names that are symbolic links pointing nowhere or in a loop (else silently skipped)."""
+    for p in paths:
+        if Path(p).suffix.lower() in IMAGE_SUFFIXES and os.path.islink(p) and not os.path.exists(p):
+            raise SourceError(
+                f"{p} is a symbolic link that points nowhere or loops back on itself; fix the link "
+                "or remove it"
+            )
+
+
 def _headers(paths: Sequence[str]) -> list[ImageHeader]:
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(paths)))) as pool:
         return list(pool.map(read_header, paths))
@@ -170,6 +180,7 @@ def discover(source: Source, base_dir: str | Path = ".") -> SliceCatalog:
             raise SourceError(
                 f"source.pattern '{source.pattern}' is not a valid printf pattern ({exc})"
             ) from None
+        _broken_links(list(candidates.values()))
         found = {z: p for z, p in candidates.items() if os.path.isfile(p)}
         if not found:
             raise SourceError(
@@ -184,17 +195,22 @@ def discover(source: Source, base_dir: str | Path = ".") -> SliceCatalog:
 
     if source.glob is not None:
         what = f"source.glob '{source.glob}'"
-        paths = [p for p in globlib.glob(str(resolve(source.glob))) if os.path.isfile(p)]
+        matches = globlib.glob(str(resolve(source.glob)))
+        _broken_links(matches)
+        paths = [p for p in matches if os.path.isfile(p)]
         paths = [p for p in paths if Path(p).suffix.lower() in IMAGE_SUFFIXES]
     else:
         directory = resolve(source.directory or ".")
         what = f"source.directory '{directory}'"
         if not directory.is_dir():
             raise SourceError(f"{what} does not exist or is not a directory")
+        try:
+            entries = [str(p) for p in directory.iterdir()]
+        except OSError as exc:
+            raise SourceError(f"{what} cannot be listed ({exc.strerror or exc})") from None
+        _broken_links(entries)
         paths = [
-            str(p)
-            for p in directory.iterdir()
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            p for p in entries if Path(p).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(p)
         ]
     if not paths:
         raise SourceError(

@@ -28,9 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from emflow.discover import SliceCatalog, SliceRef, discover_recipe
-from emflow.errors import ClusterError, OutputError
-from emflow.io import rendercache
+from emflow.discover import SliceCatalog, SliceRef
+from emflow.errors import ClusterError, NoSpaceError, no_space
+from emflow.finalize import (
+    OwnedVolume,
+    features_removed,
+    record_resolved,
+    resolved_values,
+    tidy_run_folder,
+)
+from emflow.io import ownership, rendercache
 from emflow.io.handoff import HandoffArray
 from emflow.lattice.execute import Progress, Unit, declare_plan, run_stage
 from emflow.plan import (  # noqa: F401  (re-exported: emflow.pipeline names used before the split)
@@ -45,6 +52,7 @@ from emflow.plan import (  # noqa: F401  (re-exported: emflow.pipeline names use
     plan_output,
     windowed_stack,
 )
+from emflow.preflight import Preflight, preflight
 from emflow.recipe import Recipe
 from emflow.render import (  # noqa: F401  (re-exported, as above)
     BrickJob,
@@ -56,6 +64,7 @@ from emflow.render import (  # noqa: F401  (re-exported, as above)
     sample_window,
 )
 from emflow.resume import open_volumes
+from emflow.source_fingerprint import write_stack_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -90,18 +99,6 @@ class RunResult:
         from emflow.reprs import run_html
 
         return run_html(self)
-
-
-def _check_writable(root: Path) -> None:
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".emflow-write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(
-            f"output_dir {root} is not writable ({exc.strerror or exc}); choose a directory you can write to"
-        ) from None
 
 
 def _cluster_resources(client: Any) -> tuple[int, int]:
@@ -220,9 +217,14 @@ def pyramid_stages(
     stage: Any,
     *,
     threads: int,
+    owner: str,
 ) -> list[Any]:
     """Open or create the outputs and hand-offs (every run), run the render stage and every
-    pass; return the writers."""
+    pass; return the writers.
+
+    An output volume is created only inside a folder made by emflow (its ownership marker
+    first, :class:`emflow.finalize.OwnedVolume`); ``owner`` is the output_dir's owner id.
+    """
     writers = make_writers(recipe, plan, root, token=run_id + uuid.uuid4().hex[:6])
     check_ownership(plan, writers)
     handoffs: dict[int, HandoffArray] = {}
@@ -251,7 +253,7 @@ def pyramid_stages(
     dropped = open_volumes(
         run_dir,
         plan,
-        writers,
+        [OwnedVolume(w, owner) for w in writers],
         producers,
         stages=[p.stage for p in plan.passes],
         finalized=finalized,
@@ -341,19 +343,18 @@ def planned_stages(
     return out
 
 
-def finalize_output(writer: Any, final: str) -> dict:
+def finalize_output(writer: Any, final: str, owner: str) -> dict:
     """Write the metadata that marks an output complete and move it into place (a unit).
 
     Idempotent: an output already moved into place (``.partial`` gone, final there) by
-    a run that died before recording it is left as it is.
+    a run that died before recording it is left as it is. An earlier ``final`` is
+    replaced only if emflow wrote it for this output_dir (:mod:`emflow.io.ownership`).
     """
     partial, dest = Path(writer.path), Path(final)
-    if not partial.exists() and dest.exists():
+    if not partial.exists() and ownership.is_owned(dest, owner):
         return {"output": writer.name, "path": str(dest), "moved": False}
     writer.finalize()
-    if dest.exists():
-        shutil.rmtree(dest)
-    partial.rename(dest)
+    ownership.replace(partial, dest, owner)
     return {"output": writer.name, "path": str(dest), "moved": True}
 
 
@@ -377,29 +378,28 @@ def run(
     progress: bool | None = None,
     log: Any = None,
     alignment_path: str | Path | None = None,
+    checked: Preflight | None = None,
 ) -> RunResult:
     """Run a whole ingest: discover → (align) → slabs → coarse levels → finalize.
 
     ``client=None`` runs every unit here, in order (notebooks, debugging).
     ``alignment_path`` re-exports with a saved alignment.json instead of matching again.
     Any point of a run is a safe place to stop: running it again continues from there.
+    ``checked`` is the :func:`~emflow.preflight.preflight` of this recipe if the caller
+    already made it; otherwise it is made here. Nothing is written before it passed.
     """
     from emflow import lattice
 
-    if client is not None:  # workers import while the driver discovers and plans
+    if client is not None:  # workers import while the driver checks, discovers and plans
         _warm_up_workers(client)
-    root = recipe.output_path
-    _check_writable(root)
-    run_dir = root / RUN_FOLDER
-    catalog = discover_recipe(recipe)
     say = log or (lambda msg: None)
+    check = checked or preflight(recipe, restart=restart, alignment_path=alignment_path)
+    catalog, run_dir = check.catalog, check.run_dir
     say(f"discovered {catalog.summary()}")
-    saved_alignment = None
-    if alignment_path is not None:  # read it before the run folder is touched (--restart wipes it)
-        from emflow.align_stage import load_alignment
-
-        saved_alignment = load_alignment(Path(alignment_path), catalog)
+    saved_alignment = check.alignment  # read before the run folder is touched (--restart wipes it)
+    owner = ownership.claim_run_folder(run_dir)  # the first write: run folder, its marker first
     resuming = lattice.open_run(run_dir, recipe.output_fingerprint(), restart=restart)
+    write_stack_fingerprint(run_dir, check.stack)
     try:
         if client is not None:
             try:
@@ -408,7 +408,7 @@ def run(
                 logger.warning("could not record the live run in %s", run_dir, exc_info=True)
         return _run(
             recipe, catalog, run_dir, client, progress, say, alignment_path, saved_alignment,
-            resuming,
+            resuming, owner,
         )  # fmt: skip
     finally:
         lattice.retire_run(run_dir)
@@ -424,6 +424,7 @@ def _run(
     alignment_path: str | Path | None,
     saved_alignment: Any,
     resuming: bool,
+    owner: str,
 ) -> RunResult:
     t_start = time.perf_counter()
     root = recipe.output_path
@@ -438,17 +439,22 @@ def _run(
         t = time.perf_counter()
         prog = Progress(name, len(units), enabled=progress)
         labels = next((s.get("labels") for s in planned if s["stage"] == name), None)
-        res = run_stage(
-            name,
-            units,
-            client=client,
-            run_id=run_id,
-            retries=recipe.run.retries,
-            progress=prog,
-            run_dir=run_dir,
-            labels=labels,
-            **kw,
-        )
+        try:
+            res = run_stage(
+                name,
+                units,
+                client=client,
+                run_id=run_id,
+                retries=recipe.run.retries,
+                progress=prog,
+                run_dir=run_dir,
+                labels=labels,
+                **kw,
+            )
+        except NoSpaceError as exc:
+            if exc.path is None and str(root) not in str(exc):  # say where (the error could not)
+                raise no_space(f"under {root}") from exc
+            raise
         stage_seconds[name] = time.perf_counter() - t
         return res
 
@@ -479,7 +485,7 @@ def _run(
                 "stats", [Unit(0, sample_window, (catalog.slices, recipe.depth.percentiles))]
             )
             window = tuple(res[0]["window"])  # type: ignore[assignment]
-        say(f"16-bit window {window[0]:g}..{window[1]:g} → 0..255")
+        say(f"16-bit window {window[0]!r}..{window[1]!r} → 0..255 (exact values in run.json)")
 
     # alignment
     alignment = None
@@ -487,8 +493,11 @@ def _run(
     refs = list(catalog.slices)
     source_index = list(range(len(refs)))
     if alignment_path is not None or recipe.align.enabled:
-        from emflow.align_stage import align_stack
+        from emflow.align_stage import align_stack, load_alignment
 
+        if saved_alignment is None and resuming and features_removed(run_dir):
+            alignment_path = run_dir / "alignment.json"  # complete earlier: its features are gone
+            saved_alignment = load_alignment(alignment_path, catalog)
         if saved_alignment is not None:
             alignment = saved_alignment
             say(f"alignment from {alignment_path} (no feature matching)")
@@ -508,7 +517,7 @@ def _run(
                 refs[i] = SliceRef(ref.z, ref.source_z, other.path, other.page, fill="previous")
                 source_index[i] = src
     cache_dir = None
-    if recipe.align.enabled and alignment_path is None and recipe.run.cache_decoded:
+    if alignment is not None and saved_alignment is None and recipe.run.cache_decoded:
         from emflow.align_stage import slice_cache_dir
 
         cache_dir = str(slice_cache_dir(run_dir))
@@ -519,6 +528,7 @@ def _run(
     say(plan.summary())
     announce(plan)
     check_worker_memory(client, plan)
+    record_resolved(run_dir, **resolved_values(recipe, plan, window, alignment, catalog))
     how = SliceRender(
         shape_yx=catalog.shape_yx,
         frame_shape_yx=frame,
@@ -532,19 +542,21 @@ def _run(
     slices = [SliceJob(refs[i], transforms[i], source_index[i]) for i in range(len(refs))]
     writers = pyramid_stages(
         recipe, plan, how, slices, root, run_dir, run_id, stage,
-        threads=2 if threads <= 2 else 1,
+        threads=2 if threads <= 2 else 1, owner=owner,
     )  # fmt: skip
     # finalize: metadata, then move complete volumes into place (a unit per output)
     out_paths = {w.name: root / w.name for w in writers}
     stage(
         "finalize",
-        [Unit(i, finalize_output, (w, str(out_paths[w.name]))) for i, w in enumerate(writers)],
+        [
+            Unit(i, finalize_output, (w, str(out_paths[w.name]), owner))
+            for i, w in enumerate(writers)
+        ],
         where="driver",
     )
-    shutil.rmtree(run_dir / "handoff", ignore_errors=True)
-    shutil.rmtree(rendercache.cache_dir(run_dir), ignore_errors=True)
-    if cache_dir is not None:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    removed = tidy_run_folder(run_dir, recipe.run.keep)
+    if removed:
+        say(f"removed intermediates from {run_dir}: {', '.join(removed)} (run.keep keeps them)")
     from emflow.io.tsopen import forget
 
     forget(run_id)

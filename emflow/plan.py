@@ -32,10 +32,10 @@ from typing import Any
 from emflow.errors import RecipeError
 from emflow.io.writer import Writer
 from emflow.pyramid import Level, plan_levels, sum_dtype
+from emflow.recipe import PARTIAL_SUFFIX as PARTIAL_SUFFIX  # defined with the output-name rules
+from emflow.recipe import RUN_FOLDER as RUN_FOLDER
 from emflow.recipe import OmeZarrOutput, PrecomputedOutput, Recipe
 
-RUN_FOLDER = "emflow-run"
-PARTIAL_SUFFIX = ".partial"
 PLAN_JSON = "plan.json"
 _GIB = 1 << 30
 _MIB = 1 << 20

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,9 +19,52 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from emflow.errors import RecipeError
 
+#: the run folder inside output_dir; no output may take its name
+RUN_FOLDER = "emflow-run"
+#: suffix of an output while it is being written
+PARTIAL_SUFFIX = ".partial"
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_output_name(name: str) -> str:
+    """An output name is one plain folder name inside output_dir: no separators, no '..'."""
+    bad = None
+    if not name or not name.strip():
+        bad = "is empty"
+    elif name != name.strip():
+        bad = "starts or ends with white space"
+    elif "/" in name or "\\" in name or "\0" in name:
+        bad = "contains a path separator; give a plain folder name (it is created in output_dir)"
+    elif name in (".", ".."):
+        bad = "is not a folder name"
+    elif name.lower() == RUN_FOLDER or name.lower().startswith(RUN_FOLDER + "."):
+        bad = f"is the name of emflow's run folder ({RUN_FOLDER})"
+    elif name.endswith(PARTIAL_SUFFIX):
+        bad = f"ends with '{PARTIAL_SUFFIX}', which marks outputs still being written"
+    if bad:
+        raise ValueError(f"output name {name!r} {bad}")
+    return name
+
+
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([a-z]*)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgtp", start=1):
+    _UNITS.update({_p: 1000**_i, _p + "b": 1000**_i, _p + "i": 1024**_i, _p + "ib": 1024**_i})
+
+
+def parse_memory(value: str) -> int:
+    """Bytes of a memory string such as '4GiB', '8 GB' or '500MB' (the forms Dask accepts)."""
+    m = _MEMORY.match(str(value))
+    unit = _UNITS.get(m.group(3).lower()) if m else None
+    if m is None or unit is None:
+        raise ValueError(f"{value!r} is not a memory size; write e.g. '4GiB', '8GB' or '500MB'")
+    n = float(m.group(1)) * 10 ** int(m.group(2) or 0) * unit
+    if n < 1:
+        raise ValueError(f"{value!r} is not a memory size; write e.g. '4GiB', '8GB' or '500MB'")
+    return int(n)
 
 
 class Source(_Model):
@@ -69,6 +113,11 @@ class PrecomputedOutput(_Model):
         4096, ge=1, description="upper bound on chunks per shard file (power of 2 used)"
     )
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_output_name(v)
+
 
 class OmeZarrOutput(_Model):
     """An OME-Zarr multiscale image: 0.4 (Zarr v2) or 0.5 (Zarr v3, sharded)."""
@@ -82,6 +131,11 @@ class OmeZarrOutput(_Model):
     )
     codec: Literal["zstd", "blosc-zstd", "none"] = "zstd"
     codec_level: int = Field(1, ge=0, le=22)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_output_name(v)
 
     @model_validator(mode="after")
     def _shards(self) -> OmeZarrOutput:
@@ -156,8 +210,12 @@ class Enhance(_Model):
     kernel_size_px: int = Field(1024, ge=8)
 
 
+#: run-folder intermediates a completed run may keep (``run.keep``); removed otherwise
+KEEPABLE = ("features", "slice_cache", "handoff", "rendered")
+
+
 class Run(_Model):
-    """Execution resources (overridable with CLI flags)."""
+    """Execution resources (overridable with CLI flags) and what the run folder keeps."""
 
     workers: int | None = Field(None, ge=1)
     threads_per_worker: int | None = Field(None, ge=1)
@@ -171,6 +229,23 @@ class Run(_Model):
         description="alignment: keep decoded slices as zstd-1 in the run folder so the render pass "
         "does not decode the source again (needs about the stack's size in scratch space)",
     )
+    keep: tuple[Literal["features", "slice_cache", "handoff", "rendered"], ...] = Field(
+        (),
+        description="intermediates the run folder keeps after a complete run (default: none; "
+        "e.g. [features] keeps the SIFT features)",
+    )
+
+    @field_validator("memory_per_worker")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_memory(v)
+        return v
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _keep_one(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
 class Recipe(_Model):
@@ -184,7 +259,7 @@ class Recipe(_Model):
     outputs: list[Output] = Field(..., min_length=1)
     pyramid: Pyramid = Pyramid()
     depth: Depth = Depth()
-    align: Align = Align(enabled=False)
+    align: Align = Align()  # on unless the recipe says ``align: false``
     enhance: Enhance = Enhance()
     run: Run = Run()
     base_dir: str = Field(".", exclude=True, description="directory relative paths resolve from")
@@ -201,13 +276,14 @@ class Recipe(_Model):
     def _align_bool(cls, v: Any) -> Any:
         if isinstance(v, bool):
             return {"enabled": v}
-        return v
+        return {} if v is None else v  # a bare ``align:`` means the defaults (on)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Recipe:
         names = [o.name for o in self.outputs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"outputs need distinct 'name's (got {names})")
+        folded = [n.casefold() for n in names]  # case-insensitive file systems would merge them
+        if len(set(folded)) != len(folded):
+            raise ValueError(f"outputs need distinct 'name's, ignoring case (got {names})")
         return self
 
     # ---- derived ------------------------------------------------------------------
@@ -235,7 +311,36 @@ class Recipe(_Model):
 
 
 def _loc(err: dict[str, Any]) -> str:
-    return ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "recipe"
+    """The YAML path of an error: ``outputs.0.encoding`` (union tags and validator names dropped)."""
+    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    return ".".join(p for p in parts if p not in _TAGS) or "recipe"
+
+
+_TAGS = {"precomputed": PrecomputedOutput, "omezarr": OmeZarrOutput}
+
+
+def _allowed_keys(loc: tuple) -> list[str] | None:
+    """The keys the model at ``loc`` (minus the unknown key itself) accepts, or None."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if part in _TAGS:
+            model = _TAGS[part]
+            continue
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return None
+        ann = info.annotation
+        if part == "outputs":
+            model = None  # resolved by the tag that follows
+            continue
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return None
+    if model is None:
+        return None
+    return [k for k, f in model.model_fields.items() if not f.exclude]
 
 
 def recipe_from_dict(data: Any, *, base_dir: str | Path = ".", origin: str = "recipe") -> Recipe:
@@ -245,11 +350,22 @@ def recipe_from_dict(data: Any, *, base_dir: str | Path = ".", origin: str = "re
     try:
         return Recipe.model_validate({**data, "base_dir": str(base_dir)})
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        first = errors[0]
         loc = _loc(first)
         msg = first["msg"].removeprefix("Value error, ")
+        missing = [_loc(e) for e in errors if e["type"] == "missing"]
+        if first["type"] == "missing" and len(missing) > 1:
+            others = exc.error_count() - len(missing)
+            more = f" (and {others} more problem(s))" if others else ""
+            raise RecipeError(
+                f"{origin}: required fields are missing: {', '.join(missing)}{more}"
+            ) from None
         if first["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see 'emflow validate --help' for the fields)"
+            allowed = _allowed_keys(tuple(first["loc"]))
+            msg = "unknown key (check the spelling" + (
+                f"; allowed here: {', '.join(allowed)})" if allowed else ")"
+            )
         elif first["type"] == "missing":
             msg = "required field is missing"
         more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
@@ -259,10 +375,16 @@ def recipe_from_dict(data: Any, *, base_dir: str | Path = ".", origin: str = "re
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe YAML file; relative paths in it resolve from its directory."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe file {path} is a directory; give the recipe YAML file")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"recipe file {path} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text; save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -53,11 +53,14 @@ def read_pngs(paths) -> np.ndarray:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, keyed by relative path (byte-identity checks)."""
+    """sha256 of every file under root, keyed by relative path (byte-identity checks).
+
+    emflow's ownership marker (which names the output_dir's run folder) is not volume data.
+    """
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".emflow-output.json"
     }
 
 

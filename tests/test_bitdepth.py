@@ -14,16 +14,18 @@ from tests.readers import zarr_python
 
 def _stack16(tmp_path):
     vol = synthetic_stack((6, 90, 70), seed=4, dtype=np.uint16)
+    (tmp_path / "src").mkdir()
     for z, sl in enumerate(vol):
-        tifffile.imwrite(tmp_path / f"s{z:02d}.tif", sl)
+        tifffile.imwrite(tmp_path / "src" / f"s{z:02d}.tif", sl)
     return vol
 
 
 def _recipe(tmp_path, out, depth):
     return recipe_from_dict(
         {
-            "source": {"glob": str(tmp_path / "*.tif")},
+            "source": {"glob": str(tmp_path / "src" / "*.tif")},
             "voxel_size_nm": [8, 8, 8],
+            "align": False,
             "enhance": {"clip_limit": 0},
             "output_dir": str(tmp_path / out),
             "outputs": [{"format": "omezarr", "version": "0.4"}],

@@ -36,6 +36,7 @@ RECIPE = """\
 source:
   {source}
 voxel_size_nm: [4, 4, 40]
+align: false
 output_dir: out
 outputs:
   - format: precomputed
@@ -68,7 +69,7 @@ def test_truncated_image_fails_on_the_cluster_and_leaves_nothing_looking_complet
     bad = tmp_path / "src" / "s002.png"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     proc = emflow("run", "recipe.yaml", "--workers", "1", "--dashboard", ":0", cwd=tmp_path)
-    assert_one_line_error(proc, "s002.png", "corrupt or truncated")
+    assert_one_line_error(proc, "s002.png", "truncated")
     assert not (tmp_path / "out" / "precomputed").exists()
     assert not (tmp_path / "out" / "emflow-run" / "COMPLETE").exists()
 

@@ -85,7 +85,9 @@ def _digest(out: Path) -> dict[str, str]:
     files = {
         str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and RUN_FOLDER not in p.relative_to(out).parts
+        if p.is_file()
+        and RUN_FOLDER not in p.relative_to(out).parts
+        and p.name != ".emflow-output.json"  # ownership marker: names its own output_dir
     }
     assert files, f"no output files under {out}"
     return files

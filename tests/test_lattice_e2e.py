@@ -36,6 +36,7 @@ def recipe_dict(root: Path, out: str) -> dict:
     return {
         "source": {"glob": str(root / "src" / "*.png")},
         "voxel_size_nm": [8, 8, 8],
+        "align": False,
         "output_dir": str(root / out),
         "outputs": OUTPUTS,
         "run": {"slab_depth": 8},
@@ -127,6 +128,7 @@ RECIPE_YAML = """\
 source:
   glob: {src}/*.png
 voxel_size_nm: [8, 8, 8]
+align: false
 output_dir: out
 outputs:
   - format: precomputed

@@ -48,6 +48,7 @@ def served(tmp_path_factory):
             {
                 "source": {"glob": str(root / "src" / "*.png")},
                 "voxel_size_nm": [4, 4, 40],
+                "align": False,
                 "output_dir": str(root / "out"),
                 "outputs": [
                     {
@@ -57,6 +58,7 @@ def served(tmp_path_factory):
                         "sharded": True,
                     },
                     {"format": "omezarr", "name": "em.ome.zarr", "version": "0.5"},
+                    {"format": "omezarr", "name": "em4.ome.zarr", "version": "0.4"},
                 ],
             }
         )
@@ -69,18 +71,24 @@ def served(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "source,dims",
+    "name,scheme,dims",
     [
-        ("precomputed://{base}/em_jpeg", ("x", "y", "z")),
-        ("zarr://{base}/em.ome.zarr", ("z", "y", "x")),
+        ("em_jpeg", "precomputed", ("x", "y", "z")),
+        ("em.ome.zarr", "zarr3", ("z", "y", "x")),
+        ("em4.ome.zarr", "zarr", ("z", "y", "x")),
     ],
 )
-def test_neuroglancer_opens_the_volume(served, source, dims):
+def test_neuroglancer_opens_the_volume(served, name, scheme, dims):
+    """The source emflow prints for each output (one scheme per format) opens in neuroglancer."""
+    from emflow.cli.summary import neuroglancer_source
+
     base, root = served
+    source = neuroglancer_source(base, root / "out" / name)
+    assert source == f"{scheme}://{base}/{name}"
     neuroglancer.set_server_bind_address("127.0.0.1")
     viewer = neuroglancer.Viewer()
     with viewer.txn() as s:
-        s.layers["em"] = neuroglancer.ImageLayer(source=source.format(base=base))
+        s.layers["em"] = neuroglancer.ImageLayer(source=source)
         s.layout = "xy"
     with webdriver.Webdriver(
         viewer, headless=True, browser="chrome", extra_command_line_args=CHROME_ARGS
@@ -96,7 +104,7 @@ def test_neuroglancer_opens_the_volume(served, source, dims):
     for axis, (scale, unit) in state.items():
         assert unit == "m" and scale == pytest.approx(expected_nm[axis] * 1e-9)
     # it drew image data (membranes and cytoplasm), not an empty panel
-    name = "ng_" + source.split(":")[0] + ".png"
+    name = f"ng_{scheme}.png"
     (root / name).write_bytes(shot.image)
     import cv2
 

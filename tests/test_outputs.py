@@ -65,6 +65,7 @@ def test_odd_sizes_every_format_two_readers(odd_stack):
         {
             "source": {"glob": str(root / "src" / "*.png")},
             "voxel_size_nm": [4, 4, 40],
+            "align": False,
             "enhance": {"clip_limit": 0},
             "output_dir": str(root / "out"),
             "outputs": ALL_OUTPUTS,
@@ -105,6 +106,7 @@ def test_slabs_and_coarse_passes_on_local_cluster_equal_serial(tmp_path):
             {
                 "source": {"glob": str(tmp_path / "src" / "*.png")},
                 "voxel_size_nm": [8, 8, 8],
+                "align": False,
                 "enhance": {"clip_limit": 0},
                 "output_dir": str(tmp_path / out),
                 "outputs": outputs,
@@ -160,6 +162,7 @@ def test_formats_place_voxels_at_same_physical_position(odd_stack, tmp_path):
         {
             "source": {"glob": str(root / "src" / "*.png")},
             "voxel_size_nm": [4, 4, 40],
+            "align": False,
             "enhance": {"clip_limit": 0},
             "output_dir": str(tmp_path / "out"),
             "outputs": [ALL_OUTPUTS[2], ALL_OUTPUTS[3]],

@@ -20,6 +20,7 @@ def test_isbi_png_stack(shared_data, tmp_path):
         {
             "source": {"pattern": str(src / "%02d.png"), "z_start": 0, "z_stop": 30},
             "voxel_size_nm": [4, 4, 50],
+            "align": False,
             "enhance": {"clip_limit": 0},
             "output_dir": str(tmp_path),
             "outputs": [
@@ -48,6 +49,7 @@ def test_drosophila_tiff_stack(shared_data, tmp_path):
         {
             "source": {"directory": str(src), "z_start": 2, "z_stop": 18},
             "voxel_size_nm": [4.6, 4.6, 45],
+            "align": False,
             "enhance": {"clip_limit": 0},
             "output_dir": str(tmp_path),
             "outputs": [{"format": "omezarr", "version": "0.5"}],
@@ -73,6 +75,7 @@ def test_jpeg_tiles_and_multipage_tiff(shared_data, tmp_path):
             {
                 "source": source,
                 "voxel_size_nm": [4, 4, 40],
+                "align": False,
                 "enhance": {"clip_limit": 0},
                 "output_dir": str(tmp_path / name),
                 "outputs": [{"format": "omezarr"}],

@@ -28,7 +28,7 @@ def test_defaults_are_filled_in():
         True,
         (64, 64, 64),
     )
-    assert r.align.enabled is False and r.depth.output == "uint8" and r.pyramid.levels is None
+    assert r.align.enabled is True and r.depth.output == "uint8" and r.pyramid.levels is None
     assert "jpeg_quality: 90" in r.to_yaml()
 
 

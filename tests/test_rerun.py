@@ -17,6 +17,7 @@ def _recipe(tmp_path, quality=90):
         {
             "source": {"glob": str(tmp_path / "src" / "*.png")},
             "voxel_size_nm": [4, 4, 40],
+            "align": False,
             "output_dir": str(tmp_path / "out"),
             "outputs": [
                 {"format": "precomputed", "name": "p", "jpeg_quality": quality},

@@ -1,21 +1,38 @@
 """The ``emflow`` command: one small module per command, registered here.
 
-Every :class:`~emflow.errors.EmflowError` is printed as one line on stderr
-(no traceback) and exits with its code (2 for bad input).
+Every command keeps the exit codes of :mod:`emflow.errors` (0 done, 1 internal
+error, 2 bad input or refused, 3 incomplete but resumable, 130 interrupted): an
+:class:`~emflow.errors.EmflowError` is printed as one line on stderr, never a
+traceback; an unexpected exception (a bug) prints one line and keeps its
+traceback in the run's ``run.log`` (or a file in the temporary directory).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 import typer
 
-from emflow.errors import EmflowError
+from emflow.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    INTERRUPTED_MESSAGE,
+    EmflowError,
+    deterministic,
+)
 
 app = typer.Typer(
     name="emflow",
-    help="Align and ingest EM slice stacks into multiscale neuroglancer precomputed and OME-Zarr volumes.",
+    help="Align and ingest EM slice stacks into multiscale neuroglancer precomputed and OME-Zarr "
+    "volumes. Exit codes: 0 done, 1 internal error, 2 bad input or refused, 3 incomplete but "
+    "resumable, 130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -25,29 +42,98 @@ COMMAND_MODULES = ("run", "validate", "plan", "demo", "serve", "status")
 for _name in COMMAND_MODULES:
     importlib.import_module(f"emflow.cli.{_name}").register(app)
 
+#: set by a command once its run folder has a log: where an internal error's traceback goes
+TRACEBACK_LOG: list[Path] = []
+_SIGNALLED: list[int] = []
+_STATE = {"depth": 0, "reported": False}  # main() runs nested for `emflow demo`
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM end the command with exit 130 / 143 and a one-line message.
+
+    Call again after importing dask_jobqueue, which replaces the SIGINT handler with
+    ``sys.exit()`` (that would exit 0, as if the run had succeeded).
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread (e.g. called from a notebook's worker thread)
+            return
+
+
+def _interrupted() -> int:
+    sig = _SIGNALLED[-1] if _SIGNALLED else signal.SIGINT
+    what = "terminated" if sig == signal.SIGTERM else "interrupted"
+    if not _STATE["reported"]:
+        _STATE["reported"] = True
+        print(f"emflow: {INTERRUPTED_MESSAGE.replace('interrupted', what)}", file=sys.stderr)
+    return EXIT_INTERRUPTED if sig != signal.SIGTERM else 128 + int(signal.SIGTERM)
+
+
+def _internal_error(exc: BaseException) -> int:
+    text = "".join(traceback.format_exception(exc))
+    where = TRACEBACK_LOG[-1] if TRACEBACK_LOG else None
+    try:
+        if where is None:
+            where = Path(tempfile.gettempdir()) / f"emflow-traceback-{os.getpid()}.txt"
+            where.write_text(text)
+        else:
+            with open(where, "a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} internal error\n{text}")
+    except OSError:
+        where = None
+    first = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    kept = f"; traceback in {where}" if where else ""
+    print(f"emflow: internal error (a bug, please report it): {first}{kept}", file=sys.stderr)
+    return EXIT_INTERNAL
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app, turning emflow errors into one line and an exit code."""
+    """Console entry point: run the app; every outcome becomes one of the documented exit codes."""
+    if _STATE["depth"] == 0:
+        _SIGNALLED.clear()
+        _STATE["reported"] = False
+    install_signal_handlers()
+    _STATE["depth"] += 1
     try:
-        app(args=argv, standalone_mode=False)
+        return _main(argv)
+    finally:
+        _STATE["depth"] -= 1
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        rc = app(args=argv, standalone_mode=False)  # typer turns Ctrl-C into a return of 130
     except EmflowError as exc:
         print(f"emflow: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("emflow: interrupted; the run can be resumed with the same command", file=sys.stderr)
-        return 130
-    except SystemExit as exc:  # typer/click exit paths
-        return int(exc.code or 0)
+        return _interrupted()
+    except SystemExit as exc:  # typer/click exit paths; dask_jobqueue's SIGINT handler
+        if _SIGNALLED:
+            return _interrupted()
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:
         if isinstance(exc, _usage_errors()):  # bad option or value: click prints usage + one line
             exc.show()
             return int(getattr(exc, "exit_code", 2) or 2)
-        if isinstance(exc, _aborts()):
-            return 1
+        if isinstance(exc, _aborts()):  # click turns Ctrl-C into Abort
+            return _interrupted()
         if type(exc).__name__ == "Exit" and hasattr(exc, "exit_code"):  # typer.Exit(code)
             return int(exc.exit_code)
-        raise
-    return 0
+        known = deterministic(exc)  # no space, permission denied: one line, not a traceback
+        if known is not None:
+            print(f"emflow: error: {known}", file=sys.stderr)
+            return known.exit_code
+        return _internal_error(exc)
+    if _SIGNALLED or rc == EXIT_INTERRUPTED:
+        return _interrupted()
+    return rc if isinstance(rc, int) else 0
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:

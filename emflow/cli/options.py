@@ -27,8 +27,26 @@ MaxWorkersOpt = Annotated[
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads-per-worker", "--threads", min=1, help="threads per worker")
 ]
+
+
+def _memory(value: str | None) -> str | None:
+    """Refuse a memory string Dask cannot read, as a usage error naming the option."""
+    if value is None:
+        return value
+    from emflow.recipe import parse_memory
+
+    try:
+        parse_memory(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 MemoryOpt = Annotated[
-    str | None, typer.Option("--memory-per-worker", "--memory", help="memory per worker, e.g. 4GiB")
+    str | None,
+    typer.Option(
+        "--memory-per-worker", "--memory", help="memory per worker, e.g. 4GiB", callback=_memory
+    ),
 ]
 InsecureOpt = Annotated[
     bool, typer.Option("--insecure", help="no TLS between scheduler and workers")

@@ -1,4 +1,10 @@
-"""``emflow run``: run a recipe on a local or HPC/Kubernetes Dask cluster (or serially)."""
+"""``emflow run``: run a recipe on a local or HPC/Kubernetes Dask cluster (or serially).
+
+Order matters for safety: the recipe, stack, cluster request and output location
+are checked first (:func:`emflow.preflight.preflight`, nothing written); only then
+is the run folder made, its ``run.log`` opened, library and worker output routed
+to ``libraries.log``, and the cluster started.
+"""
 
 from __future__ import annotations
 
@@ -21,13 +27,16 @@ from emflow.cli.options import (
     cluster_request,
 )
 
+#: what libraries and local worker processes print, kept in the run folder
+LIBRARY_LOG = "libraries.log"
+
 
 def _logger(run_dir: Path) -> logging.Logger:
-    run_dir.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger("emflow.run")
     log.setLevel(logging.INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
+        h.close()
     fh = logging.FileHandler(run_dir / "run.log")
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(fh)
@@ -77,36 +86,18 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe: discover → align → render slabs → write pyramids. Resumes an interrupted run."""
-    from emflow.pipeline import RUN_FOLDER
-    from emflow.pipeline import run as run_pipeline
-    from emflow.recipe import load_recipe
+    from emflow.cli import TRACEBACK_LOG, install_signal_handlers
+    from emflow.cli.console import libraries_to_log
+    from emflow.cli.summary import closing_lines
+    from emflow.errors import EmflowError, NoSpaceError, deterministic, no_space
+    from emflow.io.ownership import claim_run_folder
+    from emflow.preflight import preflight
+    from emflow.recipe import RUN_FOLDER, load_recipe
 
     r = load_recipe(recipe)
     run_dir = r.output_path / RUN_FOLDER
-    try:
-        log = _logger(run_dir)
-    except OSError as exc:
-        from emflow.errors import OutputError
-
-        raise OutputError(
-            f"output_dir {r.output_path} is not writable ({exc.strerror or exc})"
-        ) from None
-
-    def say(msg: str) -> None:
-        log.info(msg)
-        if not quiet:
-            typer.echo(msg, err=True)
-
-    say(f"emflow run {recipe} → {r.output_path}")
-    t0 = time.perf_counter()
-    progress = None if not quiet else False
-    if serial:
-        result = run_pipeline(
-            r, client=None, restart=restart, progress=progress, log=say, alignment_path=alignment
-        )
-    else:
-        from emflow import cluster as clusters
-
+    req = None
+    if not serial:
         req = cluster_request(
             r,
             cluster,
@@ -120,29 +111,73 @@ def run(
             dashboard,
             run_dir / "secrets",
         )
-        with clusters.open_client(req) as client:
-            say(f"dashboard: {client.dashboard_link}")
-            try:
-                from emflow.dashboard import dashboard_url
+    install_signal_handlers()  # importing dask_jobqueue (cluster checks) replaced the SIGINT handler
+    check = preflight(r, restart=restart, alignment_path=alignment, cluster_request=req)
+    # --- from here on, files are written (the checks above refused nothing) ---
+    claim_run_folder(run_dir)
+    logging.raiseExceptions = False  # a full disk must not turn run.log writes into tracebacks
+    log = _logger(run_dir)
+    TRACEBACK_LOG.append(run_dir / "run.log")
 
-                say(f"lattice:   {dashboard_url(client)}")
-            except Exception:  # dashboard page is optional (no bokeh route on a foreign scheduler)
-                pass
-            _wait_for_a_worker(client, cluster, run_dir / "worker-logs", say)
-            result = run_pipeline(
-                r,
-                client=client,
-                restart=restart,
-                progress=progress,
-                log=say,
-                alignment_path=alignment,
+    def say(msg: str) -> None:
+        log.info(msg)
+        if not quiet:
+            typer.echo(msg, err=True)
+
+    say(f"emflow run {recipe} → {r.output_path}")
+    for note in check.notes:
+        say(note)
+    t0 = time.perf_counter()
+    progress = None if not quiet else False
+    try:
+        with libraries_to_log(run_dir / LIBRARY_LOG, say):
+            result = _execute(
+                r, req, check, serial, restart, progress, say, alignment, cluster, run_dir
             )
+    except EmflowError as exc:
+        log.info(f"error (exit {exc.exit_code}): {exc}")
+        raise
+    except KeyboardInterrupt:
+        log.info("interrupted; run the same command to resume")
+        raise
+    except OSError as exc:  # the driver's own writes (journal, markers): full disk, permissions
+        err = deterministic(exc)
+        if err is None:
+            raise
+        if isinstance(err, NoSpaceError) and err.path is None:
+            err = no_space(f"under {r.output_path}")
+        log.info(f"error (exit {err.exit_code}): {err}")
+        raise err from exc
     secs = time.perf_counter() - t0
     say(
-        f"done in {secs:.1f} s: {result.bytes_in / 1e6:.0f} MB of slices at {result.bytes_in / 1e6 / secs:.1f} MB/s"
+        f"done in {secs:.1f} s: {result.bytes_in / 1e6:.0f} MB of slices at "
+        f"{result.bytes_in / 1e6 / secs:.1f} MB/s"
     )
-    for name, path in result.output_paths.items():
-        say(f"  {name}: {path}")
+    for line in closing_lines(r, result):
+        log.info(line)
+        typer.echo(line)
+
+
+def _execute(r, req, check, serial, restart, progress, say, alignment, cluster, run_dir):
+    from emflow.cli import install_signal_handlers
+    from emflow.pipeline import run as run_pipeline
+
+    kw = dict(restart=restart, progress=progress, log=say, alignment_path=alignment, checked=check)
+    if serial:
+        return run_pipeline(r, client=None, **kw)
+    from emflow import cluster as clusters
+
+    with clusters.open_client(req) as client:
+        install_signal_handlers()
+        say(f"dashboard: {client.dashboard_link}")
+        try:
+            from emflow.dashboard import dashboard_url
+
+            say(f"lattice:   {dashboard_url(client)}")
+        except Exception:  # dashboard page is optional (no bokeh route on a foreign scheduler)
+            pass
+        _wait_for_a_worker(client, cluster, run_dir / "worker-logs", say)
+        return run_pipeline(r, client=client, **kw)
 
 
 def register(app: typer.Typer) -> None:

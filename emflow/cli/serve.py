@@ -62,18 +62,17 @@ class _CorsHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def neuroglancer_link(base_url: str, directory: Path) -> str:
-    """A neuroglancer demo-app URL with one layer per volume found in ``directory``."""
+    """A neuroglancer demo-app URL with one layer per volume found in ``directory``.
+
+    Sources use :func:`emflow.cli.summary.neuroglancer_source` (the one scheme per format).
+    """
+    from emflow.cli.summary import neuroglancer_source
+
     layers = []
     for p in sorted(directory.iterdir()):
-        if (p / "info").is_file():
-            layers.append(
-                {"type": "image", "source": f"precomputed://{base_url}/{p.name}", "name": p.name}
-            )
-        elif (p / "zarr.json").is_file() or (p / ".zattrs").is_file():
-            scheme = "zarr3" if (p / "zarr.json").is_file() else "zarr2"
-            layers.append(
-                {"type": "image", "source": f"{scheme}://{base_url}/{p.name}", "name": p.name}
-            )
+        src = neuroglancer_source(base_url, p) if p.is_dir() else None
+        if src is not None:
+            layers.append({"type": "image", "source": src, "name": p.name})
     state = {"layers": layers, "layout": "4panel"}
     return "https://neuroglancer-demo.appspot.com/#!" + urllib.parse.quote(
         json.dumps(state, separators=(",", ":"))
@@ -95,11 +94,22 @@ def serve(
 
     if not directory.is_dir():
         raise OutputError(f"{directory} is not a directory; give the output_dir of a run")
-    server = make_server(directory, port)
+    from emflow.cli.summary import port_forward_hint
+
+    try:
+        server = make_server(directory, port)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot serve on port {port} ({exc.strerror or exc}); choose another with --port"
+        ) from None
+    port = server.server_address[1]
     base = f"http://localhost:{port}"
     typer.echo(
         f"serving {directory} at {base} (Ctrl-C to stop)\nneuroglancer: {neuroglancer_link(base, directory)}"
     )
+    hint = port_forward_hint(port)
+    if hint:
+        typer.echo(hint)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

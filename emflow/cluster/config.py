@@ -285,7 +285,14 @@ def _allowed_keys(kind: str) -> set[str] | None:
         } | _K8S_EMFLOW_KEYS
     if kind == "address":
         return {"security", "timeout"}
-    return None  # LocalCluster forwards unknown keys to Worker/Nanny
+    if kind == "local":  # LocalCluster forwards keys it does not know to Nanny and Worker
+        from distributed import LocalCluster, Nanny, Worker
+
+        names = set()
+        for fn in (LocalCluster.__init__, Nanny.__init__, Worker.__init__):
+            names |= set(inspect.signature(fn).parameters)
+        return (names - {"self", "args", "kwargs"}) | _EMFLOW_KEYS
+    return None
 
 
 def _validate_keys(kind: str, config: dict[str, Any], source: str) -> None:

@@ -10,7 +10,6 @@ encodes the half-voxel shift of each mean-downsampled level.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,9 +173,9 @@ class OmeZarrWriter:
         return entry
 
     def create(self) -> None:
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        # the folder is made (empty, with emflow's ownership marker) by emflow.finalize.claim_outputs;
+        # a writer never deletes a folder (emflow.io.ownership decides what may be replaced)
+        self.path.mkdir(parents=True, exist_ok=True)
         for k in range(len(self.levels)):
             ts.open(self._array_spec(k, create=True), create=True, context=context()).result()
         # the group is written now without multiscales; finalize() adds them when complete

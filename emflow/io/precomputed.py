@@ -7,7 +7,6 @@ i.e. its centre is at ``(i + 0.5) * resolution_k``. Scales are keyed like
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +83,9 @@ class PrecomputedWriter:
         }
 
     def create(self) -> None:
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        # the folder is made (empty, with emflow's ownership marker) by emflow.finalize.claim_outputs;
+        # a writer never deletes a folder (emflow.io.ownership decides what may be replaced)
+        self.path.mkdir(parents=True, exist_ok=True)
         for k in range(len(self.levels)):
             spec = {
                 "driver": "neuroglancer_precomputed",

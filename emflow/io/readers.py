@@ -31,11 +31,25 @@ class ImageHeader:
     dtype: str  # numpy dtype name: "uint8" | "uint16"
 
 
+_DAMAGED = "re-export it, or remove it and set source.missing to fill its place"
+
+
+def _tail(fh, n: int) -> bytes:
+    fh.seek(0, 2)
+    size = fh.tell()
+    fh.seek(max(0, size - n))
+    return fh.read(n)
+
+
 def _png_header(path: Path) -> ImageHeader:
     with open(path, "rb") as fh:
         head = fh.read(33)
+        tail = _tail(fh, 12)
     if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise SourceError(f"{path} is not a valid PNG file (bad header); re-export or remove it")
+        what = "is empty (0 bytes)" if not head else "is not a PNG file (bad header)"
+        raise SourceError(f"{path} {what}; {_DAMAGED}")
+    if tail[4:8] != b"IEND":
+        raise SourceError(f"{path} is truncated (no PNG end marker); {_DAMAGED}")
     width, height, bit_depth, colour = struct.unpack(">IIBB", head[16:26])
     if colour not in (0, 4):  # greyscale (with or without alpha)
         raise SourceError(
@@ -53,10 +67,12 @@ def _jpeg_header(path: Path) -> ImageHeader:
     try:
         with Image.open(path) as im:
             mode, (width, height) = im.mode, im.size
+        with open(path, "rb") as fh:
+            tail = _tail(fh, 1024)
     except (UnidentifiedImageError, OSError) as exc:
-        raise SourceError(
-            f"{path} is not a readable JPEG file ({exc}); re-export or remove it"
-        ) from None
+        raise SourceError(f"{path} is not a readable JPEG file ({exc}); {_DAMAGED}") from None
+    if b"\xff\xd9" not in tail:  # entropy-coded data never holds FFD9: the end marker is missing
+        raise SourceError(f"{path} is truncated (no JPEG end marker); {_DAMAGED}")
     if mode != "L":
         raise SourceError(
             f"{path} is a {mode} JPEG; emflow ingests greyscale EM slices: convert to greyscale"
@@ -68,15 +84,30 @@ def _tiff_header(path: Path) -> ImageHeader:
     import tifffile
 
     try:
+        size = path.stat().st_size
         with tifffile.TiffFile(path) as tif:
             pages = tif.pages
             first = pages.first
             shape, dtype = first.shape, first.dtype
             n = len(pages)
+            ends = [o + c for o, c in zip(first.dataoffsets, first.databytecounts, strict=False)]
+            raw = int(first.compression) == 1 and not first.is_tiled
+            declared = int(np.prod(shape)) * np.dtype(dtype).itemsize if dtype is not None else 0
+            stored = sum(first.databytecounts)
     except Exception as exc:  # tifffile raises many types for damaged files
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        what = "is empty (0 bytes)" if path.stat().st_size == 0 else "is not a readable TIFF file"
+        raise SourceError(f"{path} {what} ({first_line}); {_DAMAGED}") from None
+    if ends and max(ends) > size:
         raise SourceError(
-            f"{path} is not a readable TIFF file ({exc}); re-export or remove it"
-        ) from None
+            f"{path} is truncated: its pixel data ends at byte {max(ends)} but the file has "
+            f"{size}; {_DAMAGED}"
+        )
+    if raw and declared and stored < declared:
+        raise SourceError(
+            f"{path} declares {shape[-1]} × {shape[0]} px but holds only {stored} bytes of "
+            f"pixels ({declared} needed): the header is damaged; {_DAMAGED}"
+        )
     if len(shape) != 2:
         raise SourceError(
             f"{path}: pages have shape {shape}; emflow reads greyscale (y, x) pages "
@@ -116,9 +147,10 @@ def read_image(path: str | Path, page: int = 0) -> np.ndarray:
             with tifffile.TiffFile(path) as tif:
                 arr = tif.pages[page].asarray()
         except Exception as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SourceError(
-                f"{path} (page {page}) could not be decoded ({exc}): the file is "
-                "corrupt or truncated; re-export it or set source.missing"
+                f"{path} (page {page}) could not be decoded ({first_line}): the file is "
+                f"corrupt or truncated; {_DAMAGED}"
             ) from None
         return arr
     try:
@@ -128,8 +160,7 @@ def read_image(path: str | Path, page: int = 0) -> np.ndarray:
     arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if arr is None or (suffix == ".png" and not _png_complete(data)):
         raise SourceError(
-            f"{path} could not be decoded: the file is corrupt or truncated; re-export it "
-            "or remove it and set source.missing"
+            f"{path} could not be decoded: the file is corrupt or truncated; {_DAMAGED}"
         )
     if arr.ndim == 3:  # greyscale + alpha PNG
         arr = arr[..., 0]

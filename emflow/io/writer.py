@@ -28,7 +28,11 @@ class Writer(Protocol):
     path: Path
 
     def create(self) -> None:
-        """Write metadata and create every level (replacing what is there)."""
+        """Write metadata and create every level inside ``path``.
+
+        ``path`` already exists, empty but for emflow's ownership marker
+        (:mod:`emflow.io.ownership`); a writer never deletes anything.
+        """
 
     def storage_zyx(self, level: int) -> tuple[int, int, int]:
         """(z, y, x) extent in level voxels of this level's storage objects (chunk or shard)."""

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from emflow import lattice as lat
 from emflow import progress as progress_display
-from emflow.errors import AlignmentError, OutputError, RecipeError, SourceError
+from emflow.errors import AlignmentError, OutputError, RecipeError, SourceError, deterministic
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,19 @@ def _gate() -> dict[str, Any] | None:
 
 
 def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict[str, Any]:
+    """:func:`_durable_call`, with failures that would recur (no space, no permission) made
+    one-line :class:`~emflow.errors.EmflowError` s, so the run stops at once instead of retrying.
+    """
+    try:
+        return _durable_call(fn, marker, *args)
+    except Exception as exc:
+        err = deterministic(exc)
+        if err is None or err is exc:
+            raise
+        raise err from exc
+
+
+def _durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict[str, Any]:
     """Run a unit function and then record it durably (runs on the worker).
 
     Returns ``{"result", "worker", "start", "end", "attempt", "reused"}``, or
