@@ -26,8 +26,6 @@ from emflow.recipe import PARTIAL_SUFFIX, RUN_FOLDER, PrecomputedOutput, Recipe,
 from emflow.source_fingerprint import read_stack_fingerprint, stack_changes, stack_fingerprint
 
 RUN_JSON = "run.json"  # the run folder's record of the recipe fingerprint (emflow.lattice)
-#: bytes per slice pixel a slab unit holds at once: decoded source, output frame, level sums
-_BYTES_PER_PX_EXTRA = 4
 #: below this many px per side SIFT finds (next to) no keypoints: alignment cannot work
 MIN_ALIGN_PX = 32
 
@@ -74,11 +72,11 @@ def preflight(
     out_dtype = out_dtype_of(recipe, catalog.dtype)
     _check_encoding(recipe, catalog, out_dtype)
     _check_levels(recipe, catalog)
+    _check_memory(recipe, catalog, out_dtype)
     _check_plan(recipe, catalog)
     if alignment_path is None:
         _check_alignable(recipe, catalog)
-    memory = _check_cluster(recipe, cluster_request)
-    _check_memory(catalog, memory)
+    _check_cluster(cluster_request)
     alignment = _load_alignment(alignment_path, catalog) if alignment_path is not None else None
     root = recipe.output_path
     run_dir = root / RUN_FOLDER
@@ -149,54 +147,48 @@ def _check_alignable(recipe: Recipe, catalog: SliceCatalog) -> None:
 
 
 # ---- resources -----------------------------------------------------------------------
-def _check_cluster(recipe: Recipe, request: Any) -> int | None:
-    """Validate the cluster request and return the memory per worker thread, if known."""
-    memory = recipe.run.memory_per_worker
-    threads = recipe.run.threads_per_worker or 1
-    if request is not None:
-        from emflow import cluster as clusters
+def _check_cluster(request: Any) -> None:
+    """Validate the cluster request (kind, config file, keys, memory sizes); start nothing."""
+    if request is None:
+        return
+    from emflow import cluster as clusters
 
-        described = clusters.describe(request)  # checks kind, config file, keys
-        kw = described.get("kwargs") or {}
-        for key in ("memory", "memory_limit"):
-            value = kw.get(key)
-            if isinstance(value, str) and value not in ("auto",):
-                try:
-                    parse_memory(value)
-                except ValueError as exc:
-                    raise ClusterError(
-                        f"cluster config {described['config']}: '{key}': {exc}"
-                    ) from None
-        memory = request.memory_per_worker or kw.get("memory") or kw.get("memory_limit") or memory
-        threads = request.threads_per_worker or kw.get("cores") or threads
-    if isinstance(memory, str) and memory != "auto":
-        return parse_memory(memory) // max(1, int(threads))
-    return None
+    if request.memory_per_worker is not None:
+        try:
+            parse_memory(request.memory_per_worker)
+        except ValueError as exc:
+            raise ClusterError(f"--memory-per-worker: {exc}") from None
+    described = clusters.describe(request)  # checks kind, config file, keys
+    kw = described.get("kwargs") or {}
+    for key in ("memory", "memory_limit"):
+        value = kw.get(key)
+        if isinstance(value, str) and value != "auto":
+            try:
+                parse_memory(value)
+            except ValueError as exc:
+                raise ClusterError(
+                    f"cluster config {described['config']}: '{key}': {exc}"
+                ) from None
 
 
-def _check_memory(catalog: SliceCatalog, per_thread: int | None) -> None:
-    """One slice (decoded, warped, summed) must fit in a worker thread's memory."""
+def _check_memory(recipe: Recipe, catalog: SliceCatalog, out_dtype: str) -> None:
+    """One slice must fit in the memory a unit may use (the planner's budget), named by file.
+
+    A damaged header can declare a slice of 300000 × 300000 px; this says which file.
+    """
+    from emflow.plan import unit_budget
+
+    budget, source = unit_budget(recipe)
     y, x = catalog.shape_yx
-    need = y * x * ((2 if catalog.dtype == "uint16" else 1) + _BYTES_PER_PX_EXTRA)
-    limit = per_thread
-    where = "the memory per worker thread"
-    if limit is None:
-        limit = _physical_memory()
-        where = "this machine's memory"
-    if limit and need > limit:
+    in_b, out_b = (2 if catalog.dtype == "uint16" else 1), (2 if out_dtype == "uint16" else 1)
+    need = y * x * (2 * in_b + 2 * out_b)  # decoded, warped, 8-bit/CLAHE and written copies
+    if need > budget:
         first = next((s.path for s in catalog.slices if s.path), "the slices")
         raise SourceError(
             f"{first}: slices of {x} × {y} px need about {need / 2**30:.1f} GiB each while "
-            f"rendering, more than {where} ({limit / 2**30:.1f} GiB); check the image size in "
-            "the file headers, or give more memory (--memory-per-worker)"
+            f"rendering, more than a unit may use ({budget / 2**30:.1f} GiB: {source}); check "
+            "the image size in the file headers, or raise run.memory_per_worker"
         )
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _load_alignment(path: str | Path, catalog: SliceCatalog) -> Any:
