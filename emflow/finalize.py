@@ -55,13 +55,6 @@ def tidy_run_folder(run_dir: Path, keep: Sequence[str]) -> list[str]:
     return removed
 
 
-def features_removed(run_dir: Path) -> bool:
-    """True when a complete run already removed its features (its alignment.json stands in)."""
-    return (Path(run_dir) / "alignment.json").is_file() and not (
-        Path(run_dir) / INTERMEDIATES["features"]
-    ).exists()
-
-
 def record_resolved(run_dir: Path, **resolved: Any) -> None:
     """Merge resolved values into ``run.json`` under ``resolved`` (atomically)."""
     path = Path(run_dir) / RUN_JSON

@@ -32,7 +32,6 @@ from emflow.discover import SliceCatalog, SliceRef
 from emflow.errors import ClusterError, NoSpaceError, no_space
 from emflow.finalize import (
     OwnedVolume,
-    features_removed,
     record_resolved,
     resolved_values,
     tidy_run_folder,
@@ -493,11 +492,8 @@ def _run(
     refs = list(catalog.slices)
     source_index = list(range(len(refs)))
     if alignment_path is not None or recipe.align.enabled:
-        from emflow.align_stage import align_stack, load_alignment
+        from emflow.align_stage import align_stack
 
-        if saved_alignment is None and resuming and features_removed(run_dir):
-            alignment_path = run_dir / "alignment.json"  # complete earlier: its features are gone
-            saved_alignment = load_alignment(alignment_path, catalog)
         if saved_alignment is not None:
             alignment = saved_alignment
             say(f"alignment from {alignment_path} (no feature matching)")
@@ -517,7 +513,7 @@ def _run(
                 refs[i] = SliceRef(ref.z, ref.source_z, other.path, other.page, fill="previous")
                 source_index[i] = src
     cache_dir = None
-    if alignment is not None and saved_alignment is None and recipe.run.cache_decoded:
+    if recipe.align.enabled and alignment_path is None and recipe.run.cache_decoded:
         from emflow.align_stage import slice_cache_dir
 
         cache_dir = str(slice_cache_dir(run_dir))
