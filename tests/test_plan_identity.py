@@ -30,6 +30,7 @@ SHAPE = (40, 1100, 1300)  # x and y beyond the 1024-px brick: a 2 × 2 grid of b
 RECIPE = """\
 source: {{glob: "{src}/*.png"}}
 voxel_size_nm: [8, 8, 8]
+align: false
 output_dir: out
 enhance: {{clip_limit: 0}}
 outputs:
