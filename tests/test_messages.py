@@ -163,11 +163,20 @@ def test_cli_run_writes_run_log(stack):
 
 
 def test_failed_run_is_in_run_log(stack, tmp_path):
-    """A slice truncated after its header fails when decoded: the error ends run.log."""
+    """A slice damaged inside its compressed data passes the header checks and fails when
+    decoded, after the run folder was made: the error ends run.log. (A truncated slice is
+    refused by the checks before anything is written: no run folder, no run.log.)"""
     bad = tmp_path / "bad"
     paths = write_stack(synthetic_slices((6, 128, 128), seed=1), bad / "src")
-    paths[3].write_bytes(paths[3].read_bytes()[:200])
     (bad / "recipe.yaml").write_text(RECIPE.replace("align: true", "align: false"))
+    whole = paths[3].read_bytes()
+    paths[3].write_bytes(whole[:200])
+    with pytest.raises(emflow.SourceError, match=paths[3].name):
+        emflow.run(bad / "recipe.yaml", progress=False)
+    assert not (bad / "out").exists()
+    damaged = bytearray(whole)
+    damaged[60:400] = bytes(340)
+    paths[3].write_bytes(bytes(damaged))
     with pytest.raises(emflow.SourceError) as err:
         emflow.run(bad / "recipe.yaml", progress=False)
     last = (bad / "out" / "emflow-run" / "run.log").read_text().splitlines()[-1]

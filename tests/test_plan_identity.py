@@ -168,6 +168,7 @@ def test_uncompressed_tiff_bricks_read_windows_without_a_rendered_copy(tmp_path)
         {
             "source": {"glob": str(tmp_path / "src" / "*.tif")},
             "voxel_size_nm": [8, 8, 8],
+            "align": False,
             "output_dir": str(tmp_path / "out"),
             "enhance": {"clip_limit": 0},
             "depth": {"window": [2000, 50000]},
