@@ -84,7 +84,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "kubernetes": {
         "name": "emflow",
-        "image": "ghcr.io/dask/dask:latest",
+        "image": "emflow:0.1.0",  # built from the repository's Dockerfile (README: Kubernetes)
         "n_workers": 2,
         "resources": {
             "requests": {"cpu": "1", "memory": "4Gi"},
@@ -96,14 +96,20 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "idle_timeout": 0,
         "namespace": None,
         "tls_secret": None,
-        "pod": {"volumes": [], "volumeMounts": [], "nodeSelector": {}, "tolerations": []},
+        "pod": {
+            "volumes": [],
+            "volumeMounts": [],
+            "nodeSelector": {},
+            "tolerations": [],
+            "envFrom": [],
+        },
         "adapt": {"minimum": None, "maximum": None},
     },
 }
 
 _EMFLOW_KEYS = {"adapt"}
 _K8S_EMFLOW_KEYS = {"adapt", "namespace", "pod", "tls_secret"}
-_K8S_POD_KEYS = {"volumes", "volumeMounts", "nodeSelector", "tolerations"}
+_K8S_POD_KEYS = {"volumes", "volumeMounts", "nodeSelector", "tolerations", "envFrom"}
 _K8S_RESOURCE_KEYS = {"requests", "limits", "claims"}
 
 

@@ -45,7 +45,10 @@ def kubernetes_spec(request: ClusterRequest) -> dict[str, Any]:
       dashboard page exist in a scheduler emflow did not start (the image must
       contain emflow);
     * ``pod.volumes`` / ``pod.volumeMounts`` (e.g. a PVC holding the data),
-      ``pod.nodeSelector`` and ``pod.tolerations`` go into both pod specs;
+      ``pod.nodeSelector`` and ``pod.tolerations`` go into both pod specs, ``pod.envFrom``
+      (e.g. a Secret with object-store credentials) into both containers;
+    * ``image`` must contain emflow (the repository's Dockerfile builds it): an image known
+      to lack it, or credentials written into ``env``, are refused;
     * unless ``insecure``, the secret ``tls_secret`` (default ``<name>-tls``,
       keys ``ca.pem``, ``tls.crt``, ``tls.key``) is mounted at
       :data:`K8S_TLS_DIR`, the scheduler listens with ``--protocol tls`` and
@@ -58,6 +61,7 @@ def kubernetes_spec(request: ClusterRequest) -> dict[str, Any]:
     if request.kind != "kubernetes":
         raise ClusterError(f"kubernetes_spec needs --cluster kubernetes, not {request.kind!r}")
     config, _ = load_config(request)
+    _check_image_and_env(config)
     from dask_kubernetes.operator import make_cluster_spec
 
     kw = {k: v for k, v in config.items() if k not in _K8S_EMFLOW_KEYS and v is not None}
@@ -123,11 +127,43 @@ def kubernetes_spec(request: ClusterRequest) -> dict[str, Any]:
             pod_spec["nodeSelector"] = dict(pod["nodeSelector"])
         if pod.get("tolerations"):
             pod_spec["tolerations"] = list(pod["tolerations"])
+        if pod.get("envFrom"):
+            container["envFrom"] = copy.deepcopy(list(pod["envFrom"]))
         if not container.get("resources"):
             container.pop("resources", None)
     if namespace != "default" or config.get("namespace"):
         spec["metadata"]["namespace"] = namespace
     return spec
+
+
+#: images that run Dask but have no emflow in them (the scheduler preload cannot import)
+_IMAGES_WITHOUT_EMFLOW = ("ghcr.io/dask/dask", "daskdev/dask", "docker.io/daskdev/dask")
+#: environment variables whose values are credentials: they belong in a Secret (pod.envFrom)
+_SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+)
+
+
+def _check_image_and_env(config: dict[str, Any]) -> None:
+    image = str(config.get("image") or "")
+    if not image or image.split(":", 1)[0].split("@", 1)[0] in _IMAGES_WITHOUT_EMFLOW:
+        raise ClusterError(
+            f"--cluster kubernetes: image {image or '(none)'!r} has no emflow in it, so the "
+            "scheduler preload and the workers' units cannot import; build the repository's "
+            "Dockerfile (docker build -t REGISTRY/emflow:TAG .), push it, and set image: in the "
+            "cluster config"
+        )
+    for name in config.get("env") or {}:
+        if str(name).upper() in _SECRET_ENV or "SECRET" in str(name).upper():
+            raise ClusterError(
+                f"--cluster kubernetes: env {name} would write a credential into the DaskCluster "
+                "spec; put it in a Kubernetes Secret and reference it with pod.envFrom "
+                "(e.g. [{secretRef: {name: emflow-s3}}])"
+            )
 
 
 def kubernetes_tls_secret(name: str, security: Any, namespace: str = "default") -> dict[str, Any]:

@@ -4,7 +4,8 @@ A pass whose units cannot own the next level hands it the sums of level-0 voxels
 voxel of that level (counts follow from geometry, :func:`emflow.pyramid.axis_counts`),
 so the next pass rounds every level once from exact sums. Stored in the run folder as
 a Zarr v3 array (zstd-1) whose chunks are the handing units' images, so each unit
-writes whole chunks. Deleted when the run completes.
+writes whole chunks. Deleted when the run completes. For a remote output_dir ``path`` is
+a URL in the bucket's run folder (workers have no shared disk).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
+from emflow.io.location import Location, is_url, remove_tree
 from emflow.io.tsopen import context, open_store
 
 
@@ -23,17 +25,28 @@ from emflow.io.tsopen import context, open_store
 class HandoffArray:
     """(z, y, x) integer sums of one level."""
 
-    path: Path
+    path: Path | str  # a local folder, or a URL (remote run folder)
     shape_zyx: tuple[int, int, int]
     dtype: str
     chunk_zyx: tuple[int, int, int] | None = None
     token: str = ""
 
     def _spec(self) -> dict:
-        return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path) + "/"}}
+        return {"driver": "zarr3", "kvstore": Location.of(self.path).kvstore}
+
+    def exists(self) -> bool:
+        """True when the array's metadata is there (it was created)."""
+        if is_url(self.path):
+            return Location.of(self.path).exists("zarr.json")
+        return Path(self.path).exists()
 
     def create(self) -> None:
-        if Path(self.path).exists():
+        if is_url(self.path):
+            from emflow.io import runmirror
+
+            runmirror.flush_all()  # the bucket's run folder must stop vouching for it first
+            remove_tree(self.path)
+        elif Path(self.path).exists():
             shutil.rmtree(self.path)
         z, y, x = self.shape_zyx
         chunk = list(self.chunk_zyx) if self.chunk_zyx is not None else [1, y, x]

@@ -5,6 +5,10 @@ Axes are (z, y, x) in nanometres. Level ``k`` has ``scale = voxel size`` and
 voxel ``i`` sits at ``(i + 0.5) * voxel_size``, the same physical place as
 voxel ``i`` of the neuroglancer precomputed output (corner-based). This also
 encodes the half-voxel shift of each mean-downsampled level.
+
+On an object store (``path`` an s3:// or gs:// URL) nothing is renamed: chunks are
+written first with the metadata assumed; :meth:`OmeZarrWriter.finalize` then publishes each
+level's array metadata and, last, the group with its ``multiscales``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import tensorstore as ts
 
+from emflow.io.location import Location, is_url
 from emflow.io.tsopen import context, open_store
 from emflow.pyramid import Level
 from emflow.recipe import OmeZarrOutput
@@ -42,7 +47,8 @@ class OmeZarrWriter:
     shard_zyx: list[tuple[int, int, int] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
+        if not is_url(self.path):
+            self.path = Path(self.path)
         cx, cy, cz = self.config.chunk_size_xyz
         self.shard_zyx = []
         for lev, cell in zip(self.levels, self.cells, strict=True):
@@ -103,7 +109,7 @@ class OmeZarrWriter:
 
     def _array_spec(self, k: int, *, create: bool) -> dict:
         lev = self.levels[k]
-        kv = {"driver": "file", "path": str(self.path / str(k)) + "/"}
+        kv = Location.of(self.path).child(str(k)).kvstore
         if self.config.version == "0.4":
             spec: dict = {"driver": "zarr", "kvstore": kv}
             if create:
@@ -172,7 +178,14 @@ class OmeZarrWriter:
             entry["version"] = "0.4"
         return entry
 
+    @property
+    def remote(self) -> bool:
+        """True on an object store: metadata is published last (no rename there)."""
+        return is_url(self.path)
+
     def create(self) -> None:
+        if self.remote:  # nothing until finalize(): chunks are written with assumed metadata
+            return
         # the folder is made (empty, with emflow's ownership marker) by emflow.finalize.claim_outputs;
         # a writer never deletes a folder (emflow.io.ownership decides what may be replaced)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -182,10 +195,11 @@ class OmeZarrWriter:
         self._write_group(with_multiscales=False)
 
     def _write_group(self, *, with_multiscales: bool) -> None:
+        loc = Location.of(self.path)
         if self.config.version == "0.4":
-            (self.path / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+            loc.write(".zgroup", json.dumps({"zarr_format": 2}).encode())
             attrs = {"multiscales": [self.multiscales()]} if with_multiscales else {}
-            (self.path / ".zattrs").write_text(json.dumps(attrs, indent=2))
+            loc.write(".zattrs", json.dumps(attrs, indent=2).encode())
         else:
             attrs = (
                 {"ome": {"version": "0.5", "multiscales": [self.multiscales()]}}
@@ -193,7 +207,7 @@ class OmeZarrWriter:
                 else {}
             )
             group = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
-            (self.path / "zarr.json").write_text(json.dumps(group, indent=2))
+            loc.write("zarr.json", json.dumps(group, indent=2).encode())
 
     def storage_zyx(self, level: int) -> tuple[int, int, int]:
         shard = self.shard_zyx[level]
@@ -203,6 +217,9 @@ class OmeZarrWriter:
         return cz, cy, cx
 
     def _store(self, level: int) -> ts.TensorStore:
+        if self.remote:
+            spec = self._array_spec(level, create=True)
+            return open_store(spec, token=self.token, assume_metadata=True)
         return open_store(self._array_spec(level, create=False), token=self.token)
 
     def write(
@@ -212,5 +229,12 @@ class OmeZarrWriter:
         return self._store(level)[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx].write(block_zyx)
 
     def finalize(self) -> None:
-        """Add the OME multiscales metadata: only a complete image is an OME-Zarr image."""
+        """Add the OME multiscales metadata: only a complete image is an OME-Zarr image.
+
+        On an object store each level's array metadata is published first (its chunks are
+        all written), the group with its ``multiscales`` last."""
+        if self.remote:
+            for k in range(len(self.levels)):
+                spec = self._array_spec(k, create=True)
+                ts.open(spec, create=True, open=True, context=context()).result()
         self._write_group(with_multiscales=True)

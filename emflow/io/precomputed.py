@@ -3,6 +3,10 @@
 Voxel ``i`` of level ``k`` covers ``[i, i+1) * resolution_k`` nm (corner-based),
 i.e. its centre is at ``(i + 0.5) * resolution_k``. Scales are keyed like
 ``4_4_40`` (resolution in nm). Chunk files keep their exact names (no ``.gz``).
+
+On an object store (``path`` an s3:// or gs:// URL) nothing is renamed: chunks are
+written first with the metadata assumed, and ``info`` is published last, in one PUT, by
+:meth:`PrecomputedWriter.finalize` -- until then no reader sees a volume there.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import tensorstore as ts
 
 from emflow.geometry import ShardLayout, shard_layout
+from emflow.io.location import Location, is_url
 from emflow.io.tsopen import context, open_store
 from emflow.pyramid import Level
 from emflow.recipe import PrecomputedOutput
@@ -36,7 +41,8 @@ class PrecomputedWriter:
     shards: list[ShardLayout | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
+        if not is_url(self.path):
+            self.path = Path(self.path)
         cx, cy, cz = self.config.chunk_size_xyz
         self.shards = []
         for lev, cell in zip(self.levels, self.cells, strict=True):
@@ -75,28 +81,36 @@ class PrecomputedWriter:
             md["sharding"] = shard.spec(data_encoding="raw")
         return md
 
+    @property
+    def remote(self) -> bool:
+        """True on an object store: metadata is published last (no rename there)."""
+        return is_url(self.path)
+
     def _spec(self, k: int) -> dict:
+        if self.remote:
+            return self._create_spec(k, Location.of(self.path).kvstore)
         return {
             "driver": "neuroglancer_precomputed",
-            "kvstore": {"driver": "file", "path": str(self.path) + "/"},
+            "kvstore": Location.of(self.path).kvstore,
             "scale_index": k,
         }
 
+    def _create_spec(self, k: int, kvstore: dict) -> dict:
+        return {
+            "driver": "neuroglancer_precomputed",
+            "kvstore": kvstore,
+            "multiscale_metadata": {"type": "image", "data_type": self.dtype, "num_channels": 1},
+            "scale_metadata": self._scale_metadata(k),
+        }
+
     def create(self) -> None:
+        if self.remote:  # nothing until finalize(): chunks are written with assumed metadata
+            return
         # the folder is made (empty, with emflow's ownership marker) by emflow.finalize.claim_outputs;
         # a writer never deletes a folder (emflow.io.ownership decides what may be replaced)
         self.path.mkdir(parents=True, exist_ok=True)
         for k in range(len(self.levels)):
-            spec = {
-                "driver": "neuroglancer_precomputed",
-                "kvstore": {"driver": "file", "path": str(self.path) + "/"},
-                "multiscale_metadata": {
-                    "type": "image",
-                    "data_type": self.dtype,
-                    "num_channels": 1,
-                },
-                "scale_metadata": self._scale_metadata(k),
-            }
+            spec = self._create_spec(k, Location.of(self.path).kvstore)
             ts.open(spec, create=True, context=context()).result()
 
     def storage_zyx(self, level: int) -> tuple[int, int, int]:
@@ -108,7 +122,7 @@ class PrecomputedWriter:
         return cz * sz, cy * sy, cx * sx
 
     def _store(self, level: int) -> ts.TensorStore:
-        return open_store(self._spec(level), token=self.token)
+        return open_store(self._spec(level), token=self.token, assume_metadata=self.remote)
 
     def write(
         self, level: int, origin_zyx: tuple[int, int, int], block_zyx: np.ndarray
@@ -120,4 +134,14 @@ class PrecomputedWriter:
         return region.write(block_zyx.transpose(2, 1, 0))
 
     def finalize(self) -> None:
-        """Nothing to add: ``info`` is complete from the start (the run folder marks completion)."""
+        """Locally nothing to add: ``info`` is complete from the start (the ``.partial`` folder
+        is renamed). On an object store: publish ``info`` now, in one PUT -- built by creating
+        the scales in memory, exactly as a local run creates them (same bytes)."""
+        if not self.remote:
+            return
+        ctx = ts.Context()
+        for k in range(len(self.levels)):
+            spec = self._create_spec(k, {"driver": "memory", "path": "v/"})
+            ts.open(spec, create=True, open=True, context=ctx).result()
+        memory = ts.KvStore.open({"driver": "memory", "path": "v/"}, context=ctx).result()
+        Location.of(self.path).write("info", bytes(memory.read("info").result().value))

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Zstd
 
+from emflow.io.location import get_bytes, is_url, join, put_bytes
+
 _CODEC = Zstd(level=1)
 
 
@@ -23,8 +25,12 @@ def cache_path(cache_dir: str | Path, z: int) -> Path:
 
 
 def store_slice(cache_dir: str | Path, z: int, image: np.ndarray) -> None:
-    """Write one decoded (y, x) slice as zstd-1 bytes (atomic rename)."""
+    """Write one decoded (y, x) slice as zstd-1 bytes (atomic rename; one PUT at a URL)."""
+    if is_url(cache_dir):
+        put_bytes(join(cache_dir, f"z{z:06d}.zst"), _CODEC.encode(np.ascontiguousarray(image)))
+        return
     path = cache_path(cache_dir, z)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(_CODEC.encode(np.ascontiguousarray(image)))
     tmp.replace(path)
@@ -34,11 +40,15 @@ def load_slice(
     cache_dir: str | Path, z: int, shape_yx: tuple[int, int], dtype: np.dtype
 ) -> np.ndarray | None:
     """Read a cached slice, or None when it is not there (then decode the source)."""
-    path = cache_path(cache_dir, z)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
+    if is_url(cache_dir):
+        data = get_bytes(join(cache_dir, f"z{z:06d}.zst"))
+        if data is None:
+            return None
+    else:
+        try:
+            data = cache_path(cache_dir, z).read_bytes()
+        except FileNotFoundError:
+            return None
     arr = np.frombuffer(_CODEC.decode(data), dtype=dtype)
     if arr.size != shape_yx[0] * shape_yx[1]:
         return None

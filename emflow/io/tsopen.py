@@ -21,17 +21,25 @@ def context() -> ts.Context:
     return _CONTEXT
 
 
-def open_store(spec: dict, *, token: str = "") -> ts.TensorStore:
+def open_store(spec: dict, *, token: str = "", assume_metadata: bool = False) -> ts.TensorStore:
     """Open an existing array for reading and writing, cached per (spec, token).
 
     ``token`` distinguishes runs that recreate the same path (a stale handle would
-    keep old metadata).
+    keep old metadata). ``assume_metadata``: take the metadata from ``spec`` and never read
+    or write it (an object-store volume whose metadata is published last).
     """
-    key = token + json.dumps(spec, sort_keys=True)
+    key = token + str(assume_metadata) + json.dumps(spec, sort_keys=True)
     with _LOCK:
         store = _CACHE.get(key)
     if store is None:
-        store = ts.open(spec, open=True, read=True, write=True, context=context()).result()
+        store = ts.open(
+            spec,
+            open=True,
+            read=True,
+            write=True,
+            assume_metadata=assume_metadata,
+            context=context(),
+        ).result()
         with _LOCK:
             if len(_CACHE) > 256:
                 _CACHE.clear()

