@@ -9,7 +9,6 @@ plots.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ import numpy as np
 
 from emflow.discover import SliceCatalog, SliceRef
 from emflow.errors import AlignmentError
-from emflow.io.location import get_bytes, join, put_bytes
 from emflow.lattice.execute import Unit
 from emflow.recipe import Recipe
 
@@ -55,6 +53,7 @@ def features_unit(
             store_slice(cache_dir, ref.z, image)
     feats = compute_features(image, downsample=downsample, nfeatures=nfeatures, coarse=coarse)
     thumb, scale = thumbnail(image)
+    tmp = out_path + ".tmp.npz"
     coarse = {}
     if feats.coarse is not None:
         coarse = {
@@ -62,9 +61,8 @@ def features_unit(
             "coarse_descriptors": feats.coarse.descriptors,
             "coarse_downsample": np.array(feats.coarse.downsample),
         }
-    buf = io.BytesIO()
     np.savez(
-        buf,
+        tmp,
         keypoints_xy=feats.keypoints_xy,
         descriptors=feats.descriptors,
         shape_yx=np.array(feats.shape_yx),
@@ -73,25 +71,19 @@ def features_unit(
         thumb_scale=np.array(scale),
         **coarse,
     )
-    put_bytes(out_path, buf.getvalue())  # atomic locally; one PUT to a remote run folder
+    Path(tmp).replace(out_path)
     return {"z": ref.z, "keypoints": len(feats.keypoints_xy), "bad": bad}
 
 
-def slice_cache_dir(run_dir: Path) -> str:
-    """Where decoded slices are kept between the feature and render passes (a URL in the
-    bucket when the run folder is remote)."""
-    from emflow.io.runmirror import data_path
-
-    return data_path(run_dir, "slice-cache")
+def slice_cache_dir(run_dir: Path) -> Path:
+    """Where decoded slices are kept between the feature and render passes."""
+    return run_dir / "slice-cache"
 
 
 def _load_features(path: str) -> Any:
     from emflow.align.features import Features
 
-    data = get_bytes(path)
-    if data is None:
-        raise FileNotFoundError(f"features {path} are missing")
-    with np.load(io.BytesIO(data)) as d:
+    with np.load(path) as d:
         shape_yx = tuple(int(v) for v in d["shape_yx"])
         coarse = None
         if "coarse_keypoints_xy" in d:
@@ -143,14 +135,15 @@ def align_stack(
     from emflow.align.match import MatchConfig, PairResult
 
     cfg = recipe.align
-    from emflow.io.runmirror import data_path
-
-    feat_dir = data_path(run_dir, "features")  # in the bucket when the run folder is remote
-    paths = [join(feat_dir, f"z{ref.z:06d}.npz") for ref in catalog.slices]
+    feat_dir = run_dir / "features"
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    paths = [str(feat_dir / f"z{ref.z:06d}.npz") for ref in catalog.slices]
     bytes_per_slice = (
         catalog.shape_yx[0] * catalog.shape_yx[1] * (2 if catalog.dtype == "uint16" else 1)
     )
-    cache = slice_cache_dir(run_dir) if recipe.run.cache_decoded else None
+    cache = str(slice_cache_dir(run_dir)) if recipe.run.cache_decoded else None
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
     units = [
         Unit(
             ref.z,

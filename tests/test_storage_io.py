@@ -398,3 +398,46 @@ def test_run_folder_mirror_restores_and_flushes_in_order(s3: S3Server, tmp_path:
     found = sorted(str(p.relative_to(other.local)) for p in other.local.rglob("*") if p.is_file())
     assert found == ["done/coarse1/0.json", "run.json"]
     assert (other.local / "secrets").is_dir()
+
+
+# ---------------------------------------------------------------------------------------
+# run-folder intermediates workers write to a bucket (hand-offs, rendered slices, cache)
+# ---------------------------------------------------------------------------------------
+def test_intermediates_round_trip_through_a_bucket(s3: S3Server) -> None:
+    from emflow.io import rendercache, slicecache
+    from emflow.io.handoff import HandoffArray
+
+    bucket = s3.bucket()
+    base = f"s3://{bucket}/out/emflow-run"
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 65535, (40, 50), np.uint16)
+    slicecache.store_slice(f"{base}/slice-cache", 7, image)
+    got = slicecache.load_slice(f"{base}/slice-cache", 7, (40, 50), np.dtype("uint16"))
+    np.testing.assert_array_equal(got, image)
+    assert slicecache.load_slice(f"{base}/slice-cache", 8, (40, 50), np.dtype("uint16")) is None
+    rendered = rng.integers(0, 255, (40, 50), np.uint8)
+    rendercache.store_slice(f"{base}/rendered", 3, rendered)
+    out = np.zeros((10, 20), np.uint8)
+    rendercache.read_window(f"{base}/rendered", 3, (40, 50), np.uint8, (5, 15, 30, 50), out)
+    np.testing.assert_array_equal(out, rendered[5:15, 30:50])
+    assert s3.keys(bucket, "out/emflow-run/rendered/") == ["out/emflow-run/rendered/z000003.raw"]
+    sums = HandoffArray(f"{base}/handoff/level1", (4, 40, 50), "uint32", (2, 40, 50), "t1")
+    assert not sums.exists()
+    sums.create()
+    block = rng.integers(0, 2**20, (2, 40, 50), np.uint32)
+    sums.write((2, 0, 0), block).result()
+    assert sums.exists()
+    np.testing.assert_array_equal(sums.read((2, 4, 10, 20, 0, 50)), block[:, 10:20])
+    np.testing.assert_array_equal(sums.read((0, 2, 0, 40, 0, 50)), 0)  # never written: fill
+    sums2 = HandoffArray(f"{base}/handoff/level1", (4, 40, 50), "uint32", (2, 40, 50), "t2")
+    sums2.create()  # a recreated hand-off starts empty (the old objects are deleted)
+    np.testing.assert_array_equal(sums2.read((2, 4, 0, 40, 0, 50)), 0)
+
+
+def test_throughput_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/storage_throughput.py runs end to end on a tiny volume (no speed asserted)."""
+    from benchmarks import storage_throughput
+
+    got = storage_throughput.main(["--shape", "8", "128", "128", "--repeat", "1"])
+    assert got["bytes"] == 8 * 128 * 128 and got["ratio_s3_over_local"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == got

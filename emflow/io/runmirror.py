@@ -213,7 +213,7 @@ class RunMirror:
             self._live.start()
         elif not on and self._live is not None:
             self._stop.set()
-            self._live.join()
+            self._live.join(timeout=LIVE_INTERVAL_S + 60)  # a flush in flight: bounded retries
             self._live = None
 
     def _run_live(self) -> None:

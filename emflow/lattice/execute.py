@@ -364,51 +364,6 @@ def run_stage(
     RunCancelled
         The run was cancelled; units done so far stay done (resumable).
     """
-    # a remote output_dir's run folder: a local copy mirrored to the bucket (emflow.io.runmirror);
-    # workers cannot reach it, so the driver writes their units' markers
-    from emflow.io import runmirror
-
-    mirror = runmirror.for_dir(run_dir)
-    if mirror is not None:
-        mirror.flush()
-        mirror.live(True)
-    try:
-        results = _run_stage(
-            stage, units, client=client, run_id=run_id, window=window, retries=retries,
-            progress=progress, on_result=on_result, run_dir=run_dir, keep_going=keep_going,
-            where=where, labels=labels, driver_markers=mirror is not None and client is not None
-            and where != "driver",
-        )  # fmt: skip
-    except BaseException:
-        if mirror is not None:  # keep what is done; the stage's own error is the one to report
-            mirror.live(False)
-            try:
-                mirror.flush()
-            except Exception as exc:
-                logger.warning("could not copy the run folder to %s: %s", mirror.remote.url, exc)
-        raise
-    if mirror is not None:
-        mirror.live(False)
-        mirror.flush()
-    return results
-
-
-def _run_stage(
-    stage: str,
-    units: Sequence[Unit],
-    *,
-    client: Any,
-    run_id: str,
-    window: int | None,
-    retries: int,
-    progress: Progress | None,
-    on_result: Callable[[Unit, Any], None] | None,
-    run_dir: Path | None,
-    keep_going: bool,
-    where: str,
-    labels: Sequence[str] | None,
-    driver_markers: bool,
-) -> dict[int, Any]:
     results: dict[int, Any] = {}
     progress = progress or Progress(stage, len(units), enabled=False)
     total = max((u.index for u in units), default=-1) + 1
@@ -466,9 +421,7 @@ def _run_stage(
             deliver(u, done[u.index]["result"])
 
         def marker(u: Unit) -> str | None:
-            if run_dir is None or driver_markers:
-                return None
-            return str(lat.marker_path(run_dir, stage, u.index))
+            return str(lat.marker_path(run_dir, stage, u.index)) if run_dir is not None else None
 
         def record_start(u: Unit, attempt: int, worker: str | None) -> None:
             if journal is not None:
@@ -478,14 +431,6 @@ def _run_stage(
                 )  # fmt: skip
 
         def record_done(u: Unit, payload: dict[str, Any], attempts: int) -> None:
-            if driver_markers and run_dir is not None:  # as durable_call would on a worker
-                import json
-
-                payload = {**payload, "result": json.loads(json.dumps(payload["result"]))}
-                lat.write_marker(
-                    lat.marker_path(run_dir, stage, u.index),
-                    {k: payload.get(k) for k in ("result", "worker", "start", "end", "attempt")},
-                )
             res = payload["result"]
             attempts = int(payload.get("attempt") or attempts)
             if journal is not None:
