@@ -37,9 +37,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, seconds: float = 30) -> None:
+def _wait_port(port: int, seconds: float = 60, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for 127.0.0.1:{port} exited ({proc.returncode})")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -53,28 +55,48 @@ def s3_env() -> dict[str, str]:
 
 
 class S3Server:
-    """moto's S3 API on 127.0.0.1 (any key accepted; anonymous reads need a bucket policy)."""
+    """moto's S3 API on 127.0.0.1 (any key accepted; anonymous reads need a bucket policy).
+
+    Served like moto's ``ThreadedMotoServer``, but the socket is bound in the caller (a
+    taken port fails at once instead of hanging) and the thread is joined with a timeout.
+    """
 
     def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
-
         logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
-        self._cls = ThreadedMotoServer
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
         self._server: Any = None
-        self.start()
+        self._thread: threading.Thread | None = None
+        for attempt in range(5):
+            self.port = free_port()
+            try:
+                self.start()
+                break
+            except OSError:  # another process took the port meanwhile
+                if attempt == 4:
+                    raise
+        self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self._server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server("127.0.0.1", self.port, app, threaded=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="moto-s3", daemon=True
+        )
+        self._thread.start()
         _wait_port(self.port)
 
     def stop(self) -> None:
-        """Stop answering (connections refused); buckets and objects are kept for :meth:`start`."""
+        """Stop answering (connections refused); buckets and objects are kept for :meth:`start`
+        (moto's backends live in this process)."""
         if self._server is not None:
-            self._server.stop()
+            self._server.shutdown()
+            self._server.server_close()
             self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
 
     @property
     def running(self) -> bool:
@@ -150,10 +172,16 @@ class GcsServer:
         self.binary = str(_get_binary_path())
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        for attempt in range(5):
+            self.port = free_port()
+            try:
+                self.start()
+                break
+            except RuntimeError:  # the port was taken meanwhile: the binary exited
+                if attempt == 4:
+                    raise
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         argv = [
@@ -161,12 +189,16 @@ class GcsServer:
             "-backend", "filesystem", "-filesystem-root", str(self.root), "-log-level", "error",
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port)
+        try:
+            _wait_port(self.port, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()
-            self.proc.wait()
+            self.proc.wait(timeout=60)
             self.proc = None
 
     def env(self) -> dict[str, str]:
@@ -232,6 +264,7 @@ class HttpServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.thread.join(timeout=30)
 
 
 def set_env(monkeypatch: Any, env: dict[str, str]) -> None:
