@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emflow.errors import SourceError
+from emflow.io.location import is_url
 from emflow.io.readers import IMAGE_SUFFIXES, ImageHeader, read_header
 from emflow.recipe import Recipe, Source
 
@@ -103,6 +104,11 @@ def natural_key(name: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t.lower() for t in _NUM.split(name))
 
 
+def _suffix(path: str) -> str:
+    """The lower-case suffix of a path or URL's last part ('' if none)."""
+    return Path(path.rsplit("/", 1)[-1]).suffix.lower()
+
+
 def _last_number(path: str) -> int | None:
     nums = _NUM.findall(Path(path).stem)
     return int(nums[-1]) if nums else None
@@ -116,6 +122,19 @@ def _broken_links(paths: Sequence[str]) -> None:
                 f"{p} is a symbolic link that points nowhere or loops back on itself; fix the link "
                 "or remove it"
             )
+
+
+def _present(paths: Sequence[str]) -> list[bool]:
+    """Which of ``paths`` are files (local) or objects (URLs: one ranged request each)."""
+    if not any(is_url(p) for p in paths):
+        return [os.path.isfile(p) for p in paths]
+    from emflow.io import remote
+
+    def one(p: str) -> bool:
+        return remote.exists(p) if is_url(p) else os.path.isfile(p)
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(paths)))) as pool:
+        return list(pool.map(one, paths))
 
 
 def _headers(paths: Sequence[str]) -> list[ImageHeader]:
@@ -167,7 +186,9 @@ def discover(source: Source, base_dir: str | Path = ".") -> SliceCatalog:
     """Find the slices a :class:`~emflow.recipe.Source` names and read their headers."""
     base = Path(base_dir)
 
-    def resolve(p: str) -> Path:
+    def resolve(p: str) -> Path | str:
+        if is_url(p):  # s3://, gs://, http(s)://: taken as written
+            return p
         q = Path(p).expanduser()
         return q if q.is_absolute() else base / q
 
@@ -181,7 +202,8 @@ def discover(source: Source, base_dir: str | Path = ".") -> SliceCatalog:
                 f"source.pattern '{source.pattern}' is not a valid printf pattern ({exc})"
             ) from None
         _broken_links(list(candidates.values()))
-        found = {z: p for z, p in candidates.items() if os.path.isfile(p)}
+        present = _present(list(candidates.values()))
+        found = {z: p for (z, p), ok in zip(candidates.items(), present, strict=True) if ok}
         if not found:
             raise SourceError(
                 f"no file matches source.pattern '{pattern}' for z {wanted[0]}..{wanted[-1]}: "
@@ -193,7 +215,18 @@ def discover(source: Source, base_dir: str | Path = ".") -> SliceCatalog:
         refs, missing = _apply_missing(present, wanted, source.missing, f"'{source.pattern}'")
         return SliceCatalog(tuple(refs), shape, dtype, missing)
 
-    if source.glob is not None:
+    if source.glob is not None and is_url(source.glob):
+        from emflow.io import remote
+
+        what = f"source.glob '{source.glob}'"
+        paths = remote.list_files(*remote.split_glob(source.glob))
+        paths = [p for p in paths if _suffix(p) in IMAGE_SUFFIXES]
+    elif source.directory is not None and is_url(source.directory):
+        from emflow.io import remote
+
+        what = f"source.directory '{source.directory}'"
+        paths = [p for p in remote.list_files(source.directory) if _suffix(p) in IMAGE_SUFFIXES]
+    elif source.glob is not None:
         what = f"source.glob '{source.glob}'"
         matches = globlib.glob(str(resolve(source.glob)))
         _broken_links(matches)

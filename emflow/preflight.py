@@ -68,6 +68,7 @@ def preflight(
     Nothing is created or modified. ``cluster_request`` (a ClusterRequest) is checked
     without starting anything.
     """
+    _check_output_url(recipe)
     catalog = catalog if catalog is not None else discover_recipe(recipe)
     out_dtype = out_dtype_of(recipe, catalog.dtype)
     _check_encoding(recipe, catalog, out_dtype)
@@ -213,6 +214,20 @@ def _load_alignment(path: str | Path, catalog: SliceCatalog) -> Any:
 
 
 # ---- the output location -------------------------------------------------------------
+def _check_output_url(recipe: Recipe) -> None:
+    """An s3:// / gs:// / http(s):// output_dir is refused for now, before any work: the
+    writers can publish to object stores, but the run folder, ownership and finalize steps
+    of ``emflow run`` still need a file system (issue 11)."""
+    from emflow.io.location import is_url
+
+    if is_url(recipe.output_dir):
+        raise OutputError(
+            f"output_dir {recipe.output_dir}: emflow run writes to a local or shared file "
+            "system only (sources may be s3://, gs:// or http(s)://); set a local output_dir "
+            "and copy the finished outputs to the bucket (e.g. aws s3 sync / gcloud storage cp)"
+        )
+
+
 def _check_writable(root: Path) -> None:
     """output_dir (or its nearest existing parent) must be a directory we may write into."""
     probe = root

@@ -18,6 +18,7 @@ from typing import Any
 
 from emflow.discover import SliceCatalog, _ranges
 from emflow.errors import SourceError
+from emflow.io.location import is_url
 
 STACK_JSON = "stack.json"
 VERSION = 1
@@ -25,7 +26,15 @@ VERSION = 1
 
 def stack_fingerprint(catalog: SliceCatalog) -> dict[str, Any]:
     """What identifies the stack: per file (size, mtime in ns), per z (file, page, fill), shape, dtype."""
-    files: dict[str, list[int]] = {}
+    files: dict[str, list[Any]] = {}
+    urls = sorted({r.path for r in catalog.slices if r.path is not None and is_url(r.path)})
+    if urls:  # objects: the store's version (ETag / generation) instead of size and mtime
+        from concurrent.futures import ThreadPoolExecutor
+
+        from emflow.io import remote
+
+        with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+            files.update(zip(urls, ([g] for g in pool.map(remote.generation, urls)), strict=True))
     for ref in catalog.slices:
         if ref.path is None or ref.path in files:
             continue

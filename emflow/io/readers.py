@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from emflow.errors import SourceError
+from emflow.io.location import is_url
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
@@ -119,7 +120,14 @@ def _tiff_header(path: Path) -> ImageHeader:
 
 
 def read_header(path: str | Path) -> ImageHeader:
-    """Read an image's header (no pixel decode): pages, (y, x) shape and dtype."""
+    """Read an image's header (no pixel decode): pages, (y, x) shape and dtype.
+
+    ``path`` may be an s3://, gs:// or http(s):// URL (read by byte ranges,
+    :mod:`emflow.io.remote`)."""
+    if is_url(path):
+        from emflow.io import remote
+
+        return remote.read_header(str(path))
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -137,7 +145,13 @@ def read_header(path: str | Path) -> ImageHeader:
 
 
 def read_image(path: str | Path, page: int = 0) -> np.ndarray:
-    """Decode one slice to a (y, x) uint8/uint16 array; corrupt or truncated files raise SourceError."""
+    """Decode one slice to a (y, x) uint8/uint16 array; corrupt or truncated files raise SourceError.
+
+    A URL is read in one request and decoded in memory (:mod:`emflow.io.remote`)."""
+    if is_url(path):
+        from emflow.io import remote
+
+        return remote.read_image(str(path), page)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):

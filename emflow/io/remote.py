@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emflow.errors import SourceError
-from emflow.io.location import Location, StoreAccessError, is_url
+from emflow.errors import OutputError, SourceError
+from emflow.io.location import Location, StoreAccessError, StoreUnavailable, is_url
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _BLOCK = 64 * 1024  # ranged reads fetch at least this much (fewer requests for TIFF IFDs)
@@ -305,13 +305,49 @@ def _uncompressed_page(url: str, page: int) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------------------------
-# listing
+# listing, existence, versions
 # ---------------------------------------------------------------------------------------
+def _first_byte(url: str):
+    from emflow.io.location import store_error
+
+    loc = Location.of(url)
+    folder = loc.parent
+    try:
+        return folder.store().read(loc.name, byte_range=slice(0, 1)).result()
+    except ValueError as exc:
+        if "OUT_OF_RANGE" in str(exc):  # an empty object
+            return folder.store().read(loc.name).result()
+        raise _source_error(store_error(exc, folder, f"read {loc.name}")) from None
+
+
+def _source_error(exc: Exception) -> Exception:
+    return SourceError(str(exc)) if isinstance(exc, StoreAccessError) else exc
+
+
+def exists(url: str) -> bool:
+    """True when an object is at ``url`` (one ranged request; works where listing does not)."""
+    return _first_byte(url).state == "value"
+
+
+def generation(url: str) -> str:
+    """The object's version as the store reports it (ETag, GCS generation): what a source
+    fingerprint records instead of size and modification time."""
+    got = _first_byte(url)
+    if got.state != "value":
+        raise SourceError(f"{url} does not exist (it was there when the stack was discovered)")
+    return bytes(got.stamp.generation).hex()
+
+
 def list_files(folder_url: str, pattern: str | None = None) -> list[str]:
     """URLs of the objects directly inside ``folder_url`` (not in sub-folders) whose names
     match the glob ``pattern`` (every object when None)."""
     folder = Location.of(folder_url)
-    keys = _source(folder.list)
+    try:
+        keys = _source(folder.list)
+    except StoreUnavailable:
+        raise
+    except OutputError as exc:  # e.g. plain HTTP cannot list: a source problem
+        raise SourceError(str(exc)) from None
     names = [k for k in keys if "/" not in k]
     if pattern is not None:
         names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
@@ -329,4 +365,13 @@ def split_glob(url: str) -> tuple[str, str]:
     return head, name
 
 
-__all__ = ["is_url", "list_files", "read_bytes", "read_header", "read_image", "split_glob"]
+__all__ = [
+    "exists",
+    "generation",
+    "is_url",
+    "list_files",
+    "read_bytes",
+    "read_header",
+    "read_image",
+    "split_glob",
+]
