@@ -153,33 +153,71 @@ def _run(folder: Path, glob: str, env: dict[str, str]) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.mark.integration
-def test_cli_run_from_an_s3_source_is_byte_identical_to_a_local_source(
-    stack: Path, s3, tmp_path: Path
-) -> None:
-    server, bucket = s3
-    env = clean_env(
+def _env(server: S3Server, home: Path) -> dict[str, str]:
+    return clean_env(
         {
             **s3_env(),
             "AWS_ENDPOINT_URL": server.endpoint,
-            "HOME": str(tmp_path / "home"),
+            "EMFLOW_STORE_RETRIES": "2",
+            "HOME": str(home),
             "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
         }
     )
-    local = _run(tmp_path / "local", str(stack / "*.png"), env)
-    assert local.returncode == 0, local.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def local_run(stack: Path, s3, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Digests of the outputs of the same recipe on the local copy of the stack."""
+    folder = tmp_path_factory.mktemp("local-run")
+    done = _run(folder, str(stack / "*.png"), _env(s3[0], folder / "home"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {name: tree_digest(folder / "out" / name) for name in ("ng", "z5")}
+
+
+@pytest.mark.integration
+def test_cli_run_from_an_s3_source_is_byte_identical_to_a_local_source(
+    stack: Path, s3, local_run: dict, tmp_path: Path
+) -> None:
+    server, bucket = s3
+    env = _env(server, tmp_path / "home")
     remote = _run(tmp_path / "remote", f"s3://{bucket}/em/raw/*.png", env)
     assert remote.returncode == 0, remote.stderr[-3000:]
-    for name in ("ng", "z5"):
-        want = tree_digest(tmp_path / "local" / "out" / name)
+    for name, want in local_run.items():
         assert want and tree_digest(tmp_path / "remote" / "out" / name) == want, name
     assert S3_SECRET not in remote.stdout + remote.stderr
     # a slice replaced in the bucket: the next run sees a changed stack (its version changed)
     server.put(bucket, "em/raw/s003.png", (stack / "s004.png").read_bytes())
-    again = _run(tmp_path / "remote", f"s3://{bucket}/em/raw/*.png", env)
+    try:
+        again = _run(tmp_path / "remote", f"s3://{bucket}/em/raw/*.png", env)
+    finally:
+        server.put(bucket, "em/raw/s003.png", (stack / "s003.png").read_bytes())
     assert again.returncode == 2, again.stderr[-3000:]
     assert "modified" in again.stderr and "s003.png" in again.stderr
-    server.put(bucket, "em/raw/s003.png", (stack / "s003.png").read_bytes())
+
+
+@pytest.mark.integration
+def test_cli_unreachable_store_exits_3_naming_the_endpoint_then_runs(
+    s3, local_run: dict, tmp_path: Path
+) -> None:
+    server, bucket = s3
+    env = _env(server, tmp_path / "home")
+    missing = _run(tmp_path / "missing", "s3://no-such-src-bucket/raw/*.png", env)
+    assert missing.returncode == 2, missing.stderr[-3000:]
+    assert "bucket 'no-such-src-bucket' does not exist" in missing.stderr
+    server.stop()
+    try:
+        down = _run(tmp_path / "run", f"s3://{bucket}/em/raw/*.png", env)
+    finally:
+        server.start()
+    assert down.returncode == 3, down.stderr[-3000:]
+    lines = [ln for ln in down.stderr.splitlines() if "did not answer" in ln]
+    assert len(lines) == 1 and server.endpoint in lines[0], down.stderr[-3000:]
+    assert "run the same command again" in lines[0] and "Traceback" not in down.stderr
+    assert not (tmp_path / "run" / "out").exists()  # refused before any work
+    again = _run(tmp_path / "run", f"s3://{bucket}/em/raw/*.png", env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name, want in local_run.items():
+        assert tree_digest(tmp_path / "run" / "out" / name) == want, name
 
 
 def test_an_object_store_output_dir_is_refused_before_any_work(stack: Path, tmp_path: Path) -> None:

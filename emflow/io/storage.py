@@ -118,7 +118,8 @@ def resolve(
 
     The endpoint is the recipe's, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; the
     region the recipe's, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; the profile the
-    recipe's, else ``AWS_PROFILE``.
+    recipe's, else ``AWS_PROFILE``; attempts per request the recipe's, else
+    ``EMFLOW_STORE_RETRIES``, else :data:`DEFAULT_RETRIES`.
     """
     default = StoreSettings(
         endpoint=_clean_endpoint(
@@ -137,7 +138,18 @@ def resolve(
         )
         for b, s in (buckets or {}).items()
     }
-    return StorageSettings(default, per, DEFAULT_RETRIES if retries is None else int(retries))
+    if retries is None:
+        retries = _retries_from_env()
+    return StorageSettings(default, per, int(retries))
+
+
+def _retries_from_env() -> int:
+    """``EMFLOW_STORE_RETRIES`` (attempts per request), else :data:`DEFAULT_RETRIES`."""
+    text = _env("EMFLOW_STORE_RETRIES")
+    try:
+        return max(1, int(text)) if text else DEFAULT_RETRIES
+    except ValueError:
+        return DEFAULT_RETRIES
 
 
 def _clean_endpoint(url: str | None) -> str | None:
