@@ -94,7 +94,7 @@ def run(
             log(msg)
 
     r = as_recipe(recipe)
-    run_log = logs.RunLog(r.output_path / RUN_FOLDER)
+    run_log = logs.RunLog(r.run_folder)
     # run.log starts with the first stage (the run folder is checked and claimed by then)
     with run_log, progress_display.run_board(on_stage=run_log.open):
         try:

@@ -111,6 +111,12 @@ def deterministic(exc: BaseException) -> EmflowError | None:
     """
     if isinstance(exc, EmflowError):
         return exc
+    if "CURL error" in str(exc) or "http_response_code=" in str(exc) or "NoSuchBucket" in str(exc):
+        from emflow.io.location import classify  # an object store (after its bounded retries)
+
+        store = classify(exc)
+        if store is not None:
+            return store
     code, path = _os_error(exc)
     where = f" writing {path}" if path else ""
     if code in _NO_SPACE:

@@ -39,7 +39,12 @@ class OwnedVolume:
         self.name, self.path = writer.name, writer.path
 
     def create(self) -> None:
-        ownership.claim(Path(self.path), self.owner, self.name)
+        if isinstance(self.path, str):  # a bucket: the marker object first (emflow.io.bucket)
+            from emflow.io import bucket
+
+            bucket.claim(self.path, self.owner, self.name)
+        else:
+            ownership.claim(Path(self.path), self.owner, self.name)
         self.writer.create()
 
 

@@ -349,12 +349,26 @@ def finalize_output(writer: Any, final: str, owner: str) -> dict:
     a run that died before recording it is left as it is. An earlier ``final`` is
     replaced only if emflow wrote it for this output_dir (:mod:`emflow.io.ownership`).
     """
+    if isinstance(writer.path, str):  # a bucket: no rename, the metadata is published last
+        from emflow.io import bucket
+
+        return bucket.publish(writer)
     partial, dest = Path(writer.path), Path(final)
     if not partial.exists() and ownership.is_owned(dest, owner):
         return {"output": writer.name, "path": str(dest), "moved": False}
     writer.finalize()
     ownership.replace(partial, dest, owner)
     return {"output": writer.name, "path": str(dest), "moved": True}
+
+
+def claim_run_folder(recipe: Recipe) -> str:
+    """Claim the run folder (its ownership marker first) and return the output_dir's owner id;
+    for a bucket output_dir the owner id is kept in the bucket's run folder too."""
+    if recipe.output_remote:
+        from emflow.io import bucket
+
+        return bucket.claim_run_folder(str(recipe.output_root), recipe.run_folder)
+    return ownership.claim_run_folder(recipe.run_folder)
 
 
 def _warm_up_workers(client: Any) -> None:
@@ -396,7 +410,7 @@ def run(
     catalog, run_dir = check.catalog, check.run_dir
     say(f"discovered {catalog.summary()}")
     saved_alignment = check.alignment  # read before the run folder is touched (--restart wipes it)
-    owner = ownership.claim_run_folder(run_dir)  # the first write: run folder, its marker first
+    owner = claim_run_folder(recipe)  # the first write: run folder, its marker first
     resuming = lattice.open_run(run_dir, recipe.output_fingerprint(), restart=restart)
     write_stack_fingerprint(run_dir, check.stack)
     try:
@@ -426,7 +440,7 @@ def _run(
     owner: str,
 ) -> RunResult:
     t_start = time.perf_counter()
-    root = recipe.output_path
+    root = recipe.output_root  # a local folder, or a bucket URL
     (run_dir / "COMPLETE").unlink(missing_ok=True)
     (run_dir / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     run_id = recipe.output_fingerprint()
@@ -541,7 +555,9 @@ def _run(
         threads=2 if threads <= 2 else 1, owner=owner,
     )  # fmt: skip
     # finalize: metadata, then move complete volumes into place (a unit per output)
-    out_paths = {w.name: root / w.name for w in writers}
+    out_paths = {
+        w.name: f"{root}/{w.name}" if isinstance(root, str) else root / w.name for w in writers
+    }
     stage(
         "finalize",
         [

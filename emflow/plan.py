@@ -694,14 +694,15 @@ def plan_output(
 # ---------------------------------------------------------------------------------------
 # writers and the ownership check
 # ---------------------------------------------------------------------------------------
-def make_writers(recipe: Recipe, plan: Plan, root: Path, token: str) -> list[Writer]:
-    """One writer per recipe output, writing under ``root/<name>.partial`` until the run completes."""
+def make_writers(recipe: Recipe, plan: Plan, root: Path | str, token: str) -> list[Writer]:
+    """One writer per recipe output, writing under ``root/<name>.partial`` until the run completes
+    (``root`` a bucket URL: straight to ``root/<name>``, metadata published last)."""
     from emflow.io.omezarr import OmeZarrWriter  # tensorstore: loaded when writers are made
     from emflow.io.precomputed import PrecomputedWriter
 
     writers: list[Writer] = []
     for o in recipe.outputs:
-        path = root / (o.name + PARTIAL_SUFFIX)
+        path = f"{root}/{o.name}" if isinstance(root, str) else root / (o.name + PARTIAL_SUFFIX)
         if isinstance(o, PrecomputedOutput):
             if o.encoding == "jpeg" and plan.out_dtype != "uint8":
                 raise RecipeError(
@@ -762,7 +763,7 @@ def plan_preview(
     executes it). Otherwise a new plan for the output frame: that of ``alignment_path``,
     of the run folder's ``alignment.json`` (an interrupted run's solve), or the source frame.
     """
-    run_dir = recipe.output_path / RUN_FOLDER
+    run_dir = recipe.run_folder
     frame, note = tuple(shape_yx), "frame: the source slices' (no alignment)"
     saved = Path(alignment_path) if alignment_path is not None else None
     if saved is None and recipe.align.enabled and (run_dir / "alignment.json").is_file():

@@ -36,7 +36,7 @@ class Preflight:
 
     recipe: Recipe
     catalog: SliceCatalog
-    output_dir: Path
+    output_dir: Path | str  # a local folder, or a bucket URL
     run_dir: Path
     owner: str | None  # owner id of an existing run folder, None for a new one
     out_dtype: str
@@ -46,7 +46,9 @@ class Preflight:
     stack: dict[str, Any] = field(default_factory=dict)  # the stack fingerprint
     notes: tuple[str, ...] = ()  # advice that does not stop the run (e.g. free space)
 
-    def output_paths(self) -> dict[str, Path]:
+    def output_paths(self) -> dict[str, Path | str]:
+        if isinstance(self.output_dir, str):  # a bucket URL
+            return {o.name: f"{self.output_dir}/{o.name}" for o in self.recipe.outputs}
         return {o.name: self.output_dir / o.name for o in self.recipe.outputs}
 
 
@@ -68,7 +70,10 @@ def preflight(
     Nothing is created or modified. ``cluster_request`` (a ClusterRequest) is checked
     without starting anything.
     """
-    _check_output_url(recipe)
+    if recipe.output_remote:  # wrong credentials, missing bucket, store down: before any work
+        from emflow.io import bucket
+
+        bucket.probe(str(recipe.output_root))
     catalog = catalog if catalog is not None else discover_recipe(recipe)
     out_dtype = out_dtype_of(recipe, catalog.dtype)
     _check_encoding(recipe, catalog, out_dtype)
@@ -79,12 +84,19 @@ def preflight(
         _check_alignable(recipe, catalog)
     _check_cluster(cluster_request)
     alignment = _load_alignment(alignment_path, catalog) if alignment_path is not None else None
-    root = recipe.output_path
-    run_dir = root / RUN_FOLDER
-    _check_writable(root)
-    owner = _check_run_folder(run_dir)
-    _check_overlap(recipe, catalog, root)
-    _check_outputs(recipe, root, owner)
+    root = recipe.output_root
+    run_dir = recipe.run_folder
+    if recipe.output_remote:
+        from emflow.io import bucket
+
+        owner = bucket.bucket_owner(str(root))
+        for o in recipe.outputs:
+            bucket.check_output(f"{root}/{o.name}", owner)
+    else:
+        _check_writable(root)
+        owner = _check_run_folder(run_dir)
+        _check_overlap(recipe, catalog, root)
+        _check_outputs(recipe, root, owner)
     stack = stack_fingerprint(catalog)
     resuming = _check_earlier_run(recipe, run_dir, stack, restart)
     return Preflight(
@@ -98,7 +110,7 @@ def preflight(
         resuming=resuming,
         alignment=alignment,
         stack=stack,
-        notes=tuple(_space_notes(root, catalog, recipe)),
+        notes=() if recipe.output_remote else tuple(_space_notes(root, catalog, recipe)),
     )
 
 
@@ -214,20 +226,6 @@ def _load_alignment(path: str | Path, catalog: SliceCatalog) -> Any:
 
 
 # ---- the output location -------------------------------------------------------------
-def _check_output_url(recipe: Recipe) -> None:
-    """An s3:// / gs:// / http(s):// output_dir is refused for now, before any work: the
-    writers can publish to object stores, but the run folder, ownership and finalize steps
-    of ``emflow run`` still need a file system (issue 11)."""
-    from emflow.io.location import is_url
-
-    if is_url(recipe.output_dir):
-        raise OutputError(
-            f"output_dir {recipe.output_dir}: emflow run writes to a local or shared file "
-            "system only (sources may be s3://, gs:// or http(s)://); set a local output_dir "
-            "and copy the finished outputs to the bucket (e.g. aws s3 sync / gcloud storage cp)"
-        )
-
-
 def _check_writable(root: Path) -> None:
     """output_dir (or its nearest existing parent) must be a directory we may write into."""
     probe = root

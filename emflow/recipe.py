@@ -296,6 +296,33 @@ class Recipe(_Model):
     def output_path(self) -> Path:
         return self.resolve(self.output_dir)
 
+    @property
+    def output_remote(self) -> bool:
+        """True when output_dir is an object-store URL (s3://, gs://)."""
+        from emflow.io.location import is_url
+
+        return is_url(self.output_dir)
+
+    @property
+    def output_root(self) -> Path | str:
+        """Where outputs go: the resolved local folder, or the URL (no trailing '/')."""
+        if self.output_remote:
+            from emflow.io.location import Location
+
+            return Location.of(self.output_dir).url
+        return self.output_path
+
+    @property
+    def run_folder(self) -> Path:
+        """The run folder the driver works in: ``output_dir/emflow-run``, or for a bucket
+        output_dir a local copy on this machine (:func:`emflow.io.runmirror.local_dir_for`)
+        whose ownership marker is kept in the bucket too."""
+        if self.output_remote:
+            from emflow.io.runmirror import local_dir_for
+
+            return local_dir_for(f"{self.output_root}/{RUN_FOLDER}")
+        return self.output_path / RUN_FOLDER
+
     def to_yaml(self) -> str:
         """The resolved recipe (all defaults filled in) as YAML."""
         data = self.model_dump(mode="json")

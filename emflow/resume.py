@@ -78,10 +78,17 @@ def open_volumes(
         drop.update(writers_of_it)
 
     for w in writers:
-        partial = Path(w.path)
-        final = (Path(root) if root is not None else partial.parent) / w.name
         if w.name in finalized:
             continue
+        if isinstance(w.path, str):  # a bucket output (no .partial): its marker object
+            from emflow.io import bucket
+
+            if created.get(w.path) and bucket.exists(w.path):
+                continue
+            create(w, stages)
+            continue
+        partial = Path(w.path)
+        final = (Path(root) if isinstance(root, Path) else partial.parent) / w.name
         if created.get(str(partial)) and (partial.exists() or final.exists()):
             continue
         create(w, stages)

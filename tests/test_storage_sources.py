@@ -13,8 +13,10 @@ the next run (object versions in the stack fingerprint).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from emflow.recipe import Source
 from emflow.testing import synthetic_slices, write_stack
 from tests.conftest import tree_digest
 from tests.storage_servers import (
+    S3_KEY_ID,
     S3_SECRET,
     GcsServer,
     HttpServer,
@@ -220,24 +223,125 @@ def test_cli_unreachable_store_exits_3_naming_the_endpoint_then_runs(
         assert tree_digest(tmp_path / "run" / "out" / name) == want, name
 
 
-def test_an_object_store_output_dir_is_refused_before_any_work(stack: Path, tmp_path: Path) -> None:
-    """Outputs go to a file system for now: a bucket output_dir is exit 2, nothing written."""
-    env = clean_env(
-        {"HOME": str(tmp_path / "home"), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-    )
+def _bucket_digest(server: S3Server, bucket: str, prefix: str) -> dict[str, str]:
+    """Like tree_digest: every object under prefix/ but emflow's ownership marker."""
+    return {k: v for k, v in server.digest(bucket, prefix).items() if k != ".emflow-output.json"}
+
+
+def _start(folder: Path, env: dict[str, str], extra: dict[str, str] | None = None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "emflow", "run", "recipe.yaml", "--dashboard", ":0",
+         "--workers", "1", "--threads", "2"],
+        cwd=folder, env={**env, **(extra or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+
+
+@pytest.mark.integration
+def test_cli_s3_source_to_s3_outputs_resumes_after_sigkill_byte_identical(
+    s3, local_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """output_dir in the bucket: nothing is written locally but the driver's run-folder copy;
+    the driver is SIGKILLed while publishing (one output finalized, one not); the same
+    command resumes and both outputs equal the local run's bytes."""
+    from emflow import lattice as lat
+    from emflow.io.runmirror import local_dir_for
+
+    server, bucket = s3
+    cache = tmp_path / "runs"
+    env = {**_env(server, tmp_path / "home"), "EMFLOW_RUN_CACHE": str(cache)}
+    monkeypatch.setenv("EMFLOW_RUN_CACHE", str(cache))
+    run_dir = local_dir_for(f"s3://{bucket}/out/emflow-run")
     folder = tmp_path / "run"
     folder.mkdir()
+    text = RECIPE.format(glob=f"s3://{bucket}/em/raw/*.png")
     (folder / "recipe.yaml").write_text(
-        RECIPE.format(glob=str(stack / "*.png")).replace(
-            "output_dir: out", "output_dir: s3://b/out"
+        text.replace("output_dir: out", f"output_dir: s3://{bucket}/out")
+    )
+    proc = _start(folder, env, {"EMFLOW_PAUSE_AFTER": "finalize:1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not any(
+            r["event"] == "pause" and r.get("stage") == "finalize"
+            for r in (lat.read_journal(run_dir) if run_dir.exists() else [])
+        ):
+            assert proc.poll() is None, _finish(proc)[1][-3000:]
+            assert time.monotonic() < deadline, "the run never paused in finalize"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _finish(proc, 120)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "COMPLETE").exists()
+    published = [n for n in ("ng", "z5") if server.keys(bucket, f"out/{n}/info") or
+                 server.keys(bucket, f"out/{n}/zarr.json")]  # fmt: skip
+    assert len(published) <= 1  # the kill landed before the second output was published
+    again = _start(folder, env)
+    _out, err = _finish(again)
+    assert again.returncode == 0, err[-3000:]
+    assert f"s3://{bucket}/out" in err
+    for name, want in local_run.items():
+        assert _bucket_digest(server, bucket, f"out/{name}") == want, name
+    assert sorted(p.name for p in folder.iterdir()) == ["recipe.yaml"]  # nothing written here
+    assert (run_dir / "COMPLETE").exists()
+    assert server.keys(bucket, "out/emflow-run/") == ["out/emflow-run/.emflow-output.json"]
+    # the planted credentials: in no file the runs wrote (run folder: run.json, journal,
+    # run.log, recipe, plan), no object in the bucket, nothing printed
+    printed = err + _out
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "run.log" for p in files) and any(p.name == "run.json" for p in files)
+    objects = [server.get(bucket, k) for k in server.keys(bucket, "out/")]
+    for secret in (S3_SECRET, S3_KEY_ID):
+        assert secret not in printed
+        for blob in [p.read_bytes() for p in files] + objects:
+            assert secret.encode() not in blob
+
+
+@pytest.mark.integration
+def test_s3_output_dir_refused_before_any_work_when_store_is_wrong(
+    stack: Path, s3, tmp_path: Path
+) -> None:
+    """Missing bucket: exit 2 naming it; store down: exit 3 naming the endpoint; objects
+    emflow did not write under an output name: exit 2. Nothing is written in any case."""
+    server, bucket = s3
+    env = {**_env(server, tmp_path / "home"), "EMFLOW_RUN_CACHE": str(tmp_path / "runs")}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    recipe = RECIPE.format(glob=str(stack / "*.png"))
+
+    def run(output_dir: str) -> tuple[int, str]:
+        (folder / "recipe.yaml").write_text(
+            recipe.replace("output_dir: out", f"output_dir: {output_dir}")
         )
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "emflow", "run", "recipe.yaml", "--dashboard", ":0"],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    assert (
-        "output_dir s3://b/out: emflow run writes to a local or shared file system" in proc.stderr
-    )
-    assert sorted(p.name for p in folder.iterdir()) == ["recipe.yaml"]
+        proc = _start(folder, env)
+        _out, err = _finish(proc, 300)
+        return proc.returncode, err
+
+    code, err = run("s3://no-such-out-bucket/em")
+    assert code == 2 and "bucket 'no-such-out-bucket' does not exist" in err, err[-3000:]
+    server.put(bucket, "foreign/ng/data.bin", b"someone else's")
+    code, err = run(f"s3://{bucket}/foreign")
+    assert code == 2 and f"s3://{bucket}/foreign/ng already exists" in err, err[-3000:]
+    assert server.keys(bucket, "foreign/") == ["foreign/ng/data.bin"]
+    server.stop()
+    try:
+        code, err = run(f"s3://{bucket}/later")
+    finally:
+        server.start()
+    assert code == 3, err[-3000:]
+    (line,) = [ln for ln in err.splitlines() if "did not answer" in ln]
+    assert server.endpoint in line and "Traceback" not in err
+    assert not server.keys(bucket, "later/")
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in folder.iterdir()) == [
+        "recipe.yaml"
+    ]

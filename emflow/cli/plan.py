@@ -38,7 +38,7 @@ def plan(
     """Print units per stage, planned memory per unit, and the job script a cluster would run."""
     from emflow import cluster as clusters
     from emflow.discover import discover_recipe
-    from emflow.plan import RUN_FOLDER, plan_preview
+    from emflow.plan import plan_preview
     from emflow.recipe import load_recipe
 
     r = load_recipe(recipe)
@@ -53,7 +53,7 @@ def plan(
         threads,
         memory,
         insecure,
-        r.output_path / RUN_FOLDER / "worker-logs",
+        r.run_folder / "worker-logs",
     )
     p, note = plan_preview(
         r, len(cat.slices), cat.shape_yx, cat.dtype, alignment_path=alignment, refs=cat.slices

@@ -90,12 +90,12 @@ def run(
     from emflow.cli.console import libraries_to_log
     from emflow.cli.summary import closing_lines
     from emflow.errors import EmflowError, NoSpaceError, deterministic, no_space
-    from emflow.io.ownership import claim_run_folder
+    from emflow.pipeline import claim_run_folder
     from emflow.preflight import preflight
-    from emflow.recipe import RUN_FOLDER, load_recipe
+    from emflow.recipe import load_recipe
 
     r = load_recipe(recipe)
-    run_dir = r.output_path / RUN_FOLDER
+    run_dir = r.run_folder
     req = None
     if not serial:
         req = cluster_request(
@@ -114,7 +114,7 @@ def run(
     install_signal_handlers()  # importing dask_jobqueue (cluster checks) replaced the SIGINT handler
     check = preflight(r, restart=restart, alignment_path=alignment, cluster_request=req)
     # --- from here on, files are written (the checks above refused nothing) ---
-    claim_run_folder(run_dir)
+    claim_run_folder(r)
     logging.raiseExceptions = False  # a full disk must not turn run.log writes into tracebacks
     log = _logger(run_dir)
     TRACEBACK_LOG.append(run_dir / "run.log")
@@ -124,7 +124,7 @@ def run(
         if not quiet:
             typer.echo(msg, err=True)
 
-    say(f"emflow run {recipe} → {r.output_path}")
+    say(f"emflow run {recipe} → {r.output_root}")
     for note in check.notes:
         say(note)
     t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def run(
         if err is None:
             raise
         if isinstance(err, NoSpaceError) and err.path is None:
-            err = no_space(f"under {r.output_path}")
+            err = no_space(f"under {r.output_root}")
         log.info(f"error (exit {err.exit_code}): {err}")
         raise err from exc
     secs = time.perf_counter() - t0

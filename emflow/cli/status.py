@@ -36,7 +36,7 @@ def find_run_dir(path: Path) -> Path:
     if p.is_file() and p.suffix in (".yaml", ".yml", ".json"):
         from emflow.recipe import load_recipe
 
-        p = load_recipe(p).output_path / RUN_FOLDER
+        p = load_recipe(p).run_folder
     if (p / lat.RUN_JSON).exists() or (p / lat.JOURNAL).exists():
         return p
     if (p / RUN_FOLDER / lat.RUN_JSON).exists() or (p / RUN_FOLDER / lat.JOURNAL).exists():

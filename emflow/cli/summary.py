@@ -83,7 +83,8 @@ def _describe(o: Any) -> str:
 
 def closing_lines(recipe: Recipe, result: Any, port: int = DEFAULT_PORT) -> list[str]:
     """What a complete run wrote, where, and how to look at it (QC images, serve, links)."""
-    root = Path(recipe.output_path).resolve()
+    remote = getattr(recipe, "output_remote", False)
+    root = recipe.output_root if remote else Path(recipe.output_path).resolve()
     plan = result.plan
     z, y, x = plan.levels[0].shape_zyx
     vz, vy, vx = plan.levels[0].voxel_size_nm_zyx
@@ -100,6 +101,10 @@ def closing_lines(recipe: Recipe, result: Any, port: int = DEFAULT_PORT) -> list
             f"check the alignment: {qc / 'reslices.png'} (XZ/YZ reslices before and after), "
             f"{qc / 'pairs.png'} (per-pair residuals)"
         )
+    if remote:  # emflow.open reads it from the bucket; neuroglancer needs it served with CORS
+        lines.append(f"open it: emflow.open('{root}/{recipe.outputs[0].name}')")
+        lines.append(f"run folder: {Path(result.run_dir).resolve()} (a copy of {root}/emflow-run)")
+        return lines
     base = f"http://localhost:{port}"
     lines.append(f"view it: emflow serve {root}   (serves it and prints a neuroglancer link)")
     for o in recipe.outputs:

@@ -49,7 +49,7 @@ def validate(
     """Check a recipe as 'emflow run' would, without writing anything; print what it resolves to."""
     from emflow.plan import plan_output
     from emflow.preflight import preflight
-    from emflow.recipe import RUN_FOLDER, load_recipe
+    from emflow.recipe import load_recipe
 
     r = load_recipe(recipe)
     req = cluster_request(
@@ -61,7 +61,7 @@ def validate(
         threads,
         memory,
         insecure,
-        r.output_path / RUN_FOLDER / "worker-logs",
+        r.run_folder / "worker-logs",
     )
     check = preflight(r, restart=restart, alignment_path=alignment, cluster_request=req)
     if decode:
