@@ -345,3 +345,20 @@ def test_s3_output_dir_refused_before_any_work_when_store_is_wrong(
     assert not (tmp_path / "runs").exists() and sorted(p.name for p in folder.iterdir()) == [
         "recipe.yaml"
     ]
+
+
+def test_readme_bucket_recipe_is_valid() -> None:
+    """The README's bucket lines are recipe fields as written (a URL source and output_dir)."""
+    import re
+
+    import yaml
+
+    from emflow.recipe import recipe_from_dict
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Buckets.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    data = yaml.safe_load(block)
+    r = recipe_from_dict({**data, "voxel_size_nm": [4, 4, 40], "outputs": [{"format": "omezarr"}]})
+    assert r.output_remote and r.output_root == "s3://em-lab/aligned"
+    assert r.source.glob == "s3://em-lab/raw/*.png"
+    assert "emflow-run" in str(r.run_folder) and "s3:" not in str(r.run_folder.parent.parent)
