@@ -67,8 +67,9 @@ def preflight(
 ) -> Preflight:
     """Check everything a run needs; raise the one-line EmflowError a run would end with.
 
-    Nothing is created or modified. ``cluster_request`` (a ClusterRequest) is checked
-    without starting anything.
+    Nothing is created or modified (a bucket output_dir gets one probe object, written and
+    deleted: the only request that proves credentials and write permission).
+    ``cluster_request`` (a ClusterRequest) is checked without starting anything.
     """
     if recipe.output_remote:  # wrong credentials, missing bucket, store down: before any work
         from emflow.io import bucket
