@@ -29,6 +29,7 @@ from emflow.recipe import Source
 from emflow.testing import synthetic_slices, write_stack
 from tests.conftest import tree_digest
 from tests.storage_servers import (
+    GCS_TOKEN,
     S3_KEY_ID,
     S3_SECRET,
     GcsServer,
@@ -362,3 +363,35 @@ def test_readme_bucket_recipe_is_valid() -> None:
     assert r.output_remote and r.output_root == "s3://em-lab/aligned"
     assert r.source.glob == "s3://em-lab/raw/*.png"
     assert "emflow-run" in str(r.run_folder) and "s3:" not in str(r.run_folder.parent.parent)
+
+
+@pytest.mark.integration
+def test_cli_run_to_gcs_outputs_is_byte_identical_to_a_local_run(
+    stack: Path, s3, local_run: dict, tmp_path: Path
+) -> None:
+    """output_dir gs://: fake-gcs-server reached through TENSORSTORE_GCS_HTTP_URL."""
+    server, _ = s3
+    gcs = GcsServer(tmp_path / "gcs")
+    try:
+        bucket = gcs.bucket()
+        env = {
+            **_env(server, tmp_path / "home"),
+            **gcs.env(),
+            "EMFLOW_RUN_CACHE": str(tmp_path / "runs"),
+        }
+        folder = tmp_path / "run"
+        folder.mkdir()
+        text = RECIPE.format(glob=str(stack / "*.png"))
+        (folder / "recipe.yaml").write_text(
+            text.replace("output_dir: out", f"output_dir: gs://{bucket}/out")
+        )
+        proc = _start(folder, env)
+        _out, err = _finish(proc)
+        assert proc.returncode == 0, err[-3000:]
+        for name, want in local_run.items():
+            got = gcs.digest(bucket, f"out/{name}")
+            got.pop(".emflow-output.json")
+            assert got == want, name
+        assert GCS_TOKEN not in err
+    finally:
+        gcs.stop()
