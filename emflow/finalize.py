@@ -39,9 +39,10 @@ class OwnedVolume:
         self.name, self.path = writer.name, writer.path
 
     def create(self) -> None:
-        if isinstance(self.path, str):  # a bucket: the marker object first (emflow.io.bucket)
-            from emflow.io import bucket
+        from emflow.io import bucket
+        from emflow.io.location import is_url
 
+        if is_url(str(self.path)):  # a bucket: the marker object first (emflow.io.bucket)
             bucket.claim(self.path, self.owner, self.name)
         else:
             ownership.claim(Path(self.path), self.owner, self.name)

@@ -349,9 +349,10 @@ def finalize_output(writer: Any, final: str, owner: str) -> dict:
     a run that died before recording it is left as it is. An earlier ``final`` is
     replaced only if emflow wrote it for this output_dir (:mod:`emflow.io.ownership`).
     """
-    if isinstance(writer.path, str):  # a bucket: no rename, the metadata is published last
-        from emflow.io import bucket
+    from emflow.io import bucket
+    from emflow.io.location import is_url
 
+    if is_url(str(writer.path)):  # a bucket: no rename, the metadata is published last
         return bucket.publish(writer)
     partial, dest = Path(writer.path), Path(final)
     if not partial.exists() and ownership.is_owned(dest, owner):
@@ -556,7 +557,7 @@ def _run(
     )  # fmt: skip
     # finalize: metadata, then move complete volumes into place (a unit per output)
     out_paths = {
-        w.name: f"{root}/{w.name}" if isinstance(root, str) else root / w.name for w in writers
+        w.name: f"{root}/{w.name}" if recipe.output_remote else root / w.name for w in writers
     }
     stage(
         "finalize",

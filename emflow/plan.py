@@ -697,12 +697,16 @@ def plan_output(
 def make_writers(recipe: Recipe, plan: Plan, root: Path | str, token: str) -> list[Writer]:
     """One writer per recipe output, writing under ``root/<name>.partial`` until the run completes
     (``root`` a bucket URL: straight to ``root/<name>``, metadata published last)."""
+    from emflow.io.location import is_url
     from emflow.io.omezarr import OmeZarrWriter  # tensorstore: loaded when writers are made
     from emflow.io.precomputed import PrecomputedWriter
 
     writers: list[Writer] = []
     for o in recipe.outputs:
-        path = f"{root}/{o.name}" if isinstance(root, str) else root / (o.name + PARTIAL_SUFFIX)
+        if is_url(str(root)):
+            path: Path | str = f"{str(root).rstrip('/')}/{o.name}"
+        else:
+            path = Path(root) / (o.name + PARTIAL_SUFFIX)
         if isinstance(o, PrecomputedOutput):
             if o.encoding == "jpeg" and plan.out_dtype != "uint8":
                 raise RecipeError(

@@ -80,9 +80,10 @@ def open_volumes(
     for w in writers:
         if w.name in finalized:
             continue
-        if isinstance(w.path, str):  # a bucket output (no .partial): its marker object
-            from emflow.io import bucket
+        from emflow.io import bucket
+        from emflow.io.location import is_url
 
+        if is_url(str(w.path)):  # a bucket output (no .partial): its marker object
             if created.get(w.path) and bucket.exists(w.path):
                 continue
             create(w, stages)
