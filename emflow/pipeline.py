@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from emflow import interrupts
 from emflow.discover import SliceCatalog, SliceRef
 from emflow.errors import ClusterError, NoSpaceError, no_space
 from emflow.finalize import (
@@ -420,10 +421,11 @@ def run(
                 lattice.announce_run(client, run_dir, recipe.output_fingerprint())
             except Exception:  # pragma: no cover - the run goes on without emflow status
                 logger.warning("could not record the live run in %s", run_dir, exc_info=True)
-        return _run(
-            recipe, catalog, run_dir, client, progress, say, alignment_path, saved_alignment,
-            resuming, owner,
-        )  # fmt: skip
+        with interrupts.remembered():  # a Ctrl-C a library callback swallowed is not lost
+            return _run(
+                recipe, catalog, run_dir, client, progress, say, alignment_path,
+                saved_alignment, resuming, owner,
+            )  # fmt: skip
     finally:
         lattice.retire_run(run_dir)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import threading
 from pathlib import Path
 
 import cv2
@@ -26,6 +28,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_data" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remember the session's exit status for :func:`pytest_unconfigure`."""
+    session.config._emflow_exitstatus = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """Never hang after the summary: a thread a failed test left running (non-daemon) would
+    keep the interpreter alive at exit. Name it and leave with the session's exit status."""
+    left = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
+    if not left:
+        return
+    names = ", ".join(sorted(t.name for t in left))
+    print(f"\nconftest: threads still running after the session: {names}; exiting", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(getattr(config, "_emflow_exitstatus", 1))
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,16 @@ def demo_unit(i: int, delay: float, bad: tuple[int, ...]) -> dict:
     return {"i": i}
 
 
+def _stop_background_run(client, thread: threading.Thread) -> None:
+    """Cancel the demo run and wait for its driver thread, so a failed check leaves nothing behind."""
+    if thread.is_alive():
+        try:
+            client.sync(client.scheduler.emflow_cancel, run_id=RUN)
+        except Exception:  # the scheduler may already be gone
+            pass
+        thread.join(60)
+
+
 def _snap(client) -> dict:
     return client.sync(client.scheduler.emflow_lattice, run_id=RUN)
 
@@ -198,82 +208,98 @@ def test_live_page_and_json_match_the_lattice(tmp_path):
                 client=client,
                 run_id=RUN,
                 run_dir=run_dir,
-                retries=1,
+                retries=0,  # a failed match unit is final at once (a retry could meet the pause)
                 keep_going=True,
             )
 
-        t = threading.Thread(target=bg)
+        t = threading.Thread(target=bg, daemon=True)
         t.start()
-        deadline = time.time() + 90
+        try:
+            deadline = time.time() + 90
 
-        def match_stage() -> dict | None:
-            stages = {st["stage"]: st for st in _snap(client)["runs"][0]["stages"]}
-            return stages.get("match")
+            def match_stage() -> dict | None:
+                stages = {st["stage"]: st for st in _snap(client)["runs"][0]["stages"]}
+                return stages.get("match")
 
-        while time.time() < deadline:
-            m = match_stage()
-            if m and m["counts"]["done"] >= 8 and m["counts"]["failed"] and m["counts"]["running"]:
-                break
-            time.sleep(0.1)
-        url = dashboard_url(client)
-        shot = tmp_path / "dashboard.png"
-        assert screenshot(url, shot), "the Bokeh page did not render"
-        assert shot.stat().st_size > 10_000
-        print(f"dashboard screenshot: {shot}")
+            while time.time() < deadline:
+                m = match_stage()
+                if (
+                    m
+                    and m["counts"]["done"] >= 8
+                    and m["counts"]["failed"]
+                    and m["counts"]["running"]
+                ):
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"the match stage never reached the mid-run state: {match_stage()}")
+            url = dashboard_url(client)
+            shot = tmp_path / "dashboard.png"
+            assert screenshot(url, shot), "the Bokeh page did not render"
+            assert shot.stat().st_size > 10_000
+            print(f"dashboard screenshot: {shot}")
 
-        # freeze the lattice: pause and let the running units finish
-        client.sync(client.scheduler.emflow_pause, run_id=RUN)
-        for _ in range(2):
-            while match_stage()["counts"]["running"] and time.time() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.6)
-        lattice = _snap(client)
-        with urllib.request.urlopen(url + "/lattice.json") as r:
-            assert r.headers["Content-Type"] == "application/json"
-            served = json.loads(r.read())
-        for a, b in zip(served["runs"], lattice["runs"], strict=True):
-            assert json.dumps(_stable(a), sort_keys=True) == json.dumps(_stable(b), sort_keys=True)
-        (run,) = lattice["runs"]
-        assert run["paused"] is True
-        stages = {st["stage"]: st for st in run["stages"]}
-        assert stages["features"]["counts"] == {
-            "waiting": 0,
-            "queued": 0,
-            "running": 0,
-            "done": 19,
-            "redone": 0,
-            "failed": 1,
-            "skipped": 20,
-            "orphaned": 0,
-        }
-        m = stages["match"]["counts"]
-        assert m["orphaned"] == 2 and m["failed"] == 1 and m["waiting"] > 0 and m["running"] == 0
-        assert stages["match"]["cells"][24:26] == "oo"
-        assert "0 RANSAC inliers" in stages["match"]["failed"][0]["error"]
-
-        # the page as Bokeh serves it to a browser
-        with urllib.request.urlopen(url) as r:
-            page = r.read()
-            assert r.status == 200 and b'document.title = "emflow: lattice"' in page
-            assert b'href="emflow"' in page  # the Dask navigation bar, with its emflow entry
-        time.sleep(1.2)  # one periodic refresh after the pause
-        with pull_session(url=url) as session:
-            models = list(session.document.models)
-        source = next(mdl for mdl in models if "state" in getattr(mdl, "data", {}))
-        table = next(mdl for mdl in models if type(mdl).__name__ == "Div" and "<table" in mdl.text)
-        per_stage = Counter(zip(source.data["y"], source.data["state"], strict=True))
-        for name, st in stages.items():
-            for state, n in st["counts"].items():
-                assert per_stage.get((name, state), 0) == n, (name, state)
-            row = (
-                f"<b>{name}</b></td><td style='text-align:right;padding:2px 8px'>{st['total']}</td>"
+            # freeze the lattice: pause and let the running units finish
+            client.sync(client.scheduler.emflow_pause, run_id=RUN)
+            for _ in range(2):
+                while match_stage()["counts"]["running"] and time.time() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.6)
+            lattice = _snap(client)
+            with urllib.request.urlopen(url + "/lattice.json") as r:
+                assert r.headers["Content-Type"] == "application/json"
+                served = json.loads(r.read())
+            for a, b in zip(served["runs"], lattice["runs"], strict=True):
+                assert json.dumps(_stable(a), sort_keys=True) == json.dumps(
+                    _stable(b), sort_keys=True
+                )
+            (run,) = lattice["runs"]
+            assert run["paused"] is True
+            stages = {st["stage"]: st for st in run["stages"]}
+            assert stages["features"]["counts"] == {
+                "waiting": 0,
+                "queued": 0,
+                "running": 0,
+                "done": 19,
+                "redone": 0,
+                "failed": 1,
+                "skipped": 20,
+                "orphaned": 0,
+            }
+            m = stages["match"]["counts"]
+            assert (
+                m["orphaned"] == 2 and m["failed"] == 1 and m["waiting"] > 0 and m["running"] == 0
             )
-            assert row in table.text
-        assert "PAUSED" in table.text and "match[5]" in table.text and "features[25]" in table.text
+            assert stages["match"]["cells"][24:26] == "oo"
+            assert "0 RANSAC inliers" in stages["match"]["failed"][0]["error"]
 
-        client.sync(client.scheduler.emflow_resume, run_id=RUN)
-        t.join(120)
-        assert not t.is_alive()
+            # the page as Bokeh serves it to a browser
+            with urllib.request.urlopen(url) as r:
+                page = r.read()
+                assert r.status == 200 and b'document.title = "emflow: lattice"' in page
+                assert b'href="emflow"' in page  # the Dask navigation bar, with its emflow entry
+            time.sleep(1.2)  # one periodic refresh after the pause
+            with pull_session(url=url) as session:
+                models = list(session.document.models)
+            source = next(mdl for mdl in models if "state" in getattr(mdl, "data", {}))
+            table = next(
+                mdl for mdl in models if type(mdl).__name__ == "Div" and "<table" in mdl.text
+            )
+            per_stage = Counter(zip(source.data["y"], source.data["state"], strict=True))
+            for name, st in stages.items():
+                for state, n in st["counts"].items():
+                    assert per_stage.get((name, state), 0) == n, (name, state)
+                row = f"<b>{name}</b></td><td style='text-align:right;padding:2px 8px'>{st['total']}</td>"
+                assert row in table.text
+            assert (
+                "PAUSED" in table.text and "match[5]" in table.text and "features[25]" in table.text
+            )
+
+            client.sync(client.scheduler.emflow_resume, run_id=RUN)
+            t.join(120)
+            assert not t.is_alive()
+        finally:
+            _stop_background_run(client, t)
         final = {st["stage"]: st["counts"] for st in _snap(client)["runs"][0]["stages"]}
     assert final["match"] == {
         "waiting": 0,

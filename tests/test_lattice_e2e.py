@@ -80,7 +80,7 @@ def test_worker_sigkilled_mid_run_output_identical(stack, reference):
             except BaseException as exc:  # reported below
                 box["error"] = exc
 
-        t = threading.Thread(target=drive)
+        t = threading.Thread(target=drive, daemon=True)
         t.start()
         killed = None
         deadline = time.time() + 120

@@ -203,7 +203,8 @@ def test_dask_pause_resume_via_cli(cluster, tmp_path, capsys):
     t = threading.Thread(
         target=lambda: box.update(
             res=run_stage("slab", units, client=cluster, run_id="dpause", run_dir=run_dir)
-        )
+        ),
+        daemon=True,
     )
     t.start()
 
@@ -258,7 +259,7 @@ def test_dask_cancel_stops_cleanly_and_resumes(cluster, tmp_path, capsys):
         except lat.RunCancelled as exc:
             box["exc"] = exc
 
-    t = threading.Thread(target=target)
+    t = threading.Thread(target=target, daemon=True)
     t.start()
     deadline = time.time() + 60
     while len(lat.done_markers(run_dir, "slab")) < 2 and time.time() < deadline:
@@ -302,7 +303,8 @@ def test_sigkill_worker_mid_unit_completes_identically(tmp_path):
                 res=run_stage(
                     "slab", units, client=client, run_id="dkill", run_dir=run_dir, retries=0
                 )
-            )
+            ),
+            daemon=True,
         )
         t.start()
         deadline = time.time() + 60
@@ -371,7 +373,7 @@ def test_no_unit_starts_after_pause_or_cancel_is_acknowledged(cluster, tmp_path,
         except lat.RunCancelled as exc:
             box["exc"] = exc
 
-    t = threading.Thread(target=target)
+    t = threading.Thread(target=target, daemon=True)
     t.start()
 
     def stage_snap() -> dict:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from emflow import interrupts
 from emflow import lattice as lat
 from emflow import progress as progress_display
 from emflow.errors import AlignmentError, OutputError, RecipeError, SourceError, deterministic
@@ -269,6 +270,7 @@ class _Control:
         self.was_paused = False
 
     def poll(self, *, force: bool = False) -> None:
+        interrupts.check()  # a Ctrl-C a library callback swallowed is raised here again
         if not self.ok:
             return
         now = time.monotonic()
@@ -619,6 +621,7 @@ def _run_here(
             )  # fmt: skip
 
     for u in todo:
+        interrupts.check()
         for attempt in range(1, retries + 2):
             if control is not None:  # wait at the gate while paused; stop when cancelled
                 while True:
