@@ -298,7 +298,8 @@ def test_worker_killed_in_every_stage_run_completes_identically(stack, reference
     assert st.returncode == 0, st.stderr
     shown = {s["stage"]: s for s in json.loads(st.stdout)["runs"][0]["stages"]}
     for stage in WORKER_STAGES:
-        assert shown[stage]["lost"] >= 1 and shown[stage]["counts"]["redone"] == 1, shown[stage]
+        # a second loss may follow while both workers restart (see assert_lost_and_redone)
+        assert shown[stage]["lost"] >= 1 and shown[stage]["counts"]["redone"] >= 1, shown[stage]
 
     again = cli(two, tmp_path)  # the same command again
     _out, err = again.communicate(timeout=300)
