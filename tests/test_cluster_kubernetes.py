@@ -443,3 +443,126 @@ def test_emulated_scheduler_loaded_the_emflow_preload(pods: _Pods) -> None:
     with Client(pods.address, security=pods.client_security(), timeout=30) as client:
         assert PRELOAD_MODULE in client.run_on_scheduler(preloads)
         assert PLUGIN_NAME in client.run_on_scheduler(plugins)
+
+
+def _emflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`emflow ...` from the shell, as a user beside the driver runs it."""
+    return subprocess.run([sys.executable, "-m", "emflow", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def _counts(snap: dict[str, Any]) -> dict[str, dict[str, int]]:
+    (run,) = snap["runs"]
+    return {st["stage"]: {"total": st["total"], **st["counts"]} for st in run["stages"]}
+
+
+@pytest.mark.integration
+def test_control_commands_reach_a_run_on_the_emulated_pods(
+    pods: _Pods, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run on the Kubernetes pods, driven as `--cluster kubernetes` drives it (a client with
+    the TLS Secret's in-memory certificates), is reached from the shell: `emflow status`
+    (live counts), `pause` (the run pauses), `resume` (it completes, equal to a serial run)
+    with the client credentials the run folder holds; after the end `status` reads the journal.
+    """
+    import json
+    import stat
+    import threading
+
+    from distributed import Client
+
+    from emflow import api
+    from emflow import lattice as lat
+    from emflow.testing import synthetic_slices, write_stack
+
+    src = tmp_path / "slices"
+    write_stack(synthetic_slices((16, 128, 128), seed=7), src, pattern="s_%03d.png")
+
+    def recipe(out: Path) -> dict[str, Any]:
+        return {
+            "source": {"glob": str(src / "*.png")},
+            "voxel_size_nm": [8, 8, 40],
+            "align": False,
+            "output_dir": str(out),
+            "outputs": [{"format": "omezarr", "name": "em.ome.zarr",
+                         "chunk_size_xyz": [64, 64, 4]}],
+            "run": {"slab_depth": 4},
+        }  # fmt: skip
+
+    out = tmp_path / "pods-out"
+    run_dir = out / "emflow-run"
+    run_id = api.as_recipe(recipe(out)).output_fingerprint()
+    outcome: dict[str, Any] = {}
+
+    def drive(client: Any) -> None:
+        try:
+            outcome["result"] = api.run(recipe(out), client=client, progress=False)
+        except BaseException as exc:  # reported by the test
+            outcome["error"] = exc
+
+    # what `emflow run --cluster kubernetes` does: connect with the Secret's in-memory certificates
+    client = Client(pods.address, security=pods.security, timeout=30)
+    driver = threading.Thread(target=drive, args=(client,), name="k8s-driver", daemon=True)
+    monkeypatch.setenv("EMFLOW_PAUSE_AFTER", "slab:1")  # hold the run once 1 slab unit started
+    try:
+        client.wait_for_workers(2, timeout=60)
+        driver.start()
+        deadline = time.monotonic() + 120
+        while not any(r["event"] == "pause" and r.get("stage") == "slab"
+                      for r in lat.read_journal(run_dir)):  # fmt: skip
+            assert driver.is_alive(), f"the run ended before it held at slab: {outcome}"
+            assert time.monotonic() < deadline, "the run did not hold at slab within 120 s"
+            time.sleep(0.05)
+        # the run folder holds what a client needs: the address and owner-only certificates
+        info = lat.read_scheduler_file(run_dir)
+        assert info["address"] == pods.address and info["run_id"] == run_id
+        assert stat.S_IMODE((run_dir / "secrets").stat().st_mode) == 0o700
+        pems = {k: run_dir / v for k, v in info["tls"].items()}
+        assert sorted(pems) == ["ca_file", "cert", "key"]
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in pems.values())
+
+        live = _emflow("status", str(out), "--json", cwd=tmp_path)
+        assert live.returncode == 0, live.stderr
+        snap = json.loads(live.stdout)
+        assert snap["live"] is True, live.stderr
+        assert snap["source"].startswith(f"live, scheduler {pods.address}")
+        assert snap["runs"][0]["paused_stages"] == ["slab"] and not snap["runs"][0]["paused"]
+        held = _counts(snap)
+        slab = held["slab"]
+        assert slab["total"] == 4 and slab["done"] + slab["running"] == 1  # 1 unit let through
+        assert slab["waiting"] == 3 and slab["queued"] == slab["failed"] == 0
+        assert held["coarse1"]["total"] == held["finalize"]["total"] == 1
+        assert held["coarse1"]["waiting"] == held["finalize"]["waiting"] == 1
+
+        paused = _emflow("pause", str(out), cwd=tmp_path)
+        assert paused.returncode == 0 and "paused run" in paused.stdout, paused.stderr
+        now = _emflow("status", str(out), "--json", cwd=tmp_path)
+        assert now.returncode == 0 and json.loads(now.stdout)["runs"][0]["paused"] is True
+        resumed = _emflow("resume", str(out), cwd=tmp_path)
+        assert resumed.returncode == 0 and "resumed run" in resumed.stdout, resumed.stderr
+        driver.join(timeout=180)
+        assert not driver.is_alive(), "the resumed run did not end within 180 s"
+    finally:
+        monkeypatch.delenv("EMFLOW_PAUSE_AFTER")
+        if driver.is_alive():  # a failed assertion: cancel the run rather than leave it held
+            with contextlib.suppress(Exception):
+                client.sync(client.scheduler.emflow_cancel, run_id=run_id)
+            driver.join(timeout=60)
+        client.close()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].output_paths["em.ome.zarr"] == out / "em.ome.zarr"
+    assert not list((run_dir / "secrets").glob("client-*.pem")), "the driver removed them"
+    requests = [r["event"] for r in lat.read_journal(run_dir) if r["event"].endswith("_request")]
+    assert requests == ["pause_request", "resume_request"]
+
+    ended = _emflow("status", str(out), "--json", cwd=tmp_path)
+    assert ended.returncode == 0, ended.stderr
+    snap = json.loads(ended.stdout)
+    assert snap["live"] is False and snap["source"] == "journal, run complete"
+    final = _counts(snap)
+    assert {s: (c["total"], c["done"], c["redone"], c["failed"]) for s, c in final.items()} == {
+        "slab": (4, 4, 0, 0), "coarse1": (1, 1, 0, 0), "finalize": (1, 1, 0, 0),
+    }  # fmt: skip
+
+    api.run(recipe(tmp_path / "serial-out"), progress=False)
+    assert _digest(out) == _digest(tmp_path / "serial-out")
