@@ -11,6 +11,8 @@ matches), so they cannot serve as a stack with known truth.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -188,19 +190,59 @@ def test_bad_slice_policies(policy):
 
 
 @pytest.mark.parametrize("method", ["global", "chain"])
-def test_two_consecutive_bad_slices_split_the_stack_into_segments(method):
-    al = solve(_chain_pairs(8, fail={3, 4}), range(8), SHAPE, method=method)
+def test_a_stack_never_splits_silently(method):
+    """Two consecutive failed slices and only 1st/2nd neighbour links: nothing crosses the gap."""
+    pairs = [replace(p, inliers=0) if not p.ok else p for p in _chain_pairs(8, fail={3, 4})]
+    with pytest.raises(AlignmentError, match=r"splits at z2\|z5.*align\.allow_segments"):
+        solve(pairs, range(8), SHAPE, method=method)
+
+
+def test_allowed_segments_are_placed_by_an_estimate_never_the_identity():
+    pairs = [replace(p, inliers=0) if not p.ok else p for p in _chain_pairs(8, fail={3, 4})]
+    with pytest.raises(AlignmentError, match="no pair across it produced any estimate"):
+        solve(pairs, range(8), SHAPE, allow_segments=True)
+    # a failed (2, 5) match that still produced an estimate (too few inliers to accept)
+    estimate = _pair(2, 5, _shift(3.0, -6.0), ok=False, reason="too few inlier patches (9 < 12)")
+    al = solve([*pairs, replace(estimate, inliers=9)], range(8), SHAPE, allow_segments=True)
     assert set(al.bad_slices) == {3, 4}
     assert al.segment_breaks == [(2, 5)]
+    assert al.gaps[0]["status"] == "unbridged" and "z2→z5" in al.gaps[0]["placed_by"]
     rel = {z: al.transforms[z][:, 2] - al.transforms[0][:, 2] for z in range(8)}
-    for z in (0, 1, 2):
+    for z in (0, 1, 2, 5, 6, 7):  # all slices where they belong, none at the identity
         np.testing.assert_allclose(rel[z], (z, -2 * z), atol=1e-6)
-    for z in (5, 6, 7):  # placed with the identity relative to slice 2, then exact again
-        np.testing.assert_allclose(rel[z], (2 + z - 5, -2 * (2 + z - 5)), atol=1e-6)
+
+
+def test_a_single_area_bridge_is_not_trusted():
+    """One link across a bad slice, with real-section scatter: unchecked, so the run stops."""
+    pairs = [
+        p if p.z_b - p.z_a == 1 else replace(p, ok=False, reason="x", inliers=0)
+        for p in _chain_pairs(8, fail={4})
+    ]
+    bridge = replace(_pair(3, 5, _shift(2.0, -4.0)), method="area", residual_px=4.0, downsample=2)
+    with pytest.raises(
+        AlignmentError, match=r"splits at z3\|z5.*only one link crosses it \(z3→z5\)"
+    ):
+        solve([*pairs, bridge], range(8), SHAPE)
+    check = replace(_pair(2, 5, _shift(3.0, -6.0)), method="area", residual_px=4.0, downsample=2)
+    al = solve([*pairs, bridge, check], range(8), SHAPE)
+    assert (
+        al.gaps
+        == [
+            {
+                "after": 3,
+                "before": 5,
+                "links": [[2, 5], [3, 5]],
+                "status": "bridged",
+                "placed_by": "",
+            }
+        ]
+        or al.gaps[0]["status"] == "bridged"
+    )
+    assert al.source_slice(4) == 4 and 4 in al.bad_slices
 
 
 def test_error_policy_names_the_slices():
-    with pytest.raises(AlignmentError, match=r"z=2: no successful match.*bad_slice_policy"):
+    with pytest.raises(AlignmentError, match=r"z=2: no successful match.*set align\.bad_slices to"):
         solve(_chain_pairs(6, fail={2}), range(6), SHAPE, bad_slice_policy="error")
 
 
@@ -213,7 +255,7 @@ def test_bad_first_slice_moves_the_reference():
 def test_invalid_arguments_raise_alignment_error():
     with pytest.raises(AlignmentError, match=r"align\.method"):
         solve([], range(3), SHAPE, method="elastic")
-    with pytest.raises(AlignmentError, match="bad_slice_policy"):
+    with pytest.raises(AlignmentError, match=r"align\.bad_slices must be"):
         solve([], range(3), SHAPE, bad_slice_policy="skip")
 
 

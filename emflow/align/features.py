@@ -16,6 +16,10 @@ A second, coarse feature set (``COARSE_FACTOR`` x coarser) rides along: serial-s
 neighbours 40-50 nm apart share their large structures but few fine ones, so a pair that
 finds too few matches at the working scale is retried on the coarse set (see ``match``).
 It costs ~1/16 of the working-scale SIFT.
+
+The *area copy* (:func:`emflow.align.area.area_copy`, long side 512-1023 px, uint8, 0 = fill)
+rides along as well: it is what area-based matching correlates (``emflow.align.area``), the
+matcher that serial sections need, and what the QC measures the aligned links against.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
+
+from emflow.align.area import area_copy
 
 __all__ = ["Features", "choose_downsample", "compute_features", "thumbnail", "working_copy"]
 
@@ -59,6 +65,10 @@ class Features:
     coarse : Features or None
         The same slice's features at ``COARSE_FACTOR`` x coarser, the fallback for pairs
         that do not match at the working scale; None when not computed or too small.
+    area : numpy.ndarray or None
+        The slice's area copy (uint8 ``(y, x)``, 0 = fill) for area-based matching.
+    area_factor : int
+        Its integer reduction factor (area px ``u`` is centred on full-res ``f u + (f-1)/2``).
     """
 
     keypoints_xy: np.ndarray
@@ -66,6 +76,8 @@ class Features:
     shape_yx: tuple[int, int]
     downsample: int
     coarse: Features | None = field(default=None, repr=False, compare=False)
+    area: np.ndarray | None = field(default=None, repr=False, compare=False)
+    area_factor: int = field(default=1, compare=False)
 
     def __len__(self) -> int:
         return int(self.keypoints_xy.shape[0])
@@ -156,6 +168,7 @@ def compute_features(
     downsample: int | None = None,
     nfeatures: int = 4000,
     coarse: bool = True,
+    area: bool = True,
 ) -> Features:
     """SIFT keypoints (full-res ``(x, y)`` px) and descriptors of a (y, x) slice for matching.
 
@@ -170,6 +183,8 @@ def compute_features(
     coarse : bool
         Also compute the coarse fallback set (``Features.coarse``) when the coarse copy's
         long side is at least ``MIN_COARSE_LONG_SIDE_PX``.
+    area : bool
+        Also keep the area copy (``Features.area``) for area-based matching.
 
     Returns
     -------
@@ -178,11 +193,14 @@ def compute_features(
     """
     shape_yx = (int(image.shape[0]), int(image.shape[1]))
     f = choose_downsample(shape_yx) if downsample is None else int(downsample)
-    fine = _sift(image, f, nfeatures, shape_yx)
+    out = _sift(image, f, nfeatures, shape_yx)
     fc = f * COARSE_FACTOR
     if coarse and max(shape_yx) // fc >= MIN_COARSE_LONG_SIDE_PX:
-        return replace(fine, coarse=_sift(image, fc, nfeatures, shape_yx))
-    return fine
+        out = replace(out, coarse=_sift(image, fc, nfeatures, shape_yx))
+    if area:
+        copy, g = area_copy(image)
+        out = replace(out, area=copy, area_factor=g)
+    return out
 
 
 def thumbnail(image: np.ndarray) -> tuple[np.ndarray, int]:

@@ -12,30 +12,48 @@ Methods
     Reference behaviour: ``T_z = T_a M_(a, z)`` with ``a`` the nearest earlier placed slice
     that has a successful link to z (normally z-1; z-2 bridges a failed z-1).
 ``"global"``
-    Linear least squares over all successful links (1st and 2nd neighbours): each link
-    asks that ``T_a(M q) = T_b(q)`` at the 4 corners ``q`` of slice b, weighted by
-    ``sqrt(inliers) / residual_px`` (normalised to a median of 1). The first good slice
-    is fixed to the identity. An optional term (weight ``regularisation`` relative to one
-    link; default 0) pulls every slice's linear part toward its nearest rotation (damps
-    scale/shear drift, but biases stacks whose sections carry real independent
-    distortions: +0.5 px at 0.01 on the 30-slice test stack). Links that disagree with
-    the solution by more than
-    ``max(outlier_px, 3.5 x median)`` (RMS over the corners) are rejected one at a time and
-    reported. x and y rows decouple, so two sparse solves share one factorisation.
+    Linear least squares over every successful link (first and second neighbours, bridges):
+    each link asks that ``T_a(M p) = T_b(p)`` where its matches lie in slice b (three
+    points spanning their mean and covariance, ``PairResult.support``; the 4 corners when
+    unknown). A (z, z+1) link has weight 1; longer links ``SECOND_NEIGHBOUR_WEIGHT``
+    (sections 90-100 nm apart differ most, notes/ALIGNMENT.md §4) unless no (z, z+1) link
+    crosses the same place, then 1. Links that disagree with the solution by more than
+    ``max(outlier_px, 3.5 x the median of links of their kind)`` (RMS px over their
+    matches) are rejected and reported.
+
+Links are weighted by the inverse square of their measured scatter (``PairResult.scatter_px``,
+relative to the slice size; ``REFERENCE_SCATTER`` has weight 1), so exact links (FIB-SEM,
+synthetic) are stiff and the regulariser only decides what uncertain links leave open.
+
+Drift control (``regularisation`` = λ, recipe ``align.regularisation``): every slice's linear
+part, averaged over a window of ±``REGULARISATION_WINDOW`` slices, is pulled toward rigid
+with weight λ (relative to one (z, z+1) link of reference scatter) and its isotropic scale
+toward 1 with weight ``SCALE_WEIGHT`` x λ. Real sections are not affinely related (content moves 3-7 px between
+neighbours), so unregularised affine links random-walk in scale and shear (2-10 % over 20-30
+sections of VNC/ISBI). Independent per-slice distortions (a slice's own misplacement) average
+out over the window and are kept; drift accumulated along z does not and is removed. The
+default λ = 0.03 was chosen from the robustness/drift measurements in
+benchmarks/align_quality.py (README, alignment paragraph). The output is rotated so the
+slices' mean rotation is zero.
 
 Bad slices (given by the caller, e.g. from :func:`emflow.align.quality.assess_slice`, or
 found here because none of their links succeeded) never constrain the solution; the
-``bad_slice_policy`` says what is rendered in their place. Slices that no chain of
-successful links connects (e.g. after two consecutive bad slices when only 1st and 2nd
-neighbours were matched) form separate segments: each is solved on its own and placed
-with the identity relative to the last slice before it, and the break is reported in
-``Alignment.segment_breaks``.
+``bad_slice_policy`` says what is rendered in their place. A *gap* is a place between two
+consecutive usable slices that no (z, z+1) link crosses; longer links bridge it, and a gap
+counts as bridged only when at least ``BRIDGE_MIN_LINKS`` links that agree with each other
+cross it, or one fit of sub-pixel consensus (:func:`_self_evident`); otherwise it is
+unchecked (a link across 90+ nm of tissue is the least reliable in the stack). An unbridged
+gap stops the solve with an :class:`AlignmentError` naming it,
+unless ``allow_segments``: then each part is solved on its own and a later part is placed by
+the best estimate that crosses the gap (an unchecked link, or a failed pair's estimate),
+reported in ``Alignment.segment_breaks``; a part that no estimate reaches is an error
+(never placed with the identity).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +63,12 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from emflow.align.match import PairResult, corner_points_xy
+from emflow.align.match import (
+    SIFT_TRUST_INLIERS,
+    SIFT_TRUST_PX,
+    PairResult,
+    corner_points_xy,
+)
 from emflow.errors import AlignmentError
 
 __all__ = ["BAD_SLICE_POLICIES", "METHODS", "Alignment", "identity_alignment", "solve"]
@@ -56,6 +79,31 @@ FORMAT = "emflow-alignment"
 #: Weight of the rows that anchor the reference slice (gauge), relative to one link.
 ANCHOR_WEIGHT = 1000.0
 VERSION = 1
+#: Default drift control λ (recipe ``align.regularisation``), see the module docstring.
+DEFAULT_REGULARISATION = 0.03
+#: Half-width (slices) of the window over which the regulariser averages linear parts.
+REGULARISATION_WINDOW = 3
+#: Weight of the isotropic-scale term relative to the rigid term.
+SCALE_WEIGHT = 20.0
+#: A link whose matches scatter about it by this fraction of the slice half-diagonal (per
+#: axis) has weight 1 (typical of real (z, z+1) ssTEM links: VNC 0.33 %, ISBI 0.47 %);
+#: weights go with the inverse square of the scatter, so exact links barely feel λ.
+REFERENCE_SCATTER = 0.0033
+#: Scatter (px) below which a link is not trusted more (weights stay finite).
+MIN_SCATTER_PX = 0.05
+#: Weight of links between slices 2+ sections apart, relative to a (z, z+1) link.
+SECOND_NEIGHBOUR_WEIGHT = 0.3
+#: Agreeing links needed across a gap (a place no (z, z+1) link crosses).
+BRIDGE_MIN_LINKS = 2
+#: Regulariser iterations (the rotation targets are refreshed between them).
+ITERATIONS = 8
+KINDS = ("neighbour", "second", "bridge")
+
+
+def pair_kind(pair: PairResult) -> str:
+    """``"neighbour"`` (z, z+1), ``"second"`` (z, z+2) or ``"bridge"`` (3+ apart)."""
+    d = pair.distance
+    return "neighbour" if d == 1 else "second" if d == 2 else "bridge"
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,10 +129,14 @@ class Alignment:
     bad_slice_policy : str
         ``"bridge"``, ``"fill_previous"`` or ``"zero"``: what the renderer shows for bad slices.
     segment_breaks : list of (int, int)
-        ``(z_prev, z_next)`` where no successful link connects the slices up to ``z_prev``
-        with those from ``z_next`` on (e.g. two consecutive bad slices with only 1st and
-        2nd neighbour links): the later segment is placed with the identity relative to
-        ``z_prev``, so expect a jump there. Add longer links or inspect those slices.
+        ``(z_prev, z_next)`` of gaps no checked link crosses, when segments were allowed:
+        the later part was placed by the estimate named in ``gaps`` (expect a jump there).
+    gaps : list of dict
+        Every gap (place between consecutive usable slices that no (z, z+1) link crosses):
+        ``{"after": z_prev, "before": z_next, "links": [[z_a, z_b], ...] (used crossing
+        links), "status": "bridged" | "unchecked" | "unbridged", "placed_by": str}``.
+    regularisation : float
+        The drift-control weight λ the transforms were solved with.
     """
 
     transforms: dict[int, np.ndarray]
@@ -95,6 +147,8 @@ class Alignment:
     pairs: list[PairResult] = field(default_factory=list)
     bad_slice_policy: str = "bridge"
     segment_breaks: list[tuple[int, int]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+    regularisation: float = 0.0
 
     def source_slice(self, z: int) -> int | None:
         """Which source slice the renderer warps (with ``transforms[z]``) for output z.
@@ -114,6 +168,25 @@ class Alignment:
         after = [g for g in good if g > z]
         return after[0] if after else None
 
+    def pair_status(self, pair: PairResult) -> str:
+        """``"matched"`` (used), ``"failed"`` (no acceptable fit) or ``"rejected"`` (fitted,
+        not used: inconsistent with the other links, or touching a bad slice)."""
+        if not pair.ok:
+            return "failed"
+        rejected = {(a, b) for a, b, _ in self.rejected_pairs}
+        return "rejected" if (pair.z_a, pair.z_b) in rejected else "matched"
+
+    def pair_summary(self) -> dict[str, dict[str, int]]:
+        """Counts of pairs by kind (``KINDS``) and status (matched / failed / rejected)."""
+        rejected = {(a, b) for a, b, _ in self.rejected_pairs}
+        out = {k: {"matched": 0, "failed": 0, "rejected": 0} for k in KINDS}
+        for p in self.pairs:
+            status = (
+                "failed" if not p.ok else "rejected" if (p.z_a, p.z_b) in rejected else "matched"
+            )
+            out[pair_kind(p)][status] += 1
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (floats exact: json writes them with repr)."""
         return {
@@ -122,6 +195,7 @@ class Alignment:
             "method": self.method,
             "frame_shape_yx": [int(v) for v in self.frame_shape_yx],
             "bad_slice_policy": self.bad_slice_policy,
+            "regularisation": float(self.regularisation),
             "transforms": {
                 str(z): [[float(v) for v in row] for row in np.asarray(m, np.float64)]
                 for z, m in sorted(self.transforms.items())
@@ -130,6 +204,7 @@ class Alignment:
             "rejected_pairs": [[int(a), int(b), str(r)] for a, b, r in self.rejected_pairs],
             "pairs": [p.to_dict() for p in self.pairs],
             "segment_breaks": [[int(a), int(b)] for a, b in self.segment_breaks],
+            "gaps": [dict(g) for g in self.gaps],
         }
 
     @classmethod
@@ -157,6 +232,8 @@ class Alignment:
                 pairs=[PairResult.from_dict(p) for p in d.get("pairs", [])],
                 bad_slice_policy=str(d.get("bad_slice_policy", "bridge")),
                 segment_breaks=[(int(a), int(b)) for a, b in d.get("segment_breaks", [])],
+                gaps=[dict(g) for g in d.get("gaps", [])],
+                regularisation=float(d.get("regularisation", 0.0)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise AlignmentError(f"{where}: invalid content ({e}); re-run the alignment") from e
@@ -197,11 +274,11 @@ def identity_alignment(z_values: Sequence[int], shape_yx: tuple[int, int]) -> Al
 
 
 def _h(m: np.ndarray) -> np.ndarray:
-    return np.vstack([np.asarray(m, np.float64).reshape(2, 3), [0.0, 0.0, 1.0]])
+    return np.vstack([np.asarray(m, np.float64).reshape(-1)[:6].reshape(2, 3), [0.0, 0.0, 1.0]])
 
 
 def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return pts @ m[:, :2].T + m[:, 2]
+    return pts @ m[:2, :2].T + m[:2, 2]
 
 
 def _nearest_rotation(lin: np.ndarray) -> np.ndarray:
@@ -250,111 +327,181 @@ def _solve_chain(ref: int, good: list[int], links: Sequence[PairResult]) -> dict
     return {z: m[:2] for z, m in out.items()}
 
 
+def _support_points(p: PairResult, shape_yx: tuple[int, int]) -> np.ndarray:
+    """Three homogeneous points (3, 3) in slice b whose second moments equal the link's
+    support (its matches' mean and covariance), each carrying weight 4/3 (one (z, z+1)
+    link = 4 corner points, whatever its match count); the 4 corners when unknown."""
+    if p.support is None or not p.support[0] > 0:
+        q = corner_points_xy(shape_yx)
+        return np.hstack([q, np.ones((4, 1))])
+    _, mx, my, cxx, cxy, cyy = p.support
+    second = np.array(
+        [[cxx + mx * mx, cxy + mx * my, mx], [cxy + mx * my, cyy + my * my, my], [mx, my, 1.0]]
+    )
+    # Cholesky of 4 x the normalised moment matrix: columns c_j with sum c_j c_j^T = 4 S
+    chol = np.linalg.cholesky(4.0 * second + 1e-9 * np.eye(3))
+    return chol.T
+
+
+def _link_error_px(p: PairResult, t: Mapping[int, np.ndarray], shape_yx: tuple[int, int]) -> float:
+    """RMS (px) of ``T_a M q - T_b q`` over slice b's 4 corners ``q``."""
+    q = corner_points_xy(shape_yx)
+    e = _apply(_h(t[p.z_a]), _apply(_h(p.matrix_array), q)) - _apply(_h(t[p.z_b]), q)
+    return float(np.sqrt(np.mean(np.sum(e**2, axis=1))))
+
+
+def _support_error_px(
+    p: PairResult, t: Mapping[int, np.ndarray], shape_yx: tuple[int, int]
+) -> float:
+    """RMS (px, global frame) of ``T_a M p - T_b p`` where the link's matches lie."""
+    pts = _support_points(p, shape_yx)
+    e = (_h(t[p.z_a]) @ _h(p.matrix_array) - _h(t[p.z_b])) @ pts.T
+    return float(np.sqrt(np.sum(e[:2] ** 2) / np.sum(pts[:, 2] ** 2)))  # the points weigh 4
+
+
+def _gaps(good: list[int], links: Sequence[PairResult]) -> list[tuple[int, int]]:
+    """``(z_prev, z_next)`` of consecutive usable slices that no (z, z+1) link joins."""
+    direct = {(p.z_a, p.z_b) for p in links if p.distance == 1}
+    return [(a, b) for a, b in itertools.pairwise(good) if b - a > 1 or (a, b) not in direct]
+
+
+def _crossing(links: Sequence[PairResult], gap: tuple[int, int]) -> list[PairResult]:
+    return [p for p in links if p.z_a <= gap[0] and p.z_b >= gap[1]]
+
+
+def _link_weights(
+    links: Sequence[PairResult],
+    gaps: Sequence[tuple[int, int]],
+    shape_yx: tuple[int, int],
+    second_weight: float = SECOND_NEIGHBOUR_WEIGHT,
+) -> list[float]:
+    """Inverse-variance weights ``(REFERENCE_SCATTER r / scatter)²``, times ``second_weight``
+    for links 2+ apart that cross no gap."""
+    r = max(float(np.hypot(shape_yx[0] - 1, shape_yx[1] - 1)) / 2.0, 1.0)
+    out = []
+    for p in links:
+        sigma = p.scatter_px
+        if sigma is None and np.isfinite(p.residual_px):
+            sigma = p.residual_px / np.sqrt(2.0)
+        if sigma is not None and p.method == "sift" and p.inliers > SIFT_TRUST_INLIERS:
+            # a SIFT fit that stood alone: its slices share fine detail and its error is
+            # keypoint noise, which averages over its matches (area fits on real sections are
+            # limited by content change, which does not)
+            sigma *= np.sqrt(SIFT_TRUST_INLIERS / p.inliers)
+        w = 1.0 if sigma is None else (REFERENCE_SCATTER * r / max(sigma, MIN_SCATTER_PX)) ** 2
+        bridging = any(p.z_a <= a and p.z_b >= b for a, b in gaps)
+        out.append(w * (1.0 if p.distance == 1 or bridging else second_weight))
+    return out
+
+
 def _solve_global(
     ref: int,
     good: list[int],
     links: Sequence[PairResult],
     shape_yx: tuple[int, int],
     regularisation: float,
-    iterations: int = 5,
+    weights: Sequence[float],
 ) -> dict[int, np.ndarray]:
-    """Least squares for all good slices, returned relative to ``ref`` (identity).
+    """Least squares for the slices ``good`` (one connected part), 3x3 each.
 
-    Unknowns per slice and per output row (x, then y separately): ``(r L_row, T(c)_row)``
-    with ``c`` the slice centre and ``r`` its half-diagonal, so all columns are O(1). With
-    ``regularisation == 0`` the reference slice is anchored to the identity. With
-    ``regularisation > 0`` only its centre is anchored and every slice's linear part
-    (the reference's too) is pulled toward its nearest rotation: an alignment is then not
-    biased toward the reference slice's own distortion, and low-frequency scale/shear
-    drift is damped. The result is re-expressed relative to the reference slice.
+    Unknowns per slice: ``(r L_00, r L_01, T(c)_x, r L_10, r L_11, T(c)_y)`` with ``c`` the
+    slice centre and ``r`` its half-diagonal (all columns O(r)). With ``regularisation == 0``
+    the reference slice is anchored to the identity; otherwise only its centre is anchored
+    and the regulariser (module docstring) fixes the rest, iterated with refreshed rotation
+    targets (started from the chain).
     """
     h, w = shape_yx
     c = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
     r = max(float(np.hypot(w - 1, h - 1)) / 2.0, 1.0)
-    q = corner_points_xy(shape_yx)
-    qb = np.hstack([(q - c) / r, np.ones((4, 1))])  # basis of slice b at its corners
-    col = {z: 3 * i for i, z in enumerate(good)}
-    n = 3 * len(good)
-    lam = math.sqrt(max(float(regularisation), 0.0))
+    col = {z: 6 * i for i, z in enumerate(good)}
+    n = 6 * len(good)
+    lam = max(float(regularisation), 0.0)
     rows: list[int] = []
     cols: list[int] = []
     vals: list[float] = []
-    rhs_x: list[float] = []
-    rhs_y: list[float] = []
+    rhs: list[float] = []
 
-    def add(entries: list[tuple[int, float]], bx: float, by: float) -> None:
-        row = len(rhs_x)
+    def add(entries: list[tuple[int, float]], b: float) -> None:
+        row = len(rhs)
         for j, v in entries:
             rows.append(row)
             cols.append(j)
             vals.append(v)
-        rhs_x.append(bx)
-        rhs_y.append(by)
+        rhs.append(b)
 
-    for p, wl in zip(links, _link_weights(links), strict=True):
-        ua = np.hstack([(_apply(p.matrix_array, q) - c) / r, np.ones((4, 1))]) * wl
-        for k in range(4):
-            ja, jb = col[p.z_a], col[p.z_b]
-            add(
-                [(ja + i, ua[k, i]) for i in range(3)]
-                + [(jb + i, -wl * qb[k, i]) for i in range(3)],
-                0.0,
-                0.0,
-            )
-    anchor = ANCHOR_WEIGHT
+    def basis(hv: np.ndarray) -> np.ndarray:  # homogeneous (x, y, w) -> solver columns
+        return np.array([(hv[0] - c[0] * hv[2]) / r, (hv[1] - c[1] * hv[2]) / r, hv[2]])
+
+    for p, wl in zip(links, weights, strict=True):
+        sw = np.sqrt(wl)
+        m = _h(p.matrix_array)
+        ja, jb = col[p.z_a], col[p.z_b]
+        for q in _support_points(p, shape_yx):
+            ua, ub = basis(m @ q) * sw, basis(q) * sw
+            for o in (0, 3):
+                add(
+                    [(ja + o + i, ua[i]) for i in range(3)]
+                    + [(jb + o + i, -ub[i]) for i in range(3)],
+                    0.0,
+                )
+    a0 = ANCHOR_WEIGHT
     j0 = col[ref]
-    add([(j0 + 2, anchor)], anchor * c[0], anchor * c[1])
+    add([(j0 + 2, a0)], a0 * c[0])
+    add([(j0 + 5, a0)], a0 * c[1])
     if lam == 0:
-        add([(j0, anchor)], anchor * r, 0.0)
-        add([(j0 + 1, anchor)], 0.0, anchor * r)
-    d = (q - c) / r
-    n_fixed = len(rhs_x)
-    if lam > 0:
-        for z in good:
-            for k in range(4):
-                add([(col[z], lam * d[k, 0]), (col[z] + 1, lam * d[k, 1])], 0.0, 0.0)
-    a = sp.csr_matrix((vals, (rows, cols)), shape=(len(rhs_x), n))
-    at = a.T.tocsr()
-    lu = spla.splu((at @ a).tocsc())
-    bx_all, by_all = np.array(rhs_x), np.array(rhs_y)
-    chain = _solve_chain(ref, good, links)  # rotation targets start from the chain
+        for j, v in ((0, r), (1, 0.0), (3, 0.0), (4, r)):
+            add([(j0 + j, a0)], a0 * v)
+    fixed = (list(rows), list(cols), list(vals), list(rhs))
+    corners = (corner_points_xy(shape_yx) - c) / r
+    chain = _solve_chain(ref, good, links)
     rot = {z: _nearest_rotation(chain[z][:, :2]) if z in chain else np.eye(2) for z in good}
-    sol_x = sol_y = np.zeros(n)
-    for _ in range(iterations if lam > 0 else 1):
+    k = REGULARISATION_WINDOW
+    pos = {z: i for i, z in enumerate(good)}
+    sol = np.zeros(n)
+    for _ in range(ITERATIONS if lam > 0 else 1):
+        rows[:], cols[:], vals[:], rhs[:] = (list(v) for v in fixed)
         if lam > 0:
-            reg = np.array([lam * (r * rot[z] @ d[k]) for z in good for k in range(4)])
-            bx_all[n_fixed:] = reg[:, 0]
-            by_all[n_fixed:] = reg[:, 1]
-        sol_x = lu.solve(at @ bx_all)
-        sol_y = lu.solve(at @ by_all)
+            ls, ms = np.sqrt(lam), np.sqrt(lam * SCALE_WEIGHT) * 2.0 * r
+            for z in good:
+                win = good[max(0, pos[z] - k) : pos[z] + k + 1]
+                f = ls / len(win)
+                target = sum(rot[g] for g in win) / len(win)
+                for d in corners:
+                    tx, ty = ls * r * (target @ d)
+                    add(
+                        [(col[g], f * d[0]) for g in win] + [(col[g] + 1, f * d[1]) for g in win],
+                        tx,
+                    )
+                    add(
+                        [(col[g] + 3, f * d[0]) for g in win]
+                        + [(col[g] + 4, f * d[1]) for g in win],
+                        ty,
+                    )
+                # isotropic scale tr(R^T L) / 2 of the window's mean toward 1 (px at 2 r)
+                g2 = ms / len(win) / r / 2.0
+                add(
+                    [
+                        (col[g] + o, g2 * rot[g][i, jj])
+                        for g in win
+                        for o, (i, jj) in zip(
+                            (0, 1, 3, 4), ((0, 0), (0, 1), (1, 0), (1, 1)), strict=True
+                        )
+                    ],
+                    ms,
+                )
+        a = sp.csr_matrix((vals, (rows, cols)), shape=(len(rhs), n))
+        at = a.T.tocsr()
+        sol = spla.splu((at @ a).tocsc()).solve(at @ np.asarray(rhs))
         for z in good:
             j = col[z]
-            rot[z] = _nearest_rotation(np.array([sol_x[j : j + 2], sol_y[j : j + 2]]) / r)
+            rot[z] = _nearest_rotation(np.array([sol[j : j + 2], sol[j + 3 : j + 5]]) / r)
     out = {}
     for z in good:
         j = col[z]
-        lin = np.array([sol_x[j : j + 2], sol_y[j : j + 2]]) / r
-        t = np.array([sol_x[j + 2], sol_y[j + 2]]) - lin @ c
+        lin = np.array([sol[j : j + 2], sol[j + 3 : j + 5]]) / r
+        t = np.array([sol[j + 2], sol[j + 5]]) - lin @ c
         out[z] = np.vstack([np.hstack([lin, t[:, None]]), [0.0, 0.0, 1.0]])
-    inv_ref = np.linalg.inv(out[ref])
-    return {z: (inv_ref @ m)[:2] for z, m in out.items()}
-
-
-def _link_weights(links: Sequence[PairResult]) -> np.ndarray:
-    """Square-root weights of links: inverse standard error ``sqrt(inliers) / residual``,
-    normalised to a median of 1 (so ``regularisation`` stays relative to a typical link)."""
-    if not links:
-        return np.zeros(0)
-    res = np.array([p.residual_px for p in links], dtype=np.float64)
-    floor = max(float(np.median(res)) * 0.25, 1e-3)
-    w = np.sqrt([p.inliers for p in links]) / np.maximum(res, floor)
-    return w / float(np.median(w))
-
-
-def _link_error_px(p: PairResult, t: Mapping[int, np.ndarray], shape_yx: tuple[int, int]) -> float:
-    q = corner_points_xy(shape_yx)
-    e = _apply(t[p.z_a], _apply(p.matrix_array, q)) - _apply(t[p.z_b], q)
-    return float(np.sqrt(np.mean(np.sum(e**2, axis=1))))
+    return out
 
 
 def _interpolate(z: int, placed: Mapping[int, np.ndarray]) -> np.ndarray:
@@ -367,6 +514,17 @@ def _interpolate(z: int, placed: Mapping[int, np.ndarray]) -> np.ndarray:
     return placed[max(before)] if before else placed[min(after)]
 
 
+def _mean_rotation_removed(placed: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """The transforms turned about the origin so the slices' mean rotation angle is zero."""
+    angles = []
+    for m in placed.values():
+        rot = _nearest_rotation(np.asarray(m, np.float64)[:2, :2])
+        angles.append(np.arctan2(rot[1, 0], rot[0, 0]))
+    th = -float(np.mean(angles))
+    g = np.array([[np.cos(th), -np.sin(th), 0.0], [np.sin(th), np.cos(th), 0.0], [0.0, 0.0, 1.0]])
+    return {z: (g @ _h(m))[:2] for z, m in placed.items()}
+
+
 def solve(
     pairs: Sequence[PairResult],
     z_values: Sequence[int],
@@ -375,15 +533,17 @@ def solve(
     method: str = "global",
     bad_slices: Mapping[int, str] | None = None,
     bad_slice_policy: str = "bridge",
-    regularisation: float = 0.0,
+    regularisation: float = DEFAULT_REGULARISATION,
     outlier_px: float = 2.0,
+    allow_segments: bool = False,
 ) -> Alignment:
     """Per-slice source->global 2x3 transforms (full-res (x, y) px) from pairwise matches.
 
     Parameters
     ----------
     pairs : sequence of PairResult
-        Usually all (z, z+1) and (z, z+2) results; failed ones are reported, not used.
+        Usually all (z, z+1) and (z, z+2) results plus bridges; failed ones are reported,
+        not used.
     z_values : sequence of int
         All slice indices of the stack.
     shape_yx : tuple of int
@@ -395,10 +555,13 @@ def solve(
     bad_slice_policy : str
         ``"bridge"``, ``"fill_previous"``, ``"zero"`` or ``"error"`` (raise AlignmentError).
     regularisation : float
-        Global only: weight, relative to one link, pulling each slice toward rigid.
+        Global only: drift control λ, relative to one (z, z+1) link (module docstring).
     outlier_px : float
-        Global only: links whose corner RMS disagreement exceeds
-        ``max(outlier_px, 3.5 x median)`` are rejected (worst first).
+        Global only: links whose RMS disagreement exceeds ``max(outlier_px, 3.5 x the median
+        of their kind)`` are rejected (worst first).
+    allow_segments : bool
+        Place the parts of a stack that no checked link joins by the best estimate across
+        the gap instead of raising AlignmentError (module docstring).
 
     Returns
     -------
@@ -408,8 +571,10 @@ def solve(
         raise AlignmentError(f"align.method must be one of {METHODS}, not {method!r}")
     if bad_slice_policy not in BAD_SLICE_POLICIES:
         raise AlignmentError(
-            f"align.bad_slice_policy must be one of {BAD_SLICE_POLICIES}, not {bad_slice_policy!r}"
+            f"align.bad_slices must be one of {BAD_SLICE_POLICIES}, not {bad_slice_policy!r}"
         )
+    if not regularisation >= 0:
+        raise AlignmentError(f"align.regularisation must be >= 0, not {regularisation!r}")
     zs = sorted({int(z) for z in z_values})
     if not zs:
         raise AlignmentError("no slices to align: z_values is empty; check the source pattern")
@@ -437,53 +602,26 @@ def solve(
     for z in zs:
         if z not in bad and tried.get(z, 0) > 0 and z not in linked and len(zs) > 1:
             bad[z] = "no successful match with any neighbour"
-
-    good = [z for z in zs if z not in bad]
-    placed: dict[int, np.ndarray] = {}
-    breaks: list[tuple[int, int]] = []
-    while good:
-        placed, breaks = {}, []
-        for comp in _components(good, links):
-            cset = set(comp)
-            clinks = [p for p in links if p.z_a in cset]
-            if method == "chain":
-                sol = _solve_chain(comp[0], comp, clinks)
-            else:
-                sol = _solve_global(comp[0], comp, clinks, shape_yx, regularisation)
-            if placed:  # a later segment: nothing links it to the earlier ones
-                prev = max(z for z in placed if z < comp[0])
-                sol = {z: (_h(placed[prev]) @ _h(m))[:2] for z, m in sol.items()}
-                breaks.append((prev, comp[0]))
-            placed.update(sol)
-        if method == "chain":
-            for z in good:
-                if z not in placed:
-                    bad[z] = "no successful match to an earlier slice (chain)"
-            break
-        errs = [_link_error_px(p, placed, shape_yx) for p in links]
-        if not errs:
-            break
-        limit = max(float(outlier_px), 3.5 * float(np.median(errs)))
-        worst = int(np.argmax(errs))
-        if errs[worst] <= limit:
-            break
-        p = links.pop(worst)
-        rejected.append(
-            (p.z_a, p.z_b, f"inconsistent with other links ({errs[worst]:.2f} px > {limit:.2f} px)")
-        )
-
     if bad and bad_slice_policy == "error":
         listing = "; ".join(f"z={z}: {r}" for z, r in sorted(bad.items()))
         raise AlignmentError(
             f"bad slices found ({listing}); remove them from the source or set "
-            f"align.bad_slice_policy to bridge, fill_previous or zero"
+            f"align.bad_slices to bridge, fill_previous or zero"
         )
-    if not placed:
+    good = [z for z in zs if z not in bad]
+    if not good:
         raise AlignmentError(
             f"no slice could be aligned ({len(bad)} bad slices, e.g. "
             f"z={min(bad)}: {bad[min(bad)]}); check the input, and if the slices are already "
             "aligned set 'align: false' in the recipe"
         )
+    if method == "chain":
+        placed, gaps, breaks = _place_chain(good, links, bad, pairs, allow_segments)
+    else:
+        placed, gaps, breaks = _place_global(
+            good, bad, links, rejected, pairs, shape_yx, regularisation, outlier_px, allow_segments
+        )
+    placed = _mean_rotation_removed(placed) if method == "global" else placed
     transforms = dict(placed)
     for z in zs:
         if z in bad:
@@ -510,7 +648,193 @@ def solve(
         pairs=pairs,
         bad_slice_policy=bad_slice_policy if bad_slice_policy != "error" else "bridge",
         segment_breaks=breaks,
+        gaps=gaps,
+        regularisation=float(regularisation) if method == "global" else 0.0,
     )
+
+
+def _describe_gap(gap: tuple[int, int], bad: Mapping[int, str]) -> str:
+    a, b = gap
+    inside = [f"z{z} {bad[z]}" for z in range(a + 1, b) if z in bad]
+    what = f" ({'; '.join(inside)})" if inside else ""
+    return f"z{a}|z{b}{what}"
+
+
+def _gap_error(
+    gap: tuple[int, int], status: str, crossing: Sequence[PairResult], bad: Mapping[int, str]
+) -> AlignmentError:
+    where = _describe_gap(gap, bad)
+    if status == "unchecked":
+        p = crossing[0]
+        why = (
+            f"only one link crosses it (z{p.z_a}→z{p.z_b}) and nothing confirms it "
+            f"(at least {BRIDGE_MIN_LINKS} agreeing links are needed)"
+        )
+    else:
+        why = "no link crosses it"
+    return AlignmentError(
+        f"the stack splits at {where}: {why}. Check those slices in qc/pairs.png; remove "
+        "or replace unusable slices, or set align.allow_segments: true to place the parts "
+        "by their best (unchecked) estimate"
+    )
+
+
+def _self_evident(p: PairResult) -> bool:
+    """A fit whose dozens of matches agree to half a working px (``match.SIFT_TRUST_PX``):
+    that does not happen by accident, so such a link confirms itself. Links across 90+ nm
+    of real tissue scatter by px and need a second crossing link."""
+    return (
+        p.ok and p.inliers >= SIFT_TRUST_INLIERS and p.residual_px <= SIFT_TRUST_PX * p.downsample
+    )
+
+
+def _best_estimate(
+    pairs: Sequence[PairResult], left: set[int], right: set[int]
+) -> PairResult | None:
+    """The crossing pair with the most inliers whose fit produced an estimate (ok or not)."""
+    cands = [
+        p for p in pairs if p.z_a in left and p.z_b in right and p.inliers >= 3 and p.matches > 0
+    ]
+    return max(cands, key=lambda p: (p.ok, p.inliers), default=None)
+
+
+def _solve_parts(
+    good: list[int],
+    links: Sequence[PairResult],
+    shape_yx: tuple[int, int],
+    regularisation: float,
+    second_weight: float,
+) -> dict[int, np.ndarray]:
+    """:func:`_solve_global` on each connected part of the stack (3x3 transforms)."""
+    weights = _link_weights(links, _gaps(good, links), shape_yx, second_weight)
+    placed: dict[int, np.ndarray] = {}
+    for comp in _components(good, links):
+        cset = set(comp)
+        idx = [i for i, p in enumerate(links) if p.z_a in cset]
+        placed.update(
+            _solve_global(
+                comp[0],
+                comp,
+                [links[i] for i in idx],
+                shape_yx,
+                regularisation,
+                [weights[i] for i in idx],
+            )
+        )
+    return placed
+
+
+def _place_global(
+    good: list[int],
+    bad: Mapping[int, str],
+    links: list[PairResult],
+    rejected: list[tuple[int, int, str]],
+    pairs: Sequence[PairResult],
+    shape_yx: tuple[int, int],
+    regularisation: float,
+    outlier_px: float,
+    allow_segments: bool,
+) -> tuple[dict[int, np.ndarray], list[dict[str, Any]], list[tuple[int, int]]]:
+    """Solve, reject inconsistent links, check every gap; returns placed, gaps, breaks.
+
+    Outliers are looked for with every link at its precision weight (a wrong (z, z+1) link
+    is then outvoted by the two longer links around it); the final solve down-weights the
+    links 2+ sections apart.
+    """
+    while True:
+        placed = _solve_parts(good, links, shape_yx, regularisation, second_weight=1.0)
+        errs = np.array([_support_error_px(p, placed, shape_yx) for p in links])
+        worst = _worst_outliers(links, errs, outlier_px)
+        if not worst:
+            break
+        for i in sorted(worst, reverse=True):
+            p = links.pop(i)
+            rejected.append((p.z_a, p.z_b, f"inconsistent with other links ({errs[i]:.2f} px RMS)"))
+    placed = _solve_parts(good, links, shape_yx, regularisation, SECOND_NEIGHBOUR_WEIGHT)
+    # every gap must be crossed by BRIDGE_MIN_LINKS links that survived the consistency check
+    gap_info: list[dict[str, Any]] = []
+    breaks: list[tuple[int, int]] = []
+    comp_of = {z: i for i, comp in enumerate(_components(good, links)) for z in comp}
+    for gap in _gaps(good, links):
+        crossing = _crossing(links, gap)
+        confirmed = len(crossing) >= BRIDGE_MIN_LINKS or any(_self_evident(p) for p in crossing)
+        status = "bridged" if confirmed else "unchecked" if crossing else "unbridged"
+        info = {
+            "after": gap[0],
+            "before": gap[1],
+            "links": [[p.z_a, p.z_b] for p in crossing],
+            "status": status,
+            "placed_by": "",
+        }
+        gap_info.append(info)
+        if status == "bridged":
+            continue
+        if not allow_segments:
+            raise _gap_error(gap, status, crossing, bad)
+        ca, cb = comp_of[gap[0]], comp_of[gap[1]]
+        if ca == cb:  # unchecked, but the link joined the parts: already placed by it
+            info["placed_by"] = f"unchecked link z{crossing[0].z_a}→z{crossing[0].z_b}"
+            breaks.append(gap)
+            continue
+        left = {z for z, i in comp_of.items() if i == ca}
+        right = {z for z, i in comp_of.items() if i == cb}
+        est = _best_estimate(pairs, left, right)
+        if est is None:
+            raise AlignmentError(
+                f"the stack splits at z{gap[0]}|z{gap[1]} and no pair across it produced any "
+                "estimate, so nothing can place the slices after it; remove the unusable "
+                "slices or align the parts as separate runs"
+            )
+        # T_b = T_a M for the estimate; shift the whole right part accordingly
+        fix = placed[est.z_a] @ _h(est.matrix_array) @ np.linalg.inv(placed[est.z_b])
+        for z in right:
+            placed[z] = fix @ placed[z]
+        comp_of.update({z: ca for z in right})
+        info["placed_by"] = f"{'unchecked' if est.ok else 'failed'} pair z{est.z_a}→z{est.z_b}"
+        breaks.append(gap)
+    return {z: m[:2] for z, m in placed.items()}, gap_info, breaks
+
+
+def _worst_outliers(links: Sequence[PairResult], errs: np.ndarray, outlier_px: float) -> list[int]:
+    """Indices of links to reject this round: above ``max(outlier_px, 3.5 x median of their
+    kind)``, the worst first, at most one per neighbourhood of 2 slices."""
+    if not len(links):
+        return []
+    limit = np.zeros(len(links))
+    for short in (True, False):
+        sel = np.array([(p.distance == 1) == short for p in links])
+        if sel.any():
+            limit[sel] = max(float(outlier_px), 3.5 * float(np.median(errs[sel])))
+    over = [i for i in np.argsort(-errs) if errs[i] > limit[i]]
+    chosen: list[int] = []
+    for i in over:
+        p = links[i]
+        if all(p.z_b + 2 < links[j].z_a or links[j].z_b + 2 < p.z_a for j in chosen):
+            chosen.append(int(i))
+    return chosen
+
+
+def _place_chain(
+    good: list[int],
+    links: list[PairResult],
+    bad: dict[int, str],
+    pairs: Sequence[PairResult],
+    allow_segments: bool,
+) -> tuple[dict[int, np.ndarray], list[dict[str, Any]], list[tuple[int, int]]]:
+    placed = _solve_chain(good[0], good, links)
+    for z in good:
+        if z not in placed:
+            bad[z] = "no successful match to an earlier slice (chain)"
+    usable = [z for z in good if z in placed]
+    if len(usable) < len(good) and not allow_segments:
+        first = min(z for z in good if z not in placed)
+        prev = max(z for z in usable if z < first)
+        raise AlignmentError(
+            f"the stack splits at {_describe_gap((prev, first), bad)}: no successful link "
+            "reaches it from an earlier slice (chain). Check those slices in qc/pairs.png, or "
+            "set align.allow_segments: true to drop the unreachable slices"
+        )
+    return placed, [], []
 
 
 def _previous_good(z: int, placed: Mapping[int, np.ndarray]) -> int:

@@ -1,0 +1,584 @@
+"""Area-based pair matching: normalised cross-correlation of a grid of patches, robust affine fit.
+
+Serial-section TEM neighbours 40-50 nm apart share their large structures (cell outlines,
+organelles) but few SIFT-scale details, and their content moves by 3-7 px locally from one
+section to the next (oblique neurites; notes/ALIGNMENT.md §4). Matching areas rather than
+keypoints uses all of that shared structure:
+
+1. **Coarse search** (only without an initial estimate): both slices at ~1/2 of the area copy
+   (long side ~256 px), a central template of the moving slice rotated over ``±max_rotation``
+   and correlated (OpenCV NCC) over the whole target; the best angle and shift, refined by
+   parabolas, give a rigid estimate.
+2. **Patch grid**: the moving slice is pre-warped by the current estimate; every patch of a
+   regular grid is found in the other slice by NCC within a small search window (parabolic
+   sub-pixel peak). This is done in both directions (patches of a in b, patches of b in a),
+   each regressed the way round in which its grid coordinates are exact, so that neither
+   direction's noise biases the scale; the two estimates are averaged. Repeated with a
+   smaller window once the estimate is close (removes the peak-interpolation bias).
+3. **Robust fit**: RANSAC, then Tukey-weighted least squares whose cut-off follows the measured
+   scatter of the patch displacements (``tukey_sigmas`` x the robust sigma, floored), so the
+   tolerance is what the sections' content allows rather than a fixed pixel count.
+
+Core representation: the *area copy* of a slice is a uint8 ``(y, x)`` image reduced by an
+integer factor ``g`` (block mean), grey levels stretched to 1..255, exact 0 where the slice
+has fill (warped-in background). Its pixel ``u`` is centred on full-resolution ``x = g u +
+(g - 1) / 2``. All matrices returned are 2x3 float64 in full-resolution ``(x, y)`` px mapping
+slice ``b`` onto slice ``a`` (the :class:`~emflow.align.match.PairResult` convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "AREA_LONG_SIDE_PX",
+    "AreaConfig",
+    "AreaFit",
+    "area_copy",
+    "area_factor",
+    "coarse_search",
+    "match_area",
+    "patch_residuals",
+]
+
+#: The area copy is reduced by an integer factor so that its long side is >= this many px.
+AREA_LONG_SIDE_PX = 512
+#: Zero regions (area px) smaller than this square are dark section pixels, not fill.
+MIN_FILL_SIZE_PX = 5
+#: Area copies with fewer valid pixels than this fraction cannot be matched.
+MIN_VALID_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class AreaConfig:
+    """Settings of area-based matching; px are area-copy px unless named full-res."""
+
+    patch_px: int = 64  # side of a correlation patch
+    stride_px: int = 24  # grid step between patch centres
+    search_px: int = 20  # half-width of the first search window (after a coarse estimate)
+    refine_search_px: int = 4  # half-width in the refining rounds
+    refine_rounds: int = 2  # patch-grid rounds after the first
+    blur_px: float = 1.0  # Gaussian sigma applied before correlating
+    min_ncc: float = 0.2  # patches whose peak NCC is lower are not used
+    ransac_px: float = 6.0  # RANSAC inlier distance (area px)
+    tukey_sigmas: float = 4.685  # Tukey cut-off in robust sigmas of the displacement scatter
+    tukey_floor_px: float = 2.0  # ... but never below this (area px)
+    min_patches: int = 12  # inlier patches per direction needed to accept
+    min_inlier_fraction: float = 0.3  # inlier patches / usable patches, per direction
+    max_rotation_deg: float = 6.0  # coarse search range
+    rotation_step_deg: float = 1.0
+    coarse_long_side_px: int = 256  # size of the coarse-search copy
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AreaFit:
+    """Result of :func:`match_area` (matrices b -> a, full-resolution (x, y) px).
+
+    ``ok`` is False with ``reason`` when a check failed; ``matrix`` is then the best estimate
+    reached (or the identity when there is none, ``patches == 0``). ``patches`` / ``inliers``
+    count usable / inlier patches over both directions; ``residual_px`` is the Tukey-weighted
+    RMS of the inlier displacements and ``scatter_px`` their robust sigma (full-res px);
+    ``fwd_bwd_px`` is the largest corner gap between the two directions' estimates; ``ncc``
+    the median peak NCC of the inlier patches. ``points_b``/``points_a`` (full-res px, (N, 2))
+    are the patch correspondences of both directions and ``weights`` their Tukey weights.
+    """
+
+    ok: bool
+    reason: str
+    matrix: np.ndarray
+    patches: int
+    inliers: int
+    residual_px: float
+    scatter_px: float
+    fwd_bwd_px: float
+    ncc: float
+    coarse: bool
+    points_b: np.ndarray | None = None
+    points_a: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+
+def area_factor(shape_yx: tuple[int, int]) -> int:
+    """Integer reduction so the area copy's long side is in [512, 1024) px (1 below 1024)."""
+    return max(1, max(int(shape_yx[0]), int(shape_yx[1])) // AREA_LONG_SIDE_PX)
+
+
+def area_copy(image: np.ndarray, factor: int | None = None) -> tuple[np.ndarray, int]:
+    """Reduced uint8 copy of a (y, x) slice for area matching (0 = fill), and its factor.
+
+    Block mean by ``factor`` (default :func:`area_factor`); pixels at least half fill become
+    0, the others are stretched to 1..255 between the 0.5 and 99.5 percentiles of the valid
+    pixels (per-slice scaling is fine: NCC is invariant to it).
+    """
+    g = area_factor(image.shape) if factor is None else int(factor)
+    h, w = (image.shape[0] // g) * g, (image.shape[1] // g) * g
+    img = image[:h, :w]
+    zero = (img == 0).view(np.uint8)
+    if g == 1:
+        small = img.astype(np.float32)
+        fill = zero.astype(bool).copy()
+    else:
+        size = (w // g, h // g)
+        native = img if img.dtype in (np.uint8, np.uint16, np.float32) else img.astype(np.float32)
+        small = cv2.resize(native, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+        fill = cv2.resize(zero * np.uint8(255), size, interpolation=cv2.INTER_AREA) >= 128
+    # zero regions smaller than MIN_FILL_SIZE_PX² are dark pixels of the section, not fill
+    k = cv2.getStructuringElement(cv2.MORPH_RECT, (MIN_FILL_SIZE_PX, MIN_FILL_SIZE_PX))
+    fill = cv2.morphologyEx(fill.view(np.uint8), cv2.MORPH_OPEN, k).astype(bool)
+    out = np.zeros(small.shape, np.uint8)
+    values = small[~fill]
+    if values.size < 16:
+        return out, g
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    if not hi > lo:
+        return out, g
+    scaled = np.clip(np.rint(1 + (small - lo) * (254.0 / (hi - lo))), 1, 255).astype(np.uint8)
+    out[~fill] = scaled[~fill]
+    return out, g
+
+
+# ---- coordinates ---------------------------------------------------------------------------
+
+
+def _h(m: np.ndarray) -> np.ndarray:
+    """3x3 homogeneous copy of a 2x3 (or 3x3) affine matrix."""
+    m = np.asarray(m, np.float64)
+    return np.vstack([m[:2].reshape(2, 3), [0.0, 0.0, 1.0]])
+
+
+def _to_full(g: float) -> np.ndarray:
+    """3x3 map from copy px (reduced by ``g``) to full-resolution px."""
+    return np.array([[g, 0.0, (g - 1) / 2.0], [0.0, g, (g - 1) / 2.0], [0.0, 0.0, 1.0]])
+
+
+def _in_copy(m_full: np.ndarray, g: float) -> np.ndarray:
+    """A full-resolution b -> a 3x3 matrix expressed in copy px."""
+    p = _to_full(g)
+    return np.linalg.inv(p) @ _h(m_full) @ p
+
+
+def _in_full(m_copy: np.ndarray, g: float) -> np.ndarray:
+    p = _to_full(g)
+    return p @ _h(m_copy) @ np.linalg.inv(p)
+
+
+def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ m[:2, :2].T + m[:2, 2]
+
+
+def _corner_gap(m1: np.ndarray, m2: np.ndarray, shape_yx: tuple[int, int]) -> float:
+    h, w = shape_yx
+    q = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], np.float64)
+    return float(np.max(np.linalg.norm(_apply(_h(m1), q) - _apply(_h(m2), q), axis=1)))
+
+
+# ---- preparation ---------------------------------------------------------------------------
+
+
+def _prepared(copy_u8: np.ndarray, blur_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """float32 image with fill replaced by the valid mean (no fill edges), blurred; valid mask."""
+    valid = copy_u8 > 0
+    if not valid.all():  # interpolation darkens the px next to fill: keep clear of them
+        k = 2 * int(np.ceil(blur_px)) + 3
+        valid = cv2.erode(valid.view(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
+    img = copy_u8.astype(np.float32)
+    if valid.any():
+        img[~valid] = float(img[valid].mean())
+    if blur_px > 0:
+        img = cv2.GaussianBlur(img, (0, 0), float(blur_px))
+    return img, valid
+
+
+def _warp(img: np.ndarray, m: np.ndarray, shape_yx: tuple[int, int], border: float) -> np.ndarray:
+    """Render ``img`` into a frame of ``shape_yx`` with the forward 3x3 matrix ``m`` (copy px)."""
+    return cv2.warpAffine(
+        img,
+        np.ascontiguousarray(m[:2]),
+        (int(shape_yx[1]), int(shape_yx[0])),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=border,
+    )
+
+
+def _warp_mask(valid: np.ndarray, m: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
+    v = _warp(valid.astype(np.float32), m, shape_yx, 0.0)
+    return v > 0.999
+
+
+# ---- coarse search -------------------------------------------------------------------------
+
+
+def _parabola(ym: float, y0: float, yp: float) -> float:
+    """Offset (-0.5..0.5) of the vertex of the parabola through (-1, ym), (0, y0), (1, yp)."""
+    den = ym - 2.0 * y0 + yp
+    if den >= 0:
+        return 0.0
+    return float(np.clip(0.5 * (ym - yp) / den, -0.5, 0.5))
+
+
+def coarse_search(
+    a_u8: np.ndarray, b_u8: np.ndarray, g: int, config: AreaConfig = AreaConfig()
+) -> tuple[np.ndarray, float]:
+    """Rigid b -> a estimate (3x3, full-res px) from rotated-template NCC, and its peak NCC.
+
+    Both area copies are reduced to ~``coarse_long_side_px``; the central part of b
+    (60 % of each side) is rotated over ``±max_rotation_deg`` and correlated with the whole
+    of a, padded by a quarter of its size with its mean so shifts up to ~45 % of the slice
+    are found.
+    """
+    k = max(1, max(a_u8.shape) // int(config.coarse_long_side_px))
+    a_img, _ = _prepared(_reduce(a_u8, k), config.blur_px)
+    b_img, _ = _prepared(_reduce(b_u8, k), config.blur_px)
+    h, w = b_img.shape
+    pad = max(h, w) // 4
+    a_pad = cv2.copyMakeBorder(
+        a_img, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=float(a_img.mean())
+    )
+    th, tw = int(0.6 * h), int(0.6 * w)
+    y0, x0 = (h - th) // 2, (w - tw) // 2
+    centre = ((w - 1) / 2.0, (h - 1) / 2.0)
+    angles = np.arange(
+        -config.max_rotation_deg, config.max_rotation_deg + 1e-9, config.rotation_step_deg
+    )
+    scores, peaks = [], []
+    for ang in angles:
+        rot = cv2.getRotationMatrix2D(centre, -float(ang), 1.0)  # matrix angle +ang
+        b_rot = cv2.warpAffine(
+            b_img, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        res = cv2.matchTemplate(a_pad, b_rot[y0 : y0 + th, x0 : x0 + tw], cv2.TM_CCOEFF_NORMED)
+        _, best, _, loc = cv2.minMaxLoc(res)
+        scores.append(best)
+        peaks.append((res, loc))
+    i = int(np.argmax(scores))
+    di = 0.0
+    if 0 < i < len(angles) - 1:
+        di = _parabola(scores[i - 1], scores[i], scores[i + 1])
+    ang = float(angles[i] + di * config.rotation_step_deg)
+    res, (lx, ly) = peaks[i]
+    dx = dy = 0.0
+    if 0 < lx < res.shape[1] - 1:
+        dx = _parabola(res[ly, lx - 1], res[ly, lx], res[ly, lx + 1])
+    if 0 < ly < res.shape[0] - 1:
+        dy = _parabola(res[ly - 1, lx], res[ly, lx], res[ly + 1, lx])
+    # b_rot(p) = b(R^-1 p); the template's pixel (x0, y0) lies at (lx - pad, ly - pad) in a
+    rot = _h(cv2.getRotationMatrix2D(centre, -ang, 1.0))
+    shift = np.array([[1.0, 0.0, lx + dx - pad - x0], [0.0, 1.0, ly + dy - pad - y0], [0, 0, 1]])
+    m_coarse = shift @ rot  # b coarse px -> a coarse px
+    return _in_full(m_coarse, g * k), float(scores[i])
+
+
+def _reduce(u8: np.ndarray, k: int) -> np.ndarray:
+    """Block mean by ``k`` keeping 0 for blocks that are mostly fill."""
+    if k == 1:
+        return u8
+    h, w = (u8.shape[0] // k) * k, (u8.shape[1] // k) * k
+    size = (w // k, h // k)
+    small = cv2.resize(u8[:h, :w], size, interpolation=cv2.INTER_AREA)
+    fill = cv2.resize(
+        (u8[:h, :w] == 0).view(np.uint8) * np.uint8(255), size, interpolation=cv2.INTER_AREA
+    )
+    return np.where(fill >= 128, 0, np.maximum(small, 1)).astype(np.uint8)
+
+
+# ---- patch grid ----------------------------------------------------------------------------
+
+
+def _grid(shape_yx: tuple[int, int], patch: int, stride: int, margin: int) -> np.ndarray:
+    """Top-left corners (x, y) of patches on a regular grid, centred in the slice."""
+    h, w = shape_yx
+    lo = margin
+    out = []
+    for size in (w, h):
+        span = size - 2 * lo - patch
+        if span < 0:
+            return np.zeros((0, 2), np.int64)
+        k = span // stride
+        start = lo + (span - k * stride) // 2
+        out.append(start + stride * np.arange(k + 1))
+    xs, ys = np.meshgrid(out[0], out[1])
+    return np.column_stack([xs.ravel(), ys.ravel()]).astype(np.int64)
+
+
+def _displacements(
+    fixed: np.ndarray,
+    fixed_valid: np.ndarray,
+    moving: np.ndarray,
+    moving_valid: np.ndarray,
+    patch: int,
+    stride: int,
+    search: int,
+    min_ncc: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each grid patch of ``fixed`` lies in ``moving`` (same frame, copy px).
+
+    Returns patch centres ``(N, 2)`` in ``fixed``, their displacements ``(N, 2)`` (content
+    at ``c`` in fixed is at ``c + d`` in moving) and peak NCCs, for usable patches only.
+    """
+    corners = _grid(fixed.shape, patch, stride, search)
+    cs, ds, ncc = [], [], []
+    win = patch + 2 * search
+    # fraction of valid px per patch / window via integral images
+    iv_f = cv2.integral(fixed_valid.view(np.uint8))
+    iv_m = cv2.integral(moving_valid.view(np.uint8))
+    for x, y in corners:
+        if _box(iv_f, x, y, patch, patch) < patch * patch:
+            continue
+        if _box(iv_m, x - search, y - search, win, win) < 0.98 * win * win:
+            continue
+        t = fixed[y : y + patch, x : x + patch]
+        s = moving[y - search : y - search + win, x - search : x - search + win]
+        r = cv2.matchTemplate(s, t, cv2.TM_CCOEFF_NORMED)
+        _, best, _, (lx, ly) = cv2.minMaxLoc(r)
+        if not best >= min_ncc:
+            continue
+        if lx in (0, r.shape[1] - 1) or ly in (0, r.shape[0] - 1):
+            continue  # peak on the window border: the true one may lie outside
+        ox = _parabola(r[ly, lx - 1], r[ly, lx], r[ly, lx + 1])
+        oy = _parabola(r[ly - 1, lx], r[ly, lx], r[ly + 1, lx])
+        cs.append((x + (patch - 1) / 2.0, y + (patch - 1) / 2.0))
+        ds.append((lx + ox - search, ly + oy - search))
+        ncc.append(best)
+    return (
+        np.asarray(cs, np.float64).reshape(-1, 2),
+        np.asarray(ds, np.float64).reshape(-1, 2),
+        np.asarray(ncc, np.float64),
+    )
+
+
+def _box(ii: np.ndarray, x: int, y: int, w: int, h: int) -> int:
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, ii.shape[1] - 1), min(y + h, ii.shape[0] - 1)
+    if x1 <= x0 or y1 <= y0:
+        return 0
+    return int(ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0])
+
+
+def _fit_affine_weighted(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares 3x3 affine mapping src onto dst."""
+    sw = np.sqrt(w)[:, None]
+    c_s = (w[:, None] * src).sum(0) / w.sum()
+    c_d = (w[:, None] * dst).sum(0) / w.sum()
+    sol, *_ = np.linalg.lstsq((src - c_s) * sw, (dst - c_d) * sw, rcond=None)
+    lin = sol.T
+    return _h(np.hstack([lin, (c_d - lin @ c_s)[:, None]]))
+
+
+def _robust_fit(
+    src: np.ndarray, dst: np.ndarray, config: AreaConfig, scale: float
+) -> tuple[np.ndarray | None, np.ndarray, float]:
+    """RANSAC then Tukey IRLS affine (3x3) src -> dst; Tukey weights; robust sigma.
+
+    ``scale`` converts the config's px into the units of the points.
+    """
+    n = len(src)
+    if n < 3:
+        return None, np.zeros(n), float("nan")
+    cv2.setRNGSeed(int(config.seed))
+    m0, mask = cv2.estimateAffine2D(
+        src,
+        dst,
+        method=cv2.RANSAC,
+        ransacReprojThreshold=float(config.ransac_px) * scale,
+        maxIters=2000,
+        confidence=0.999,
+        refineIters=0,
+    )
+    if m0 is None or mask is None or mask.sum() < 3 or abs(np.linalg.det(m0[:, :2])) < 0.5:
+        return None, np.zeros(n), float("nan")
+    w = mask.ravel().astype(np.float64)
+    m = _fit_affine_weighted(src, dst, w)
+    sigma = float("nan")
+    for _ in range(10):
+        r = np.linalg.norm(_apply(m, src) - dst, axis=1)
+        core = r[w > 0]
+        # robust sigma per component from the median residual length (Rayleigh: med = 1.1774 s)
+        sigma = float(np.median(core)) / 1.1774 if core.size else float("nan")
+        c = max(float(config.tukey_floor_px) * scale, float(config.tukey_sigmas) * sigma)
+        w_new = np.where(r < c, (1.0 - (r / c) ** 2) ** 2, 0.0)
+        if np.count_nonzero(w_new) < 3:
+            break
+        m_new = _fit_affine_weighted(src, dst, w_new)
+        if not abs(np.linalg.det(m_new[:2, :2])) > 0.5:
+            break
+        done = np.max(np.abs(m_new - m)[:2, :2]) < 1e-7 and np.max(np.abs(m_new - m)[:2, 2]) < 1e-4
+        m, w = m_new, w_new
+        if done:
+            break
+    return m, w, sigma
+
+
+@dataclass(frozen=True)
+class _Direction:
+    m: np.ndarray | None  # b -> a, copy px (3x3)
+    weights: np.ndarray
+    sigma: float
+    ncc: np.ndarray
+    usable: int
+    grid: np.ndarray | None = None  # patch centres on the grid (copy px of the grid's slice)
+    found: np.ndarray | None = None  # where they were found in the other slice (copy px)
+
+
+def _one_direction(
+    fixed: np.ndarray,
+    fixed_valid: np.ndarray,
+    moving: np.ndarray,
+    moving_valid: np.ndarray,
+    m_fm: np.ndarray,
+    search: int,
+    config: AreaConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Patches of ``fixed`` found in ``moving``: (fixed points, moving points, ncc), copy px.
+
+    ``m_fm`` (3x3) maps fixed px to moving px (the current estimate).
+    """
+    # render moving in the fixed frame: warped(p) = moving(m_fm p)
+    border = float(moving.mean())
+    inv = np.linalg.inv(m_fm)
+    warped = _warp(moving, inv, fixed.shape, border)
+    warped_valid = _warp_mask(moving_valid, inv, fixed.shape)
+    c, d, ncc = _displacements(
+        fixed,
+        fixed_valid,
+        warped,
+        warped_valid,
+        config.patch_px,
+        config.stride_px,
+        search,
+        config.min_ncc,
+    )
+    if len(c) == 0:
+        return None
+    return c, _apply(m_fm, c + d), ncc
+
+
+def match_area(
+    a_u8: np.ndarray,
+    b_u8: np.ndarray,
+    g: int,
+    shape_yx: tuple[int, int],
+    *,
+    initial: np.ndarray | None = None,
+    config: AreaConfig = AreaConfig(),
+) -> AreaFit:
+    """Affine b -> a (full-res px) from patch NCC in both directions (module docstring).
+
+    Parameters
+    ----------
+    a_u8, b_u8 : numpy.ndarray
+        Area copies (:func:`area_copy`) of slices a (target) and b (moving), same factor.
+    g : int
+        Their reduction factor.
+    shape_yx : tuple of int
+        Full-resolution slice shape (for corner distances).
+    initial : numpy.ndarray, optional
+        2x3 b -> a estimate (full-res px), e.g. from SIFT; without one a coarse rotation
+        search provides it.
+    config : AreaConfig
+        Patch grid and acceptance settings.
+    """
+    for name, u8 in (("a", a_u8), ("b", b_u8)):
+        if np.count_nonzero(u8) < MIN_VALID_FRACTION * u8.size:
+            return _failed(f"slice {name} is (almost) empty", np.eye(3), 0, 0, initial is None)
+    coarse = initial is None
+    m_full = coarse_search(a_u8, b_u8, g, config)[0] if coarse else _h(initial)
+    a_img, a_valid = _prepared(a_u8, config.blur_px)
+    b_img, b_valid = _prepared(b_u8, config.blur_px)
+    m = _in_copy(m_full, g)  # b -> a, copy px
+    search = config.search_px if coarse else max(config.search_px // 2, config.refine_search_px)
+    fwd = bwd = _Direction(None, np.zeros(0), float("nan"), np.zeros(0), 0)
+    for _ in range(1 + int(config.refine_rounds)):
+        # forward: patches of a (exact grid) found in b; regressing b on a gives a -> b
+        fwd = _fit_direction(
+            _one_direction(a_img, a_valid, b_img, b_valid, np.linalg.inv(m), search, config),
+            config,
+        )
+        # backward: patches of b (exact grid) found in a; regressing a on b gives b -> a
+        bwd = _fit_direction(
+            _one_direction(b_img, b_valid, a_img, a_valid, m, search, config), config
+        )
+        if fwd.m is None or bwd.m is None:
+            break
+        m = 0.5 * (np.linalg.inv(fwd.m) + bwd.m)
+        search = config.refine_search_px
+    return _judge(fwd, bwd, m, g, shape_yx, config, coarse)
+
+
+def _failed(reason: str, m_full: np.ndarray, patches: int, inliers: int, coarse: bool) -> AreaFit:
+    nan = float("nan")
+    return AreaFit(False, reason, m_full, patches, inliers, nan, nan, nan, nan, coarse)
+
+
+def _fit_direction(
+    found: tuple[np.ndarray, np.ndarray, np.ndarray] | None, config: AreaConfig
+) -> _Direction:
+    if found is None:
+        return _Direction(None, np.zeros(0), float("nan"), np.zeros(0), 0)
+    grid_pts, other_pts, ncc = found
+    m, w, sigma = _robust_fit(grid_pts, other_pts, config, 1.0)
+    return _Direction(m, w, sigma, ncc, len(grid_pts), grid_pts, other_pts)
+
+
+def _judge(
+    fwd: _Direction,
+    bwd: _Direction,
+    m: np.ndarray,
+    g: int,
+    shape_yx: tuple[int, int],
+    config: AreaConfig,
+    coarse: bool,
+) -> AreaFit:
+    """Acceptance of a two-direction fit; ``m`` (3x3, copy px) is the combined estimate."""
+    usable = fwd.usable + bwd.usable
+    inl = [int(np.count_nonzero(d.weights)) for d in (fwd, bwd)]
+    m_full = _in_full(m, g)
+    if fwd.m is None or bwd.m is None:
+        return _failed(f"too few correlated patches ({usable})", m_full, usable, sum(inl), coarse)
+    gap = _corner_gap(_in_full(np.linalg.inv(fwd.m), g), _in_full(bwd.m, g), shape_yx)
+    w_all = np.concatenate([fwd.weights, bwd.weights])
+    ncc_all = np.concatenate([fwd.ncc, bwd.ncc])
+    ncc = float(np.median(ncc_all[w_all > 0])) if np.any(w_all > 0) else float("nan")
+    sig = 0.5 * (fwd.sigma + bwd.sigma) * g
+    resid = sig * np.sqrt(2.0)  # RMS length of a 2D residual with sigma per component
+    reason = ""
+    for d, n_in in zip((fwd, bwd), inl, strict=True):
+        if n_in < config.min_patches:
+            reason = f"too few inlier patches ({n_in} < {config.min_patches})"
+        elif n_in < config.min_inlier_fraction * d.usable:
+            reason = f"inlier fraction too low ({n_in}/{d.usable} < {config.min_inlier_fraction})"
+        if reason:
+            break
+    pb = np.vstack([fwd.found, bwd.grid]) * g + (g - 1) / 2.0
+    pa = np.vstack([fwd.grid, bwd.found]) * g + (g - 1) / 2.0
+    return AreaFit(
+        reason == "", reason, m_full, usable, sum(inl), resid, sig, gap, ncc, coarse, pb, pa, w_all
+    )
+
+
+def patch_residuals(
+    a_u8: np.ndarray,
+    b_u8: np.ndarray,
+    g: int,
+    m_full: np.ndarray,
+    *,
+    config: AreaConfig = AreaConfig(),
+    search_px: int = 8,
+) -> np.ndarray:
+    """Residual displacements (full-res px, (N, 2)) of a patch grid of b after mapping by ``m_full``.
+
+    For QC after alignment: ``m_full`` (2x3, b -> a) is what the solved transforms say; the
+    residuals are what the content says is left (no fitting here).
+    """
+    a_img, a_valid = _prepared(a_u8, config.blur_px)
+    b_img, b_valid = _prepared(b_u8, config.blur_px)
+    found = _one_direction(b_img, b_valid, a_img, a_valid, _in_copy(m_full, g), search_px, config)
+    if found is None:
+        return np.zeros((0, 2))
+    grid_pts, other_pts, _ = found
+    m = _in_copy(m_full, g)
+    return (other_pts - _apply(m, grid_pts)) * g
