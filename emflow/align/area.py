@@ -28,7 +28,7 @@ slice ``b`` onto slice ``a`` (the :class:`~emflow.align.match.PairResult` conven
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -485,6 +485,7 @@ def match_area(
     for name, u8 in (("a", a_u8), ("b", b_u8)):
         if np.count_nonzero(u8) < MIN_VALID_FRACTION * u8.size:
             return _failed(f"slice {name} is (almost) empty", np.eye(3), 0, 0, initial is None)
+    config = _scaled(config, max(a_u8.shape))
     coarse = initial is None
     m_full = coarse_search(a_u8, b_u8, g, config)[0] if coarse else _h(initial)
     a_img, a_valid = _prepared(a_u8, config.blur_px)
@@ -507,6 +508,20 @@ def match_area(
         m = 0.5 * (np.linalg.inv(fwd.m) + bwd.m)
         search = config.refine_search_px
     return _judge(fwd, bwd, m, g, shape_yx, config, coarse)
+
+
+def _scaled(config: AreaConfig, long_side: int) -> AreaConfig:
+    """Patch grid shrunk in proportion for area copies smaller than ``AREA_LONG_SIDE_PX``
+    (slices under 512 px), so that they still hold a few hundred patches."""
+    f = min(1.0, long_side / AREA_LONG_SIDE_PX)
+    if f >= 1.0:
+        return config
+    return replace(
+        config,
+        patch_px=max(16, round(config.patch_px * f)),
+        stride_px=max(6, round(config.stride_px * f)),
+        search_px=max(6, round(config.search_px * f)),
+    )
 
 
 def _failed(reason: str, m_full: np.ndarray, patches: int, inliers: int, coarse: bool) -> AreaFit:

@@ -45,6 +45,7 @@ __all__ = [
     "MatchConfig",
     "PairResult",
     "corner_points_xy",
+    "failed_pair",
     "fit_affine",
     "fit_rigid",
     "fit_translation",
@@ -80,11 +81,11 @@ class MatchConfig:
     min_inliers: int = 20  # fewer inliers -> failed pair
     min_inlier_ratio: float = 0.05  # inliers / ratio-test matches
     max_residual_px: float = 2.0  # inlier RMS of the chosen model, working px
-    # real ssTEM neighbours differ by up to ~1.5 % scale and ~3 % anisotropy (ISBI), on top
-    # of any misplacement: these are plausibility limits, not accuracy limits
-    max_scale_deviation: float = 0.05  # |sqrt(det L) - 1| of the affine's linear part L
-    max_shear: float = 0.05  # anisotropy (s1 - s2) / (s1 + s2) of L's stretch
-    max_translation_fraction: float = 0.25  # centre shift / long side of the slice
+    # real ssTEM neighbours differ by up to ~5 % scale and ~7 % anisotropy (ISBI 19/20), on
+    # top of any misplacement: these are plausibility limits, not accuracy limits
+    max_scale_deviation: float = 0.1  # |sqrt(det L) - 1| of the affine's linear part L
+    max_shear: float = 0.1  # anisotropy (s1 - s2) / (s1 + s2) of L's stretch
+    max_translation_fraction: float = 0.5  # centre shift / long side of the slice
     model: str = "auto"  # "auto" | "translation" | "rigid" | "affine"
     model_corner_threshold_px: float = 1.0  # full-res px, see module docstring
     seed: int = 0  # cv2.setRNGSeed before FLANN and RANSAC
@@ -302,9 +303,10 @@ def _corner_gap(m1: np.ndarray, m2: np.ndarray, shape_yx: tuple[int, int]) -> fl
     return float(np.max(np.linalg.norm(_apply(m1, c) - _apply(m2, c), axis=1)))
 
 
-def _failed(
+def failed_pair(
     z_a: int, z_b: int, reason: str, matches: int = 0, inliers: int = 0, downsample: int = 1
 ) -> PairResult:
+    """A failed :class:`PairResult` (identity matrix, no residual) with its reason."""
     return PairResult(
         z_a,
         z_b,
@@ -446,7 +448,7 @@ def _area_result(
     if fit.points_b is None or fit.weights is None or not fit.ok:
         m = fit.matrix if fit.patches else np.eye(3)
         return replace(
-            _failed(z_a, z_b, fit.reason, fit.patches, fit.inliers, factor),
+            failed_pair(z_a, z_b, fit.reason, fit.patches, fit.inliers, factor),
             matrix=_as_tuple(m[:2]),
             affine=_as_tuple(m[:2]),
             method=method,
@@ -494,13 +496,13 @@ def _match_at_scale(
     ds = max(fa.downsample, fb.downsample)
     for z, f in ((z_a, fa), (z_b, fb)):
         if len(f) < need:
-            return _failed(
+            return failed_pair(
                 z_a, z_b, f"too few keypoints in slice {z} ({len(f)} < {need})", downsample=ds
             )
     ib, ia = _ratio_matches(fa, fb, config)
     n_matches = int(ib.size)
     if n_matches < need:
-        return _failed(z_a, z_b, f"too few matches ({n_matches} < {need})", n_matches, 0, ds)
+        return failed_pair(z_a, z_b, f"too few matches ({n_matches} < {need})", n_matches, 0, ds)
     pb = fb.keypoints_xy[ib].astype(np.float64)
     pa = fa.keypoints_xy[ia].astype(np.float64)
     thr = float(config.ransac_threshold_px) * ds
@@ -515,7 +517,7 @@ def _match_at_scale(
         refineIters=10,
     )
     if m0 is None or mask is None:
-        return _failed(z_a, z_b, "RANSAC found no model", n_matches, 0, ds)
+        return failed_pair(z_a, z_b, "RANSAC found no model", n_matches, 0, ds)
     inl = mask.ravel().astype(bool)
     affine = np.asarray(m0, np.float64)
     if inl.sum() >= 3:
@@ -529,7 +531,7 @@ def _match_at_scale(
             affine = _fit_both_ways(pb[inl], pa[inl])
     n_inl = int(inl.sum())
     if n_inl < need:
-        return _failed(
+        return failed_pair(
             z_a, z_b, f"too few inliers ({n_inl} < {config.min_inliers})", n_matches, n_inl, ds
         )
     return judge_fit(

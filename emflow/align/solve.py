@@ -92,7 +92,7 @@ REFERENCE_SCATTER = 0.0033
 #: Scatter (px) below which a link is not trusted more (weights stay finite).
 MIN_SCATTER_PX = 0.05
 #: Weight of links between slices 2+ sections apart, relative to a (z, z+1) link.
-SECOND_NEIGHBOUR_WEIGHT = 0.3
+SECOND_NEIGHBOUR_WEIGHT = 0.1
 #: Agreeing links needed across a gap (a place no (z, z+1) link crosses).
 BRIDGE_MIN_LINKS = 2
 #: Regulariser iterations (the rotation targets are refreshed between them).
@@ -369,6 +369,21 @@ def _crossing(links: Sequence[PairResult], gap: tuple[int, int]) -> list[PairRes
     return [p for p in links if p.z_a <= gap[0] and p.z_b >= gap[1]]
 
 
+def _primary(links: Sequence[PairResult], gaps: Sequence[tuple[int, int]]) -> list[bool]:
+    """Which links carry full weight: (z, z+1) links, and across each gap the shortest of
+    the links that cross it (the bridge; longer crossing links only check it)."""
+    shortest = {}
+    for gap in gaps:
+        d = [p.distance for p in _crossing(links, gap)]
+        if d:
+            shortest[gap] = min(d)
+    return [
+        p.distance == 1
+        or any(p.z_a <= a and p.z_b >= b and p.distance == shortest[(a, b)] for (a, b) in shortest)
+        for p in links
+    ]
+
+
 def _link_weights(
     links: Sequence[PairResult],
     gaps: Sequence[tuple[int, int]],
@@ -376,10 +391,10 @@ def _link_weights(
     second_weight: float = SECOND_NEIGHBOUR_WEIGHT,
 ) -> list[float]:
     """Inverse-variance weights ``(REFERENCE_SCATTER r / scatter)²``, times ``second_weight``
-    for links 2+ apart that cross no gap."""
+    for links that are not primary (:func:`_primary`)."""
     r = max(float(np.hypot(shape_yx[0] - 1, shape_yx[1] - 1)) / 2.0, 1.0)
     out = []
-    for p in links:
+    for p, primary in zip(links, _primary(links, gaps), strict=True):
         sigma = p.scatter_px
         if sigma is None and np.isfinite(p.residual_px):
             sigma = p.residual_px / np.sqrt(2.0)
@@ -389,8 +404,7 @@ def _link_weights(
             # limited by content change, which does not)
             sigma *= np.sqrt(SIFT_TRUST_INLIERS / p.inliers)
         w = 1.0 if sigma is None else (REFERENCE_SCATTER * r / max(sigma, MIN_SCATTER_PX)) ** 2
-        bridging = any(p.z_a <= a and p.z_b >= b for a, b in gaps)
-        out.append(w * (1.0 if p.distance == 1 or bridging else second_weight))
+        out.append(w * (1.0 if primary else second_weight))
     return out
 
 
@@ -737,20 +751,19 @@ def _place_global(
 ) -> tuple[dict[int, np.ndarray], list[dict[str, Any]], list[tuple[int, int]]]:
     """Solve, reject inconsistent links, check every gap; returns placed, gaps, breaks.
 
-    Outliers are looked for with every link at its precision weight (a wrong (z, z+1) link
-    is then outvoted by the two longer links around it); the final solve down-weights the
-    links 2+ sections apart.
+    A (z, z+1) link that two or more outlying longer links span is taken for the culprit
+    (a wrong neighbour link pulls the solution and makes the longer links around it look
+    wrong); otherwise the worst outliers are rejected.
     """
     while True:
-        placed = _solve_parts(good, links, shape_yx, regularisation, second_weight=1.0)
+        placed = _solve_parts(good, links, shape_yx, regularisation, SECOND_NEIGHBOUR_WEIGHT)
         errs = np.array([_support_error_px(p, placed, shape_yx) for p in links])
-        worst = _worst_outliers(links, errs, outlier_px)
+        worst = _worst_outliers(links, errs, outlier_px, _primary(links, _gaps(good, links)))
         if not worst:
             break
         for i in sorted(worst, reverse=True):
             p = links.pop(i)
             rejected.append((p.z_a, p.z_b, f"inconsistent with other links ({errs[i]:.2f} px RMS)"))
-    placed = _solve_parts(good, links, shape_yx, regularisation, SECOND_NEIGHBOUR_WEIGHT)
     # every gap must be crossed by BRIDGE_MIN_LINKS links that survived the consistency check
     gap_info: list[dict[str, Any]] = []
     breaks: list[tuple[int, int]] = []
@@ -795,9 +808,17 @@ def _place_global(
     return {z: m[:2] for z, m in placed.items()}, gap_info, breaks
 
 
-def _worst_outliers(links: Sequence[PairResult], errs: np.ndarray, outlier_px: float) -> list[int]:
-    """Indices of links to reject this round: above ``max(outlier_px, 3.5 x median of their
-    kind)``, the worst first, at most one per neighbourhood of 2 slices."""
+def _worst_outliers(
+    links: Sequence[PairResult], errs: np.ndarray, outlier_px: float, primary: Sequence[bool]
+) -> list[int]:
+    """Indices of links to reject this round (see :func:`_place_global`).
+
+    Outliers are above ``max(outlier_px, 3.5 x the median of their kind)`` ((z, z+1) links
+    vs longer ones). A primary link (:func:`_primary`) that two or more outlying longer links
+    span is the culprit instead of them: a wrong full-weight link pulls the solution and
+    makes the links that check it look wrong. At most one link is rejected per neighbourhood
+    of 2 slices per round.
+    """
     if not len(links):
         return []
     limit = np.zeros(len(links))
@@ -805,12 +826,22 @@ def _worst_outliers(links: Sequence[PairResult], errs: np.ndarray, outlier_px: f
         sel = np.array([(p.distance == 1) == short for p in links])
         if sel.any():
             limit[sel] = max(float(outlier_px), 3.5 * float(np.median(errs[sel])))
-    over = [i for i in np.argsort(-errs) if errs[i] > limit[i]]
+    over = [int(i) for i in np.argsort(-errs) if errs[i] > limit[i]]
+
+    def spans(j: int, i: int) -> bool:
+        return links[j].distance > links[i].distance and (
+            links[j].z_a <= links[i].z_a and links[j].z_b >= links[i].z_b
+        )
+
+    blame = {i: sum(1 for j in over if spans(j, i)) for i in range(len(links)) if primary[i]}
+    culprits = sorted((i for i, n in blame.items() if n >= 2), key=lambda i: (-blame[i], -errs[i]))
     chosen: list[int] = []
-    for i in over:
+    for i in [*culprits, *over]:
+        if i not in culprits and any(spans(i, c) for c in culprits):
+            continue  # exonerated: the link it checks goes instead
         p = links[i]
         if all(p.z_b + 2 < links[j].z_a or links[j].z_b + 2 < p.z_a for j in chosen):
-            chosen.append(int(i))
+            chosen.append(i)
     return chosen
 
 

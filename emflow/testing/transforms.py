@@ -25,7 +25,10 @@ __all__ = [
     "insert_bad_slices",
     "pair_truth",
     "random_affines",
+    "robustness_px",
+    "scale_change",
     "stack_errors_px",
+    "warp_stack",
 ]
 
 
@@ -158,3 +161,94 @@ def stack_errors_px(
         z: corner_error_px(compose(inv_e, estimated[z]), compose(inv_t, truth[z]), shape_yx)
         for z in zs
     }
+
+
+def warp_stack(
+    stack_zyx: np.ndarray,
+    *,
+    seed: int,
+    max_translation_px: float = 100,
+    max_rotation_deg: float = 2,
+    max_scale_shear: float = 0.01,
+    keep_content: bool = True,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Misplace every slice of a (z, y, x) stack by its own seeded random affine.
+
+    The draws are those of :func:`random_affines` about each slice's centre. With
+    ``keep_content`` (default) every slice is rendered into a canvas padded on all sides by
+    the most any draw can move a corner, so no tissue is lost and the misplaced stack holds
+    exactly the same content as the original: what changes is only where each slice sits
+    (robustness to the starting misplacement, not to a changing field of view). Otherwise
+    the canvas keeps the slice shape and what is pushed out is lost.
+
+    Returns
+    -------
+    warped : numpy.ndarray
+        ``(z, h, w)`` misplaced stack, fill exactly 0.
+    warps : list of numpy.ndarray
+        Per slice the 2x3 map from original slice px to warped canvas px, (x, y).
+    """
+    shape = stack_zyx.shape[1:]
+    pad = 0
+    if keep_content:
+        half_diag = float(np.hypot(shape[0] - 1, shape[1] - 1)) / 2.0
+        reach = np.sin(np.deg2rad(max_rotation_deg)) + 1.5 * max_scale_shear
+        pad = int(np.ceil(max_translation_px + half_diag * reach)) + 2
+    warps = random_affines(
+        len(stack_zyx),
+        max_translation_px=max_translation_px,
+        max_rotation_deg=max_rotation_deg,
+        max_scale_shear=max_scale_shear,
+        seed=seed,
+        shape_yx=shape,
+    )
+    shift = np.array([[0.0, 0.0, pad], [0.0, 0.0, pad]])
+    warps = [np.asarray(m, np.float64) + shift for m in warps]
+    canvas = (shape[0] + 2 * pad, shape[1] + 2 * pad)
+    warped = np.stack(
+        [warp_slice(s, m, (0, 0), canvas) for s, m in zip(stack_zyx, warps, strict=True)]
+    )
+    return warped, warps
+
+
+def robustness_px(
+    reference: Mapping[int, np.ndarray],
+    misplaced: Mapping[int, np.ndarray],
+    warps: Sequence[np.ndarray],
+    shape_yx: tuple[int, int],
+    *,
+    skip: Sequence[int] = (),
+) -> tuple[float, float, dict[int, float]]:
+    """How far an alignment of a misplaced stack is from the original's, up to ONE affine.
+
+    ``reference`` holds the source->global transforms ``A_z`` of the original stack,
+    ``misplaced`` those ``T_z`` of the stack misplaced by ``warps`` ``D_z`` (original px ->
+    misplaced px, :func:`warp_stack`). Both should place the same tissue alike, so
+    ``G A_z = T_z D_z`` for one global affine ``G``, fitted by least squares over the 4
+    corners of every slice (except ``skip``). Returns the median and largest per-slice
+    corner distance (px) after the fit, and the per-slice values.
+    """
+    h, w = shape_yx
+    q = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], np.float64)
+    zs = [z for z in sorted(reference) if z in misplaced and z not in skip]
+    src = np.vstack([q @ _h3(reference[z]).T for z in zs])
+    dst = np.vstack([(q @ (_h3(misplaced[z]) @ _h3(warps[z])).T)[:, :2] for z in zs])
+    g, *_ = np.linalg.lstsq(src, dst, rcond=None)
+    per = {
+        z: float(
+            np.max(np.linalg.norm(src[4 * i : 4 * i + 4] @ g - dst[4 * i : 4 * i + 4], axis=1))
+        )
+        for i, z in enumerate(zs)
+    }
+    vals = np.array(list(per.values()))
+    return float(np.median(vals)), float(np.max(vals)), per
+
+
+def scale_change(transforms: Mapping[int, np.ndarray], z0: int, z1: int) -> float:
+    """Isotropic scale of slice ``z1`` relative to slice ``z0`` after alignment, minus 1."""
+    rel = np.linalg.inv(_h3(transforms[z0])) @ _h3(transforms[z1])
+    return float(np.sqrt(abs(np.linalg.det(rel[:2, :2])))) - 1.0
+
+
+def _h3(m: np.ndarray) -> np.ndarray:
+    return np.vstack([np.asarray(m, np.float64).reshape(2, 3), [0.0, 0.0, 1.0]])
