@@ -1,10 +1,16 @@
-"""The alignment stages of a run: features per slice, matches per pair, one solve.
+"""The alignment stages of a run: features per slice, two rounds of pair matching, one solve,
+and a QC measurement of every link against the content once the stack is aligned.
 
-Feature and match units write their results to the run folder (features as
-``features/z<z>.npz``, pairs in their unit results) so a resumed run does not
-recompute them; the solve runs in the driver on small data (as a one-unit lattice
-stage, so a resumed run skips it) and writes ``alignment.json`` plus the QC table and
-plots.
+Stages: ``features`` (per slice: SIFT keypoints, area copy, thumbnail, usability),
+``match`` (neighbours ``(z, z+1)``), ``match2`` (second neighbours from composed estimates,
+and bridges over the cuts round 1 left; :mod:`emflow.align.pairs`), the solve in the driver,
+then ``qc`` (per matched pair: residual patch displacements after alignment). Feature and match
+units write their results to the run folder (features as ``features/z<z>.npz``, pairs in
+their unit results) so a resumed run does not recompute them. The solve runs in the driver
+as a one-unit lattice stage (a resumed run skips it) and writes ``alignment.json``; every
+run then reads that file back, so a resumed run equals a fresh one. ``qc/`` (pair table and
+plots) is written even when the run stops because the stack cannot be aligned, so the
+reasons can be inspected.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ def features_unit(
     out_path: str,
     cache_dir: str | None = None,
     coarse: bool = True,
+    area: bool = True,
 ) -> dict:
-    """Decode one slice, judge it, compute SIFT features on its reduced copy, save them.
+    """Decode one slice, judge it, compute its features (SIFT, area copy), save them.
 
     With ``cache_dir`` the decoded slice is also kept as zstd-1 for the render pass.
     """
@@ -51,16 +58,21 @@ def features_unit(
             from emflow.io.slicecache import store_slice
 
             store_slice(cache_dir, ref.z, image)
-    feats = compute_features(image, downsample=downsample, nfeatures=nfeatures, coarse=coarse)
+    feats = compute_features(
+        image, downsample=downsample, nfeatures=nfeatures, coarse=coarse, area=area
+    )
     thumb, scale = thumbnail(image)
     tmp = out_path + ".tmp.npz"
-    coarse = {}
+    extra = {}
     if feats.coarse is not None:
-        coarse = {
+        extra = {
             "coarse_keypoints_xy": feats.coarse.keypoints_xy,
             "coarse_descriptors": feats.coarse.descriptors,
             "coarse_downsample": np.array(feats.coarse.downsample),
         }
+    if feats.area is not None:
+        extra["area"] = feats.area
+        extra["area_factor"] = np.array(feats.area_factor)
     np.savez(
         tmp,
         keypoints_xy=feats.keypoints_xy,
@@ -69,7 +81,7 @@ def features_unit(
         downsample=np.array(feats.downsample),
         thumb=thumb,
         thumb_scale=np.array(scale),
-        **coarse,
+        **extra,
     )
     Path(tmp).replace(out_path)
     return {"z": ref.z, "keypoints": len(feats.keypoints_xy), "bad": bad}
@@ -99,11 +111,21 @@ def _load_features(path: str) -> Any:
             shape_yx,
             int(d["downsample"]),
             coarse,
+            d["area"] if "area" in d else None,
+            int(d["area_factor"]) if "area_factor" in d else 1,
         )
 
 
-def match_unit(path_a: str, path_b: str, z_a: int, z_b: int, config: dict) -> dict:
-    """Match the saved features of two slices; returns the PairResult as a dict."""
+def match_unit(
+    path_a: str,
+    path_b: str,
+    z_a: int,
+    z_b: int,
+    config: dict,
+    initial: list[list[float]] | None = None,
+) -> dict:
+    """Match the saved features of two slices (from ``initial``, a 2x3 b -> a estimate, if
+    given); returns the PairResult as a dict."""
     import cv2
 
     from emflow.align.match import MatchConfig, match_features
@@ -115,8 +137,30 @@ def match_unit(path_a: str, path_b: str, z_a: int, z_b: int, config: dict) -> di
         z_a=z_a,
         z_b=z_b,
         config=MatchConfig(**config),
+        initial=None if initial is None else np.asarray(initial, np.float64),
     )
     return result.to_dict()
+
+
+def content_unit(path_a: str, path_b: str, matrix: list[list[float]]) -> dict:
+    """QC of one link after alignment: patch displacements left between the two slices when
+    b is mapped into a by ``matrix`` (2x3, from the solved transforms); full-res px."""
+    import cv2
+
+    from emflow.align.area import patch_residuals
+
+    cv2.setNumThreads(1)
+    fa, fb = _load_features(path_a), _load_features(path_b)
+    if fa.area is None or fb.area is None or fa.area.shape != fb.area.shape:
+        return {"patches": 0, "median_px": None, "shift_px": None}
+    r = patch_residuals(fa.area, fb.area, fa.area_factor, np.asarray(matrix, np.float64))
+    if not len(r):
+        return {"patches": 0, "median_px": None, "shift_px": None}
+    return {
+        "patches": len(r),
+        "median_px": float(np.median(np.linalg.norm(r, axis=1))),
+        "shift_px": float(np.linalg.norm(np.median(r, axis=0))),
+    }
 
 
 def align_stack(
@@ -126,13 +170,23 @@ def align_stack(
     stage: Callable[..., dict[int, Any]],
     say: Callable[[str], None],
 ) -> Any:
-    """Run features → match → solve for a catalog; returns the Alignment (read back from
-    the run folder's alignment.json).
+    """Run features → match → match2 → solve → qc for a catalog; returns the Alignment (read
+    back from the run folder's alignment.json). Raises AlignmentError (after writing ``qc/``)
+    when more than half of the neighbour pairs fail or the stack splits where no checked link
+    crosses.
 
     ``stage(name, units, **kw)`` runs a lattice stage (``kw`` passed to
     :func:`~emflow.lattice.execute.run_stage`; the solve runs ``where="driver"``).
     """
     from emflow.align.match import MatchConfig, PairResult
+    from emflow.align.pairs import (
+        bridge_pairs,
+        check_neighbours,
+        neighbour_pairs,
+        skipped,
+        summary_lines,
+    )
+    from emflow.align.solve import Alignment
 
     cfg = recipe.align
     feat_dir = run_dir / "features"
@@ -156,6 +210,7 @@ def align_stack(
                 paths[i],
                 cache,
                 cfg.coarse_fallback,
+                cfg.area,
             ),
             bytes_per_slice,
         )
@@ -164,31 +219,69 @@ def align_stack(
     feats = stage("features", units)
     bad = {z: r["bad"] for z, r in feats.items() if r["bad"]}
     if bad:
-        say(f"bad slices: {', '.join(f'z{z} ({why})' for z, why in sorted(bad.items()))}")
+        say(f"unusable slices: {', '.join(f'z{z} ({why})' for z, why in sorted(bad.items()))}")
     config = {
         "model": cfg.model,
         "model_corner_threshold_px": cfg.model_corner_threshold_px,
         "ratio": cfg.ratio,
         "coarse_fallback": cfg.coarse_fallback,
+        "area": cfg.area,
     }
     MatchConfig(**config)  # fail early on a bad field
-    n = len(catalog.slices)
-    pair_list = [(z, z + k) for z in range(n) for k in (1, 2) if z + k < n]
-    units = [
-        Unit(i, match_unit, (paths[a], paths[b], a, b, config))
-        for i, (a, b) in enumerate(pair_list)
-    ]
-    pairs = [PairResult.from_dict(d) for _, d in sorted(stage("match", units).items())]
-    # the solve runs in the driver, as a lattice stage: done once alignment.json and the QC
-    # files are written; every run then reads alignment.json, so a resumed run equals a fresh one
+    zs = list(range(len(catalog.slices)))
+
+    def match_round(name: str, plan: list) -> dict[tuple[int, int], PairResult]:
+        done: dict[tuple[int, int], PairResult] = {}
+        round_units = []
+        for i, (a, b, m) in enumerate(plan):
+            if (s := skipped(a, b, bad)) is not None:
+                done[(a, b)] = s
+                continue
+            initial = None if m is None else np.asarray(m).tolist()
+            round_units.append(Unit(i, match_unit, (paths[a], paths[b], a, b, config, initial)))
+        for d in stage(name, round_units).values():
+            p = PairResult.from_dict(d)
+            done[(p.z_a, p.z_b)] = p
+        return done
+
+    first = match_round("match", [(a, b, None) for a, b in neighbour_pairs(zs)])
+    second = match_round("match2", bridge_pairs(zs, first, bad))
+    pairs = [p for _, p in sorted({**first, **second}.items())]
+    failed, stop = check_neighbours(pairs, say)
+    if stop:
+        write_qc(None, pairs, paths, run_dir, recipe, catalog.shape_yx)
+        n_first = sum(1 for p in pairs if p.distance == 1)
+        raise AlignmentError(
+            f"no usable alignment: {len(failed)} of {n_first} neighbour pairs failed "
+            f"(more than half; {_failure_summary(pairs)}). Check the input and "
+            f"{run_dir / 'qc' / 'pairs.csv'}; if the slices are already aligned set "
+            "'align: false' in the recipe"
+        )
+    # the solve runs in the driver, as a lattice stage: done once alignment.json is written;
+    # every run then reads alignment.json, so a resumed run equals a fresh one
     stage(
         "solve",
-        [Unit(0, solve_alignment, (pairs, n, bad, paths, run_dir, recipe, catalog.shape_yx, say))],
+        [Unit(0, solve_alignment, (pairs, len(zs), bad, paths, run_dir, recipe, catalog.shape_yx))],
         where="driver",
     )
-    from emflow.align.solve import Alignment
-
-    return Alignment.from_json(run_dir / "alignment.json")
+    alignment = Alignment.from_json(run_dir / "alignment.json")
+    for line in summary_lines(alignment, len(zs)):
+        say(line)
+    say(
+        f"alignment: {cfg.method} solve (align.regularisation {cfg.regularisation:g}); frame "
+        f"{alignment.frame_shape_yx[1]} × {alignment.frame_shape_yx[0]} px → "
+        f"{run_dir / 'alignment.json'}"
+    )
+    content = measure_links(alignment, pairs, paths, stage)
+    write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx, content)
+    used = [v for v in content.values() if v["median_px"] is not None]
+    if used:
+        say(
+            "links after alignment (patch NCC residual, full-res px): median "
+            f"{np.median([v['median_px'] for v in used]):.2f} local, "
+            f"{np.median([v['shift_px'] for v in used]):.2f} global over {len(used)} pairs"
+        )
+    return alignment
 
 
 def solve_alignment(
@@ -199,9 +292,9 @@ def solve_alignment(
     run_dir: Path,
     recipe: Recipe,
     shape_yx: tuple[int, int],
-    say: Callable[[str], None],
 ) -> dict:
-    """Solve transforms and frame from the matched pairs; write alignment.json and QC files."""
+    """Solve transforms and frame from the matched pairs and write alignment.json (the
+    ``solve`` unit); on failure write ``qc/`` for the pairs, then raise AlignmentError."""
     from emflow.align.solve import solve
 
     cfg = recipe.align
@@ -213,29 +306,37 @@ def solve_alignment(
             method=cfg.method,
             bad_slices=bad,
             bad_slice_policy=cfg.bad_slices,
+            regularisation=cfg.regularisation,
+            allow_segments=cfg.allow_segments,
         )
     except AlignmentError as exc:
+        write_qc(None, pairs, feature_paths, run_dir, recipe, shape_yx)
         raise AlignmentError(f"{exc}. {_failure_summary(pairs)}") from None
     alignment.to_json(run_dir / "alignment.json")
-    failed = [p for p in pairs if not p.ok]
-    breaks = getattr(alignment, "segment_breaks", None)
-    if breaks:
-        say(
-            f"alignment split into segments at z {', '.join(f'{a}|{b}' for a, b in breaks)} "
-            "(two or more consecutive slices could not be aligned): check them in qc/pairs.png"
-        )
-    say(
-        f"alignment: {cfg.method} solve over {len(pairs)} pairs ({len(failed)} failed, "
-        f"{len(alignment.rejected_pairs)} rejected); frame {alignment.frame_shape_yx[1]} × "
-        f"{alignment.frame_shape_yx[0]} px → {run_dir / 'alignment.json'}"
-    )
-    write_qc(alignment, pairs, feature_paths, run_dir, recipe, shape_yx)
     return {
         "alignment": "alignment.json",
         "pairs": len(pairs),
-        "failed": len(failed),
+        "failed": sum(1 for p in pairs if not p.ok),
         "frame_yx": [int(v) for v in alignment.frame_shape_yx],
     }
+
+
+def measure_links(
+    alignment: Any,
+    pairs: list,
+    paths: list[str],
+    stage: Callable[..., dict[int, Any]],
+) -> dict[tuple[int, int], dict]:
+    """The ``qc`` stage: every successful pair measured against the content after alignment."""
+    todo = [p for p in pairs if p.ok]
+    units = []
+    for i, p in enumerate(todo):
+        ta = np.vstack([alignment.transforms[p.z_a], [0.0, 0.0, 1.0]])
+        tb = np.vstack([alignment.transforms[p.z_b], [0.0, 0.0, 1.0]])
+        m = (np.linalg.inv(ta) @ tb)[:2]
+        units.append(Unit(i, content_unit, (paths[p.z_a], paths[p.z_b], m.tolist())))
+    res = stage("qc", units)
+    return {(todo[i].z_a, todo[i].z_b): v for i, v in res.items()}
 
 
 def _failure_summary(pairs: list) -> str:
@@ -246,12 +347,12 @@ def _failure_summary(pairs: list) -> str:
     failed = [p for p in pairs if not p.ok]
     kinds = Counter(re.sub(r"\(.*?\)", "(…)", p.reason) for p in failed)
     if not kinds:
-        return f"All {len(pairs)} pairs matched"
+        return f"all {len(pairs)} pairs matched"
     kind, count = kinds.most_common(1)[0]
     example = next(p for p in failed if re.sub(r"\(.*?\)", "(…)", p.reason) == kind)
     return (
-        f"{len(failed)} of {len(pairs)} pairs failed, {count} of them like z{example.z_a}→z{example.z_b}: "
-        f"{example.reason}"
+        f"{len(failed)} of {len(pairs)} pairs failed, {count} of them like "
+        f"z{example.z_a}→z{example.z_b}: {example.reason}"
     )
 
 
@@ -262,16 +363,20 @@ def write_qc(
     run_dir: Path,
     recipe: Recipe,
     shape_yx: tuple[int, int],
+    content: dict[tuple[int, int], dict] | None = None,
 ) -> None:
-    """Pair table (CSV), residual/inlier plots and before/after XZ/YZ reslices (PNG) in run_dir/qc."""
+    """Pair table (CSV), residual/inlier plots and before/after XZ/YZ reslices (PNG) in
+    run_dir/qc. ``alignment`` None (the run stops before a solve): pairs only."""
     import cv2
 
     from emflow.align import qc
 
     qc_dir = run_dir / "qc"
     qc_dir.mkdir(exist_ok=True)
-    qc.write_pair_table(pairs, alignment, qc_dir / "pairs.csv", shape_yx=shape_yx)
-    qc.plot_pairs(pairs, alignment, qc_dir / "pairs.png", shape_yx=shape_yx)
+    qc.write_pair_table(pairs, alignment, qc_dir / "pairs.csv", shape_yx=shape_yx, content=content)
+    qc.plot_pairs(pairs, alignment, qc_dir / "pairs.png", shape_yx=shape_yx, content=content)
+    if alignment is None:
+        return
     thumbs, scale = [], 1
     for p in feature_paths:
         with np.load(p) as d:

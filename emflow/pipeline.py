@@ -100,6 +100,13 @@ class RunResult:
 
         return run_html(self)
 
+    @property
+    def pair_summary(self) -> dict[str, dict[str, int]] | None:
+        """Alignment pairs by kind (neighbour / second / bridge) and status (matched / failed /
+        rejected), as on the console; None when the run did not match pairs."""
+        summary = getattr(self.alignment, "pair_summary", None)
+        return summary() if callable(summary) and self.alignment.pairs else None
+
 
 def _cluster_resources(client: Any) -> tuple[int, int]:
     """(total threads, memory per thread in bytes) of the cluster, or of this machine."""

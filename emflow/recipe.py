@@ -197,10 +197,26 @@ class Align(_Model):
         description="retry pairs that fail on 4x coarser features (ratio 0.9): rescues "
         "serial-section TEM neighbours, ~6 % extra feature cost",
     )
+    area: bool = Field(
+        True,
+        description="fit every pair by area-based matching (patch NCC, robust affine), from "
+        "SIFT's estimate or a coarse search: what real serial sections need",
+    )
     model: Literal["auto", "translation", "rigid", "affine"] = "auto"
     model_corner_threshold_px: float = Field(1.0, gt=0)
     method: Literal["global", "chain"] = "global"
+    regularisation: float = Field(
+        0.03,
+        ge=0,
+        description="drift control: pull on each slice (averaged over ±3 slices) toward rigid, "
+        "relative to one neighbour link; 0 = none (README, alignment)",
+    )
     bad_slices: Literal["bridge", "fill_previous", "zero", "error"] = "bridge"
+    allow_segments: bool = Field(
+        False,
+        description="where no checked link crosses a gap, place the parts by their best "
+        "unchecked estimate instead of stopping",
+    )
 
 
 class Enhance(_Model):

@@ -694,12 +694,14 @@ def _gap_error(
 
 
 def _self_evident(p: PairResult) -> bool:
-    """A fit whose dozens of matches agree to half a working px (``match.SIFT_TRUST_PX``):
-    that does not happen by accident, so such a link confirms itself. Links across 90+ nm
-    of real tissue scatter by px and need a second crossing link."""
-    return (
-        p.ok and p.inliers >= SIFT_TRUST_INLIERS and p.residual_px <= SIFT_TRUST_PX * p.downsample
-    )
+    """A link that confirms itself: a SIFT fit that stood without area refinement (hundreds
+    of keypoints agreeing to about a working px, ``match.SIFT_TRUST_PX``), or an area fit whose
+    patches agree to half a px. That does not happen by accident; links across 90+ nm of real
+    tissue scatter by px and need a second crossing link."""
+    if not p.ok or p.inliers < SIFT_TRUST_INLIERS:
+        return False
+    limit = SIFT_TRUST_PX if p.method == "sift" else 0.5
+    return p.residual_px <= limit * p.downsample
 
 
 def _best_estimate(
@@ -815,7 +817,7 @@ def _worst_outliers(
 
     Outliers are above ``max(outlier_px, 3.5 x the median of their kind)`` ((z, z+1) links
     vs longer ones). A primary link (:func:`_primary`) that two or more outlying longer links
-    span is the culprit instead of them: a wrong full-weight link pulls the solution and
+    of like error (within 3x) span is the culprit instead of them: a wrong full-weight link pulls the solution and
     makes the links that check it look wrong. At most one link is rejected per neighbourhood
     of 2 slices per round.
     """
@@ -833,7 +835,11 @@ def _worst_outliers(
             links[j].z_a <= links[i].z_a and links[j].z_b >= links[i].z_b
         )
 
-    blame = {i: sum(1 for j in over if spans(j, i)) for i in range(len(links)) if primary[i]}
+    def blame_of(i: int) -> int:  # spanning outliers of like size (one gross error is itself)
+        e = [errs[j] for j in over if spans(j, i)]
+        return sum(1 for v in e if v >= max(e) / 3.0) if e else 0
+
+    blame = {i: blame_of(i) for i in range(len(links)) if primary[i]}
     culprits = sorted((i for i, n in blame.items() if n >= 2), key=lambda i: (-blame[i], -errs[i]))
     chosen: list[int] = []
     for i in [*culprits, *over]:
