@@ -251,9 +251,13 @@ def align_stack(
     if stop:
         write_qc(None, pairs, paths, run_dir, recipe, catalog.shape_yx)
         n_first = sum(1 for p in pairs if p.distance == 1)
+        what = (
+            f"no slice could be aligned ({len(bad)} of {len(zs)} slices are unusable)"
+            if len(zs) - len(bad) < 2
+            else f"no usable alignment: {len(failed)} of {n_first} neighbour pairs failed"
+        )
         raise AlignmentError(
-            f"no usable alignment: {len(failed)} of {n_first} neighbour pairs failed "
-            f"(more than half; {_failure_summary(pairs)}). Check the input and "
+            f"{what}; {_failure_summary(pairs)}. Check the input and "
             f"{run_dir / 'qc' / 'pairs.csv'}; if the slices are already aligned set "
             "'align: false' in the recipe"
         )
@@ -345,11 +349,15 @@ def _failure_summary(pairs: list) -> str:
     from collections import Counter
 
     failed = [p for p in pairs if not p.ok]
-    kinds = Counter(re.sub(r"\(.*?\)", "(…)", p.reason) for p in failed)
+
+    def kind_of(reason: str) -> str:
+        return re.sub(r"\d+", "#", re.sub(r"\(.*?\)", "(…)", reason))
+
+    kinds = Counter(kind_of(p.reason) for p in failed)
     if not kinds:
         return f"all {len(pairs)} pairs matched"
     kind, count = kinds.most_common(1)[0]
-    example = next(p for p in failed if re.sub(r"\(.*?\)", "(…)", p.reason) == kind)
+    example = next(p for p in failed if kind_of(p.reason) == kind)
     return (
         f"{len(failed)} of {len(pairs)} pairs failed, {count} of them like "
         f"z{example.z_a}→z{example.z_b}: {example.reason}"

@@ -123,9 +123,9 @@ def test_blank_and_noise_fail_with_reason(vnc0):
 
 def test_outlier_checks_use_config(vnc0):
     m = np.array([[1.0, 0.0, 300.0], [0.0, 1.0, 0.0]])
-    p = match(_warp_same(vnc0, m), vnc0, downsample=2)
-    assert not p.ok and "translation out of range" in p.reason
-    q = match(_warp_same(vnc0, m), vnc0, downsample=2, max_translation_fraction=0.5)
+    p = match(_warp_same(vnc0, m), vnc0, downsample=2, max_translation_fraction=0.2)
+    assert not p.ok and "translation out of range (300.0 px > 0.2 x 1024 px)" in p.reason
+    q = match(_warp_same(vnc0, m), vnc0, downsample=2)  # default: half the slice
     assert q.ok, q.reason
 
 

@@ -115,5 +115,12 @@ def test_stack_that_cannot_be_aligned_says_how_its_pairs_failed(tmp_path):
         run(recipe)
     message = str(err.value)
     assert "no slice could be aligned" in message and "align: false" in message
-    assert "5 of 5 pairs failed" in message and "like z0→z1" in message, message
+    assert "3 of 3 pairs failed, 3 of them like z0→z1" in message, message
+    assert "featureless/noise" in message
     assert not (tmp_path / "out" / "omezarr").exists()  # nothing left looking complete
+    # the reasons are on disk for inspection although the run stopped
+    table = (tmp_path / "out" / "emflow-run" / "qc" / "pairs.csv").read_text()
+    assert (
+        table.count("slice 0 is unusable") == 1
+        and (tmp_path / "out" / "emflow-run" / "qc" / "pairs.png").exists()
+    )

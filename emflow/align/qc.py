@@ -187,8 +187,9 @@ def plot_pairs(
     ax_r.set_ylabel("px (full resolution)")
     ax_i.set_ylabel("inliers")
     ax_i.set_xlabel("z (moving slice of the pair)")
-    ax_r.legend(fontsize=7)
-    ax_i.legend(fontsize=7)
+    for ax in (ax_r, ax_i):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     if alignment is None:
         ax_r.set_title("pair QC (no alignment: the run stopped before the solve)")
     else:
