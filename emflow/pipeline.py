@@ -328,7 +328,8 @@ def planned_stages(
 ) -> list[dict[str, Any]]:
     """Every stage of a run in order, with its unit count and unit labels (z ranges).
 
-    ``stats`` (16-bit window), ``features``/``match``/``solve`` (alignment), ``render``
+    ``stats`` (16-bit window), ``features``/``match``/``match2``/``solve``/``qc`` (alignment),
+    ``render``
     (when the plan has it), ``slab``, ``coarse<N>``, ``finalize`` (one unit per output).
     """
     n = len(catalog.slices)
@@ -336,11 +337,14 @@ def planned_stages(
     if stats:
         out.append({"stage": "stats", "total": 1})
     if aligning:
-        pairs = [(z, z + k) for z in range(n) for k in (1, 2) if z + k < n]
+        # neighbours, then second neighbours and bridges (their count is known once the
+        # neighbours are matched), the solve, and the QC of every matched pair
         out.append({"stage": "features", "total": n})
-        labels = [f"z {a}→{b}" for a, b in pairs] if len(pairs) <= 20_000 else None
-        out.append({"stage": "match", "total": len(pairs), "labels": labels})
+        labels = [f"z {z}→{z + 1}" for z in range(n - 1)] if n <= 20_000 else None
+        out.append({"stage": "match", "total": max(0, n - 1), "labels": labels})
+        out.append({"stage": "match2", "total": max(0, n - 2)})
         out.append({"stage": "solve", "total": 1})
+        out.append({"stage": "qc", "total": max(0, 2 * n - 3)})
     if plan.render_stage:
         out.append({"stage": "render", "total": plan.render_units})
     for p in plan.passes:

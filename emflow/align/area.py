@@ -28,6 +28,7 @@ slice ``b`` onto slice ``a`` (the :class:`~emflow.align.match.PairResult` conven
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import cv2
@@ -46,6 +47,8 @@ __all__ = [
 
 #: The area copy is reduced by an integer factor so that its long side is >= this many px.
 AREA_LONG_SIDE_PX = 512
+#: The rounds before the last use a grid this many times sparser (a quarter of the patches).
+SPARSE_STRIDE = 2
 #: Zero regions (area px) smaller than this square are dark section pixels, not fill.
 MIN_FILL_SIZE_PX = 5
 #: Area copies with fewer valid pixels than this fraction cannot be matched.
@@ -57,10 +60,15 @@ class AreaConfig:
     """Settings of area-based matching; px are area-copy px unless named full-res."""
 
     patch_px: int = 64  # side of a correlation patch
-    stride_px: int = 24  # grid step between patch centres
+    stride_px: int = 16  # grid step between patch centres (final round)
     search_px: int = 20  # half-width of the first search window (after a coarse estimate)
-    refine_search_px: int = 4  # half-width in the refining rounds
-    refine_rounds: int = 2  # patch-grid rounds after the first
+    # half-width in the refining rounds: it must hold the content scatter (ISBI: 1.8 px
+    # sigma), or only the patches that agree with the current estimate are kept and the
+    # rounds stall (4 px did); wider windows admit false peaks on 90 nm pairs (12-20 px did)
+    refine_search_px: int = 8
+    refine_rounds: int = 1  # sparse-grid rounds after the first, at least ...
+    max_rounds: int = 8  # ... and at most, until the corners move less than settled_px
+    settled_px: float = 0.2  # full-resolution px
     blur_px: float = 1.0  # Gaussian sigma applied before correlating
     min_ncc: float = 0.2  # patches whose peak NCC is lower are not used
     ransac_px: float = 6.0  # RANSAC inlier distance (area px)
@@ -174,6 +182,11 @@ def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return pts @ m[:2, :2].T + m[:2, 2]
 
 
+def _corners(shape_yx: tuple[int, int]) -> np.ndarray:
+    h, w = shape_yx
+    return np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], np.float64)
+
+
 def _corner_gap(m1: np.ndarray, m2: np.ndarray, shape_yx: tuple[int, int]) -> float:
     h, w = shape_yx
     q = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], np.float64)
@@ -222,7 +235,16 @@ def _parabola(ym: float, y0: float, yp: float) -> float:
     den = ym - 2.0 * y0 + yp
     if den >= 0:
         return 0.0
-    return float(np.clip(0.5 * (ym - yp) / den, -0.5, 0.5))
+    return min(0.5, max(-0.5, 0.5 * (ym - yp) / den))
+
+
+def _peak_offset(ym: float, y0: float, yp: float) -> float:
+    """Sub-pixel offset of a correlation peak from three samples: a Gaussian through them
+    (a parabola through their logarithms), which lags the true peak less than a parabola on
+    correlation peaks a few px wide; the parabola where a value is not positive."""
+    if ym <= 0 or y0 <= 0 or yp <= 0:
+        return _parabola(ym, y0, yp)
+    return _parabola(math.log(ym), math.log(y0), math.log(yp))
 
 
 def coarse_search(
@@ -346,8 +368,9 @@ def _displacements(
             continue
         if lx in (0, r.shape[1] - 1) or ly in (0, r.shape[0] - 1):
             continue  # peak on the window border: the true one may lie outside
-        ox = _parabola(r[ly, lx - 1], r[ly, lx], r[ly, lx + 1])
-        oy = _parabola(r[ly - 1, lx], r[ly, lx], r[ly + 1, lx])
+        row, col = r[ly, lx - 1 : lx + 2].tolist(), r[ly - 1 : ly + 2, lx].tolist()
+        ox = _peak_offset(row[0], row[1], row[2])
+        oy = _peak_offset(col[0], col[1], col[2])
         cs.append((x + (patch - 1) / 2.0, y + (patch - 1) / 2.0))
         ds.append((lx + ox - search, ly + oy - search))
         ncc.append(best)
@@ -501,20 +524,38 @@ def match_area(
     m = _in_copy(m_full, g)  # b -> a, copy px
     search = config.search_px if coarse else max(config.search_px // 2, config.refine_search_px)
     fwd = bwd = _Direction(None, np.zeros(0), float("nan"), np.zeros(0), 0, 0)
-    for _ in range(1 + int(config.refine_rounds)):
+    corners = _corners(a_u8.shape)
+    sparse = replace(config, stride_px=config.stride_px * SPARSE_STRIDE)
+
+    def both_ways(cfg: AreaConfig, m: np.ndarray) -> tuple[_Direction, _Direction]:
         # forward: patches of a (exact grid) found in b; regressing b on a gives a -> b
         fwd = _fit_direction(
-            _one_direction(a_img, a_valid, b_img, b_valid, np.linalg.inv(m), search, config),
-            config,
+            _one_direction(a_img, a_valid, b_img, b_valid, np.linalg.inv(m), search, cfg), cfg
         )
         # backward: patches of b (exact grid) found in a; regressing a on b gives b -> a
-        bwd = _fit_direction(
-            _one_direction(b_img, b_valid, a_img, a_valid, m, search, config), config
-        )
+        bwd = _fit_direction(_one_direction(b_img, b_valid, a_img, a_valid, m, search, cfg), cfg)
+        return fwd, bwd
+
+    # rounds on a sparser grid until the estimate settles (each round starts where the last
+    # ended: sub-pixel peaks lag the true residual motion, so strongly distorted pairs need a
+    # few), then one round on the full grid gives the result
+    last_step = float("inf")
+    for i in range(int(config.max_rounds)):
+        fwd, bwd = both_ways(sparse, m)
         if fwd.m is None or bwd.m is None:
             break
-        m = 0.5 * (np.linalg.inv(fwd.m) + bwd.m)
+        new = 0.5 * (np.linalg.inv(fwd.m) + bwd.m)
+        step = float(np.max(np.linalg.norm(_apply(new, corners) - _apply(m, corners), axis=1)))
         search = config.refine_search_px
+        if i > config.refine_rounds and step >= 0.8 * last_step:
+            m = 0.5 * (m + new)  # not settling (patches flip between two peaks): the mean
+            break
+        m, last_step = new, step
+        if i >= config.refine_rounds and step * g <= config.settled_px:
+            break
+    fwd, bwd = both_ways(config, m)
+    if fwd.m is not None and bwd.m is not None:
+        m = 0.5 * (np.linalg.inv(fwd.m) + bwd.m)
     return _judge(fwd, bwd, m, g, shape_yx, config, coarse)
 
 

@@ -66,7 +66,13 @@ def plan(
     if cat.dtype == "uint16" and r.depth.output == "uint8" and r.depth.window is None:
         stages.append(("stats", 1))
     if r.align.enabled and alignment is None:
-        stages += [("features", n), ("match", max(0, 2 * n - 3)), ("solve", 1)]
+        stages += [
+            ("features", n),
+            ("match", max(0, n - 1)),
+            ("match2", max(0, n - 2)),  # plus bridges over pairs that fail
+            ("solve", 1),
+            ("qc", max(0, 2 * n - 3)),
+        ]
     stages += [(s, k) for s, k, _ in p.stages()]
     typer.echo("units per stage: " + ", ".join(f"{s} {k}" for s, k in stages))
     typer.echo(f"planned memory per unit: up to {p.memory_per_unit / 2**30:.2f} GiB")
