@@ -431,7 +431,7 @@ def test_screenshot_mid_run_shows_every_state_and_the_whole_plan(tmp_path):
             for i in range(64)
         ]  # fmt: skip
         run_stage("features", feats, client=client, run_id=run_id, run_dir=run_dir, retries=1)
-        match = [Unit(i, demo_unit, (i, 0.05 if i < 40 else 30.0, ())) for i in range(125)]
+        match = [Unit(i, demo_unit, (i, 0.05 if i < 40 else 30.0, ())) for i in range(63)]
         t = threading.Thread(
             target=lambda: run_stage(
                 "match", match, client=client, run_id=run_id, run_dir=run_dir, window=6
@@ -470,7 +470,7 @@ def test_screenshot_mid_run_shows_every_state_and_the_whole_plan(tmp_path):
         assert cancelled["cancelled"]
     states = {s["stage"]: s for s in snap["stages"]}
     pyramid = [name for name, _n, _mem in plan.stages()]
-    assert list(states) == ["features", "match", "solve", *pyramid, "finalize"]
+    assert list(states) == ["features", "match", "match2", "solve", "qc", *pyramid, "finalize"]
     assert (
         states["features"]["counts"]["redone"] == 2 and states["features"]["counts"]["done"] == 62
     )

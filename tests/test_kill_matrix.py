@@ -1,5 +1,6 @@
 """Resume from any point: the driver is killed (SIGKILL, or SIGINT to its whole process group)
-inside every stage -- features, match, solve, slab, coarse, finalize -- and a worker is killed
+inside every stage -- features, match, match2, solve, qc, slab, coarse, finalize -- and a worker
+is killed
 in every stage; `emflow run` with the same command then exits 0, skips exactly the units whose
 markers exist, redoes the units the dead driver had started, and writes every output byte equal
 to an uninterrupted run's.
@@ -28,13 +29,15 @@ from tests.conftest import tree_digest
 
 pytestmark = pytest.mark.integration
 
-STAGES = ("features", "match", "solve", "slab", "coarse1", "finalize")
+STAGES = ("features", "match", "match2", "solve", "qc", "slab", "coarse1", "finalize")
 #: where each stage's kill lands: pause the stage after n units started (a later stage at 0, so
 #: a one-unit stage that finishes before the kill still holds the run before the next stage)
 HOLD = {
     "features": "features:3",
     "match": "match:4",
-    "solve": "solve:1,slab:0",
+    "match2": "match2:4",
+    "solve": "solve:1,qc:0",
+    "qc": "qc:4",
     "slab": "slab:2",
     "coarse1": "coarse1:1,finalize:0",
     "finalize": "finalize:1",
@@ -142,7 +145,8 @@ def reference(stack, tmp_path_factory) -> dict[str, dict[str, str]]:
     assert proc.returncode == 0, err
     cells = {r["stage"]: r["total"] for r in journal(run_dir) if r["event"] == "stage"}
     assert cells == {
-        "features": 16, "match": 29, "solve": 1, "slab": 4, "coarse1": 1, "finalize": 2,
+        "features": 16, "match": 15, "match2": 14, "solve": 1, "qc": 29, "slab": 4,
+        "coarse1": 1, "finalize": 2,
     }  # fmt: skip
     digest = {name: tree_digest(work / "out" / name) for name in OUTPUTS}
     assert all(len(d) > 5 for d in digest.values())
@@ -236,7 +240,8 @@ def arm_worker_kills(dask_scheduler, stages: list[str], nth: int = 2) -> None:
     dask_scheduler.handlers["emflow_gate"] = killing_gate
 
 
-WORKER_STAGES = ("features", "match", "slab", "coarse1")  # the stages whose units run on workers
+# the stages whose units run on workers
+WORKER_STAGES = ("features", "match", "match2", "qc", "slab", "coarse1")
 
 
 def run_with_worker_kills(proc: subprocess.Popen, run_dir: Path, timeout: float = 300) -> str:
