@@ -142,6 +142,11 @@ def match_unit(
     return result.to_dict()
 
 
+def _known(result: dict) -> dict:
+    """A pair unit whose result is known without matching (a slice of it is unusable)."""
+    return result
+
+
 def content_unit(path_a: str, path_b: str, matrix: list[list[float]]) -> dict:
     """QC of one link after alignment: patch displacements left between the two slices when
     b is mapped into a by ``matrix`` (2x3, from the solved transforms); full-res px."""
@@ -231,14 +236,14 @@ def align_stack(
     zs = list(range(len(catalog.slices)))
 
     def match_round(name: str, plan: list) -> dict[tuple[int, int], PairResult]:
-        done: dict[tuple[int, int], PairResult] = {}
         round_units = []
         for i, (a, b, m) in enumerate(plan):
-            if (s := skipped(a, b, bad)) is not None:
-                done[(a, b)] = s
+            if (s := skipped(a, b, bad)) is not None:  # not matched: its result is known
+                round_units.append(Unit(i, _known, (s.to_dict(),)))
                 continue
             initial = None if m is None else np.asarray(m).tolist()
             round_units.append(Unit(i, match_unit, (paths[a], paths[b], a, b, config, initial)))
+        done: dict[tuple[int, int], PairResult] = {}
         for d in stage(name, round_units).values():
             p = PairResult.from_dict(d)
             done[(p.z_a, p.z_b)] = p
