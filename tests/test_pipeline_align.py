@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -63,9 +64,26 @@ def _recipe(root, out, clip_limit=0.0, **extra):
 
 def test_pipeline_recovers_known_transforms_and_writes_warped_slices(misaligned):
     root, warped, truth = misaligned
-    result = run(_recipe(root, "out"))
+    said: list[str] = []
+    result = run(_recipe(root, "out"), log=said.append)
     alignment = Alignment.from_json(result.run_dir / "alignment.json")
     assert 7 in alignment.bad_slices
+    # the console line counts pairs as the alignment does: matched / failed / rejected disjoint
+    summary = alignment.pair_summary()
+    assert summary == result.alignment.pair_summary() == result.pair_summary
+    line = next(m for m in said if m.startswith("pairs: "))
+    shown = {
+        kind: tuple(int(v) for v in m.groups())
+        for kind, m in (
+            (kind, re.search(rf"{name} (\d+)/(\d+) matched \((\d+) failed, (\d+) rejected\)", line))
+            for kind, name in (("neighbour", "neighbours"), ("second", "second neighbours"))
+        )
+    }
+    for kind, (matched, total, failed, rejected) in shown.items():
+        c = summary[kind]
+        assert (matched, failed, rejected) == (c["matched"], c["failed"], c["rejected"]), line
+        assert total == matched + failed + rejected
+    assert summary["neighbour"]["failed"] == 2  # the two pairs touching the blank slice
     good = {z: m for z, m in alignment.transforms.items() if z != 7}
     errors = stack_errors_px(good, truth, warped.shape[1:])
     assert max(errors.values()) <= 3.0, errors  # drift bound on synthetic texture; see closing note
