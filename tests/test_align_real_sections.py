@@ -1,6 +1,12 @@
 """Alignment on real serial sections at default settings (issue 13): the published, registered
-VNC (20 × 1024², 45 nm) and ISBI train (30 × 512², 50 nm) stacks, and copies of them misplaced
-by our own random draws (rotation ≤ 2°, translation ≤ 100 px, scale/shear ≤ 1 %).
+VNC (1024², 45 nm) and ISBI train (512², 50 nm) stacks, and copies of them misplaced by our own
+random draws (rotation ≤ 2°, translation ≤ 100 px, scale/shear ≤ 1 %).
+
+To keep CI short the tests take the first 10 slices of each stack at full slice size (the
+default working size is the point; a crop would test another one), except the end-to-end
+scale of the registered ISBI stack, measured over all 30 slices: its sections jitter by
+±1.5 % in scale, so over 10 slices the end slices' own jitter, not drift, sets the figure.
+``benchmarks/align_quality.py`` measures the whole stacks.
 
 Real neighbouring sections are not related by an affine map (content moves 3-7 px between
 them), so the published alignment is no px-exact truth. What is asserted instead:
@@ -38,7 +44,9 @@ from emflow.testing.transforms import (
 pytestmark = [pytest.mark.real_data, pytest.mark.integration]
 
 SEEDS = (3, 4, 5)
-BAD = {6: "blank", 13: "noise"}
+#: slices of each stack the tests align (the first ones)
+SLICES = 10
+BAD = {3: "blank", 6: "noise"}
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +56,19 @@ def pmap():
         yield ex.map
 
 
-def _load(shared_data, name: str) -> np.ndarray:
+def _load(shared_data, name: str, n: int) -> np.ndarray:
+    """The first ``n`` slices of a stack (VNC has 20, ISBI 30)."""
     if name == "vnc":
         src = shared_data / "sstem-drosophila-vnc" / "stack1" / "raw"
-        return np.stack([tifffile.imread(src / f"{z:02d}.tif") for z in range(20)])
+        return np.stack([tifffile.imread(src / f"{z:02d}.tif") for z in range(n)])
     src = shared_data / "isbi2012-sstem" / "train"
-    return np.stack(
-        [cv2.imread(str(src / f"{z:02d}.png"), cv2.IMREAD_GRAYSCALE) for z in range(30)]
-    )
+    return np.stack([cv2.imread(str(src / f"{z:02d}.png"), cv2.IMREAD_GRAYSCALE) for z in range(n)])
+
+
+def _fit(job: tuple) -> object:
+    fa, fb, z_a, z_b = job
+    cv2.setNumThreads(1)
+    return match_features(fa, fb, z_a=z_a, z_b=z_b)
 
 
 def _aligned(stack: np.ndarray, pmap) -> dict:
@@ -66,7 +79,7 @@ def _aligned(stack: np.ndarray, pmap) -> dict:
 @pytest.fixture(scope="module", params=["vnc", "isbi"])
 def real(request, shared_data, pmap):
     """A real stack: registered, and misplaced by each seed of SEEDS; features and alignments."""
-    stack = _load(shared_data, request.param)
+    stack = _load(shared_data, request.param, SLICES)
     out = {"name": request.param, "stack": stack, "registered": _aligned(stack, pmap)}
     for seed in SEEDS:
         warped, warps = warp_stack(stack, seed=seed)
@@ -84,14 +97,15 @@ def test_every_neighbour_pair_matches_at_default_settings(real):
         assert not al.bad_slices and not al.gaps
 
 
-def test_pair_fit_forwards_backwards_are_inverse(real):
+def test_pair_fit_forwards_backwards_are_inverse(real, pmap):
     """Fitting b onto a and a onto b gives inverse transforms: 0.1 % in scale, 1 px at corners."""
     feats = real["registered"]["feats"]
     shape = feats[0].shape_yx
     scales, corners = [], []
-    for z in range(len(feats) - 1):
-        fwd = match_features(feats[z], feats[z + 1], z_a=z, z_b=z + 1)
-        bwd = match_features(feats[z + 1], feats[z], z_a=z + 1, z_b=z)
+    zs = range(len(feats) - 1)
+    fits = list(pmap(_fit, [(feats[z], feats[z + 1], z, z + 1) for z in zs]))
+    fits_back = list(pmap(_fit, [(feats[z + 1], feats[z], z + 1, z) for z in zs]))
+    for fwd, bwd in zip(fits, fits_back, strict=True):
         assert fwd.ok and bwd.ok, (fwd.reason, bwd.reason)
         cycle = compose(fwd.matrix_array, bwd.matrix_array)  # a -> b -> a: identity if inverse
         scales.append(abs(np.sqrt(np.linalg.det(cycle[:, :2])) - 1))
@@ -101,14 +115,23 @@ def test_pair_fit_forwards_backwards_are_inverse(real):
     assert max(corners) <= 1.0
 
 
-def test_registered_stack_is_not_shrunk_or_sheared(real):
+@pytest.fixture(scope="module")
+def isbi_whole(shared_data, pmap):
+    """The whole registered ISBI train stack (30 × 512²) and its alignment."""
+    stack = _load(shared_data, "isbi", 30)
+    return {"stack": stack, **_aligned(stack, pmap)}
+
+
+def test_registered_stack_is_not_shrunk_or_sheared(real, request):
     """Aligning the registered stack keeps its scale end to end (first vs last slice, ≤ 0.5 %)
     and does not drift in shear: the mean linear part of the last three slices against that
     of the first three is within 0.5 % in scale and shear. (A single section keeps the
-    distortion its content shows: up to ~5 % anisotropy between some ISBI neighbours.)"""
-    al = real["registered"]["alignment"]
+    distortion its content shows: up to ~5 % anisotropy between some ISBI neighbours; ISBI
+    is measured over its whole stack, see the module docstring.)"""
+    whole = request.getfixturevalue("isbi_whole") if real["name"] == "isbi" else real
+    al = whole["registered"]["alignment"] if whole is real else whole["alignment"]
     zs = sorted(al.transforms)
-    h, w = real["stack"].shape[1:]
+    h, w = whole["stack"].shape[1:]
     change = scale_change(al.transforms, zs[0], zs[-1])
     first = sum(al.transforms[z][:, :2] for z in zs[:3]) / 3
     last = sum(al.transforms[z][:, :2] for z in zs[-3:]) / 3
@@ -149,12 +172,12 @@ def test_blank_and_noise_slices_are_bridged(real, pmap):
         for i, z in enumerate(BAD):
             feats[z] = new[i]
         flagged = {z: bad[i] for i, z in enumerate(BAD) if i in bad}
-        assert flagged == {6: "blank", 13: "featureless/noise"}
+        assert flagged == {3: "blank", 6: "featureless/noise"}
         al = align_features(feats, flagged, map_=pmap)
         assert set(al.bad_slices) == set(BAD) and not al.segment_breaks
         assert [(g["after"], g["before"], g["status"]) for g in al.gaps] == [
+            (2, 4, "bridged"),
             (5, 7, "bridged"),
-            (12, 14, "bridged"),
         ]
         assert all(len(g["links"]) >= 2 for g in al.gaps)
         assert al.source_slice(6) == 6 and al.bad_slice_policy == "bridge"
