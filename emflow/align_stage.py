@@ -379,7 +379,8 @@ def write_qc(
     content: dict[tuple[int, int], dict] | None = None,
 ) -> None:
     """Pair table (CSV), residual/inlier plots and before/after XZ/YZ reslices (PNG) in
-    run_dir/qc. ``alignment`` None (the run stops before a solve): pairs only."""
+    run_dir/qc. ``alignment`` None (the run stops before a solve): pairs only; the reslices
+    need the features' thumbnails (a rerun after they were tidied away keeps the old PNG)."""
     import cv2
 
     from emflow.align import qc
@@ -388,8 +389,8 @@ def write_qc(
     qc_dir.mkdir(exist_ok=True)
     qc.write_pair_table(pairs, alignment, qc_dir / "pairs.csv", shape_yx=shape_yx, content=content)
     qc.plot_pairs(pairs, alignment, qc_dir / "pairs.png", shape_yx=shape_yx, content=content)
-    if alignment is None:
-        return
+    if alignment is None or not all(Path(p).is_file() for p in feature_paths):
+        return  # no solve yet, or a complete run's rerun (features tidied away): keep the PNG
     thumbs, scale = [], 1
     for p in feature_paths:
         with np.load(p) as d:

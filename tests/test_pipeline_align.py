@@ -99,6 +99,16 @@ def test_pipeline_recovers_known_transforms_and_writes_warped_slices(misaligned)
     for name in ("pairs.csv", "pairs.png", "reslices.png"):
         assert (qc / name).stat().st_size > 0, name
     assert "features" in result.stage_seconds and not (result.run_dir / "slice-cache").exists()
+    # the complete run again: every stage skipped (features were tidied away), same alignment
+    # and outputs, QC kept
+    assert not (result.run_dir / "features").exists()
+    digest = tree_digest(result.output_paths["z"])
+    csv = (qc / "pairs.csv").read_text()
+    again = run(_recipe(root, "out"))
+    assert Alignment.from_json(again.run_dir / "alignment.json") == alignment
+    assert again.alignment.pair_summary() == summary
+    assert tree_digest(again.output_paths["z"]) == digest
+    assert (qc / "pairs.csv").read_text() == csv and (qc / "reslices.png").stat().st_size > 0
 
 
 def test_reexport_with_alignment_json_is_byte_identical_without_features(misaligned):
