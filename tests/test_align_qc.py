@@ -20,7 +20,9 @@ def _pairs() -> list[PairResult]:
             reason = "" if ok else "too few inliers (2 < 20)"
             res = 0.4 if ok else float("nan")
             out.append(
-                PairResult(a, a + k, ok, reason, "translation", m, m, 150 if ok else 2, 160, res, 0.1)
+                PairResult(
+                    a, a + k, ok, reason, "translation", m, m, 150 if ok else 2, 160, res, 0.1
+                )
             )
     return out
 
