@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 
@@ -84,6 +85,11 @@ def test_pipeline_recovers_known_transforms_and_writes_warped_slices(misaligned)
         assert (matched, failed, rejected) == (c["matched"], c["failed"], c["rejected"]), line
         assert total == matched + failed + rejected
     assert summary["neighbour"]["failed"] == 2  # the two pairs touching the blank slice
+    # 2 of 19 neighbour pairs failed (> 10 %): a warning names them
+    warning = next(m for m in said if m.startswith("warning: 2 of 19 neighbour pairs failed"))
+    assert "z6→z7" in warning and "z7→z8" in warning, warning
+    # the recipe's drift control reached the solve (default align.regularisation)
+    assert alignment.regularisation == _recipe(root, "out").align.regularisation == 0.03
     good = {z: m for z, m in alignment.transforms.items() if z != 7}
     errors = stack_errors_px(good, truth, warped.shape[1:])
     assert max(errors.values()) <= 3.0, errors  # drift bound on synthetic texture; see closing note
@@ -98,17 +104,26 @@ def test_pipeline_recovers_known_transforms_and_writes_warped_slices(misaligned)
     qc = result.run_dir / "qc"
     for name in ("pairs.csv", "pairs.png", "reslices.png"):
         assert (qc / name).stat().st_size > 0, name
+    # every fitted link measured against the content after alignment (patch NCC residual): on
+    # synthetic texture it stays within the stack's error bound, and is never exactly 0
+    with (qc / "pairs.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["content_px"] not in ("", "nan")]
+    fitted = sum(summary[k]["matched"] + summary[k]["rejected"] for k in summary)
+    assert len(rows) == fitted, rows  # rejected links are measured too: that is their QC
+    residual = [float(r["content_px"]) for r in rows]
+    assert 0 < min(residual) and max(residual) < 3.0, residual  # the stack's drift bound
+    assert any(m.startswith("links after alignment (patch NCC residual") for m in said)
     assert "features" in result.stage_seconds and not (result.run_dir / "slice-cache").exists()
     # the complete run again: every stage skipped (features were tidied away), same alignment
     # and outputs, QC kept
     assert not (result.run_dir / "features").exists()
     digest = tree_digest(result.output_paths["z"])
-    csv = (qc / "pairs.csv").read_text()
+    table = (qc / "pairs.csv").read_text()
     again = run(_recipe(root, "out"))
     assert Alignment.from_json(again.run_dir / "alignment.json") == alignment
     assert again.alignment.pair_summary() == summary
     assert tree_digest(again.output_paths["z"]) == digest
-    assert (qc / "pairs.csv").read_text() == csv and (qc / "reslices.png").stat().st_size > 0
+    assert (qc / "pairs.csv").read_text() == table and (qc / "reslices.png").stat().st_size > 0
 
 
 def test_reexport_with_alignment_json_is_byte_identical_without_features(misaligned):
