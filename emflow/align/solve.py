@@ -810,6 +810,10 @@ def _place_global(
     return {z: m[:2] for z, m in placed.items()}, gap_info, breaks
 
 
+#: A link this many times over its outlier limit is a false match, rejected on its own.
+GROSS_OUTLIER = 10.0
+
+
 def _worst_outliers(
     links: Sequence[PairResult], errs: np.ndarray, outlier_px: float, primary: Sequence[bool]
 ) -> list[int]:
@@ -817,9 +821,10 @@ def _worst_outliers(
 
     Outliers are above ``max(outlier_px, 3.5 x the median of their kind)`` ((z, z+1) links
     vs longer ones). A primary link (:func:`_primary`) that two or more outlying longer links
-    of like error (within 3x) span is the culprit instead of them: a wrong full-weight link pulls the solution and
-    makes the links that check it look wrong. At most one link is rejected per neighbourhood
-    of 2 slices per round.
+    of like error (within 3x) span is the culprit instead of them: a wrong full-weight link
+    pulls the solution and makes the links that check it look wrong. Gross outliers
+    (``GROSS_OUTLIER`` x the limit) are rejected first, on their own. At most one link is
+    rejected per neighbourhood of 2 slices per round.
     """
     if not len(links):
         return []
@@ -839,7 +844,13 @@ def _worst_outliers(
         e = [errs[j] for j in over if spans(j, i)]
         return sum(1 for v in e if v >= max(e) / 3.0) if e else 0
 
-    blame = {i: blame_of(i) for i in range(len(links)) if primary[i]}
+    # a gross error (10x its limit: a false match) is the link's own: such links go first,
+    # before any link they span is blamed (they would blame good links one after another)
+    gross = [i for i in over if errs[i] > GROSS_OUTLIER * limit[i]]
+    if gross:
+        over, blame = gross, {}
+    else:
+        blame = {i: blame_of(i) for i in range(len(links)) if primary[i]}
     culprits = sorted((i for i, n in blame.items() if n >= 2), key=lambda i: (-blame[i], -errs[i]))
     chosen: list[int] = []
     for i in [*culprits, *over]:
