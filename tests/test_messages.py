@@ -160,6 +160,46 @@ def test_cli_run_writes_run_log(stack):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (stack / "out" / "emflow-run" / "run.log").read_text()
     assert "discovered slices: 8" in text and "done in" in text
+    # emflow's log records too: one line per stage in run.log and (stderr is no tty) once on
+    # the terminal; the closing lines (stdout) end run.log
+    for stage in ("slab", "finalize"):
+        pattern = rf"^{stage}: (\d+)/\1 units, .*done$"
+        assert len(re.findall(pattern, proc.stderr, re.M)) == 1, (stage, proc.stderr)
+        assert re.search(rf"^\S+ \S+ {stage}: (\d+)/\1 units, .*done$", text, re.M), stage
+    assert text.splitlines()[-1].endswith(proc.stdout.splitlines()[-1])
+
+
+def test_cli_run_logging_keeps_tracebacks_in_run_log(tmp_path, capsys):
+    """During ``emflow run`` an emflow warning is one line on the terminal; its traceback and
+    the CLI's own lines go to run.log only (and the handlers are gone afterwards)."""
+    from emflow.cli.run import _run_logging
+
+    run_dir = tmp_path / "emflow-run"
+    run_dir.mkdir()
+    before = list(logging.getLogger("emflow").handlers)
+    with _run_logging(run_dir, quiet=False) as log:
+        log.info("a line the CLI prints itself")
+        try:
+            raise OSError("lattice plugin gone")
+        except OSError:
+            logging.getLogger("emflow.lattice.execute").warning(
+                "plugin not reachable", exc_info=True
+            )
+        logging.getLogger("emflow.progress").info("slab: 2/2 units, 1 s, done")
+    assert logging.getLogger("emflow").handlers == before
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "emflow: warning: plugin not reachable",
+        "slab: 2/2 units, 1 s, done",
+    ]
+    text = (run_dir / "run.log").read_text()
+    for needle in (
+        "a line the CLI prints itself",
+        "plugin not reachable",
+        "Traceback",
+        "slab: 2/2",
+    ):
+        assert needle in text, needle
 
 
 def test_failed_run_is_in_run_log(stack, tmp_path):

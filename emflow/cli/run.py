@@ -8,8 +8,11 @@ to ``libraries.log``, and the cluster started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -29,19 +32,48 @@ from emflow.cli.options import (
 
 #: what libraries and local worker processes print, kept in the run folder
 LIBRARY_LOG = "libraries.log"
+#: the logger of the CLI's own lines (printed by ``say``; run.log through the "emflow" logger)
+CLI_LOGGER = "emflow.cli"
 
 
-def _logger(run_dir: Path) -> logging.Logger:
-    log = logging.getLogger("emflow.run")
-    log.setLevel(logging.INFO)
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    fh = logging.FileHandler(run_dir / "run.log")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(fh)
-    log.propagate = False
-    return log
+class _Terminal(logging.Handler):
+    """emflow's own log records on the terminal, one line each: stage lines no bar showed
+    (stderr is not a tty), warnings and errors (their tracebacks stay in ``run.log``).
+    Skips the ``emflow.cli`` records, which :func:`run`'s ``say`` prints itself."""
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__(logging.WARNING if quiet else logging.INFO)
+        self.addFilter(lambda r: not r.name.startswith(CLI_LOGGER))
+        self.addFilter(lambda r: not getattr(r, "emflow_shown", False))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage().splitlines()[0] if record.getMessage() else ""
+            if record.levelno >= logging.WARNING:
+                text = f"emflow: {record.levelname.lower()}: {text.removeprefix('emflow: ')}"
+            sys.stderr.write(text + "\n")  # the terminal (emflow.cli.console routes fd 2 away)
+            sys.stderr.flush()
+        except Exception:  # a closed terminal must not end the run
+            pass
+
+
+@contextlib.contextmanager
+def _run_logging(run_dir: Path, quiet: bool) -> Iterator[logging.Logger]:
+    """Every ``emflow`` record of this run in ``run_dir/run.log`` (:class:`emflow.logs.RunLog`:
+    stage lines, warnings, the CLI's own lines, the final error) and on the terminal; yields
+    the CLI's logger. The run folder has been claimed: the log is written from the start."""
+    from emflow.logs import RunLog
+
+    run_log = RunLog(run_dir).attach()
+    run_log.open()
+    terminal = _Terminal(quiet)
+    emflow_logger = logging.getLogger("emflow")
+    emflow_logger.addHandler(terminal)
+    try:
+        yield logging.getLogger(CLI_LOGGER)
+    finally:
+        emflow_logger.removeHandler(terminal)
+        run_log.detach()
 
 
 def _wait_for_a_worker(client, cluster: str, log_dir: Path, say) -> None:
@@ -116,46 +148,46 @@ def run(
     # --- from here on, files are written (the checks above refused nothing) ---
     claim_run_folder(r)
     logging.raiseExceptions = False  # a full disk must not turn run.log writes into tracebacks
-    log = _logger(run_dir)
-    TRACEBACK_LOG.append(run_dir / "run.log")
+    with _run_logging(run_dir, quiet) as log:
+        TRACEBACK_LOG.append(run_dir / "run.log")
 
-    def say(msg: str) -> None:
-        log.info(msg)
-        if not quiet:
-            typer.echo(msg, err=True)
+        def say(msg: str) -> None:
+            log.info(msg)
+            if not quiet:
+                typer.echo(msg, err=True)
 
-    say(f"emflow run {recipe} → {r.output_root}")
-    for note in check.notes:
-        say(note)
-    t0 = time.perf_counter()
-    progress = None if not quiet else False
-    try:
-        with libraries_to_log(run_dir / LIBRARY_LOG, say):
-            result = _execute(
-                r, req, check, serial, restart, progress, say, alignment, cluster, run_dir
-            )
-    except EmflowError as exc:
-        log.info(f"error (exit {exc.exit_code}): {exc}")
-        raise
-    except KeyboardInterrupt:
-        log.info("interrupted; run the same command to resume")
-        raise
-    except OSError as exc:  # the driver's own writes (journal, markers): full disk, permissions
-        err = deterministic(exc)
-        if err is None:
+        say(f"emflow run {recipe} → {r.output_root}")
+        for note in check.notes:
+            say(note)
+        t0 = time.perf_counter()
+        progress = None if not quiet else False
+        try:
+            with libraries_to_log(run_dir / LIBRARY_LOG, say):
+                result = _execute(
+                    r, req, check, serial, restart, progress, say, alignment, cluster, run_dir
+                )
+        except EmflowError as exc:
+            log.info(f"error (exit {exc.exit_code}): {exc}")
             raise
-        if isinstance(err, NoSpaceError) and err.path is None:
-            err = no_space(f"under {r.output_root}")
-        log.info(f"error (exit {err.exit_code}): {err}")
-        raise err from exc
-    secs = time.perf_counter() - t0
-    say(
-        f"done in {secs:.1f} s: {result.bytes_in / 1e6:.0f} MB of slices at "
-        f"{result.bytes_in / 1e6 / secs:.1f} MB/s"
-    )
-    for line in closing_lines(r, result):
-        log.info(line)
-        typer.echo(line)
+        except KeyboardInterrupt:
+            log.info("interrupted; run the same command to resume")
+            raise
+        except OSError as exc:  # the driver's own writes (journal, markers): full disk, permissions
+            err = deterministic(exc)
+            if err is None:
+                raise
+            if isinstance(err, NoSpaceError) and err.path is None:
+                err = no_space(f"under {r.output_root}")
+            log.info(f"error (exit {err.exit_code}): {err}")
+            raise err from exc
+        secs = time.perf_counter() - t0
+        say(
+            f"done in {secs:.1f} s: {result.bytes_in / 1e6:.0f} MB of slices at "
+            f"{result.bytes_in / 1e6 / secs:.1f} MB/s"
+        )
+        for line in closing_lines(r, result):
+            log.info(line)
+            typer.echo(line)
 
 
 def _execute(r, req, check, serial, restart, progress, say, alignment, cluster, run_dir):
