@@ -72,28 +72,68 @@ class Project:
         return self.root / "out"
 
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "emflow", *args],
-            cwd=self.root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return start_cli(args, self.root)
 
     def emflow(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return self.emflow_many(args, timeout=timeout)[0]
 
     def emflow_many(self, *commands: tuple[str, ...], timeout: float = 300):
         """Run several emflow commands at once (each must leave the others' files alone)."""
-        procs = [self.start(*args) for args in commands]
-        out = []
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=timeout)
-            out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-        return out
+        procs: list[subprocess.Popen] = []
+        try:
+            for args in commands:
+                procs.append(self.start(*args))
+            return [finish(proc, timeout) for proc in procs]
+        finally:
+            for proc in procs:
+                kill_group(proc)
 
     def sources(self) -> dict[str, str]:
         return tree_digest(self.src) if self.src.exists() else {}
+
+
+def start_cli(
+    args: tuple[str, ...] | list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``emflow *args`` in its own process group (local Dask workers included), with Ctrl-C
+    at its default (a test runner started in the background ignores SIGINT: not inherited)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "emflow", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of the command's process group (a no-op after a clean exit)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.communicate(timeout=30)
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        pass
+
+
+def cli(
+    args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    proc = start_cli(args, cwd, env)
+    try:
+        return finish(proc, timeout)
+    finally:
+        kill_group(proc)
 
 
 def files(root: Path) -> dict[str, str]:
@@ -464,7 +504,7 @@ def mount(tmp_path):
     def do(path: Path, size_mb: int, *, ro: bool = False) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         opts = f"size={size_mb}m" + (",ro" if ro else "")
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)])
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], timeout=60)
         if r.returncode:
             pytest.skip("cannot mount a tmpfs here")
         mounted.append(path)
@@ -472,11 +512,11 @@ def mount(tmp_path):
 
     yield do
     for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)])
+        subprocess.run(["umount", "-l", str(path)], timeout=60)
 
 
 def _remount(path: Path, opts: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{opts}", str(path)], check=True)
+    subprocess.run(["mount", "-o", f"remount,{opts}", str(path)], check=True, timeout=60)
 
 
 def test_sources_on_a_read_only_mount_are_only_read(tmp_path, mount):
@@ -749,18 +789,14 @@ def test_sigint_mid_run_to_the_process_group(tmp_path, mode):
     p.recipe(align="")
     src = p.sources()
     args = ["--workers", "2", "--dashboard", ":0"] if mode == "cluster" else ["--serial"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "emflow", "run", "recipe.yaml", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    _wait_for(p.out / "emflow-run" / "done" / "features", proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=180)
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    proc = start_cli(["run", "recipe.yaml", *args], tmp_path)
+    try:
+        _wait_for(p.out / "emflow-run" / "done" / "features", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        done = finish(proc, 180)
+    finally:
+        kill_group(proc)
+    err = done.stderr
     assert done.returncode == 130, (done.returncode, err[-3000:])
     no_traceback(done)
     assert err.rstrip().endswith("emflow: interrupted; run the same command to resume"), err
@@ -774,20 +810,15 @@ def test_sigint_mid_run_to_the_process_group(tmp_path, mode):
 
 def test_demo_exit_codes(tmp_path):
     """demo failures exit non-zero; the demo never writes into a folder that is not its own."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "emflow", "demo", str(tmp_path / "d"), "--slices", "3", "--size",
-         "96", "--workers", "0"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = cli(
+        ["demo", str(tmp_path / "d"), "--slices", "3", "--size", "96", "--workers", "0"], tmp_path
+    )
     error_line(proc, 2, "no usable alignment", "neighbour pairs failed", "align: false")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "slices").mkdir()
     (mine / "slices" / "slice_0000.png").write_bytes(b"precious")
-    proc = subprocess.run(
-        [sys.executable, "-m", "emflow", "demo", str(mine), "--slices", "2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = cli(["demo", str(mine), "--slices", "2"], tmp_path)
     error_line(proc, 2, str(mine), "not an emflow demo folder")
     assert (mine / "slices" / "slice_0000.png").read_bytes() == b"precious"
 
@@ -812,10 +843,13 @@ def test_closing_lines_say_what_was_written_and_how_to_look(tmp_path):
         outputs="  - {format: precomputed, name: em}\n  - {format: omezarr, name: v5}\n"
         "  - {format: omezarr, name: v4, version: '0.4'}\n",
     )
-    proc = p.emflow("run", "recipe.yaml", "--serial")
+    # run over ssh: the closing lines also say how to bring the viewer's port home
+    ssh = {"SSH_CONNECTION": "10.0.0.9 50000 10.0.0.1 22"}
+    proc = cli(["run", "recipe.yaml", "--serial"], tmp_path, env=ssh)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = p.out.resolve()
     for line in (
+        "is remote: on your own computer run 'ssh -N -L 8000:localhost:8000 ",
         f"wrote 3 volume(s) to {out}",
         f"{out / 'emflow-run' / 'qc' / 'reslices.png'}",
         f"emflow serve {out}",
@@ -829,3 +863,52 @@ def test_closing_lines_say_what_was_written_and_how_to_look(tmp_path):
     # intermediates are gone; the QC images and alignment stay
     assert not (p.out / "emflow-run" / "features").exists()
     assert (p.out / "emflow-run" / "alignment.json").is_file()
+
+
+def test_port_forward_hint_only_on_a_remote_host(monkeypatch):
+    from emflow.cli.summary import port_forward_hint
+
+    for k in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY", "SLURM_JOB_ID", "LSB_JOBID", "PBS_JOBID"):
+        monkeypatch.delenv(k, raising=False)
+    assert port_forward_hint(8123) is None  # a local run: localhost links work as printed
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    hint = port_forward_hint(8123)
+    assert "ssh -N -L 8123:localhost:8123 " in hint and "<login node>" in hint
+
+
+def test_bad_slice_error_names_the_recipe_key(tmp_path):
+    """align.bad_slices: error stops at a blank slice, naming the slice and the recipe key."""
+    from emflow.testing.transforms import insert_bad_slices
+
+    p = Project(tmp_path, n=0)
+    stack = insert_bad_slices(np.stack(list(synthetic_slices((5, 256, 256), seed=3))), {2: "blank"})
+    write_stack(stack, p.src, pattern="s%03d.png")
+    p.recipe(align="align: {bad_slices: error}\n")
+    src = p.sources()
+    proc = p.emflow("run", "recipe.yaml", "--serial")
+    error_line(proc, 2, "z=2", "align.bad_slices", "bridge")
+    assert p.sources() == src
+    nothing_complete(p.out)
+
+
+def test_16_bit_window_is_stored_exactly_and_reproduces_the_run(tmp_path):
+    """The 16-bit window a run measured is printed and stored exactly (run.json): a recipe
+    that sets it writes the very same bytes."""
+    p = Project(tmp_path, n=0)
+    vol = synthetic_slices((N, SIZE, SIZE), seed=5, dtype=np.uint16)
+    write_stack(vol, p.src, pattern="s%03d.tif")
+    p.recipe(source="glob: 'src/*.tif'", outputs="  - {format: omezarr, name: v}\n")
+    proc = p.emflow("run", "recipe.yaml", "--serial")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    window = json.loads((p.out / "emflow-run" / "run.json").read_text())["resolved"]["window"]
+    assert f"16-bit window {window[0]!r}..{window[1]!r}" in proc.stderr, (window, proc.stderr)
+    first = tree_digest(p.out / "v")
+    shutil.rmtree(p.out)
+    p.recipe(
+        f"depth: {{window: [{window[0]!r}, {window[1]!r}]}}\n",
+        source="glob: 'src/*.tif'",
+        outputs="  - {format: omezarr, name: v}\n",
+    )
+    again = p.emflow("run", "recipe.yaml", "--serial", "-q")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert tree_digest(p.out / "v") == first
