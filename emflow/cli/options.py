@@ -62,11 +62,14 @@ def cluster_request(
     threads: int | None,
     memory: str | None,
     insecure: bool,
-    log_dir: Path | None,
+    log_dir: Path | None = None,
     dashboard_address: str = ":8787",
     secrets_dir: Path | None = None,
 ):
-    """Merge recipe ``run`` settings and CLI flags (flags win) into a ClusterRequest."""
+    """Merge recipe ``run`` settings and CLI flags (flags win) into a ClusterRequest.
+
+    Worker logs go to ``log_dir``, by default the run folder's ``worker-logs/``.
+    """
     from emflow.cluster import ClusterRequest
 
     return ClusterRequest(
@@ -77,7 +80,7 @@ def cluster_request(
         threads_per_worker=threads or recipe.run.threads_per_worker,
         memory_per_worker=memory or recipe.run.memory_per_worker,
         insecure=insecure,
-        log_dir=log_dir,
+        log_dir=log_dir if log_dir is not None else recipe.run_folder / "worker-logs",
         dashboard_address=dashboard_address,
         secrets_dir=secrets_dir,
     )

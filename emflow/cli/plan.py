@@ -45,15 +45,7 @@ def plan(
     cat = discover_recipe(r)
 
     req = cluster_request(
-        r,
-        cluster,
-        cluster_config,
-        workers,
-        max_workers,
-        threads,
-        memory,
-        insecure,
-        r.run_folder / "worker-logs",
+        r, cluster, cluster_config, workers, max_workers, threads, memory, insecure
     )
     p, note = plan_preview(
         r, len(cat.slices), cat.shape_yx, cat.dtype, alignment_path=alignment, refs=cat.slices

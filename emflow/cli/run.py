@@ -139,9 +139,8 @@ def run(
             threads,
             memory,
             insecure,
-            run_dir / "worker-logs",
-            dashboard,
-            run_dir / "secrets",
+            dashboard_address=dashboard,
+            secrets_dir=run_dir / "secrets",
         )
     install_signal_handlers()  # importing dask_jobqueue (cluster checks) replaced the SIGINT handler
     check = preflight(r, restart=restart, alignment_path=alignment, cluster_request=req)

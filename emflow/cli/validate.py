@@ -53,15 +53,7 @@ def validate(
 
     r = load_recipe(recipe)
     req = cluster_request(
-        r,
-        cluster,
-        cluster_config,
-        workers,
-        max_workers,
-        threads,
-        memory,
-        insecure,
-        r.run_folder / "worker-logs",
+        r, cluster, cluster_config, workers, max_workers, threads, memory, insecure
     )
     check = preflight(r, restart=restart, alignment_path=alignment, cluster_request=req)
     if decode:
