@@ -6,37 +6,17 @@ Needs Debian's chromium + chromium-driver (installed by .ci/run) and the `neurog
 
 from __future__ import annotations
 
-import shutil
 import threading
-import time
 
-import numpy as np
 import pytest
 
 from emflow import recipe_from_dict, run
 from emflow.cli.serve import make_server
 from emflow.testing import synthetic_slices, write_stack
+from tests import neuroglancer_view
 
 pytestmark = pytest.mark.integration
-neuroglancer = pytest.importorskip("neuroglancer", reason="pip install neuroglancer (test extra)")
-pytest.importorskip("selenium", reason="pip install selenium (test extra)")
-if not (shutil.which("chromium") and shutil.which("chromedriver")):
-    pytest.skip(
-        "needs Debian's chromium and chromium-driver (.ci/run installs them)",
-        allow_module_level=True,
-    )
-
-webdriver = pytest.importorskip("neuroglancer.webdriver")
-
-CHROME_ARGS = [
-    "--no-sandbox",
-    "--use-gl=angle",
-    "--use-angle=swiftshader",
-    "--enable-unsafe-swiftshader",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
+neuroglancer_view.require()
 
 
 @pytest.fixture(scope="module")
@@ -71,46 +51,21 @@ def served(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name,scheme,dims",
+    "name,scheme,axes",
     [
         ("em_jpeg", "precomputed", ("x", "y", "z")),
         ("em.ome.zarr", "zarr3", ("z", "y", "x")),
         ("em4.ome.zarr", "zarr", ("z", "y", "x")),
     ],
 )
-def test_neuroglancer_opens_the_volume(served, name, scheme, dims):
+def test_neuroglancer_opens_the_volume(served, name, scheme, axes):
     """The source emflow prints for each output (one scheme per format) opens in neuroglancer."""
     from emflow.cli.summary import neuroglancer_source
 
     base, root = served
     source = neuroglancer_source(base, root / "out" / name)
     assert source == f"{scheme}://{base}/{name}"
-    neuroglancer.set_server_bind_address("127.0.0.1")
-    viewer = neuroglancer.Viewer()
-    with viewer.txn() as s:
-        s.layers["em"] = neuroglancer.ImageLayer(source=source)
-        s.layout = "xy"
-    with webdriver.Webdriver(
-        viewer, headless=True, browser="chrome", extra_command_line_args=CHROME_ARGS
-    ):
-        deadline = time.monotonic() + 60
-        while not viewer.state.dimensions.names and time.monotonic() < deadline:
-            time.sleep(0.25)
-        state = viewer.state.dimensions.to_json()
-        shot = viewer.screenshot(size=[640, 480]).screenshot
-    # neuroglancer read the metadata: axes, units and voxel size in metres
-    assert tuple(state) == dims
-    expected_nm = {"x": 4, "y": 4, "z": 40}
-    for axis, (scale, unit) in state.items():
-        assert unit == "m" and scale == pytest.approx(expected_nm[axis] * 1e-9)
-    # it drew image data (membranes and cytoplasm), not an empty panel
-    name = f"ng_{scheme}.png"
-    (root / name).write_bytes(shot.image)
-    import cv2
-
-    img = cv2.imdecode(np.frombuffer(shot.image, np.uint8), cv2.IMREAD_GRAYSCALE)
-    centre = img[120:360, 160:480]
-    assert centre.std() > 15, "neuroglancer drew no image data"
-    assert (centre < 90).mean() > 0.01 and (
-        centre > 140
-    ).mean() > 0.2  # dark membranes, bright cells
+    dims, png = neuroglancer_view.view(source, timeout_s=60)
+    (root / f"ng_{scheme}.png").write_bytes(png)
+    neuroglancer_view.assert_voxel_size(dims, axes, {"x": 4, "y": 4, "z": 40})
+    neuroglancer_view.assert_drew_em(png)
