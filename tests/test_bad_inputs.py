@@ -205,56 +205,57 @@ def _jpg_stack(p: Project) -> list[Path]:
     return paths
 
 
-def test_zero_byte_png(project):
-    _png(project, 2).write_bytes(b"")
-    both_refuse(project, "s002.png", "empty")
+def _empty(f: Path) -> None:
+    f.write_bytes(b"")
 
 
-def test_truncated_png(project):
-    f = _png(project, 1)
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    both_refuse(project, "s001.png", "truncated")
+def _cut_to(n: int | None):
+    """Keep the first ``n`` bytes of a file (``None``: half of it)."""
+
+    def cut(f: Path) -> None:
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2 if n is None else n])
+
+    return cut
 
 
-def test_text_file_named_png(project):
-    _png(project, 3).write_text("these are my notes, not an image\n")
-    both_refuse(project, "s003.png", "not a PNG")
+def _replace_with(data: bytes):
+    return lambda f: f.write_bytes(data)
 
 
-def test_zero_byte_tiff(project):
-    paths = _tif_stack(project)
-    paths[0].write_bytes(b"")
-    both_refuse(project, "s000.tif", "empty")
+#: (stack format, slice z, damage, what the message must say): one broken file of each kind
+DAMAGED_SLICES = {
+    "zero_byte_png": ("png", 2, _empty, "empty"),
+    "truncated_png": ("png", 1, _cut_to(None), "truncated"),
+    "text_file_named_png": (
+        "png",
+        3,
+        _replace_with(b"these are my notes, not an image\n"),
+        "not a PNG",
+    ),
+    "zero_byte_tiff": ("tif", 0, _empty, "empty"),
+    "truncated_tiff": ("tif", 2, _cut_to(2000), "truncated"),
+    "corrupt_tiff": (
+        "tif",
+        1,
+        _replace_with(b"II*\x00" + bytes(range(256)) * 4),
+        "not a readable TIFF",
+    ),
+    "zero_byte_jpeg": ("jpg", 1, _empty, "JPEG"),
+    "truncated_jpeg": ("jpg", 2, _cut_to(600), "truncated"),
+    "text_file_named_jpeg": ("jpg", 3, _replace_with(b"<html>not found</html>"), "JPEG"),
+}
 
 
-def test_truncated_tiff(project):
-    paths = _tif_stack(project)
-    paths[2].write_bytes(paths[2].read_bytes()[:2000])
-    both_refuse(project, "s002.tif", "truncated")
-
-
-def test_corrupt_tiff(project):
-    paths = _tif_stack(project)
-    paths[1].write_bytes(b"II*\x00" + bytes(range(256)) * 4)
-    both_refuse(project, "s001.tif", "not a readable TIFF")
-
-
-def test_zero_byte_jpeg(project):
-    paths = _jpg_stack(project)
-    paths[1].write_bytes(b"")
-    both_refuse(project, "s001.jpg", "JPEG")
-
-
-def test_truncated_jpeg(project):
-    paths = _jpg_stack(project)
-    paths[2].write_bytes(paths[2].read_bytes()[:600])
-    both_refuse(project, "s002.jpg", "truncated")
-
-
-def test_text_file_named_jpeg(project):
-    paths = _jpg_stack(project)
-    paths[3].write_text("<html>not found</html>")
-    both_refuse(project, "s003.jpg", "JPEG")
+@pytest.mark.parametrize("case", list(DAMAGED_SLICES))
+def test_damaged_slice(project, case):
+    """validate and run refuse a stack with one damaged slice, naming the file and the damage."""
+    kind, z, damage, needle = DAMAGED_SLICES[case]
+    paths = {"png": lambda p: [_png(p, i) for i in range(N)], "tif": _tif_stack, "jpg": _jpg_stack}[
+        kind
+    ](project)
+    damage(paths[z])
+    both_refuse(project, f"s{z:03d}.{kind}", needle)
 
 
 def test_mixed_shapes(project):
