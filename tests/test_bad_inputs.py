@@ -17,7 +17,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,9 @@ import pytest
 import tifffile
 
 from emflow.testing import synthetic_slices, write_stack
+from tests import clirun
+from tests.clirun import finish, kill_group
+from tests.clirun import start_emflow as start_cli
 from tests.conftest import tree_digest
 from tests.readers import precomputed_tensorstore, zarr_python
 
@@ -92,48 +94,10 @@ class Project:
         return tree_digest(self.src) if self.src.exists() else {}
 
 
-def start_cli(
-    args: tuple[str, ...] | list[str], cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    """``emflow *args`` in its own process group (local Dask workers included), with Ctrl-C
-    at its default (a test runner started in the background ignores SIGINT: not inherited)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "emflow", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        env=None if env is None else {**os.environ, **env},
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of the command's process group (a no-op after a clean exit)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.communicate(timeout=30)
-    except (subprocess.TimeoutExpired, ValueError, OSError):
-        pass
-
-
 def cli(
     args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    proc = start_cli(args, cwd, env)
-    try:
-        return finish(proc, timeout)
-    finally:
-        kill_group(proc)
+    return clirun.emflow(*args, cwd=cwd, timeout=timeout, env=env)
 
 
 def files(root: Path) -> dict[str, str]:

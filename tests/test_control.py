@@ -11,7 +11,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from emflow import lattice as lat
 from emflow.cli import main as cli_main
 from emflow.cluster import secrets
 from emflow.testing import synthetic_slices, write_stack
+from tests import clirun
 from tests.test_kill_matrix import RECIPE, cli, journal, sessions, wait_for
 
 pytestmark = pytest.mark.integration
@@ -34,10 +34,7 @@ def stack(tmp_path_factory) -> Path:
 
 
 def emflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "emflow", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
+    return clirun.emflow(*args, cwd=cwd, timeout=120)
 
 
 def start_held(stack: Path, tmp_path: Path, hold: str) -> tuple[subprocess.Popen, Path]:

@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
+from tests import clirun
 from tests.readers import precomputed_tensorstore, validate_ome_zarr, zarr_python
 
 pytestmark = pytest.mark.integration
 
 
 def test_demo_end_to_end(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "emflow",
-            "demo",
-            str(tmp_path / "d"),
-            "--slices",
-            "12",
-            "--size",
-            "384",
-            "--workers",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
+    proc = clirun.emflow(
+        "demo",
+        str(tmp_path / "d"),
+        "--slices",
+        "12",
+        "--size",
+        "384",
+        "--workers",
+        "0",
+        cwd=tmp_path,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

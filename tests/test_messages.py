@@ -25,6 +25,7 @@ from emflow.lattice.execute import Progress
 from emflow.reprs import pair_totals
 from emflow.testing import synthetic_slices, write_stack
 from emflow.testing.misalign import misaligned_slices
+from tests import clirun
 
 pytestmark = pytest.mark.integration
 
@@ -53,16 +54,7 @@ def stack(tmp_path_factory):
 
 
 def _python(code: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "EMFLOW_PROGRESS"}
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        **kw,
-    )
+    return clirun.run([sys.executable, "-c", code], cwd, 600, {"EMFLOW_PROGRESS": None}, **kw)
 
 
 def test_default_run_says_what_it_does_and_sums_up(stack):
@@ -150,13 +142,7 @@ def test_log_callable_and_api_run_log(stack):
 
 
 def test_cli_run_writes_run_log(stack):
-    proc = subprocess.run(
-        [sys.executable, "-m", "emflow", "run", "recipe.yaml", "--serial", "--restart"],
-        cwd=stack,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = clirun.emflow("run", "recipe.yaml", "--serial", "--restart", cwd=stack, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (stack / "out" / "emflow-run" / "run.log").read_text()
     assert "discovered slices: 8" in text and "done in" in text

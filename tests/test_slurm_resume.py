@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 
 from emflow import lattice as lat
 from emflow.cluster import secrets
+from tests import clirun
 from tests.conftest import slurm_unavailable
 from tests.test_kill_matrix import (
     HOLD,
@@ -122,8 +122,7 @@ def assert_resumed_on_slurm(run_dir: Path, before: dict[str, set[int]], killed: 
 
 
 def emflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emflow", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return clirun.emflow(*args, cwd=cwd, timeout=120)
 
 
 def held(stack: Path, tmp_path: Path, hold: str) -> tuple[subprocess.Popen, Path]:

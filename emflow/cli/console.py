@@ -26,6 +26,10 @@ from pathlib import Path
 
 #: warning text → emflow's one line for it (None: the log only)
 TRANSLATIONS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
+    (  # emflow's own security warning (emflow.cluster): the user chose it, so say it plainly
+        re.compile(r"^--insecure: .*"),
+        lambda m: f"emflow: warning: {m.group(0)}",
+    ),
     (
         re.compile(r"Port (\d+) is already in use"),
         lambda m: (
