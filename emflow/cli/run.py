@@ -181,8 +181,8 @@ def run(
             raise err from exc
         secs = time.perf_counter() - t0
         say(
-            f"done in {secs:.1f} s: {result.bytes_in / 1e6:.0f} MB of slices at "
-            f"{result.bytes_in / 1e6 / secs:.1f} MB/s"
+            f"done in {secs:.1f} s: {result.bytes_in / 1e6:.3g} MB of slices at "
+            f"{result.bytes_in / 1e6 / secs:.3g} MB/s"  # 3 digits: a demo is 0.0441 MB/s, not 0.0
         )
         for line in closing_lines(r, result):
             log.info(line)
