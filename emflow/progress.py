@@ -106,8 +106,9 @@ def rate_mb_s(p: StageCounts, now: float) -> float | None:
 def eta_s(p: StageCounts, now: float) -> float | None:
     """Seconds left at the stage's mean pace so far (None before the first unit or at the end)."""
     elapsed = now - p.start
-    if 0 < p.done < p.total and elapsed > 0:
-        return elapsed / p.done * (p.total - p.done)
+    ran = p.done - getattr(p, "reused", 0)  # units an earlier run finished took no time here
+    if 0 < ran and p.done < p.total and elapsed > 0:
+        return elapsed / ran * (p.total - p.done)
     return None
 
 

@@ -243,6 +243,24 @@ def test_log_lines_while_a_stage_runs_carry_counts_and_eta(monkeypatch, caplog):
     assert all("MB/s" in ln for ln in lines)
 
 
+def test_a_resumed_stage_counts_earlier_units_without_rate_or_pace():
+    """Units an earlier run finished count as done, but add no MB/s and no pace to the ETA
+    (a resumed features stage said '12/12 units, 0 s, 43.2 MB/s')."""
+    p = Progress("features", 10, enabled=False)
+    for _ in range(6):
+        p.advance(5_000_000, reused=True)
+    assert (p.done, p.reused, p.nbytes) == (6, 6, 0)
+    assert progress_display.rate_mb_s(p, p.start + 2) is None
+    assert progress_display.eta_s(p, p.start + 2) is None  # no unit ran here yet: no pace
+    p.advance(1_000_000)
+    assert progress_display.eta_s(p, p.start + 2) == pytest.approx(2 / 1 * 3)
+    assert progress_display.rate_mb_s(p, p.start + 2) == pytest.approx(0.5)
+    assert (
+        progress_display.stage_line(p, p.start + 2)
+        == "features: 7/10 units, 2 s, 0.5 MB/s, ETA 6 s"
+    )
+
+
 def test_board_html_lists_every_stage():
     board = progress_display.Board()
     a, b = Progress("features", 20, enabled=False), Progress("match", 37, enabled=False)

@@ -79,6 +79,7 @@ class Progress:
     stream: TextIO | None = None
     enabled: bool | None = None
     done: int = 0
+    reused: int = 0  # of ``done``: units an earlier run finished (no rate, no pace)
     nbytes: int = 0
     start: float = field(default_factory=time.perf_counter)
     _last: float = 0.0
@@ -89,9 +90,10 @@ class Progress:
             self.stream = sys.stderr
         self._display = progress_display.display_for(self, self.stream, self.enabled)
 
-    def advance(self, nbytes: int = 0) -> None:
+    def advance(self, nbytes: int = 0, reused: bool = False) -> None:
         self.done += 1
-        self.nbytes += nbytes
+        self.reused += reused
+        self.nbytes += 0 if reused else nbytes
         now = time.perf_counter()
         end = self.done == self.total
         if self._display is not None and (now - self._last > progress_display.REDRAW_S or end):
@@ -413,14 +415,14 @@ def run_stage(
                 "error": "orphaned: an upstream unit failed",
             }
 
-        def deliver(u: Unit, res: Any) -> None:
+        def deliver(u: Unit, res: Any, reused: bool = False) -> None:
             results[u.index] = res
             if on_result is not None:
                 on_result(u, res)
-            progress.advance(u.nbytes)
+            progress.advance(u.nbytes, reused=reused)
 
         for u in skipped:
-            deliver(u, done[u.index]["result"])
+            deliver(u, done[u.index]["result"], reused=True)
 
         def marker(u: Unit) -> str | None:
             return str(lat.marker_path(run_dir, stage, u.index)) if run_dir is not None else None
