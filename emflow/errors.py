@@ -81,6 +81,12 @@ class ClusterError(EmflowError):
     """A cluster could not be configured or reached."""
 
 
+class SchedulerLost(ClusterError):
+    """The Dask scheduler went away mid-run (killed, its pod or job gone): resumable."""
+
+    exit_code = EXIT_INCOMPLETE
+
+
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
 # tensorstore reports OS errors as ValueError('... "path" ...: reason [os_error_code=\'28\']')

@@ -207,8 +207,31 @@ def _execute(r, req, check, serial, restart, progress, say, alignment, cluster, 
             say(f"lattice:   {dashboard_url(client)}")
         except Exception:  # dashboard page is optional (no bokeh route on a foreign scheduler)
             pass
-        _wait_for_a_worker(client, cluster, run_dir / "worker-logs", say)
-        return run_pipeline(r, client=client, **kw)
+        address = client.scheduler.address if client.scheduler else cluster
+        try:
+            _wait_for_a_worker(client, cluster, run_dir / "worker-logs", say)
+            return run_pipeline(r, client=client, **kw)
+        except Exception as exc:
+            if _scheduler_lost(client, exc):
+                from emflow.errors import SchedulerLost
+
+                raise SchedulerLost(
+                    f"lost the Dask scheduler at {address} mid-run ({type(exc).__name__}); "
+                    "finished units are kept: run the same command again to resume (start a "
+                    "new scheduler first if it was yours)"
+                ) from exc
+            raise
+
+
+def _scheduler_lost(client, exc: BaseException) -> bool:
+    """True when ``exc`` comes from the scheduler connection going away, not from the run."""
+    from distributed.comm.core import CommClosedError
+
+    from emflow.errors import EmflowError
+
+    if isinstance(exc, EmflowError):
+        return False
+    return isinstance(exc, CommClosedError) or client.status not in ("running", "newly-created")
 
 
 def register(app: typer.Typer) -> None:

@@ -270,6 +270,7 @@ class _Control:
         self.paused = False
         self.cancelled = False
         self.was_paused = False
+        self._lost = 0  # polls in a row that found no scheduler
 
     def poll(self, *, force: bool = False) -> None:
         interrupts.check()  # a Ctrl-C a library callback swallowed is raised here again
@@ -286,10 +287,17 @@ class _Control:
                 stage=self.stage,
                 cursor=_CURSORS.get(self.run_id, 0),
             )
-        except Exception:  # scheduler without the plugin: no pause/cancel
+        except Exception as exc:
+            if _scheduler_gone(self.client, exc):
+                self._lost += 1
+                if self._lost >= 3 or self.client.status not in ("running", "newly-created"):
+                    raise  # the run cannot go on (a paused run would otherwise wait forever)
+                return
+            # a scheduler without the plugin: no pause/cancel
             logger.warning("lattice plugin not reachable; pause/cancel disabled", exc_info=True)
             self.ok = False
             return
+        self._lost = 0
         if not isinstance(ans, dict):
             self.ok = False
             return
@@ -315,6 +323,11 @@ class _Control:
         except Exception:
             logger.warning("lattice plugin call %s failed", op, exc_info=True)
             return None
+
+
+def _scheduler_gone(client: Any, exc: BaseException) -> bool:
+    """The scheduler cannot be reached (its connection closed or refused), not a missing plugin."""
+    return isinstance(exc, OSError) or client.status not in ("running", "newly-created")
 
 
 def run_stage(
