@@ -25,6 +25,7 @@ import pytest
 
 from emflow import lattice as lat
 from emflow.testing import synthetic_slices, write_stack
+from tests import clirun
 from tests.conftest import tree_digest
 
 pytestmark = pytest.mark.integration
@@ -296,10 +297,7 @@ def test_worker_killed_in_every_stage_run_completes_identically(stack, reference
     assert proc.returncode == 0, err
     assert_lost_and_redone(run_dir)
     assert_identical(tmp_path / "out", reference)
-    st = subprocess.run(
-        [sys.executable, "-m", "emflow", "status", "out", "--json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    st = clirun.emflow("status", "out", "--json", cwd=tmp_path, timeout=120)
     assert st.returncode == 0, st.stderr
     shown = {s["stage"]: s for s in json.loads(st.stdout)["runs"][0]["stages"]}
     for stage in WORKER_STAGES:

@@ -16,6 +16,7 @@ import pytest
 from emflow import lattice as lat
 from emflow import recipe_from_dict, run
 from emflow.testing import synthetic_slices, write_stack
+from tests import clirun
 from tests.conftest import tree_digest
 
 SHAPE = (96, 384, 384)  # 12 slabs of 8 slices: small, but long enough to interrupt
@@ -178,13 +179,7 @@ def test_driver_killed_then_resumed_skips_journaled_units(stack, reference, tmp_
     assert not (tmp_path / "out" / "emflow-run" / "COMPLETE").exists()
 
     # status from the journal while nothing runs
-    st = subprocess.run(
-        [sys.executable, "-m", "emflow", "status", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    st = clirun.emflow("status", "out", cwd=tmp_path, timeout=120)
     assert st.returncode == 0, st.stderr
     assert "(journal)" in st.stdout and "slab" in st.stdout
 
@@ -234,21 +229,9 @@ def test_cli_cancel_stops_with_exit_3_and_run_resumes(stack, reference, tmp_path
             assert live_client is not None
             client, info = live_client
             client.sync(client.scheduler.emflow_pause, run_id=info["run_id"])
-        live = subprocess.run(
-            [sys.executable, "-m", "emflow", "status", "out"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        live = clirun.emflow("status", "out", cwd=tmp_path, timeout=120)
         assert "(live, scheduler tcp://" in live.stdout and "PAUSED" in live.stdout, live
-        cancel = subprocess.run(
-            [sys.executable, "-m", "emflow", "cancel", "out"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        cancel = clirun.emflow("cancel", "out", cwd=tmp_path, timeout=120)
         assert cancel.returncode == 0, cancel.stderr
         _out, err = proc.communicate(timeout=300)
     finally:
