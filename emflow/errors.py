@@ -77,6 +77,10 @@ def no_space(path: object = None) -> NoSpaceError:
     )
 
 
+class UnsafeEnvironment(EmflowError):
+    """The environment would make a library print credentials (refused, exit 2)."""
+
+
 class ClusterError(EmflowError):
     """A cluster could not be configured or reached."""
 

@@ -71,6 +71,7 @@ def preflight(
     deleted: the only request that proves credentials and write permission).
     ``cluster_request`` (a ClusterRequest) is checked without starting anything.
     """
+    check_environment(recipe)
     if recipe.output_remote:  # wrong credentials, missing bucket, store down: before any work
         from emflow.io import bucket
 
@@ -113,6 +114,36 @@ def preflight(
         stack=stack,
         notes=() if recipe.output_remote else tuple(_space_notes(root, catalog, recipe)),
     )
+
+
+def bucket_locations(recipe: Recipe) -> list[str]:
+    """The s3:// and gs:// URLs a recipe reads or writes (sources, output_dir): the requests
+    that carry credentials (plain HTTP sources carry none)."""
+    src = recipe.source
+    named = (src.glob, src.pattern, src.directory, recipe.output_dir)
+    return [str(u) for u in named if isinstance(u, str) and u.startswith(("s3://", "gs://"))]
+
+
+def check_environment(recipe: Recipe) -> None:
+    """Refuse a run that talks to a bucket while tensorstore would print request headers.
+
+    ``TENSORSTORE_CURL_VERBOSE`` (or ``TENSORSTORE_VERBOSE_LOGGING`` with ``curl``) makes
+    every process print each request's headers, signed credentials included, to the
+    terminal and the worker logs. Refused rather than silently dropped: the user asked for
+    that output, and a worker started elsewhere (SLURM, Kubernetes) may not inherit a drop.
+    """
+    urls = bucket_locations(recipe)
+    if not urls:
+        return
+    from emflow.errors import UnsafeEnvironment
+    from emflow.io import storage
+
+    name = storage.leaky_environment()
+    if name is not None:
+        raise UnsafeEnvironment(
+            f"{name} is set: tensorstore would print the headers of every request to "
+            f"{urls[0]}, credentials included; unset it (`unset {name}`) and run again"
+        )
 
 
 # ---- the recipe against the stack ----------------------------------------------------

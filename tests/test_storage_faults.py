@@ -35,6 +35,7 @@ from tests.conftest import tree_digest
 from tests.storage_servers import (
     S3_KEY_ID,
     S3_SECRET,
+    AuthS3Server,
     S3Server,
     clean_env,
     s3_env,
@@ -212,3 +213,152 @@ def test_store_that_stops_mid_run_exits_3_then_the_same_command_resumes_byte_ide
     slab_done = [r for r in journal if r["event"] == "done" and r.get("stage") == "slab"]
     assert len({r["index"] for r in slab_done}) == len(slab_done)  # no unit ran twice
     assert S3_SECRET not in err + again.stderr + again.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# wrong credentials, missing bucket: exit 2 before any work
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def auth_s3(stack: Path) -> Iterator[AuthS3Server]:
+    server = AuthS3Server(buckets=("lab-em", "lab-out"))
+    try:
+        for p in sorted(stack.glob("*.png")):
+            server.put("lab-em", f"raw/{p.name}", p.read_bytes())
+        yield server
+    finally:
+        server.stop()
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+@pytest.mark.integration
+def test_wrong_credentials_exit_2_before_any_work_naming_the_bucket_never_the_secret(
+    stack: Path, auth_s3: AuthS3Server, tmp_path: Path
+) -> None:
+    """A server that checks keys: the right key reads the source (validate passes); a
+    planted wrong secret (and an unknown key id) makes validate and run exit 2 naming the
+    bucket, the endpoint and what to check; nothing is written; the planted values appear
+    nowhere. Five short CLI calls (~5-9 s each: no cluster is started)."""
+    server = auth_s3
+    home = tmp_path / "home"
+    pattern = "s3://lab-em/raw/s%03d.png"
+    folder = tmp_path / "run"
+
+    def recipe(source: str, output_dir: str) -> None:
+        folder.mkdir(exist_ok=True)
+        text = RECIPE.format(glob="G", output_dir=output_dir)
+        text = text.replace('source: {glob: "G"}', source)
+        (folder / "recipe.yaml").write_text(text)
+
+    pattern_source = f'source: {{pattern: "{pattern}", z_start: 0, z_stop: {SHAPE[0]}}}'
+    local_source = f'source: {{glob: "{stack}/*.png"}}'
+
+    # the right key: the same recipe validates (the server accepts it; the refusals below
+    # are the key's doing)
+    recipe(pattern_source, "out")
+    ok = _cli(folder, _env(home, server.env()), "validate", "recipe.yaml", timeout=180)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert f"{SHAPE[0]} slices" in ok.stdout or "slices: 10" in ok.stdout, ok.stdout[-2000:]
+
+    wrong = _env(home, server.env(S3_SECRET))
+    unknown = _env(home, {**server.env(S3_SECRET), "AWS_ACCESS_KEY_ID": S3_KEY_ID})
+    printed = ""
+    cases = [
+        (pattern_source, "out", wrong, "validate", "lab-em", "SignatureDoesNotMatch"),
+        (pattern_source, "out", wrong, "run", "lab-em", "SignatureDoesNotMatch"),
+        (local_source, "s3://lab-out/em", wrong, "validate", "lab-out", "SignatureDoesNotMatch"),
+        (local_source, "s3://lab-out/em", unknown, "run", "lab-out", "InvalidAccessKeyId"),
+    ]
+    for source, output_dir, env, command, bucket, code in cases:
+        recipe(source, output_dir)
+        args = RUN if command == "run" else ("validate", "recipe.yaml")
+        done = _cli(folder, env, *args, timeout=180)
+        what = f"{command} {bucket} {code}"
+        assert done.returncode == 2, (what, done.stderr[-3000:])
+        line = _one_line(done.stderr, "access denied")
+        assert line.startswith("emflow: ") and f"bucket '{bucket}'" in line, (what, line)
+        assert server.endpoint in line and code in line, (what, line)
+        assert "AWS_SECRET_ACCESS_KEY" in line and "AWS_PROFILE" in line, (what, line)
+        printed += done.stdout + done.stderr
+        # before any work: nothing here, no run folder copy, nothing in the bucket
+        assert sorted(p.name for p in folder.iterdir()) == ["recipe.yaml"], what
+        assert not (home / "runs").exists(), what
+    assert server.keys("lab-out") == []
+    for secret in (S3_SECRET, S3_KEY_ID, server.secret):
+        assert secret not in printed
+        for p in _files(tmp_path):
+            assert secret.encode() not in p.read_bytes(), (secret, p)
+
+
+@pytest.mark.integration
+def test_validate_names_a_missing_bucket_and_writes_nothing(
+    stack: Path, s3: S3Server, tmp_path: Path
+) -> None:
+    """(``emflow run`` with a missing source or output bucket: tests/test_storage_sources.py.)"""
+    env = _env(tmp_path / "home", {**s3_env(), "AWS_ENDPOINT_URL": s3.endpoint})
+    for glob, output_dir, bucket in (
+        ("s3://no-such-src-bucket/raw/*.png", "out", "no-such-src-bucket"),
+        (str(stack / "*.png"), "s3://no-such-out-bucket/em", "no-such-out-bucket"),
+    ):
+        folder = tmp_path / bucket
+        _write_recipe(folder, glob, output_dir)
+        done = _cli(folder, env, "validate", "recipe.yaml", timeout=180)
+        assert done.returncode == 2, done.stderr[-3000:]
+        line = _one_line(done.stderr, "does not exist")
+        assert f"bucket '{bucket}' does not exist" in line and "create it" in line, line
+        assert sorted(p.name for p in folder.iterdir()) == ["recipe.yaml"]
+    assert not (tmp_path / "home" / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# an environment that would print credentials
+# ---------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_verbose_curl_environment_is_refused_for_bucket_runs(
+    stack: Path, s3: S3Server, tmp_path: Path
+) -> None:
+    """The danger is real (tensorstore prints the signed Authorization header with the key
+    id); with a bucket source or output run/validate/plan refuse it naming the variable;
+    a run that touches no bucket is not affected."""
+    bucket = s3.bucket("leaky")
+    s3.upload_dir(stack, bucket, "em/raw")
+    base = _env(tmp_path / "home", {**s3_env(), "AWS_ENDPOINT_URL": s3.endpoint})
+    code = (
+        f"from emflow.io.location import Location; Location.of('s3://{bucket}/x').write('k', b'v')"
+    )
+    leak = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**base, "TENSORSTORE_CURL_VERBOSE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert leak.returncode == 0 and f"Credential={S3_KEY_ID}" in leak.stderr, leak.stderr[-2000:]
+    s3.client().delete_object(Bucket=bucket, Key="x/k")
+
+    folder = tmp_path / "run"
+    cases = [
+        ("TENSORSTORE_CURL_VERBOSE", "1", f"s3://{bucket}/em/raw/*.png", "out", "run"),
+        ("TENSORSTORE_VERBOSE_LOGGING", "s3,curl", str(stack / "*.png"), f"s3://{bucket}/o", "run"),
+        ("TENSORSTORE_CURL_VERBOSE", "1", str(stack / "*.png"), f"s3://{bucket}/o", "validate"),
+        ("TENSORSTORE_VERBOSE_LOGGING", "curl", f"s3://{bucket}/em/raw/*.png", "out", "plan"),
+    ]
+    printed = ""
+    for name, value, glob, output_dir, command in cases:
+        _write_recipe(folder, glob, output_dir)
+        args = RUN if command == "run" else (command, "recipe.yaml")
+        done = _cli(folder, {**base, name: value}, *args, timeout=180)
+        assert done.returncode == 2, (name, command, done.stderr[-3000:])
+        line = _one_line(done.stderr, name)
+        assert line.startswith(f"emflow: error: {name} is set") and f"unset {name}" in line, line
+        assert f"s3://{bucket}/" in line, line
+        printed += done.stdout + done.stderr
+        assert sorted(p.name for p in folder.iterdir()) == ["recipe.yaml"]
+    assert S3_KEY_ID not in printed and "uthorization" not in printed
+    assert s3.keys(bucket, "o/") == [] and not (tmp_path / "home" / "runs").exists()
+    # no bucket: the variable changes nothing emflow does
+    _write_recipe(folder, str(stack / "*.png"), "out")
+    local = _cli(folder, {**base, "TENSORSTORE_CURL_VERBOSE": "1"}, "validate", "recipe.yaml")
+    assert local.returncode == 0, local.stderr[-3000:]

@@ -39,9 +39,11 @@ def plan(
     from emflow import cluster as clusters
     from emflow.discover import discover_recipe
     from emflow.plan import plan_preview
+    from emflow.preflight import check_environment
     from emflow.recipe import load_recipe
 
     r = load_recipe(recipe)
+    check_environment(r)  # listing a bucket with curl's verbose output would print credentials
     cat = discover_recipe(r)
 
     req = cluster_request(
