@@ -258,6 +258,8 @@ _UNREACHABLE = re.compile(
     r"CURL error|retry attempts failed|Could not connect|Connection refused|Timeout was reached|"
     r"Operation too slow|Couldn't resolve host|Could not resolve host|UNAVAILABLE|DEADLINE_EXCEEDED"
 )
+#: the key a failed tensorstore request was for: 'Error writing "out/ng/c/1/1"'
+_KEY_IN = re.compile(r'Error (reading|writing|deleting|listing) "([^"]{1,300})"')
 _CONNECT_TO = re.compile(
     r"(?:Failed to connect to|resolve host:?|connect to host)\s+([\w.\-]+)(?:\s+port\s+(\d+))?"
 )
@@ -305,6 +307,9 @@ def store_error(exc: BaseException, loc: Location | None, doing: str = "") -> Em
     if _UNREACHABLE.search(text):
         why = _curl_reason(text)
         what = f" while trying to {doing or 'reach'} {url}" if loc is not None else ""
+        key = _KEY_IN.search(text) if loc is None else None  # a worker's write or read
+        if key is not None:
+            what = f" while {key.group(1)} {key.group(2)}"
         return StoreUnavailable(
             f"object store {loc.endpoint if loc else where} did not answer ({why}){what}: check "
             "that it is running and reachable, then run the same command again to resume"
