@@ -364,3 +364,21 @@ def test_verbose_curl_environment_is_refused_for_bucket_runs(
     _write_recipe(folder, str(stack / "*.png"), "out")
     local = _cli(folder, {**base, "TENSORSTORE_CURL_VERBOSE": "1"}, "validate", "recipe.yaml")
     assert local.returncode == 0, local.stderr[-3000:]
+
+
+def test_a_server_error_after_retries_is_resumable_and_says_so(
+    auth_s3: AuthS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moto (IAM on) answers an unsigned request with HTTP 500 (its own bug): a store that
+    keeps failing with server errors is reported as such, exit 3, naming the endpoint."""
+    from emflow.io import location, storage
+
+    monkeypatch.setattr(storage, "_CURRENT", None)  # configure() below is undone after
+    storage.configure(storage.resolve(endpoint=auth_s3.endpoint, anonymous=True, retries=2))
+    with pytest.raises(location.StoreUnavailable) as err:
+        location.Location.of("s3://lab-out/em").write("probe", b"x")
+    text = str(err.value)
+    assert err.value.exit_code == 3
+    assert text.startswith(f"object store {auth_s3.endpoint} did not answer (server error HTTP 500")
+    assert "2 attempts) while trying to write probe s3://lab-out/em" in text, text
+    assert "<html" not in text

@@ -310,8 +310,11 @@ def store_error(exc: BaseException, loc: Location | None, doing: str = "") -> Em
         key = _KEY_IN.search(text) if loc is None else None  # a worker's write or read
         if key is not None:
             what = f" while {key.group(1)} {key.group(2)}"
+        store = f"object store {loc.endpoint if loc else where}"
+        if loc is None and where == _NO_ENDPOINT:
+            store = where
         return StoreUnavailable(
-            f"object store {loc.endpoint if loc else where} did not answer ({why}){what}: check "
+            f"{store} did not answer ({why}){what}: check "
             "that it is running and reachable, then run the same command again to resume"
         )
     first = storage.scrub(text.splitlines()[0] if text else type(exc).__name__)
@@ -344,8 +347,14 @@ def _curl_reason(text: str) -> str:
         ("Timeout was reached", "timed out"),
     )
     reason = next((r for p, r in reasons if p in text), "no answer")
+    server = re.search(r"http_response_code='(5\d\d)'", text)
+    if reason == "no answer" and server is not None:  # it answered, with a server error
+        reason = f"server error HTTP {server.group(1)}"
     m = re.search(r"All (\d+) retry attempts failed", text)
     return f"{reason}, {m.group(1)} attempts" if m else reason
+
+
+_NO_ENDPOINT = "the object store"
 
 
 def _endpoint_in(text: str) -> str:
@@ -353,7 +362,7 @@ def _endpoint_in(text: str) -> str:
     m = _CONNECT_TO.search(text)
     if m is None:
         m2 = re.search(r"(gs|s3)://[\w.\-]+", text)
-        return m2.group(0) if m2 else "the object store"
+        return m2.group(0) if m2 else (storage.current().default.endpoint or _NO_ENDPOINT)
     host, port = m.group(1), m.group(2)
     settings = storage.current()
     for s in (settings.default, *settings.buckets.values()):
