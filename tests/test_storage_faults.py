@@ -195,6 +195,7 @@ def test_store_that_stops_mid_run_exits_3_then_the_same_command_resumes_byte_ide
     line = _one_line(err, "did not answer")
     assert line.startswith("emflow: ") and s3.endpoint in line, line
     assert "run the same command again" in line
+    assert "(connection refused, 2 attempts)" in line, line  # EMFLOW_STORE_RETRIES, on workers
     # what it was doing: reading a slice (source in the bucket) or writing a chunk
     assert (" while trying to read s0" if source == "s3" else " while writing out/") in line, line
     # the run folder says what failed; nothing looks complete
