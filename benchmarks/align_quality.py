@@ -11,11 +11,13 @@ from ../shared/data, at default settings unless ``--lams`` sweeps the drift cont
   the frame (a changing field of view: a harder and different test);
 * the same with a blank (z 6) and a noise slice (z 13) in the misplaced VNC stack;
 * **drift** of the aligned registered stack: scale change first → last slice, scale/shear of
-  the mean of the last 3 slices against the first 3, frame size;
+  the mean of the last 3 slices against the first 3, frame size (with ``align.detrend``
+  rigid and none, ``--detrends``);
 * **direction symmetry**: every neighbour pair fitted both ways, largest scale and corner
   deviation of forward ∘ backward from the identity.
 
-Run ``python benchmarks/align_quality.py [--seeds 3,4,5] [--lams 0,0.01,0.03,0.1]`` (about
+Run ``python benchmarks/align_quality.py [--seeds 3,4,5] [--lams 0,0.01,0.03,0.1]
+[--detrends rigid,none]`` (about
 5 min on 2 idle cores at one λ; the sweep re-solves the same matches). Prints Markdown.
 """
 
@@ -33,6 +35,7 @@ import numpy as np
 from emflow.align.match import linear_distortion, match_features
 from emflow.align.solve import DEFAULT_REGULARISATION, solve
 from emflow.align.stack import match_pairs, slice_features
+from emflow.align.trend import footprint_pose
 from emflow.testing.transforms import (
     compose,
     corner_error_px,
@@ -85,6 +88,11 @@ def symmetry(feats: list) -> tuple[float, float]:
     return max(scales), max(corners)
 
 
+def _footprints(feats: list) -> dict:
+    """z -> footprint pose (trend removal follows the content, not the canvas)."""
+    return {z: footprint_pose(f.area, f.area_factor) for z, f in enumerate(feats)}
+
+
 def _summary(al) -> str:
     s = al.pair_summary()
     return ", ".join(
@@ -96,10 +104,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="3,4,5")
     ap.add_argument("--lams", default=str(DEFAULT_REGULARISATION))
+    ap.add_argument("--detrends", default="rigid,none")
     ap.add_argument("--cropped", action="store_true", help="also misplace with content lost")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     lams = [float(v) for v in args.lams.split(",")]
+    detrends = args.detrends.split(",")
     ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()
     with ProcessPoolExecutor(2, mp_context=ctx) as ex:
@@ -109,12 +119,18 @@ def main() -> None:
             n = len(stack)
             feats, bad = slice_features(stack, map_=ex.map)
             pairs = match_pairs(feats, bad, map_=ex.map)
+            feet = _footprints(feats)
             runs = {}
             for seed in seeds:
                 for keep in (True, False) if args.cropped else (True,):
                     warped, warps = warp_stack(stack, seed=seed, keep_content=keep)
                     f, b = slice_features(warped, map_=ex.map)
-                    runs[(seed, keep, False)] = (warps, b, match_pairs(f, b, map_=ex.map))
+                    runs[(seed, keep, False)] = (
+                        warps,
+                        b,
+                        match_pairs(f, b, map_=ex.map),
+                        _footprints(f),
+                    )
                     if name == "VNC" and keep:
                         broken = insert_bad_slices(warped, BAD, seed=seed)
                         nf, nb = slice_features([broken[z] for z in BAD], map_=ex.map)
@@ -124,22 +140,28 @@ def main() -> None:
                             f2[z] = nf[i]
                             if i in nb:
                                 b2[z] = nb[i]
-                        runs[(seed, keep, True)] = (warps, b2, match_pairs(f2, b2, map_=ex.map))
+                        runs[(seed, keep, True)] = (
+                            warps,
+                            b2,
+                            match_pairs(f2, b2, map_=ex.map),
+                            _footprints(f2),
+                        )
             sym = symmetry(feats)
             print(f"\n## {name} ({n} × {shape[0]}², {time.perf_counter() - t0:.0f} s)\n")
             print(
                 f"direction symmetry (forward ∘ backward, every neighbour pair): "
                 f"scale {100 * sym[0]:.3f} %, corners {sym[1]:.2f} px\n"
             )
-            print("| λ | registered: pairs | scale e2e % | scale/shear drift % | frame | "
+            print("| λ | detrend | registered: pairs | scale e2e % | scale/shear drift % | frame | "
                   "robustness px (median / max) per seed | blank + noise |")  # fmt: skip
-            print("|---|---|---|---|---|---|---|")
-            for lam in lams:
-                ref = solve(pairs, range(n), shape, bad_slices=bad, regularisation=lam)
+            print("|---|---|---|---|---|---|---|---|")
+            for lam, det in ((lam, det) for lam in lams for det in detrends):
+                kw = {"regularisation": lam, "detrend": det}
+                ref = solve(pairs, range(n), shape, bad_slices=bad, footprints=feet, **kw)
                 d = drift(ref)
                 rob, broken = [], []
-                for (_seed, keep, with_bad), (warps, b, p) in sorted(runs.items()):
-                    al = solve(p, range(n), shape, bad_slices=b, regularisation=lam)
+                for (_seed, keep, with_bad), (warps, b, p, ft) in sorted(runs.items()):
+                    al = solve(p, range(n), shape, bad_slices=b, footprints=ft, **kw)
                     med, worst, _ = robustness_px(
                         ref.transforms,
                         al.transforms,
@@ -150,7 +172,7 @@ def main() -> None:
                     tag = f"{med:.2f} / {worst:.2f}" + ("" if keep else " (cropped)")
                     (broken if with_bad else rob).append(tag)
                 print(
-                    f"| {lam:g} | {_summary(ref)} | {d['scale_end_to_end_pct']:.2f} | "
+                    f"| {lam:g} | {det} | {_summary(ref)} | {d['scale_end_to_end_pct']:.2f} | "
                     f"{d['scale_drift_pct']:.2f} / {d['shear_drift_pct']:.2f} | "
                     f"{ref.frame_shape_yx[1]} × {ref.frame_shape_yx[0]} | {'; '.join(rob)} | "
                     f"{'; '.join(broken) or '–'} |"

@@ -45,6 +45,7 @@ def features_unit(
 
     from emflow.align.features import compute_features, thumbnail
     from emflow.align.quality import assess_slice
+    from emflow.align.trend import footprint_pose
     from emflow.io.readers import read_image
 
     cv2.setNumThreads(1)
@@ -84,7 +85,13 @@ def features_unit(
         **extra,
     )
     Path(tmp).replace(out_path)
-    return {"z": ref.z, "keypoints": len(feats.keypoints_xy), "bad": bad}
+    foot = footprint_pose(feats.area, feats.area_factor)
+    return {
+        "z": ref.z,
+        "keypoints": len(feats.keypoints_xy),
+        "bad": bad,
+        "footprint": None if foot is None else list(foot),
+    }
 
 
 def slice_cache_dir(run_dir: Path) -> Path:
@@ -223,6 +230,7 @@ def align_stack(
     ]
     feats = stage("features", units)
     bad = {z: r["bad"] for z, r in feats.items() if r["bad"]}
+    footprints = {z: r.get("footprint") for z, r in feats.items()}
     if bad:
         say(f"unusable slices: {', '.join(f'z{z} ({why})' for z, why in sorted(bad.items()))}")
     config = {
@@ -270,14 +278,21 @@ def align_stack(
     # every run then reads alignment.json, so a resumed run equals a fresh one
     stage(
         "solve",
-        [Unit(0, solve_alignment, (pairs, len(zs), bad, paths, run_dir, recipe, catalog.shape_yx))],
+        [
+            Unit(
+                0,
+                solve_alignment,
+                (pairs, len(zs), bad, paths, run_dir, recipe, catalog.shape_yx, footprints),
+            )
+        ],
         where="driver",
     )
     alignment = Alignment.from_json(run_dir / "alignment.json")
     for line in summary_lines(alignment, len(zs)):
         say(line)
     say(
-        f"alignment: {cfg.method} solve (align.regularisation {cfg.regularisation:g}); frame "
+        f"alignment: {cfg.method} solve (align.regularisation {cfg.regularisation:g}, "
+        f"align.detrend {alignment.detrend}); frame "
         f"{alignment.frame_shape_yx[1]} × {alignment.frame_shape_yx[0]} px → "
         f"{run_dir / 'alignment.json'}"
     )
@@ -301,9 +316,11 @@ def solve_alignment(
     run_dir: Path,
     recipe: Recipe,
     shape_yx: tuple[int, int],
+    footprints: dict[int, list[float] | None] | None = None,
 ) -> dict:
     """Solve transforms and frame from the matched pairs and write alignment.json (the
-    ``solve`` unit); on failure write ``qc/`` for the pairs, then raise AlignmentError."""
+    ``solve`` unit); on failure write ``qc/`` for the pairs, then raise AlignmentError.
+    ``footprints``: z -> footprint pose from the features units (trend removal)."""
     from emflow.align.solve import solve
 
     cfg = recipe.align
@@ -317,6 +334,10 @@ def solve_alignment(
             bad_slice_policy=cfg.bad_slices,
             regularisation=cfg.regularisation,
             allow_segments=cfg.allow_segments,
+            detrend=cfg.detrend,
+            footprints={int(z): None if f is None else tuple(f) for z, f in footprints.items()}
+            if footprints
+            else None,
         )
     except AlignmentError as exc:
         write_qc(None, pairs, feature_paths, run_dir, recipe, shape_yx)

@@ -211,6 +211,12 @@ class Align(_Model):
         description="drift control: pull on each slice (averaged over ±3 slices) toward rigid, "
         "relative to one neighbour link; 0 = none (README, alignment)",
     )
+    detrend: Literal["rigid", "none"] = Field(
+        "rigid",
+        description="remove the slow turn and walk that pairwise matching accumulates along z "
+        "(a linear trend of rotation and position, measured on each slice's non-fill "
+        "footprint); 'none' keeps it, e.g. when the specimen truly turns (README, alignment)",
+    )
     bad_slices: Literal["bridge", "fill_previous", "zero", "error"] = "bridge"
     allow_segments: bool = Field(
         False,

@@ -13,7 +13,8 @@ them), so the published alignment is no px-exact truth. What is asserted instead
 
 * every neighbour pair matches and most second neighbours do, registered or misplaced;
 * a pair fitted forwards and backwards gives inverse transforms (no bias from the direction);
-* aligning the registered stack does not shrink or shear it;
+* aligning the registered stack does not shrink or shear it, and (VNC) its frame stays
+  within 1 % of the slice size: the slow drift of pairwise matching is removed;
 * robustness: the misplaced stack aligns like the registered one up to ONE global affine
   (``emflow.testing.transforms.robustness_px``), also with a blank and a noise slice in it.
 
@@ -127,7 +128,9 @@ def test_registered_stack_is_not_shrunk_or_sheared(real, request):
     and does not drift in shear: the mean linear part of the last three slices against that
     of the first three is within 0.5 % in scale and shear. (A single section keeps the
     distortion its content shows: up to ~5 % anisotropy between some ISBI neighbours; ISBI
-    is measured over its whole stack, see the module docstring.)"""
+    is measured over its whole stack, see the module docstring.) VNC's frame stays within
+    1 % of the slice on each axis; ISBI's sections jitter too much for that (±1.5 % in
+    scale, ±9 px per link), its frame is printed."""
     whole = request.getfixturevalue("isbi_whole") if real["name"] == "isbi" else real
     al = whole["registered"]["alignment"] if whole is real else whole["alignment"]
     zs = sorted(al.transforms)
@@ -145,6 +148,11 @@ def test_registered_stack_is_not_shrunk_or_sheared(real, request):
     assert abs(change) <= 0.005
     assert abs(drift_scale) <= 0.005 and drift_shear <= 0.005
     assert al.frame_shape_yx[0] >= h and al.frame_shape_yx[1] >= w  # nothing shrank
+    if real["name"] == "vnc":
+        # the slow turn and walk of pairwise matching is removed (align.detrend: rigid), so
+        # the frame stays within 1 % of the slice on each axis (VNC 20 slices: README)
+        assert al.detrend == "rigid"
+        assert al.frame_shape_yx[0] <= 1.01 * h and al.frame_shape_yx[1] <= 1.01 * w
 
 
 def test_robust_to_the_starting_misplacement(real):

@@ -1,5 +1,9 @@
 """Stack alignment: accumulated error vs truth (chain vs global), bad slices, alignment.json.
 
+The solves here run with ``detrend="none"``: a synthetic truth is defined up to one global
+transform, and trend removal (tests/test_align_trend.py) fixes the low frequencies by the
+slices' footprints, which a misplaced stack clipped to its slice shape does not show.
+
 Stack used for accuracy: the real, aligned ISBI 2012 ssTEM sections cross-faded in 8 steps
 (slice z = (1 - w) S_k + w S_(k+1), k = z // 8, w = (z % 8) / 8), 30 slices, each then
 distorted by a known random affine (translation <= 100 px, rotation <= 2 deg, scale/shear
@@ -80,7 +84,7 @@ def test_stack_error_chain_vs_global(stack):
     ]
     err = {}
     for method in ("chain", "global"):
-        al = solve(pairs, range(N), shape, method=method)
+        al = solve(pairs, range(N), shape, method=method, detrend="none")
         assert al.bad_slices == {}
         err[method] = stack_errors_px(al.transforms, truth, shape)
     print(f"\n1st-neighbour pairs: median {np.median(e_pair):.3f} px, max {np.max(e_pair):.3f} px")
@@ -106,12 +110,12 @@ def test_bad_slices_are_reported_and_bridged(stack):
     results = {}
     for method in ("global", "chain"):
         # without being told: both neighbours' matches failed
-        al = solve(pairs, range(N), shape, method=method)
+        al = solve(pairs, range(N), shape, method=method, detrend="none")
         assert set(al.bad_slices) == {10, 20}
         assert {(a, b) for a, b, _ in al.rejected_pairs} >= {(9, 10), (10, 11), (19, 20), (20, 21)}
         e = stack_errors_px(al.transforms, truth, shape)
         results[method] = max(v for z, v in e.items() if z not in bad)
-        told = solve(pairs, range(N), shape, method=method, bad_slices=flagged)
+        told = solve(pairs, range(N), shape, method=method, bad_slices=flagged, detrend="none")
         assert told.bad_slices == flagged
     print(
         f"\nwith blank z=10 + noise z=20, max error of other slices: "
@@ -149,7 +153,7 @@ def _chain_pairs(n: int, fail: set[int] = frozenset()) -> list[PairResult]:
 
 
 def test_frame_and_transforms_of_pure_shifts():
-    al = solve(_chain_pairs(5), range(5), SHAPE)
+    al = solve(_chain_pairs(5), range(5), SHAPE, detrend="none")
     # slice z content must land at the same global place: T_z = T_0 @ shift(z, -2z)
     assert al.frame_shape_yx == (100 + 8, 200 + 4)
     np.testing.assert_allclose(al.transforms[0], _shift(0, 8), atol=1e-9)
@@ -159,13 +163,13 @@ def test_frame_and_transforms_of_pure_shifts():
 def test_outlier_link_is_rejected_and_reported():
     pairs = _chain_pairs(8)
     pairs[3] = _pair(3, 4, _shift(1.0 + 9.0, -2.0))  # a wrong (3, 4) link, 9 px off
-    al = solve(pairs, range(8), SHAPE, method="global")
+    al = solve(pairs, range(8), SHAPE, method="global", detrend="none")
     assert (3, 4) in {(a, b) for a, b, _ in al.rejected_pairs}
     for z in range(8):
         np.testing.assert_allclose(
             al.transforms[z][:, 2] - al.transforms[0][:, 2], (z, -2 * z), atol=1e-6
         )
-    chain = solve(pairs, range(8), SHAPE, method="chain")  # trusts the wrong link
+    chain = solve(pairs, range(8), SHAPE, method="chain", detrend="none")  # trusts the wrong link
     np.testing.assert_allclose(
         chain.transforms[7][:, 2] - chain.transforms[0][:, 2], (7 + 9, -14), atol=1e-6
     )
@@ -173,7 +177,7 @@ def test_outlier_link_is_rejected_and_reported():
 
 @pytest.mark.parametrize("policy", ["bridge", "fill_previous", "zero"])
 def test_bad_slice_policies(policy):
-    al = solve(_chain_pairs(6, fail={2}), range(6), SHAPE, bad_slice_policy=policy)
+    al = solve(_chain_pairs(6, fail={2}), range(6), SHAPE, bad_slice_policy=policy, detrend="none")
     assert set(al.bad_slices) == {2} and "neighbour" in al.bad_slices[2]
     rel = {z: al.transforms[z][:, 2] - al.transforms[0][:, 2] for z in range(6)}
     for z in (0, 1, 3, 4, 5):
@@ -194,16 +198,18 @@ def test_a_stack_never_splits_silently(method):
     """Two consecutive failed slices and only 1st/2nd neighbour links: nothing crosses the gap."""
     pairs = [replace(p, inliers=0) if not p.ok else p for p in _chain_pairs(8, fail={3, 4})]
     with pytest.raises(AlignmentError, match=r"splits at z2\|z5.*align\.allow_segments"):
-        solve(pairs, range(8), SHAPE, method=method)
+        solve(pairs, range(8), SHAPE, method=method, detrend="none")
 
 
 def test_allowed_segments_are_placed_by_an_estimate_never_the_identity():
     pairs = [replace(p, inliers=0) if not p.ok else p for p in _chain_pairs(8, fail={3, 4})]
     with pytest.raises(AlignmentError, match="no pair across it produced any estimate"):
-        solve(pairs, range(8), SHAPE, allow_segments=True)
+        solve(pairs, range(8), SHAPE, allow_segments=True, detrend="none")
     # a failed (2, 5) match that still produced an estimate (too few inliers to accept)
     estimate = _pair(2, 5, _shift(3.0, -6.0), ok=False, reason="too few inlier patches (9 < 12)")
-    al = solve([*pairs, replace(estimate, inliers=9)], range(8), SHAPE, allow_segments=True)
+    al = solve(
+        [*pairs, replace(estimate, inliers=9)], range(8), SHAPE, allow_segments=True, detrend="none"
+    )
     assert set(al.bad_slices) == {3, 4}
     assert al.segment_breaks == [(2, 5)]
     assert al.gaps[0]["status"] == "unbridged" and "z2→z5" in al.gaps[0]["placed_by"]
@@ -222,9 +228,9 @@ def test_a_single_area_bridge_is_not_trusted():
     with pytest.raises(
         AlignmentError, match=r"splits at z3\|z5.*only one link crosses it \(z3→z5\)"
     ):
-        solve([*pairs, bridge], range(8), SHAPE)
+        solve([*pairs, bridge], range(8), SHAPE, detrend="none")
     check = replace(_pair(2, 5, _shift(3.0, -6.0)), method="area", residual_px=4.0, downsample=2)
-    al = solve([*pairs, bridge, check], range(8), SHAPE)
+    al = solve([*pairs, bridge, check], range(8), SHAPE, detrend="none")
     assert (
         al.gaps
         == [
@@ -243,11 +249,11 @@ def test_a_single_area_bridge_is_not_trusted():
 
 def test_error_policy_names_the_slices():
     with pytest.raises(AlignmentError, match=r"z=2: no successful match.*set align\.bad_slices to"):
-        solve(_chain_pairs(6, fail={2}), range(6), SHAPE, bad_slice_policy="error")
+        solve(_chain_pairs(6, fail={2}), range(6), SHAPE, bad_slice_policy="error", detrend="none")
 
 
 def test_bad_first_slice_moves_the_reference():
-    al = solve(_chain_pairs(5, fail={0}), range(5), SHAPE, bad_slices={0: "blank"})
+    al = solve(_chain_pairs(5, fail={0}), range(5), SHAPE, bad_slices={0: "blank"}, detrend="none")
     assert al.bad_slices == {0: "blank"}
     np.testing.assert_allclose(al.transforms[4][:, 2] - al.transforms[1][:, 2], (3, -6), atol=1e-6)
 
@@ -257,6 +263,19 @@ def test_invalid_arguments_raise_alignment_error():
         solve([], range(3), SHAPE, method="elastic")
     with pytest.raises(AlignmentError, match=r"align\.bad_slices must be"):
         solve([], range(3), SHAPE, bad_slice_policy="skip")
+    with pytest.raises(AlignmentError, match=r"align\.detrend must be one of \('rigid', 'none'\)"):
+        solve([], range(3), SHAPE, detrend="quadratic")
+
+
+def test_default_solve_removes_a_steady_walk():
+    """Slices that walk (1, -2) px per section: the default solve (align.detrend: rigid)
+    takes the walk out, so every slice lands where it was and the frame is the slice size;
+    with detrend "none" the walk stays (test_frame_and_transforms_of_pure_shifts)."""
+    al = solve(_chain_pairs(5), range(5), SHAPE)
+    assert al.detrend == "rigid" and al.frame_shape_yx == SHAPE
+    for z in range(5):
+        np.testing.assert_allclose(al.transforms[z], np.eye(2, 3), atol=1e-6)
+    assert Alignment.from_dict(al.to_dict()).detrend == "rigid"
 
 
 def test_alignment_json_round_trip_is_exact(tmp_path):
@@ -264,7 +283,7 @@ def test_alignment_json_round_trip_is_exact(tmp_path):
     pairs[0] = _pair(
         0, 1, np.array([[0.9999999999999999, 1e-17, 1 / 3], [-2e-300, 1.0000001, 7.1]])
     )
-    al = solve(pairs, range(6), SHAPE, method="global")
+    al = solve(pairs, range(6), SHAPE, method="global", detrend="none")
     path = tmp_path / "alignment.json"
     al.to_json(path)
     back = Alignment.from_json(path)

@@ -153,6 +153,23 @@ def test_cli_run_writes_run_log(stack):
         assert len(re.findall(pattern, proc.stderr, re.M)) == 1, (stage, proc.stderr)
         assert re.search(rf"^\S+ \S+ {stage}: (\d+)/\1 units, .*done$", text, re.M), stage
     assert text.splitlines()[-1].endswith(proc.stdout.splitlines()[-1])
+    # the alignment's pair counts (issue 13): run.log's 'pairs:' line says what
+    # Alignment.pair_summary() of the run's alignment.json says, kind by kind
+    summary = Alignment.from_json(stack / "out" / "emflow-run" / "alignment.json").pair_summary()
+    line = next(x for x in text.splitlines() if re.search(r"\bpairs: neighbours ", x))
+    names = {"neighbour": "neighbours", "second": "second neighbours", "bridge": "bridges"}
+    for kind, c in summary.items():
+        found = re.search(
+            rf"\b{names[kind]} (\d+)/(\d+) matched \((\d+) failed, (\d+) rejected\)", line
+        )
+        if not sum(c.values()):
+            assert found is None, (kind, line)
+            continue
+        assert found, (kind, line)
+        matched, total, failed, rejected = (int(v) for v in found.groups())
+        assert (matched, failed, rejected) == (c["matched"], c["failed"], c["rejected"]), line
+        assert total == sum(c.values())
+    assert summary["neighbour"]["matched"] == 7, summary  # 8 slices: every neighbour matched
 
 
 def test_cli_run_logging_keeps_tracebacks_in_run_log(tmp_path, capsys):

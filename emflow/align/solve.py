@@ -33,8 +33,15 @@ neighbours), so unregularised affine links random-walk in scale and shear (2-10 
 sections of VNC/ISBI). Independent per-slice distortions (a slice's own misplacement) average
 out over the window and are kept; drift accumulated along z does not and is removed. The
 default λ = 0.03 was chosen from the robustness/drift measurements in
-benchmarks/align_quality.py (README, alignment paragraph). The output is rotated so the
-slices' mean rotation is zero.
+benchmarks/align_quality.py (README, alignment paragraph).
+
+Trend removal (``detrend``, recipe ``align.detrend``, default ``"rigid"``): what drift control
+leaves is a slow turn and walk of the whole stack (VNC: ~0.1° and a few px per section, frame
++3-5 % over 20 sections), which pairwise matching cannot tell from a true one;
+:func:`emflow.align.trend.detrend` removes its linear trend in z, measured on each slice's
+non-fill footprint so that it follows the content, not the canvas (the misplacement
+robustness of the stack holds with it). The stack's mean placement is then the identity.
+With ``"none"`` the output is only turned so that the slices' mean rotation is zero.
 
 Bad slices (given by the caller, e.g. from :func:`emflow.align.quality.assess_slice`, or
 found here because none of their links succeeded) never constrain the solution; the
@@ -69,6 +76,8 @@ from emflow.align.match import (
     PairResult,
     corner_points_xy,
 )
+from emflow.align.trend import DETREND
+from emflow.align.trend import detrend as _detrend
 from emflow.errors import AlignmentError
 
 __all__ = ["BAD_SLICE_POLICIES", "METHODS", "Alignment", "identity_alignment", "solve"]
@@ -81,6 +90,8 @@ ANCHOR_WEIGHT = 1000.0
 VERSION = 1
 #: Default drift control λ (recipe ``align.regularisation``), see the module docstring.
 DEFAULT_REGULARISATION = 0.03
+#: Default trend removal (recipe ``align.detrend``), see :mod:`emflow.align.trend`.
+DEFAULT_DETREND = "rigid"
 #: Half-width (slices) of the window over which the regulariser averages linear parts.
 REGULARISATION_WINDOW = 3
 #: Weight of the isotropic-scale term relative to the rigid term.
@@ -137,6 +148,9 @@ class Alignment:
         links), "status": "bridged" | "unchecked" | "unbridged", "placed_by": str}``.
     regularisation : float
         The drift-control weight λ the transforms were solved with.
+    detrend : str
+        ``"rigid"`` when the low-order trend of rotation and position was removed, else
+        ``"none"`` (:mod:`emflow.align.trend`).
     """
 
     transforms: dict[int, np.ndarray]
@@ -149,6 +163,7 @@ class Alignment:
     segment_breaks: list[tuple[int, int]] = field(default_factory=list)
     gaps: list[dict[str, Any]] = field(default_factory=list)
     regularisation: float = 0.0
+    detrend: str = "none"
 
     def source_slice(self, z: int) -> int | None:
         """Which source slice the renderer warps (with ``transforms[z]``) for output z.
@@ -196,6 +211,7 @@ class Alignment:
             "frame_shape_yx": [int(v) for v in self.frame_shape_yx],
             "bad_slice_policy": self.bad_slice_policy,
             "regularisation": float(self.regularisation),
+            "detrend": self.detrend,
             "transforms": {
                 str(z): [[float(v) for v in row] for row in np.asarray(m, np.float64)]
                 for z, m in sorted(self.transforms.items())
@@ -234,6 +250,7 @@ class Alignment:
                 segment_breaks=[(int(a), int(b)) for a, b in d.get("segment_breaks", [])],
                 gaps=[dict(g) for g in d.get("gaps", [])],
                 regularisation=float(d.get("regularisation", 0.0)),
+                detrend=str(d.get("detrend", "none")),
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise AlignmentError(f"{where}: invalid content ({e}); re-run the alignment") from e
@@ -550,6 +567,8 @@ def solve(
     regularisation: float = DEFAULT_REGULARISATION,
     outlier_px: float = 2.0,
     allow_segments: bool = False,
+    detrend: str = DEFAULT_DETREND,
+    footprints: Mapping[int, tuple[float, float, float] | None] | None = None,
 ) -> Alignment:
     """Per-slice source->global 2x3 transforms (full-res (x, y) px) from pairwise matches.
 
@@ -576,6 +595,13 @@ def solve(
     allow_segments : bool
         Place the parts of a stack that no checked link joins by the best estimate across
         the gap instead of raising AlignmentError (module docstring).
+    detrend : str
+        Global only: ``"rigid"`` (default) removes the low-order trend of rotation and
+        position over z (:func:`emflow.align.trend.detrend`), ``"none"`` keeps it (the
+        output is then only turned so that the mean rotation is zero).
+    footprints : mapping of int to (x, y, angle), optional
+        Each slice's footprint pose (:func:`emflow.align.trend.footprint_pose`): where the
+        trend is measured; the whole image when missing.
 
     Returns
     -------
@@ -587,6 +613,8 @@ def solve(
         raise AlignmentError(
             f"align.bad_slices must be one of {BAD_SLICE_POLICIES}, not {bad_slice_policy!r}"
         )
+    if detrend not in DETREND:
+        raise AlignmentError(f"align.detrend must be one of {DETREND}, not {detrend!r}")
     if not regularisation >= 0:
         raise AlignmentError(f"align.regularisation must be >= 0, not {regularisation!r}")
     zs = sorted({int(z) for z in z_values})
@@ -635,7 +663,10 @@ def solve(
         placed, gaps, breaks = _place_global(
             good, bad, links, rejected, pairs, shape_yx, regularisation, outlier_px, allow_segments
         )
-    placed = _mean_rotation_removed(placed) if method == "global" else placed
+    if method == "global" and detrend == "rigid":
+        placed = {z: m[:2] for z, m in _detrend(placed, shape_yx, footprints=footprints).items()}
+    elif method == "global":
+        placed = _mean_rotation_removed(placed)
     transforms = dict(placed)
     for z in zs:
         if z in bad:
@@ -664,6 +695,7 @@ def solve(
         segment_breaks=breaks,
         gaps=gaps,
         regularisation=float(regularisation) if method == "global" else 0.0,
+        detrend=detrend if method == "global" else "none",
     )
 
 

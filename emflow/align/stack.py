@@ -18,6 +18,7 @@ from emflow.align.match import MatchConfig, PairResult, match_features
 from emflow.align.pairs import bridge_pairs, neighbour_pairs, skipped
 from emflow.align.quality import assess_slice
 from emflow.align.solve import Alignment, solve
+from emflow.align.trend import footprint_pose
 
 __all__ = ["align_features", "align_slices", "match_pairs", "slice_features"]
 
@@ -85,7 +86,15 @@ def align_features(
     """Match and solve a stack from its slices' features (``solve_kw`` go to :func:`solve`)."""
     bad = dict(bad or {})
     pairs = match_pairs(features, bad, config=config, map_=map_)
-    return solve(pairs, range(len(features)), features[0].shape_yx, bad_slices=bad, **solve_kw)
+    feet = {z: footprint_pose(f.area, f.area_factor) for z, f in enumerate(features)}
+    return solve(
+        pairs,
+        range(len(features)),
+        features[0].shape_yx,
+        bad_slices=bad,
+        footprints=feet,
+        **solve_kw,
+    )
 
 
 def align_slices(
