@@ -393,7 +393,10 @@ def test_no_unit_starts_after_pause_or_cancel_is_acknowledged(cluster, tmp_path,
     cluster.sync(getattr(cluster.scheduler, op), run_id=run_id)
     acked = time.time()
     right_after = stage_snap()
-    assert right_after["counts"]["queued"] == 0  # back to waiting at once
+    # the units queued when the request came are back to waiting at once (a unit the driver
+    # submitted between the request and its next poll may be queued now: it cannot start)
+    queued_after = {i for i, c in enumerate(right_after["cells"]) if c == "q"}
+    assert not queued_after & set(queued), (queued, right_after)
     assert right_after["counts"]["running"] <= 2
     if op == "emflow_pause":
         while stage_snap()["counts"]["running"] and time.time() < deadline:
