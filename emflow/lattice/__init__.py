@@ -61,7 +61,8 @@ Modules
     :func:`run_stage`: a stage's units serially, on Dask in a bounded window, or in the
     driver through the same gate, with markers; :func:`declare_plan`.
 :mod:`~emflow.lattice.markers`
-    atomic JSON markers: :func:`write_marker`, :func:`read_marker`, :func:`done_markers`.
+    atomic JSON markers: :func:`write_marker`, :func:`read_marker`, :func:`done_markers`,
+    :func:`sync_markers`.
 :mod:`~emflow.lattice.journal`
     :class:`Journal`, :func:`read_journal`, :func:`summarize_journal`, sessions and the
     units earlier sessions left unfinished (:func:`earlier_attempts`).
@@ -90,7 +91,7 @@ from emflow.lattice.markers import MARKERS as MARKERS
 from emflow.lattice.markers import RUN_JSON as RUN_JSON
 from emflow.lattice.markers import SCHEDULER_JSON as SCHEDULER_JSON
 from emflow.lattice.markers import _fsync_dir as _fsync_dir
-from emflow.lattice.markers import done_markers, marker_path, write_marker
+from emflow.lattice.markers import done_markers, marker_path, sync_markers, write_marker
 from emflow.lattice.markers import read_marker as read_marker
 from emflow.lattice.plugin import PLUGIN_NAME as PLUGIN_NAME
 from emflow.lattice.plugin import LatticePlugin, parse_key
@@ -136,5 +137,6 @@ __all__ = [
     "session_id",
     "start_session",
     "summarize_journal",
+    "sync_markers",
     "write_marker",
 ]

@@ -229,7 +229,7 @@ def _durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dic
                 f"unit result of {getattr(fn, '__name__', fn)!r} is not JSON-serialisable ({exc}); "
                 "unit functions must return small JSON dicts"
             ) from exc
-        lat.write_marker(Path(marker), payload)
+        lat.write_marker(Path(marker), payload, durable=False)  # see lattice.markers
     payload["reused"] = False
     return payload
 
@@ -500,6 +500,8 @@ def run_stage(
             )
         for f in failures:
             failed_before[(stage, f["index"])] = f
+        if run_dir is not None:
+            lat.sync_markers(run_dir, stage)  # the stage's marker folder, once
         if journal is not None:
             journal.append(
                 "stage_end",

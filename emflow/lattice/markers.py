@@ -1,8 +1,11 @@
 """Atomic JSON marker files of a run folder: done markers, ``run.json``, ``scheduler.json``.
 
-A marker is written atomically (tmp + fsync + rename + fsync of the folder) and read
-back only when it holds a ``result`` key; ``done/<stage>/<index>.json`` markers are
-the durable truth for resume.
+A marker is written atomically (tmp + rename) and read back only when it parses and holds
+a ``result`` key; ``done/<stage>/<index>.json`` markers are the truth for resume. Run-folder
+records (``run.json``, ``outputs.json``...) are also fsynced (file and folder). Done markers
+are not, one per unit would cost more than a no-op unit: their unit's output is already
+durable (tensorstore fsyncs it before the unit returns), and a marker a power loss drops or
+empties reads as absent, so the unit runs again (units are idempotent).
 """
 
 from __future__ import annotations
@@ -34,22 +37,49 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_marker(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically write a JSON marker: temporary file, fsync, rename, fsync the folder."""
+def write_marker(path: Path, payload: dict[str, Any], *, durable: bool = True) -> None:
+    """Atomically write a JSON marker: temporary file, rename over ``path``.
+
+    ``durable``: also fsync the file before and its folder after the rename (run-folder
+    records). Done markers pass False (see the module docstring): a crash can then lose
+    or empty the marker but never leave one that reads as done without its output.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, separators=(",", ":"))
+    data = json.dumps(payload, separators=(",", ":")).encode()
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def sync_markers(run_dir: Path, stage: str) -> None:
+    """fsync the folder of a stage's done markers (once per stage, by the driver)."""
+    folder = Path(run_dir) / MARKERS / stage
+    if folder.is_dir():
+        _fsync_dir(folder)
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
-    """The marker's payload, or None when absent or unreadable (then the unit is redone)."""
+    """The marker's payload, or None when absent, empty, torn or not a marker (then the unit
+    is redone)."""
     try:
         payload = json.loads(Path(path).read_text())
     except (OSError, ValueError):
