@@ -345,6 +345,41 @@ def section_profile(res: dict, args, src: Path) -> None:
         )
 
 
+#: what each section puts into the results (``--keep-from`` copies these)
+SECTION_KEYS = {
+    "limits": ("limits",),
+    "e2e": ("e2e", "quality", "quality_levels", "ratios"),
+    "scaling": ("scaling",),
+    "big": ("big",),
+    "overhead": ("overhead",),
+    "alignment": ("alignment",),
+    "profile": ("profile",),
+}
+
+
+def keep_sections(res: dict, old: dict, ran: set[str]) -> None:
+    """Take the sections not in ``ran`` from an earlier run's results (``old``), noted."""
+    ran = ran | ({"e2e"} if "peers" in ran else set())
+    kept = [
+        name
+        for name, keys in SECTION_KEYS.items()
+        if name not in ran and any(old.get(k) for k in keys)
+    ]
+    for name in kept:
+        for k in SECTION_KEYS[name]:
+            if old.get(k):
+                res[k] = old[k]
+    if kept:
+        om = old.get("machine", {})
+        load = " / ".join(str(x) for x in om.get("loadavg_1_5_15", []))
+        res["kept"] = {
+            "sections": kept,
+            "utc": om.get("utc"),
+            "load": load,
+            "command": old.get("config", {}).get("command"),
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke size: 32 x 256², 1 repeat")
@@ -364,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma list of {', '.join(SECTIONS)}",
     )
     p.add_argument("--profile", action="store_true", help="also profile emflow with py-spy")
+    p.add_argument(
+        "--keep-from",
+        type=Path,
+        default=None,
+        help="an earlier results.json: the sections not run now are taken from it (the "
+        "report says which run each section comes from)",
+    )
     p.add_argument(
         "--results-md",
         type=Path,
@@ -417,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     if "profile" in sections:
         section_profile(res, args, src)
     res["total_s"] = time.perf_counter() - t0
+    if args.keep_from is not None:
+        keep_sections(res, json.loads(args.keep_from.read_text()), sections)
     res["machine"]["loadavg_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     (OUT / "results.json").write_text(json.dumps(res, indent=1, default=str))
     md = args.results_md or (OUT / "RESULTS.quick.md" if args.quick else HERE / "RESULTS.md")

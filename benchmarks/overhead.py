@@ -10,7 +10,9 @@ apart from the driver's), then:
 2. runs that stage through ``emflow.lattice.execute.run_stage`` (bounded window, keys
    ``("emflow-<stage>-<run>", i)``) and stops it after ``units`` results: time to the
    first result (first window submitted + one round trip), units/s after that;
-3. reports peak RSS of driver and scheduler (polled) and the extrapolated overhead for all
+3. runs the same stage again without a run folder (no done markers, no journal):
+   ``no_run_dir``, the cost of the markers by difference;
+4. reports peak RSS of driver and scheduler (polled) and the extrapolated overhead for all
    units. Without emflow's planner it falls back to a plain-Dask bounded window (noted).
 
 Prints one JSON line.
@@ -151,6 +153,64 @@ def _default_window(client: object) -> int:
         return max(2, 2 * sum(client.nthreads().values()))  # type: ignore[attr-defined]
 
 
+def _rate(times: list[float], slices: int) -> dict:
+    """units/s and ms per unit between the first and the last result."""
+    if len(times) < 2:
+        return {}
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    return {
+        "units_per_s": round(rate, 1),
+        "ms_per_unit": round(1000 / rate, 3),
+        "extrapolated_all_units_s": round(slices / rate, 1),
+    }
+
+
+def _run_units(
+    client: object,
+    unit_list: list,
+    units: int,
+    window: int,
+    run_dir: Path | None,
+    have_emflow: bool,
+    tag: str = "",
+) -> tuple[_TimedClient, list[float]]:
+    """Run the no-op stage until ``units`` results arrived; seconds of each from the start."""
+    times: list[float] = []
+    timed = _TimedClient(client, window=window)
+    t1 = timed.t0
+
+    def on_result(_unit: object, _res: object) -> None:
+        times.append(time.perf_counter() - t1)
+        if len(times) >= units:
+            raise _Stop
+
+    if have_emflow:
+        from emflow.lattice.execute import run_stage
+
+        kw = {}
+        if run_dir is not None and "run_dir" in inspect.signature(run_stage).parameters:
+            kw["run_dir"] = run_dir
+        try:
+            run_stage(
+                "noop", unit_list, client=timed, run_id=f"bench{tag}", on_result=on_result, **kw
+            )
+        except _Stop:
+            pass
+        return timed, times
+    from distributed import as_completed
+
+    it = iter(unit_list)
+    ac = as_completed([timed.submit(noop, next(it), pure=False) for _ in range(window)])
+    try:
+        for fut in ac:
+            fut.release()
+            on_result(None, None)
+            ac.add(client.submit(noop, next(it), pure=False))
+    except _Stop:
+        pass
+    return timed, times
+
+
 def run(slices: int, units: int, workers: int) -> dict:
     from distributed import Client
 
@@ -173,7 +233,7 @@ def run(slices: int, units: int, workers: int) -> dict:
             planner = "emflow.plan.plan_output + emflow.lattice.execute.run_stage"
             try:
                 from emflow.discover import SliceCatalog, SliceRef
-                from emflow.lattice.execute import Unit, run_stage
+                from emflow.lattice.execute import Unit
                 from emflow.plan import plan_output
                 from emflow.recipe import recipe_from_dict
 
@@ -212,50 +272,20 @@ def run(slices: int, units: int, workers: int) -> dict:
             out["driver_rss_after_plan_mb"] = round(me.memory_info().rss / 1e6, 1)
             out["driver_plan_growth_mb"] = round(out["driver_rss_after_plan_mb"] - rss0, 1)
             out["planner"] = planner
-            # 2. run the per-slice stage through the window, stop after `units` results
-            times: list[float] = []
-            timed = _TimedClient(client, window=_default_window(client))
-            t1 = timed.t0
-
-            def on_result(_unit: object, _res: object) -> None:
-                times.append(time.perf_counter() - t1)
-                if len(times) >= units:
-                    raise _Stop
-
-            if have_emflow:
-                kw = {}
-                if "run_dir" in inspect.signature(run_stage).parameters:
-                    kw["run_dir"] = tmp / "run"
-                try:
-                    run_stage(
-                        "noop", unit_list, client=timed, run_id="bench", on_result=on_result, **kw
-                    )
-                except _Stop:
-                    pass
-            else:
-                from distributed import as_completed
-
-                window = 2 * workers
-                it = iter(unit_list)
-                ac = as_completed([timed.submit(noop, next(it), pure=False) for _ in range(window)])
-                try:
-                    for fut in ac:
-                        fut.release()
-                        on_result(None, None)
-                        ac.add(client.submit(noop, next(it), pure=False))
-                except _Stop:
-                    pass
-            out["window"] = _default_window(client)
+            # 2. run the per-slice stage through the window, stop after `units` results:
+            # with the run folder (done marker per unit: what a run does), then without
+            window = _default_window(client)
+            timed, times = _run_units(client, unit_list, units, window, tmp / "run", have_emflow)
+            out["window"] = window
             out["first_window_submitted_s"] = (
                 round(timed.window_submitted_s, 4) if timed.window_submitted_s is not None else None
             )
             out["first_result_s"] = round(times[0], 4) if times else None
             out["plan_plus_first_window_s"] = round(out["plan_s"] + (times[0] if times else 0), 3)
-            if len(times) > 1:
-                rate = (len(times) - 1) / (times[-1] - times[0])
-                out["units_per_s"] = round(rate, 1)
-                out["ms_per_unit"] = round(1000 / rate, 3)
-                out["extrapolated_all_units_s"] = round(slices / rate, 1)
+            out.update(_rate(times, slices))
+            if have_emflow:
+                _, times = _run_units(client, unit_list, units, window, None, have_emflow, "b")
+                out["no_run_dir"] = _rate(times, slices)
             client.cancel(list(client.futures.values()) if hasattr(client, "futures") else [])
             out["peak_rss_mb"] = peak.stop()
             client.close()

@@ -125,6 +125,15 @@ def render(res: dict, findings: str = "") -> str:
         "figures move with the load of this shared machine (1-min load average next to each).",
         "",
         f"* Run: {m['utc']} UTC, `{cfg['command']}`",
+        *(
+            [
+                f"* Sections {', '.join(res['kept']['sections'])}: kept from the run of "
+                f"{res['kept']['utc']} UTC (load average at start {res['kept']['load']}), "
+                f"`{res['kept']['command']}`"
+            ]
+            if res.get("kept")
+            else []
+        ),
         f"* Machine: {m['cpu_model']}, {m['logical_cores']} logical cores, {m['ram_gib']} GiB RAM,"
         f" load average at start {' / '.join(_f(x, 2) for x in m['loadavg_1_5_15'])};"
         f" Python {m['python']}",
@@ -391,6 +400,10 @@ def render(res: dict, findings: str = "") -> str:
                 ["planned + first window", f"{_f(o.get('plan_plus_first_window_s'), 2)} s"],
                 ["no-op units/s (window)", _f(o.get("units_per_s"))],
                 ["overhead per unit", f"{_f(o.get('ms_per_unit'), 2)} ms"],
+                [
+                    "… the same stage without a run folder (no markers, no journal)",
+                    f"{_f(o.get('no_run_dir', {}).get('ms_per_unit'), 2)} ms",
+                ],
                 [
                     "extrapolated for all per-slice units",
                     f"{_f(o.get('extrapolated_all_units_s'))} s",
