@@ -12,7 +12,7 @@ from emflow.lattice.execute import Unit, run_stage
 PAYLOAD = {"result": {"box": [0, 64, 0, 512, 0, 512], "n": 7}, "worker": "tcp://w:1", "start": 1.5}
 
 
-def test_marker_written_without_fsync_reads_back_and_leaves_no_temporary(tmp_path):
+def test_done_marker_written_in_place_reads_back_whole(tmp_path):
     fast = lat.marker_path(tmp_path, "slab", 3)
     slow = lat.marker_path(tmp_path, "slab", 4)
     lat.write_marker(fast, PAYLOAD, durable=False)  # also makes done/slab/

@@ -1,11 +1,12 @@
-"""Atomic JSON marker files of a run folder: done markers, ``run.json``, ``scheduler.json``.
+"""JSON marker files of a run folder: done markers, ``run.json``, ``scheduler.json``.
 
-A marker is written atomically (tmp + rename) and read back only when it parses and holds
-a ``result`` key; ``done/<stage>/<index>.json`` markers are the truth for resume. Run-folder
-records (``run.json``, ``outputs.json``...) are also fsynced (file and folder). Done markers
-are not, one per unit would cost more than a no-op unit: their unit's output is already
-durable (tensorstore fsyncs it before the unit returns), and a marker a power loss drops or
-empties reads as absent, so the unit runs again (units are idempotent).
+A marker is read back only when it parses and holds a ``result`` key;
+``done/<stage>/<index>.json`` markers are the truth for resume. Run-folder records
+(``run.json``, ``outputs.json``...) are written atomically and durably (tmp + fsync + rename +
+fsync of the folder). Done markers are written in place without fsync -- per unit, that
+would cost more than a no-op unit: their unit's output is already durable (tensorstore
+fsyncs it before the unit returns), and a marker a crash drops, empties or tears reads as
+absent, so the unit runs again (units are idempotent).
 """
 
 from __future__ import annotations
@@ -38,20 +39,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_marker(path: Path, payload: dict[str, Any], *, durable: bool = True) -> None:
-    """Atomically write a JSON marker: temporary file, rename over ``path``.
+    """Write a JSON marker that reads back whole or not at all.
 
-    ``durable``: also fsync the file before and its folder after the rename (run-folder
-    records). Done markers pass False (see the module docstring): a crash can then lose
-    or empty the marker but never leave one that reads as done without its output.
+    ``durable`` (run-folder records): temporary file, fsync, rename over ``path``, fsync of
+    the folder. Otherwise (done markers, one per unit): written in place, no fsync, no
+    rename -- a crash or a second writer can leave it torn or empty, which
+    :func:`read_marker` reads as absent (a JSON object parses only once complete), so its
+    unit runs again; it never reads as done without its output.
     """
     path = Path(path)
     data = json.dumps(payload, separators=(",", ":")).encode()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    target = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp") if durable else path
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if durable else os.O_TRUNC)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(target, flags, 0o644)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(target, flags, 0o644)
     try:
         try:
             view = memoryview(data)
@@ -61,10 +65,12 @@ def write_marker(path: Path, payload: dict[str, Any], *, durable: bool = True) -
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if durable:
+            os.replace(target, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if durable:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
         raise
     if durable:
         _fsync_dir(path.parent)
