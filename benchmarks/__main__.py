@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         "png_mb": dir_stats(src)[1],
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if args.keep_from is not None:  # first: the sections run now may use kept limits
+        keep_sections(res, json.loads(args.keep_from.read_text()), sections)
     t0 = time.perf_counter()
     if "limits" in sections:
         section_limits(res, args.quick, args.size)
@@ -459,8 +461,6 @@ def main(argv: list[str] | None = None) -> int:
     if "profile" in sections:
         section_profile(res, args, src)
     res["total_s"] = time.perf_counter() - t0
-    if args.keep_from is not None:
-        keep_sections(res, json.loads(args.keep_from.read_text()), sections)
     res["machine"]["loadavg_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     (OUT / "results.json").write_text(json.dumps(res, indent=1, default=str))
     md = args.results_md or (OUT / "RESULTS.quick.md" if args.quick else HERE / "RESULTS.md")
