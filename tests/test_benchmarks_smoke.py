@@ -112,3 +112,40 @@ def test_ceiling_output_reads_back_exact(tmp_path):
     assert found["omezarr"]["max_abs_bias"] <= 0.1
     assert not found["precomputed"]["l0_bit_exact"]  # JPEG is lossy
     assert found["precomputed"]["l0_psnr_db"] > 20
+
+
+def test_keep_from_takes_only_the_sections_not_run_and_the_report_names_their_run():
+    from benchmarks import report
+    from benchmarks.__main__ import keep_sections
+
+    old = {
+        "machine": {"utc": "2026-12-01 18:27:15", "loadavg_1_5_15": [4.68, 5.48, 5.95]},
+        "config": {"command": "python -m benchmarks --sections limits,overhead"},
+        "limits": {"kernels": {"memcpy": {"mb_s": 1.0, "per": "copied bytes"}}, "model": {}},
+        "overhead": {"slices": 100, "ms_per_unit": 9.0, "window": 16},
+        "scaling": {},  # empty in the old run: nothing to keep
+    }
+    new_overhead = {"slices": 100, "ms_per_unit": 1.5, "window": 16, "no_run_dir": {}}
+    res = {"overhead": dict(new_overhead), "e2e": [], "quality": {}}
+    keep_sections(res, old, {"overhead"})
+    assert res["overhead"] == new_overhead  # the section run now is not replaced
+    assert res["limits"] == old["limits"]
+    assert res["kept"]["sections"] == ["limits"]
+    line = (
+        f"* Sections limits: kept from the run of 2026-12-01 18:27:15 UTC (load average at "
+        f"start 4.68 / 5.48 / 5.95), `{old['config']['command']}`"
+    )
+    machine = {
+        "utc": "2026-12-02 01:00:00",
+        "cpu_model": "cpu",
+        "logical_cores": 2,
+        "ram_gib": 23.5,
+        "loadavg_1_5_15": [9.0, 9.0, 9.0],
+        "python": "3.11",
+        "libraries": {},
+    }
+    config = {"command": "python -m benchmarks --sections overhead", "slices": 1, "size": 2,
+              "input_mb": 0.0, "png_mb": 0.0, "levels": 1, "repeat": 1, "cores": 2}  # fmt: skip
+    md = report.render({**res, "machine": machine, "config": config, "notes": []})
+    assert line in md.splitlines()
+    assert "| overhead per unit | 1.50 ms |" in md
