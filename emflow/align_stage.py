@@ -15,6 +15,7 @@ reasons can be inspected.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 
 from emflow.discover import SliceCatalog, SliceRef
 from emflow.errors import AlignmentError
+from emflow.io.location import get_bytes, join, put_bytes
 from emflow.lattice.execute import Unit
 from emflow.recipe import Recipe
 
@@ -63,7 +65,6 @@ def features_unit(
         image, downsample=downsample, nfeatures=nfeatures, coarse=coarse, area=area
     )
     thumb, scale = thumbnail(image)
-    tmp = out_path + ".tmp.npz"
     extra = {}
     if feats.coarse is not None:
         extra = {
@@ -74,8 +75,9 @@ def features_unit(
     if feats.area is not None:
         extra["area"] = feats.area
         extra["area_factor"] = np.array(feats.area_factor)
+    buf = io.BytesIO()
     np.savez(
-        tmp,
+        buf,
         keypoints_xy=feats.keypoints_xy,
         descriptors=feats.descriptors,
         shape_yx=np.array(feats.shape_yx),
@@ -84,7 +86,7 @@ def features_unit(
         thumb_scale=np.array(scale),
         **extra,
     )
-    Path(tmp).replace(out_path)
+    put_bytes(out_path, buf.getvalue())  # atomic on disk; one PUT into a bucket's run folder
     foot = footprint_pose(feats.area, feats.area_factor)
     return {
         "z": ref.z,
@@ -94,15 +96,26 @@ def features_unit(
     }
 
 
-def slice_cache_dir(run_dir: Path) -> Path:
-    """Where decoded slices are kept between the feature and render passes."""
-    return run_dir / "slice-cache"
+def slice_cache_dir(run_dir: Path) -> str:
+    """Where decoded slices are kept between the feature and render passes (in the bucket for a
+    bucket output_dir: :func:`emflow.io.runmirror.data_path`)."""
+    from emflow.io.runmirror import data_path
+
+    return data_path(run_dir, "slice-cache")
+
+
+def _npz(path: str) -> Any:
+    """The saved features at a path or URL (np.load of their bytes)."""
+    data = get_bytes(path)
+    if data is None:
+        raise FileNotFoundError(f"features {path} are missing")
+    return np.load(io.BytesIO(data))
 
 
 def _load_features(path: str) -> Any:
     from emflow.align.features import Features
 
-    with np.load(path) as d:
+    with _npz(path) as d:
         shape_yx = tuple(int(v) for v in d["shape_yx"])
         coarse = None
         if "coarse_keypoints_xy" in d:
@@ -201,15 +214,14 @@ def align_stack(
     from emflow.align.solve import Alignment
 
     cfg = recipe.align
-    feat_dir = run_dir / "features"
-    feat_dir.mkdir(parents=True, exist_ok=True)
-    paths = [str(feat_dir / f"z{ref.z:06d}.npz") for ref in catalog.slices]
+    from emflow.io.runmirror import data_path
+
+    feat_dir = data_path(run_dir, "features")  # in the bucket for a bucket output_dir
+    paths = [join(feat_dir, f"z{ref.z:06d}.npz") for ref in catalog.slices]
     bytes_per_slice = (
         catalog.shape_yx[0] * catalog.shape_yx[1] * (2 if catalog.dtype == "uint16" else 1)
     )
-    cache = str(slice_cache_dir(run_dir)) if recipe.run.cache_decoded else None
-    if cache is not None:
-        Path(cache).mkdir(parents=True, exist_ok=True)
+    cache = slice_cache_dir(run_dir) if recipe.run.cache_decoded else None
     units = [
         Unit(
             ref.z,
@@ -410,11 +422,15 @@ def write_qc(
     qc_dir.mkdir(exist_ok=True)
     qc.write_pair_table(pairs, alignment, qc_dir / "pairs.csv", shape_yx=shape_yx, content=content)
     qc.plot_pairs(pairs, alignment, qc_dir / "pairs.png", shape_yx=shape_yx, content=content)
-    if alignment is None or not all(Path(p).is_file() for p in feature_paths):
-        return  # no solve yet, or a complete run's rerun (features tidied away): keep the PNG
+    if alignment is None:
+        return  # no solve yet
     thumbs, scale = [], 1
     for p in feature_paths:
-        with np.load(p) as d:
+        try:
+            d = _npz(p)
+        except FileNotFoundError:  # a complete run's rerun (features tidied away): keep the PNG
+            return
+        with d:
             thumbs.append(d["thumb"])
             scale = int(d["thumb_scale"])
     before = np.stack(thumbs)

@@ -51,12 +51,24 @@ class OwnedVolume:
 
 def tidy_run_folder(run_dir: Path, keep: Sequence[str]) -> list[str]:
     """Remove the intermediates of a complete run that ``keep`` does not name; return what went."""
+    from emflow.io import runmirror
+    from emflow.io.location import Location, is_url
+
     removed = []
     for key, folder in INTERMEDIATES.items():
-        path = Path(run_dir) / folder
-        if key in keep or not path.exists():
+        if key in keep:
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        where = runmirror.data_path(run_dir, folder)  # in the bucket for a mirrored run folder
+        if is_url(where):
+            loc = Location.of(where)
+            if not loc.list():
+                continue
+            loc.delete_all()
+        else:
+            path = Path(where)
+            if not path.exists():
+                continue
+            shutil.rmtree(path, ignore_errors=True)
         removed.append(folder)
     return removed
 

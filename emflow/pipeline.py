@@ -37,8 +37,9 @@ from emflow.finalize import (
     resolved_values,
     tidy_run_folder,
 )
-from emflow.io import ownership, rendercache
+from emflow.io import ownership, rendercache, runmirror
 from emflow.io.handoff import HandoffArray
+from emflow.io.location import Location, is_url, join, remove_tree
 from emflow.lattice.execute import Progress, Unit, declare_plan, run_stage
 from emflow.plan import (  # noqa: F401  (re-exported: emflow.pipeline names used before the split)
     _GIB,
@@ -171,8 +172,10 @@ def plan_for_run(
         for d in markers.iterdir():
             if d.name.startswith(PYRAMID_STAGES):
                 shutil.rmtree(d, ignore_errors=True)
+    if runmirror.for_dir(run_dir) is not None:  # the bucket stops vouching for them first
+        runmirror.for_dir(run_dir).flush()
     for w in ("handoff", rendercache.FOLDER):
-        shutil.rmtree(run_dir / w, ignore_errors=True)
+        remove_tree(runmirror.data_path(run_dir, w))
     plan.save(run_dir)
     return plan, False
 
@@ -184,12 +187,22 @@ def _drop_lost_renders(run_dir: Path, plan: Plan) -> None:
 
     if len(done_markers(run_dir, plan.passes[0].stage)) == plan.passes[0].n_units:
         return
-    folder = rendercache.cache_dir(run_dir)
-    have = set(os.listdir(folder)) if folder.is_dir() else set()
+    folder = runmirror.data_path(run_dir, rendercache.FOLDER)
+    if is_url(folder):
+        have = {key.rsplit("/", 1)[-1] for key in Location.of(folder).list()}
+    else:
+        have = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     for i in done_markers(run_dir, "render"):
         z0, z1 = plan.render_slices(i)
         if any(rendercache.slice_path(folder, z).name not in have for z in range(z0, z1)):
             marker_path(run_dir, "render", i).unlink(missing_ok=True)
+
+
+def _data_path(run_dir: Path, name: str, *more: str) -> Path | str:
+    """A run-folder intermediate: inside ``run_dir``, or in the bucket for a mirrored run
+    folder (:func:`emflow.io.runmirror.data_path`: workers have no shared disk)."""
+    where = runmirror.data_path(run_dir, name)
+    return join(where, *more) if is_url(where) else Path(where, *more)
 
 
 def check_worker_memory(client: Any, plan: Plan) -> None:
@@ -246,7 +259,7 @@ def pyramid_stages(
             for a in range(3)
         )
         arr = HandoffArray(
-            run_dir / "handoff" / f"level{h}",
+            _data_path(run_dir, "handoff", f"level{h}"),
             plan.levels[h].shape_zyx,
             plan.handoff_dtype(h),
             chunk,  # type: ignore[arg-type]
@@ -271,7 +284,7 @@ def pyramid_stages(
         logger.info("output volumes (re)created: units of %s run again", ", ".join(dropped))
     render_dir = None
     if plan.render_stage:
-        render_dir = str(rendercache.cache_dir(run_dir))
+        render_dir = str(runmirror.data_path(run_dir, rendercache.FOLDER))
         _drop_lost_renders(run_dir, plan)
         per_slice = how.shape_yx[0] * how.shape_yx[1] * (2 if how.in_dtype == "uint16" else 1)
         units = []
@@ -423,9 +436,16 @@ def run(
     catalog, run_dir = check.catalog, check.run_dir
     say(f"discovered {catalog.summary()}")
     saved_alignment = check.alignment  # read before the run folder is touched (--restart wipes it)
+    # a bucket output_dir: the run folder is the bucket's, worked on in a local copy (restored
+    # by the preflight) that every stage boundary copies back (emflow.io.runmirror)
+    mirror = runmirror.for_recipe(recipe)
     owner = claim_run_folder(recipe)  # the first write: run folder, its marker first
-    resuming = lattice.open_run(run_dir, recipe.output_fingerprint(), restart=restart)
-    write_stack_fingerprint(run_dir, check.stack)
+    try:
+        resuming = lattice.open_run(run_dir, recipe.output_fingerprint(), restart=restart)
+        write_stack_fingerprint(run_dir, check.stack)
+    except BaseException:
+        runmirror.close(run_dir)
+        raise
     try:
         if client is not None:
             try:
@@ -439,6 +459,12 @@ def run(
             )  # fmt: skip
     finally:
         lattice.retire_run(run_dir)
+        if mirror is not None:
+            try:  # what the last stage left (COMPLETE, tidied intermediates) reaches the bucket
+                mirror.flush()
+            except Exception as exc:  # an error of the run itself is the one to report
+                logger.warning("could not copy the run folder to %s: %s", mirror.remote.url, exc)
+            runmirror.close(run_dir)
 
 
 def _run(

@@ -94,6 +94,9 @@ def preflight(
         owner = bucket.bucket_owner(str(root))
         for o in recipe.outputs:
             bucket.check_output(f"{root}/{o.name}", owner)
+        from emflow.io import runmirror
+
+        runmirror.for_recipe(recipe).restore()  # the driver's working copy := the bucket's
     else:
         _check_writable(root)
         owner = _check_run_folder(run_dir)

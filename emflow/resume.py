@@ -95,7 +95,7 @@ def open_volumes(
         create(w, stages)
     if not finalized:  # once finalizing began, every pass is done: hand-offs are not read
         for h, stage in handoffs:
-            if created.get(str(h.path)) and Path(h.path).exists():
+            if created.get(str(h.path)) and h.exists():  # a folder, or in the bucket
                 continue
             create(h, [stage])
     dropped = [s for s in sorted(drop) if (run_dir / MARKERS / s).is_dir()]

@@ -295,7 +295,15 @@ def test_cli_s3_source_to_s3_outputs_resumes_after_sigkill_byte_identical(
         assert _bucket_digest(server, bucket, f"out/{name}") == want, name
     assert sorted(p.name for p in folder.iterdir()) == ["recipe.yaml"]  # nothing written here
     assert (run_dir / "COMPLETE").exists()
-    assert server.keys(bucket, "out/emflow-run/") == ["out/emflow-run/.emflow-output.json"]
+    # the run folder is the bucket's: the driver's copy went back at every stage boundary
+    # (no secrets, no live-run file, no intermediates: tidied away once complete)
+    in_bucket = {k.removeprefix("out/emflow-run/") for k in server.keys(bucket, "out/emflow-run/")}
+    local = {
+        str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
+        if p.is_file() and p.relative_to(run_dir).parts[0] not in ("secrets", "worker-logs")
+    }  # fmt: skip
+    assert in_bucket == local and "COMPLETE" in in_bucket and "run.json" in in_bucket
+    assert server.get(bucket, "out/emflow-run/COMPLETE") == (run_dir / "COMPLETE").read_bytes()
     # the planted credentials: in no file the runs wrote (run folder: run.json, journal,
     # run.log, recipe, plan), no object in the bucket, nothing printed
     printed = err + _out

@@ -98,6 +98,9 @@ def claim(url: str, owner: str, name: str) -> None:
     every object under the prefix is deleted; a prefix emflow does not own is refused.
     """
     check_output(url, owner)
+    from emflow.io import runmirror
+
+    runmirror.flush_all()  # the bucket's run folder must stop vouching for its units first
     loc = Location.of(url)
     for key in METADATA:
         loc.delete(key)

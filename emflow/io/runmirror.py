@@ -262,6 +262,16 @@ def close(run_dir: object) -> None:
         mirror.live(False)
 
 
+def for_recipe(recipe: object) -> RunMirror | None:
+    """The mirror of a recipe's run folder when its output_dir is a bucket, else None."""
+    if not getattr(recipe, "output_remote", False):
+        return None
+    from emflow.io.bucket import RUN_FOLDER
+
+    root = str(recipe.output_root)  # type: ignore[attr-defined]
+    return open_mirror(Location.of(f"{root}/{RUN_FOLDER}"), recipe.run_folder)  # type: ignore[attr-defined]
+
+
 def data_path(run_dir: object, name: str) -> str:
     """Where the run-folder intermediate ``name`` (one of :data:`DATA`) lives: in the bucket for
     a mirrored run folder (workers write it), else inside ``run_dir``."""

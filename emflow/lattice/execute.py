@@ -234,6 +234,17 @@ def _durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dic
     return payload
 
 
+def _driver_marker(run_dir: Path, stage: str, index: int, payload: dict[str, Any]) -> dict:
+    """Write a unit's done marker in the driver (a mirrored run folder: workers cannot reach
+    it); the unit's output is already in the bucket, so the marker never vouches too early."""
+    import json
+
+    payload = {**payload, "result": json.loads(json.dumps(payload["result"]))}
+    keep = ("result", "worker", "start", "end", "attempt")
+    lat.write_marker(lat.marker_path(run_dir, stage, index), {k: payload.get(k) for k in keep})
+    return payload
+
+
 def _error_text(exc: BaseException) -> str:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
     return text if len(text) <= 2000 else text[:2000] + "..."
@@ -381,6 +392,53 @@ def run_stage(
     RunCancelled
         The run was cancelled; units done so far stay done (resumable).
     """
+    # a bucket output_dir's run folder is a local copy mirrored to the bucket
+    # (emflow.io.runmirror): workers cannot reach it, so the driver writes their markers
+    from emflow.io import runmirror
+
+    mirror = runmirror.for_dir(run_dir)
+    if mirror is None:
+        return _run_stage(
+            stage, units, client=client, run_id=run_id, window=window, retries=retries,
+            progress=progress, on_result=on_result, run_dir=run_dir, keep_going=keep_going,
+            where=where, labels=labels, driver_markers=False,
+        )  # fmt: skip
+    mirror.flush()
+    mirror.live(True)
+    try:
+        results = _run_stage(
+            stage, units, client=client, run_id=run_id, window=window, retries=retries,
+            progress=progress, on_result=on_result, run_dir=run_dir, keep_going=keep_going,
+            where=where, labels=labels, driver_markers=client is not None and where != "driver",
+        )  # fmt: skip
+    except BaseException:
+        mirror.live(False)
+        try:  # keep what is done; the stage's own error is the one to report
+            mirror.flush()
+        except Exception as exc:
+            logger.warning("could not copy the run folder to %s: %s", mirror.remote.url, exc)
+        raise
+    mirror.live(False)
+    mirror.flush()
+    return results
+
+
+def _run_stage(
+    stage: str,
+    units: Sequence[Unit],
+    *,
+    client: Any,
+    run_id: str,
+    window: int | None,
+    retries: int,
+    progress: Progress | None,
+    on_result: Callable[[Unit, Any], None] | None,
+    run_dir: Path | None,
+    keep_going: bool,
+    where: str,
+    labels: Sequence[str] | None,
+    driver_markers: bool,
+) -> dict[int, Any]:
     results: dict[int, Any] = {}
     progress = progress or Progress(stage, len(units), enabled=False)
     total = max((u.index for u in units), default=-1) + 1
@@ -437,8 +495,10 @@ def run_stage(
         for u in skipped:
             deliver(u, done[u.index]["result"], reused=True)
 
-        def marker(u: Unit) -> str | None:
-            return str(lat.marker_path(run_dir, stage, u.index)) if run_dir is not None else None
+        def marker(u: Unit) -> str | None:  # the path a worker writes (None: the driver does)
+            if run_dir is None or driver_markers:
+                return None
+            return str(lat.marker_path(run_dir, stage, u.index))
 
         def record_start(u: Unit, attempt: int, worker: str | None) -> None:
             if journal is not None:
@@ -448,6 +508,8 @@ def run_stage(
                 )  # fmt: skip
 
         def record_done(u: Unit, payload: dict[str, Any], attempts: int) -> None:
+            if driver_markers and run_dir is not None:  # as durable_call does on a worker
+                payload = _driver_marker(run_dir, stage, u.index, payload)
             res = payload["result"]
             attempts = int(payload.get("attempt") or attempts)
             if journal is not None:
