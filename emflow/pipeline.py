@@ -429,6 +429,10 @@ def run(
     """
     from emflow import lattice
 
+    if client is not None and recipe.storage is not None:  # endpoint, profile...: no keys
+        from emflow.cluster.storage import share_settings
+
+        share_settings(client, recipe.storage)
     if client is not None:  # workers import while the driver checks, discovers and plans
         _warm_up_workers(client)
     say = log or (lambda msg: None)

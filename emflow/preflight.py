@@ -72,6 +72,10 @@ def preflight(
     ``cluster_request`` (a ClusterRequest) is checked without starting anything.
     """
     check_environment(recipe)
+    if recipe.storage is not None:  # the recipe's object-store settings, for this process
+        from emflow.cluster.storage import apply
+
+        apply(recipe.storage.model_dump(mode="json"))
     if recipe.output_remote:  # wrong credentials, missing bucket, store down: before any work
         from emflow.io import bucket
 

@@ -270,6 +270,77 @@ class Run(_Model):
         return [v] if isinstance(v, str) else v
 
 
+#: recipe keys that would hold a credential: refused (keys stay in the environment or a profile)
+_CREDENTIAL_KEY = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
+
+
+def _refuse_credentials(data: Any) -> Any:
+    if isinstance(data, dict):
+        for name in data:
+            if _CREDENTIAL_KEY.search(str(name)):
+                raise ValueError(
+                    f"'{name}' would put a credential in the recipe, and emflow never "
+                    "stores or prints one: give keys to each process through its environment "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS; "
+                    "a Kubernetes Secret via pod.envFrom) or name a profile (storage.profile)"
+                )
+    return data
+
+
+class BucketStorage(_Model):
+    """How to reach one bucket (overrides :class:`Storage`'s defaults); no credentials."""
+
+    endpoint: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, Ceph)")
+    region: str | None = None
+    profile: str | None = Field(None, description="AWS profile name (~/.aws/credentials)")
+    anonymous: bool = Field(False, description="unsigned requests (a public bucket)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_keys(cls, data: Any) -> Any:
+        return _refuse_credentials(data)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v.strip()):
+            raise ValueError(f"endpoint {v!r} is not an http(s):// URL (e.g. http://minio:9000)")
+        if v is not None and "@" in v.split("//", 1)[1].split("/", 1)[0]:
+            raise ValueError("endpoint must not hold user:password@; use a profile or the env")
+        return v
+
+
+class Storage(BucketStorage):
+    """Object-store settings by reference only (endpoint, region, profile name, anonymous),
+    with per-bucket overrides; each process finds its credentials in its own environment."""
+
+    retries: int | None = Field(
+        None, ge=1, description="attempts per request (default EMFLOW_STORE_RETRIES, else 6)"
+    )
+    buckets: dict[str, BucketStorage] = Field(
+        default_factory=dict, description="per-bucket overrides, e.g. a public source bucket"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_keys(cls, data: Any) -> Any:
+        return _refuse_credentials(data)
+
+    def settings(self) -> Any:
+        """The :class:`emflow.io.storage.StorageSettings` of this process (its environment
+        completes what the recipe leaves open)."""
+        from emflow.io import storage
+
+        return storage.resolve(
+            endpoint=self.endpoint,
+            region=self.region,
+            profile=self.profile,
+            anonymous=self.anonymous,
+            buckets={b: s.model_dump() for b, s in self.buckets.items()},
+            retries=self.retries,
+        )
+
+
 class Recipe(_Model):
     """A whole ingest: source slices → aligned, enhanced multiscale volumes."""
 
@@ -284,6 +355,7 @@ class Recipe(_Model):
     align: Align = Align()  # on unless the recipe says ``align: false``
     enhance: Enhance = Enhance()
     run: Run = Run()
+    storage: Storage | None = None  # object stores: by reference only, never a key
     base_dir: str = Field(".", exclude=True, description="directory relative paths resolve from")
 
     @field_validator("voxel_size_nm")
@@ -352,7 +424,7 @@ class Recipe(_Model):
 
     def output_fingerprint(self) -> str:
         """Hash of every field that changes output bytes (not resources, not paths' spelling)."""
-        data = self.model_dump(mode="json", exclude={"run"})
+        data = self.model_dump(mode="json", exclude={"run", "storage"})
         data["run"] = {
             "slab_depth": self.run.slab_depth
         }  # resources and caches do not change bytes

@@ -57,6 +57,7 @@ class _IsolatedPods(_Pods):
     def __init__(self, spec: dict[str, Any], workdir: Path, secrets: dict[str, dict]) -> None:
         self.secrets = secrets
         self.folders: list[Path] = []
+        self.envs: list[dict[str, str]] = []
         super().__init__(spec, workdir)
 
     def _env(self, container: dict[str, Any]) -> dict[str, str]:
@@ -74,6 +75,7 @@ class _IsolatedPods(_Pods):
         (folder / "tmp").mkdir(parents=True)
         self.folders.append(folder)
         env = {**env, "HOME": str(folder), "TMPDIR": str(folder / "tmp")}
+        self.envs.append(env)
         log = open(self.workdir / f"{name}.log", "wb")  # the pod's stdout: `kubectl logs`
         self.procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=folder,
                                            start_new_session=True))  # fmt: skip
@@ -92,9 +94,9 @@ def s3() -> Iterator[S3Server]:
 def pods(tmp_path_factory: pytest.TempPathFactory, s3: S3Server) -> Iterator[_IsolatedPods]:
     tmp = tmp_path_factory.mktemp("k8s-nodisk")
     site = tmp / "k8s.yaml"
+    # no endpoint in the pods' environment: it reaches them from the recipe's storage section
     site.write_text(
-        "name: em\nn_workers: 2\n"
-        f"env: {{OMP_NUM_THREADS: '1', AWS_ENDPOINT_URL: '{s3.endpoint}'}}\n"
+        "name: em\nn_workers: 2\nenv: {OMP_NUM_THREADS: '1'}\n"
         "pod: {envFrom: [{secretRef: {name: emflow-s3}}]}\n"
     )
     spec = kubernetes_spec(ClusterRequest("kubernetes", config_path=site, threads_per_worker=1,
@@ -106,8 +108,20 @@ def pods(tmp_path_factory: pytest.TempPathFactory, s3: S3Server) -> Iterator[_Is
         p.close()
 
 
-def _recipe(source: str, output_dir: str) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, str]]]:
+    """The source stack in a local folder, and the digests of a serial local run's outputs."""
+    from emflow import api
+
+    tmp = tmp_path_factory.mktemp("nodisk-stack")
+    write_stack(synthetic_slices(SHAPE, seed=3), tmp / "raw", pattern="s%03d.png")
+    api.run(_recipe(str(tmp / "raw" / "*.png"), str(tmp / "reference")), progress=False)
+    return tmp / "raw", {name: tree_digest(tmp / "reference" / name) for name in ("ng", "z5")}
+
+
+def _recipe(source: str, output_dir: str, **storage: Any) -> dict[str, Any]:
     return {
+        **({"storage": storage} if storage else {}),
         "source": {"glob": source},
         "voxel_size_nm": [8, 8, 40],
         "output_dir": output_dir,
@@ -164,18 +178,23 @@ def _run_data(root: Path) -> list[str]:
 
 @pytest.mark.integration
 def test_no_shared_disk_run_resumes_from_the_bucket_byte_identical(
-    pods: _IsolatedPods, s3: S3Server, tmp_path: Path
+    pods: _IsolatedPods, s3: S3Server, stack: tuple[Path, dict], tmp_path: Path
 ) -> None:
-    from emflow import api
+    """(See the module docstring.) The endpoint is only in the recipe (storage.endpoint): no
+    process has AWS_ENDPOINT_URL; the pods get it from the driver's worker plugin."""
     from emflow import lattice as lat
     from emflow.io import runmirror
 
-    stack = tmp_path / "stack"
-    write_stack(synthetic_slices(SHAPE, seed=3), stack, pattern="s%03d.png")
+    folder, reference = stack
     bucket = s3.bucket()
-    s3.upload_dir(stack, bucket, "em/raw")
-    recipe = _recipe(f"s3://{bucket}/em/raw/*.png", f"s3://{bucket}/out")
-    env = clean_env({**s3_env(), "AWS_ENDPOINT_URL": s3.endpoint})
+    s3.upload_dir(folder, bucket, "em/raw")
+    recipe = _recipe(
+        f"s3://{bucket}/em/raw/*.png", f"s3://{bucket}/out", endpoint=s3.endpoint, retries=3
+    )
+    env = clean_env(s3_env())  # keys only, as a Secret gives them; no endpoint
+    assert not any(k.startswith("AWS_ENDPOINT") for k in env)
+    for proc_env in pods.envs:
+        assert not any(k.startswith("AWS_ENDPOINT") for k in proc_env)
     cache1, cache2 = tmp_path / "driver1-cache", tmp_path / "driver2-cache"
 
     # 1. the driver, held once the pyramid stage began, then SIGKILLed (process group)
@@ -217,10 +236,7 @@ def test_no_shared_disk_run_resumes_from_the_bucket_byte_identical(
     assert "slab" in started  # the pyramid ran on the pods after the resume
 
     # 3. byte-identical to a serial local run
-    local = tmp_path / "reference"
-    api.run(_recipe(str(stack / "*.png"), str(local)), progress=False)
-    for name in ("ng", "z5"):
-        want = tree_digest(local / name)
+    for name, want in reference.items():
         got = {k: v for k, v in s3.digest(bucket, f"out/{name}").items()
                if k != ".emflow-output.json"}  # fmt: skip
         assert want and got == want, name
@@ -240,3 +256,106 @@ def test_no_shared_disk_run_resumes_from_the_bucket_byte_identical(
     assert s3.get(bucket, "out/emflow-run/COMPLETE") == (run_dir / "COMPLETE").read_bytes()
     for text in (out, err):
         assert S3_SECRET not in text and S3_KEY_ID not in text
+
+
+# ---------------------------------------------------------------------------
+# the recipe's storage section
+# ---------------------------------------------------------------------------
+
+
+def test_storage_section_refuses_credentials_naming_the_field(tmp_path: Path) -> None:
+    """A key-looking field is refused (`emflow validate`: exit 2), naming the field and where
+    credentials go; the value is never printed."""
+    from emflow.errors import RecipeError
+    from emflow.recipe import recipe_from_dict
+
+    planted = "emflowPLANTEDrecipeSECRET0123"
+    recipe = _recipe("s3://em/raw/*.png", "s3://em/out", secret_access_key=planted)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    done = subprocess.run(
+        [sys.executable, "-m", "emflow", "validate", "recipe.yaml"], cwd=tmp_path,
+        env=clean_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "field 'storage': 'secret_access_key' would put a credential" in done.stderr
+    assert "environment" in done.stderr and "storage.profile" in done.stderr
+    assert "Traceback" not in done.stderr and planted not in done.stdout + done.stderr
+    for section, field in (
+        ({"buckets": {"em": {"aws_access_key_id": planted}}}, "field 'storage.buckets.em': "),
+        ({"session_token": planted}, "field 'storage': 'session_token'"),
+        ({"endpoint": f"http://user:{planted}@127.0.0.1:9000"}, "field 'storage.endpoint'"),
+    ):
+        with pytest.raises(RecipeError) as err:
+            recipe_from_dict(_recipe("s3://em/raw/*.png", "s3://em/out", **section))
+        assert field in str(err.value) and planted not in str(err.value)
+
+
+def test_settings_plugin_carries_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What workers receive is the recipe's section as written; each resolves it against its
+    own environment (keys there: 'environment' credentials; anonymous buckets: unsigned)."""
+    import pickle
+
+    from emflow.cluster.storage import StorageSettingsPlugin, apply
+    from emflow.io import storage
+    from emflow.recipe import Storage
+
+    for k, v in s3_env().items():
+        monkeypatch.setenv(k, v)
+    section = Storage(endpoint="http://127.0.0.1:9", buckets={"pub": {"anonymous": True}})
+    plugin = StorageSettingsPlugin(section.model_dump(mode="json"))
+    blob = pickle.dumps(plugin)
+    assert S3_SECRET.encode() not in blob and S3_KEY_ID.encode() not in blob
+    try:
+        apply(plugin.section)
+        private, public = storage.s3_kvstore("em", "x/"), storage.s3_kvstore("pub", "x/")
+    finally:
+        storage._CURRENT = None
+    assert private["endpoint"] == public["endpoint"] == "http://127.0.0.1:9"
+    assert private["context"]["aws_credentials"] == {"type": "environment"}
+    assert public["context"]["aws_credentials"] == {"type": "anonymous"}
+    assert S3_SECRET not in repr(private) + repr(public)
+
+
+@pytest.mark.integration
+def test_anonymous_bucket_source_runs_unsigned(
+    s3: S3Server, stack: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """storage.buckets.<b>.anonymous reads a public-read bucket with unsigned requests (the
+    outputs equal the local run's); the same setting on a private bucket is refused (HTTP 403)
+    although the environment holds keys moto would accept: the requests really carry none."""
+    import json
+
+    from emflow import api
+    from emflow.errors import EmflowError
+    from emflow.io import storage
+
+    folder, reference = stack
+    public, private = s3.bucket("pub"), s3.bucket("priv")
+    for b in (public, private):
+        s3.upload_dir(folder, b, "raw")
+    s3.client().put_bucket_policy(Bucket=public, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": "*",
+                       "Action": ["s3:GetObject", "s3:ListBucket"],
+                       "Resource": [f"arn:aws:s3:::{public}", f"arn:aws:s3:::{public}/*"]}],
+    }))  # fmt: skip
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    for k, v in s3_env().items():
+        monkeypatch.setenv(k, v)
+    try:
+        for b in (public, private):
+            recipe = _recipe(
+                f"s3://{b}/raw/*.png", str(tmp_path / b), endpoint=s3.endpoint, retries=2,
+                buckets={b: {"anonymous": True}},
+            )  # fmt: skip
+            if b == private:
+                with pytest.raises(EmflowError, match="access denied") as err:
+                    api.run(recipe, progress=False)
+                assert private in str(err.value) and S3_SECRET not in str(err.value)
+                continue
+            api.run(recipe, progress=False)
+            for name, want in reference.items():
+                assert tree_digest(tmp_path / b / name) == want, name
+    finally:
+        storage._CURRENT = None
