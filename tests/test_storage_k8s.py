@@ -359,3 +359,15 @@ def test_anonymous_bucket_source_runs_unsigned(
                 assert tree_digest(tmp_path / b / name) == want, name
     finally:
         storage._CURRENT = None
+
+
+def test_readme_storage_section_is_valid() -> None:
+    """The README's storage: block is a valid recipe section, as written."""
+    import re
+
+    from emflow.recipe import Storage
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(storage:\n.*?)```", readme, re.S).group(1)
+    section = Storage.model_validate(yaml.safe_load(block)["storage"])
+    assert section.endpoint == "http://minio.lab:9000" and section.buckets["open-em-data"].anonymous

@@ -255,7 +255,7 @@ def test_cli_s3_source_to_s3_outputs_resumes_after_sigkill_byte_identical(
     the driver is SIGKILLed while publishing (one output finalized, one not); the same
     command resumes and both outputs equal the local run's bytes."""
     from emflow import lattice as lat
-    from emflow.io.runmirror import local_dir_for
+    from emflow.io.runmirror import LOCAL_ONLY, local_dir_for
 
     server, bucket = s3
     cache = tmp_path / "runs"
@@ -300,7 +300,7 @@ def test_cli_s3_source_to_s3_outputs_resumes_after_sigkill_byte_identical(
     in_bucket = {k.removeprefix("out/emflow-run/") for k in server.keys(bucket, "out/emflow-run/")}
     local = {
         str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
-        if p.is_file() and p.relative_to(run_dir).parts[0] not in ("secrets", "worker-logs")
+        if p.is_file() and p.relative_to(run_dir).parts[0] not in LOCAL_ONLY
     }  # fmt: skip
     assert in_bucket == local and "COMPLETE" in in_bucket and "run.json" in in_bucket
     assert server.get(bucket, "out/emflow-run/COMPLETE") == (run_dir / "COMPLETE").read_bytes()
