@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -463,11 +464,12 @@ def run(
             )  # fmt: skip
     finally:
         lattice.retire_run(run_dir)
-        if mirror is not None:
+        if mirror is not None and not runmirror.store_down(sys.exc_info()[1]):
             try:  # what the last stage left (COMPLETE, tidied intermediates) reaches the bucket
                 mirror.flush()
             except Exception as exc:  # an error of the run itself is the one to report
                 logger.warning("could not copy the run folder to %s: %s", mirror.remote.url, exc)
+        if mirror is not None:
             runmirror.close(run_dir)
 
 

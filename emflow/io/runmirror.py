@@ -272,6 +272,18 @@ def for_recipe(recipe: object) -> RunMirror | None:
     return open_mirror(Location.of(f"{root}/{RUN_FOLDER}"), recipe.run_folder)  # type: ignore[attr-defined]
 
 
+def store_down(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or what caused it) says an object store stopped answering: then a
+    last copy of the run folder would only wait out the same retries again."""
+    from emflow.io.location import StoreUnavailable
+
+    while exc is not None:
+        if isinstance(exc, StoreUnavailable):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def data_path(run_dir: object, name: str) -> str:
     """Where the run-folder intermediate ``name`` (one of :data:`DATA`) lives: in the bucket for
     a mirrored run folder (workers write it), else inside ``run_dir``."""

@@ -411,12 +411,13 @@ def run_stage(
             progress=progress, on_result=on_result, run_dir=run_dir, keep_going=keep_going,
             where=where, labels=labels, driver_markers=client is not None and where != "driver",
         )  # fmt: skip
-    except BaseException:
+    except BaseException as exc:
         mirror.live(False)
-        try:  # keep what is done; the stage's own error is the one to report
-            mirror.flush()
-        except Exception as exc:
-            logger.warning("could not copy the run folder to %s: %s", mirror.remote.url, exc)
+        if not runmirror.store_down(exc):  # keep what is done (unless the store is gone)
+            try:
+                mirror.flush()
+            except Exception as err:  # the stage's own error is the one to report
+                logger.warning("could not copy the run folder to %s: %s", mirror.remote.url, err)
         raise
     mirror.live(False)
     mirror.flush()
