@@ -221,7 +221,8 @@ class RunMirror:
             try:
                 self.flush(deletes=False, boundary=False)
             except Exception as exc:  # the stage's own requests report an unreachable store
-                logger.warning("could not copy the run folder to %s: %s", self.remote.url, exc)
+                log = logger.debug if store_down(exc) else logger.warning
+                log("could not copy the run folder to %s: %s", self.remote.url, exc)
 
 
 # ---------------------------------------------------------------------------------------
