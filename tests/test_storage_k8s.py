@@ -36,6 +36,7 @@ pytest.importorskip("dask_kubernetes")
 
 from emflow.cluster import K8S_TLS_DIR, ClusterRequest, kubernetes_spec
 from emflow.testing import synthetic_slices, write_stack
+from tests import clirun
 from tests.conftest import tree_digest
 from tests.storage_servers import S3_KEY_ID, S3_SECRET, S3Server, clean_env, s3_env
 from tests.test_cluster_kubernetes import _Pods
@@ -272,10 +273,7 @@ def test_storage_section_refuses_credentials_naming_the_field(tmp_path: Path) ->
     planted = "emflowPLANTEDrecipeSECRET0123"
     recipe = _recipe("s3://em/raw/*.png", "s3://em/out", secret_access_key=planted)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    done = subprocess.run(
-        [sys.executable, "-m", "emflow", "validate", "recipe.yaml"], cwd=tmp_path,
-        env=clean_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = clirun.emflow("validate", "recipe.yaml", cwd=tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "field 'storage': 'secret_access_key' would put a credential" in done.stderr
     assert "environment" in done.stderr and "storage.profile" in done.stderr
