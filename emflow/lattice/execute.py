@@ -241,7 +241,8 @@ def _driver_marker(run_dir: Path, stage: str, index: int, payload: dict[str, Any
 
     payload = {**payload, "result": json.loads(json.dumps(payload["result"]))}
     keep = ("result", "worker", "start", "end", "attempt")
-    lat.write_marker(lat.marker_path(run_dir, stage, index), {k: payload.get(k) for k in keep})
+    marker = {k: payload.get(k) for k in keep}
+    lat.write_marker(lat.marker_path(run_dir, stage, index), marker, durable=False)
     return payload
 
 
