@@ -424,7 +424,10 @@ def test_no_unit_starts_after_pause_or_cancel_is_acknowledged(cluster, tmp_path,
         assert sorted(done) == list(range(14))  # each unit done once
         assert len(starts) == 14  # and started once: refused units never started
     for i in queued:  # units queued on the worker when the request came went back to waiting
-        hist = [h[1] for h in cluster.sync(
-            cluster.scheduler.emflow_unit, run_id=run_id, stage="slab", index=i
-        )["history"]]  # fmt: skip
-        assert hist[:2] == ["queued", "waiting"], (i, hist)
+        hist = cluster.sync(cluster.scheduler.emflow_unit, run_id=run_id, stage="slab", index=i)[
+            "history"
+        ]
+        states = [h[1] for h in hist]
+        # (one may have started in the instant between the look and the request: before the ack)
+        started_before = states[1:2] == ["running"] and hist[1][0] <= acked
+        assert states[:2] == ["queued", "waiting"] or started_before, (i, hist, acked)
