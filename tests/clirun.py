@@ -51,6 +51,14 @@ def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def outputs(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    """(stdout, stderr) of the command once it ended (``timeout`` s); its group killed in any case."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL whatever is left of the command's process group (a no-op after a clean exit)."""
     try:

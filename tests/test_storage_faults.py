@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from emflow.testing import synthetic_slices, write_stack
+from tests import clirun
 from tests.conftest import tree_digest
 from tests.storage_servers import (
     S3_KEY_ID,
@@ -82,18 +83,9 @@ def _emflow(folder: Path, env: dict[str, str], *args: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-
-
 def _cli(folder: Path, env: dict[str, str], *args: str, timeout: float = 300):
     proc = _emflow(folder, env, *args)
-    out, err = _finish(proc, timeout)
+    out, err = clirun.outputs(proc, timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -176,7 +168,7 @@ def test_store_that_stops_mid_run_exits_3_then_the_same_command_resumes_byte_ide
             done = [r for r in journal if r["event"] == "done" and r.get("stage") == "slab"]
             if paused and done:
                 break
-            assert proc.poll() is None, _finish(proc)[1][-3000:]
+            assert proc.poll() is None, clirun.outputs(proc)[1][-3000:]
             assert time.monotonic() < deadline, "the run never paused in slab"
             time.sleep(0.1)
         written = s3.keys(bucket, "out/")
@@ -184,7 +176,7 @@ def test_store_that_stops_mid_run_exits_3_then_the_same_command_resumes_byte_ide
         s3.stop()  # the store goes away mid-run
         released = _cli(folder, env, "resume", str(run_dir), timeout=120)
         assert released.returncode == 0, released.stderr[-3000:]
-        _out, err = _finish(proc, 300)
+        _out, err = clirun.outputs(proc, 300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

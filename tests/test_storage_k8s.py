@@ -154,15 +154,6 @@ def _driver(folder: Path, cache: Path, pods: _IsolatedPods, recipe: dict, env: d
     )  # fmt: skip
 
 
-def _finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-
-
 def _run_data(root: Path) -> list[str]:
     """Files under ``root`` that are run data (see RUN_DATA_*)."""
     out = []
@@ -206,13 +197,13 @@ def test_no_shared_disk_run_resumes_from_the_bucket_byte_identical(
         deadline = time.monotonic() + 240
         journal = lambda: [r for d in cache1.glob("*/emflow-run") for r in lat.read_journal(d)]  # noqa: E731
         while not any(r["event"] == "pause" and r.get("stage") == "slab" for r in journal()):
-            assert first.poll() is None, _finish(first)[1][-3000:]
+            assert first.poll() is None, clirun.outputs(first)[1][-3000:]
             assert time.monotonic() < deadline, "the run never held at slab"
             time.sleep(0.1)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    _finish(first, 60)
+    clirun.outputs(first, 60)
     assert first.returncode == -signal.SIGKILL
     run_keys = s3.keys(bucket, "out/emflow-run/")
     # the bucket's run folder vouches for the alignment stages; their intermediates are there
@@ -223,7 +214,7 @@ def test_no_shared_disk_run_resumes_from_the_bucket_byte_identical(
 
     # 2. the same recipe from another driver folder with an empty run cache: resumes
     second = _driver(tmp_path / "driver2", cache2, pods, recipe, env)
-    out, err = _finish(second)
+    out, err = clirun.outputs(second)
     assert second.returncode == 0, err[-3000:]
     (run_dir,) = list(cache2.glob("*/emflow-run"))
     records = list(lat.read_journal(run_dir))  # the first driver's sessions came from the bucket
