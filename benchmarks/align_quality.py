@@ -12,7 +12,8 @@ from ../shared/data, at default settings unless ``--lams`` sweeps the drift cont
 * the same with a blank (z 6) and a noise slice (z 13) in the misplaced VNC stack;
 * **drift** of the aligned registered stack: scale change first → last slice, scale/shear of
   the mean of the last 3 slices against the first 3, frame size (with ``align.detrend``
-  rigid and none, ``--detrends``);
+  rigid and none, ``--detrends``): the default ``align.frame: slice`` frame with the most
+  it crops of any slice, and the ``union`` frame that covers every slice;
 * **direction symmetry**: every neighbour pair fitted both ways, largest scale and corner
   deviation of forward ∘ backward from the identity.
 
@@ -152,12 +153,17 @@ def main() -> None:
                 f"direction symmetry (forward ∘ backward, every neighbour pair): "
                 f"scale {100 * sym[0]:.3f} %, corners {sym[1]:.2f} px\n"
             )
-            print("| λ | detrend | registered: pairs | scale e2e % | scale/shear drift % | frame | "
+            print("| λ | detrend | registered: pairs | scale e2e % | scale/shear drift % | "
+                  "frame slice (cropped) / union | "
                   "robustness px (median / max) per seed | blank + noise |")  # fmt: skip
             print("|---|---|---|---|---|---|---|---|")
             for lam, det in ((lam, det) for lam in lams for det in detrends):
                 kw = {"regularisation": lam, "detrend": det}
                 ref = solve(pairs, range(n), shape, bad_slices=bad, footprints=feet, **kw)
+                union = solve(
+                    pairs, range(n), shape, bad_slices=bad, footprints=feet, frame="union", **kw
+                )
+                crop = 100 * max(ref.cropped.values(), default=0.0)
                 d = drift(ref)
                 rob, broken = [], []
                 for (_seed, keep, with_bad), (warps, b, p, ft) in sorted(runs.items()):
@@ -174,7 +180,8 @@ def main() -> None:
                 print(
                     f"| {lam:g} | {det} | {_summary(ref)} | {d['scale_end_to_end_pct']:.2f} | "
                     f"{d['scale_drift_pct']:.2f} / {d['shear_drift_pct']:.2f} | "
-                    f"{ref.frame_shape_yx[1]} × {ref.frame_shape_yx[0]} | {'; '.join(rob)} | "
+                    f"{ref.frame_shape_yx[1]} × {ref.frame_shape_yx[0]} (crops ≤ {crop:.1f} %) / "
+                    f"{union.frame_shape_yx[1]} × {union.frame_shape_yx[0]} | {'; '.join(rob)} | "
                     f"{'; '.join(broken) or '–'} |"
                 )
 

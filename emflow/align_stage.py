@@ -305,9 +305,16 @@ def align_stack(
     say(
         f"alignment: {cfg.method} solve (align.regularisation {cfg.regularisation:g}, "
         f"align.detrend {alignment.detrend}); frame "
-        f"{alignment.frame_shape_yx[1]} × {alignment.frame_shape_yx[0]} px → "
-        f"{run_dir / 'alignment.json'}"
+        f"{alignment.frame_shape_yx[1]} × {alignment.frame_shape_yx[0]} px "
+        f"(align.frame {alignment.frame}) → {run_dir / 'alignment.json'}"
     )
+    if alignment.cropped:
+        z_max = max(alignment.cropped, key=lambda z: alignment.cropped[z])
+        say(
+            f"alignment: the frame crops {len(alignment.cropped)} slices' edges, at most "
+            f"{100 * alignment.cropped[z_max]:.1f} % of z{z_max}; set align.frame: union to "
+            "keep every pixel (the frame then grows with the stack's content)"
+        )
     content = measure_links(alignment, pairs, paths, stage)
     write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx, content)
     used = [v for v in content.values() if v["median_px"] is not None]
@@ -347,6 +354,7 @@ def solve_alignment(
             regularisation=cfg.regularisation,
             allow_segments=cfg.allow_segments,
             detrend=cfg.detrend,
+            frame=cfg.frame,
             footprints={int(z): None if f is None else tuple(f) for z, f in footprints.items()}
             if footprints
             else None,

@@ -777,6 +777,8 @@ def plan_preview(
 
         frame = tuple(Alignment.from_json(saved).frame_shape_yx)
         note = f"frame: from {saved}"
+    elif recipe.align.enabled and recipe.align.frame == "slice":
+        note = "frame: the source slices' (align.frame: slice keeps it after the solve)"
     elif recipe.align.enabled:
         note = (
             "frame: the source slices'; alignment is on, and the run plans again after its solve "

@@ -217,6 +217,12 @@ class Align(_Model):
         "(a linear trend of rotation and position, measured on each slice's non-fill "
         "footprint); 'none' keeps it, e.g. when the specimen truly turns (README, alignment)",
     )
+    frame: Literal["slice", "union"] = Field(
+        "slice",
+        description="output frame: 'slice' = the slice size on the stack's mean content "
+        "position (edges moved past it are cropped, reported); 'union' = cover every slice "
+        "(grows with the content's wander) (README, alignment)",
+    )
     bad_slices: Literal["bridge", "fill_previous", "zero", "error"] = "bridge"
     allow_segments: bool = Field(
         False,

@@ -153,11 +153,32 @@ def _chain_pairs(n: int, fail: set[int] = frozenset()) -> list[PairResult]:
 
 
 def test_frame_and_transforms_of_pure_shifts():
-    al = solve(_chain_pairs(5), range(5), SHAPE, detrend="none")
+    al = solve(_chain_pairs(5), range(5), SHAPE, detrend="none", frame="union")
     # slice z content must land at the same global place: T_z = T_0 @ shift(z, -2z)
     assert al.frame_shape_yx == (100 + 8, 200 + 4)
     np.testing.assert_allclose(al.transforms[0], _shift(0, 8), atol=1e-9)
     np.testing.assert_allclose(al.transforms[4], _shift(4, 0), atol=1e-9)
+    assert al.frame == "union" and al.cropped == {}
+
+
+def test_slice_frame_sits_on_the_mean_content_and_reports_what_it_crops():
+    """align.frame slice (default): the frame has the slice size, centred on the slices'
+    mean placement (here slice 2's), and each slice's area outside it is reported."""
+    al = solve(_chain_pairs(5), range(5), SHAPE, detrend="none")
+    assert al.frame == "slice" and al.frame_shape_yx == SHAPE
+    for z in range(5):
+        np.testing.assert_allclose(al.transforms[z], _shift(z - 2, 4 - 2 * z), atol=1e-9)
+    # slice 0 sits at (-2, +4): 198 x 96 of its 200 x 100 px are inside
+    edge = 1 - 198 * 96 / 20000, 1 - 199 * 98 / 20000
+    assert al.cropped == pytest.approx({0: edge[0], 1: edge[1], 3: edge[1], 4: edge[0]}, abs=1e-4)
+    back = Alignment.from_dict(al.to_dict())
+    assert back.frame == "slice" and back.cropped == al.cropped
+    # footprints: the frame follows the slices' content, not their canvases
+    feet = {z: (60.0, 30.0, 0.0) for z in range(5)}
+    moved = solve(_chain_pairs(5), range(5), SHAPE, detrend="none", footprints=feet)
+    np.testing.assert_allclose(moved.transforms[0], al.transforms[0], atol=1e-9)
+    with pytest.raises(AlignmentError, match=r"align\.frame must be"):
+        solve(_chain_pairs(3), range(3), SHAPE, frame="content")
 
 
 def test_outlier_link_is_rejected_and_reported():

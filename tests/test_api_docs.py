@@ -113,6 +113,7 @@ def test_readme_jupyter_code_runs_as_written(tmp_path, monkeypatch, caplog):
     recipe_yaml = re.search(r"```yaml\n(# recipe\.yaml.*?)```", README, re.S).group(1)
     data = yaml.safe_load(recipe_yaml)
     data["source"]["z_stop"] = 6  # the README's stack has 2000 slices: keep its first 6
+    data["align"]["frame"] = "union"  # a frame that grows with the alignment: plan() follows it
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
     write_stack(
         misaligned_slices(synthetic_slices((6, 320, 320), seed=8), seed=8),

@@ -2,8 +2,9 @@
 
 Core representation: :class:`Alignment` maps each z to a 2x3 float64 matrix in
 full-resolution ``(x, y)`` pixel coordinates taking slice z into the global aligned frame
-(pixel centres at integers), shifted so that the bounding box of all rendered slices
-starts at (0, 0); ``frame_shape_yx`` is that box's size. A pair ``(z_a, z_b)`` with matrix
+(pixel centres at integers), shifted so that the output frame starts at (0, 0);
+``frame_shape_yx`` is its size: the slice size on the stack's mean content position by
+default, or the bounding box of all rendered slices (:mod:`emflow.align.frame`). A pair ``(z_a, z_b)`` with matrix
 ``M`` (b -> a) states ``T_b = T_a M``.
 
 Methods
@@ -70,6 +71,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from emflow.align.frame import DEFAULT_FRAME, FRAMES, cropped_fractions, frame_box
 from emflow.align.match import (
     SIFT_TRUST_INLIERS,
     SIFT_TRUST_PX,
@@ -151,6 +153,11 @@ class Alignment:
     detrend : str
         ``"rigid"`` when the low-order trend of rotation and position was removed, else
         ``"none"`` (:mod:`emflow.align.trend`).
+    frame : str
+        ``"slice"`` (the frame has the slice size, on the stack's mean content) or
+        ``"union"`` (it covers every rendered slice), :mod:`emflow.align.frame`.
+    cropped : dict of int to float
+        z -> fraction of that slice's area outside the frame (only slices with ≥ 0.05 %).
     """
 
     transforms: dict[int, np.ndarray]
@@ -164,6 +171,8 @@ class Alignment:
     gaps: list[dict[str, Any]] = field(default_factory=list)
     regularisation: float = 0.0
     detrend: str = "none"
+    frame: str = "union"
+    cropped: dict[int, float] = field(default_factory=dict)
 
     def source_slice(self, z: int) -> int | None:
         """Which source slice the renderer warps (with ``transforms[z]``) for output z.
@@ -212,6 +221,8 @@ class Alignment:
             "bad_slice_policy": self.bad_slice_policy,
             "regularisation": float(self.regularisation),
             "detrend": self.detrend,
+            "frame": self.frame,
+            "cropped": {str(z): float(v) for z, v in sorted(self.cropped.items())},
             "transforms": {
                 str(z): [[float(v) for v in row] for row in np.asarray(m, np.float64)]
                 for z, m in sorted(self.transforms.items())
@@ -251,6 +262,8 @@ class Alignment:
                 gaps=[dict(g) for g in d.get("gaps", [])],
                 regularisation=float(d.get("regularisation", 0.0)),
                 detrend=str(d.get("detrend", "none")),
+                frame=str(d.get("frame", "union")),
+                cropped={int(z): float(v) for z, v in d.get("cropped", {}).items()},
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise AlignmentError(f"{where}: invalid content ({e}); re-run the alignment") from e
@@ -569,6 +582,7 @@ def solve(
     allow_segments: bool = False,
     detrend: str = DEFAULT_DETREND,
     footprints: Mapping[int, tuple[float, float, float] | None] | None = None,
+    frame: str = DEFAULT_FRAME,
 ) -> Alignment:
     """Per-slice source->global 2x3 transforms (full-res (x, y) px) from pairwise matches.
 
@@ -601,7 +615,12 @@ def solve(
         output is then only turned so that the mean rotation is zero).
     footprints : mapping of int to (x, y, angle), optional
         Each slice's footprint pose (:func:`emflow.align.trend.footprint_pose`): where the
-        trend is measured; the whole image when missing.
+        trend is measured and the ``"slice"`` frame centred; the whole image when missing.
+    frame : str
+        ``"slice"`` (default): the output frame has the slice size, centred on the aligned
+        stack's mean content position (tissue moved past its edge is cropped and reported in
+        ``Alignment.cropped``); ``"union"``: the bounding box of every rendered slice
+        (:mod:`emflow.align.frame`).
 
     Returns
     -------
@@ -613,6 +632,8 @@ def solve(
         raise AlignmentError(
             f"align.bad_slices must be one of {BAD_SLICE_POLICIES}, not {bad_slice_policy!r}"
         )
+    if frame not in FRAMES:
+        raise AlignmentError(f"align.frame must be one of {FRAMES}, not {frame!r}")
     if detrend not in DETREND:
         raise AlignmentError(f"align.detrend must be one of {DETREND}, not {detrend!r}")
     if not regularisation >= 0:
@@ -675,10 +696,7 @@ def solve(
             else:
                 transforms[z] = _interpolate(z, placed)
     rendered = [z for z in zs if not (z in bad and bad_slice_policy == "zero")]
-    corners = np.vstack([_apply(transforms[z], corner_points_xy(shape_yx)) for z in rendered])
-    # corner pixel centres; 1e-6 px tolerance so that float noise does not add a pixel
-    lo = np.floor(corners.min(axis=0) + 1e-6)
-    hi = np.ceil(corners.max(axis=0) - lo - 1e-6)
+    lo, frame_shape = frame_box(transforms, rendered, shape_yx, frame, footprints)
     shifted = {}
     for z in zs:
         m = np.array(transforms[z], dtype=np.float64)
@@ -686,7 +704,7 @@ def solve(
         shifted[z] = m
     return Alignment(
         transforms=shifted,
-        frame_shape_yx=(int(hi[1]) + 1, int(hi[0]) + 1),
+        frame_shape_yx=frame_shape,
         method=method,
         bad_slices=dict(sorted(bad.items())),
         rejected_pairs=rejected,
@@ -696,6 +714,8 @@ def solve(
         gaps=gaps,
         regularisation=float(regularisation) if method == "global" else 0.0,
         detrend=detrend if method == "global" else "none",
+        frame=frame,
+        cropped=cropped_fractions(shifted, rendered, shape_yx, frame_shape),
     )
 
 
