@@ -219,6 +219,13 @@ def alignment_html(alignment: Any) -> str:
         f"method {_e(alignment.method)}, {len(alignment.transforms)} slices, output frame "
         f"x {nx} × y {ny} px, bad-slice policy {_e(alignment.bad_slice_policy)}"
     )
+    cropped = getattr(alignment, "cropped", None)
+    if cropped:
+        z = max(cropped, key=lambda k: cropped[k])
+        head += (
+            f"; frame {_e(alignment.frame)} crops {len(cropped)} slices' edges, at most "
+            f"{100 * cropped[z]:.1f} % of z{z} (align.frame: union keeps them)"
+        )
     kinds = [k for k in summary if sum(summary[k].values())]
     table = _table(
         ("pairs", *STATUSES),

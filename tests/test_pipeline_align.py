@@ -94,6 +94,12 @@ def test_pipeline_recovers_known_transforms_and_writes_warped_slices(misaligned)
     # the recipe's drift control reached the solve (default align.regularisation)
     assert alignment.regularisation == _recipe(root, "out").align.regularisation == 0.03
     assert alignment.detrend == "none" and _recipe(root, "out").align.detrend == "rigid"
+    # the default frame (align.frame: slice) keeps the slice size; what it crops is said
+    assert alignment.frame == "slice" and alignment.frame_shape_yx == warped.shape[1:]
+    z_max = max(alignment.cropped, key=lambda z: alignment.cropped[z])
+    crop = next(m for m in said if m.startswith("alignment: the frame crops"))
+    assert f"{len(alignment.cropped)} slices' edges" in crop, crop
+    assert f"{100 * alignment.cropped[z_max]:.1f} % of z{z_max}" in crop, crop
     good = {z: m for z, m in alignment.transforms.items() if z != 7}
     errors = stack_errors_px(good, truth, warped.shape[1:])
     assert max(errors.values()) <= 3.0, errors  # drift bound on synthetic texture; see closing note

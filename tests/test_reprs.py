@@ -134,6 +134,10 @@ def test_alignment_pairs_and_bad_slices(result):
         assert f"… and {len(failed) - MAX_LISTED} more" in page.plain
     ny, nx = alignment.frame_shape_yx
     assert f"output frame x {nx} × y {ny} px" in page.plain
+    # the misplaced slices stick out of the default (slice-size) frame: what it crops is shown
+    z = max(alignment.cropped, key=lambda k: alignment.cropped[k])
+    assert alignment.frame == "slice"
+    assert f"at most {100 * alignment.cropped[z]:.1f} % of z{z}" in page.plain
 
 
 def test_run_result(result):
