@@ -12,8 +12,10 @@ apart from the driver's), then:
    first result (first window submitted + one round trip), units/s after that;
 3. runs the same stage again without a run folder (no done markers, no journal):
    ``no_run_dir``, the cost of the markers by difference;
-4. reports peak RSS of driver and scheduler (polled) and the extrapolated overhead for all
-   units. Without emflow's planner it falls back to a plain-Dask bounded window (noted).
+4. reports the CPU-seconds per unit of driver, scheduler and workers (a figure that
+   survives a loaded machine better than wall time), peak RSS of driver and scheduler
+   (polled) and the extrapolated overhead for all units. Without emflow's planner it falls
+   back to a plain-Dask bounded window (noted).
 
 Prints one JSON line.
 """
@@ -165,6 +167,28 @@ def _rate(times: list[float], slices: int) -> dict:
     }
 
 
+def _cpu_s(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU-seconds (user + system) used so far by each group of processes."""
+    out = {}
+    for name, group in pids.items():
+        total = 0.0
+        for pid in group:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        out[name] = total
+    return out
+
+
+def _cpu_per_unit(before: dict[str, float], after: dict[str, float], n: int) -> dict:
+    """CPU ms per unit of each process group between two :func:`_cpu_s` readings (load-proof)."""
+    per = {k: round(1000 * (after[k] - before[k]) / max(1, n), 3) for k in before}
+    per["total"] = round(sum(per.values()), 3)
+    return per
+
+
 def _run_units(
     client: object,
     unit_list: list,
@@ -275,7 +299,14 @@ def run(slices: int, units: int, workers: int) -> dict:
             # 2. run the per-slice stage through the window, stop after `units` results:
             # with the run folder (done marker per unit: what a run does), then without
             window = _default_window(client)
+            groups = {
+                "driver": [os.getpid()],
+                "scheduler": [procs[0].pid],
+                "workers": [p.pid for p in procs[1:]],
+            }
+            cpu0 = _cpu_s(groups)
             timed, times = _run_units(client, unit_list, units, window, tmp / "run", have_emflow)
+            out["cpu_ms_per_unit"] = _cpu_per_unit(cpu0, _cpu_s(groups), len(times))
             out["window"] = window
             out["first_window_submitted_s"] = (
                 round(timed.window_submitted_s, 4) if timed.window_submitted_s is not None else None
@@ -284,8 +315,12 @@ def run(slices: int, units: int, workers: int) -> dict:
             out["plan_plus_first_window_s"] = round(out["plan_s"] + (times[0] if times else 0), 3)
             out.update(_rate(times, slices))
             if have_emflow:
+                cpu0 = _cpu_s(groups)
                 _, times = _run_units(client, unit_list, units, window, None, have_emflow, "b")
                 out["no_run_dir"] = _rate(times, slices)
+                out["no_run_dir"]["cpu_ms_per_unit"] = _cpu_per_unit(
+                    cpu0, _cpu_s(groups), len(times)
+                )
             client.cancel(list(client.futures.values()) if hasattr(client, "futures") else [])
             out["peak_rss_mb"] = peak.stop()
             client.close()

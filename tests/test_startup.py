@@ -74,7 +74,7 @@ def test_cli_run_without_alignment_imports_no_scipy_in_the_driver(folder):
     (folder / "driver.py").write_text(DRIVER)
     argv = [sys.executable, "driver.py", "run", "recipe.yaml", "--restart", "-q"]
     proc = clirun.start([*argv, "--workers", "1", "--threads", "1", "--dashboard", ":0"], folder)
-    out, err = clirun.outputs(proc, timeout=300)
+    _out, err = clirun.outputs(proc, timeout=300)
     assert proc.returncode == 0, err
     assert (folder / "out" / "precomputed" / "info").is_file()  # it really ran
     mods = _modules(err)
