@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from emflow import cluster
 from emflow.cluster import CLUSTER_KINDS, DEFAULTS, ClusterRequest, describe, job_script
 from emflow.errors import ClusterError
+from emflow.memory import WORKER_ENV, WORKER_MALLOC
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -164,6 +166,10 @@ def test_local_client_runs_work() -> None:
         assert client.submit(pow, 3, 4).result() == 81
         assert len(client.scheduler_info()["workers"]) == 1
         assert client.scheduler.address.startswith("tcp://")
+        # emflow's malloc settings win over Dask's nanny default (MALLOC_TRIM_THRESHOLD_=65536)
+        want = {**WORKER_ENV, **WORKER_MALLOC}
+        env = client.run(lambda: {k: os.environ.get(k) for k in want})
+        assert list(env.values()) == [want]
     assert client.status == "closed"
 
 

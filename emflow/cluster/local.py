@@ -130,12 +130,14 @@ def client_on(
 
 @contextmanager
 def worker_environment() -> Iterator[None]:
-    """Nannies created inside start their workers with emflow's environment (malloc arenas)."""
+    """Nannies created inside start their workers with emflow's environment (malloc arenas and
+    thresholds)."""
     import dask
 
-    from emflow.memory import WORKER_ENV
+    from emflow.memory import WORKER_ENV, WORKER_MALLOC
 
     env = {**WORKER_ENV, **(dask.config.get("distributed.nanny.pre-spawn-environ") or {})}
+    env.update(WORKER_MALLOC)  # after Dask's MALLOC_TRIM_THRESHOLD_ (see emflow.memory)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         yield
 
