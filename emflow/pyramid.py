@@ -114,6 +114,38 @@ def _sum_pairs_fast(a: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
     return np.add(a[tuple(sl_even)], a[tuple(sl_odd)], dtype=dtype)
 
 
+def _sum_cubes(a: np.ndarray, dtype: np.dtype, planes: int = 2) -> np.ndarray | None:
+    """Sums of the 2x2x2 cubes of an even-sized (z, y, x) block, ``planes`` output planes at a time.
+
+    The same integers as three whole-block pair passes, through three small buffers reused
+    plane after plane (cache-resident; no block-sized temporaries that the kernel must map
+    and zero): about 2x faster. None when a size is odd or ``dtype`` has no wider integer.
+    """
+    wide = _WIDER.get(np.dtype(dtype))
+    if wide is None or any(n % 2 for n in a.shape) or not np.little_endian:
+        return None
+    nz, ny, nx = a.shape
+    out = np.empty((nz // 2, ny // 2, nx // 2), dtype)
+    g = max(1, min(planes, nz // 2))
+    tz = np.empty((g, ny, nx), dtype)
+    ty = np.empty((g, ny // 2, nx), dtype)
+    hi = np.empty((g, ny // 2, nx // 2), wide)
+    bits = np.dtype(dtype).itemsize * 8
+    for z0 in range(0, nz // 2, g):
+        k = min(g, nz // 2 - z0)
+        np.add(
+            a[2 * z0 : 2 * (z0 + k) : 2], a[2 * z0 + 1 : 2 * (z0 + k) : 2], out=tz[:k], dtype=dtype
+        )
+        np.add(tz[:k, 0::2], tz[:k, 1::2], out=ty[:k])
+        # x pairs as one wider integer each (low half = even element), as _sum_x_pairs
+        pair = ty[:k].view(wide)
+        np.right_shift(pair, bits, out=hi[:k])
+        np.bitwise_and(pair, (1 << bits) - 1, out=pair)
+        pair += hi[:k]
+        np.copyto(out[z0 : z0 + k], pair, casting="unsafe")  # the sum fits ``dtype``
+    return out
+
+
 def _counts_1d(n_in: int, counts_in: np.ndarray) -> np.ndarray:
     """Voxel counts per output element after pairing ``counts_in`` (length n_in)."""
     even = counts_in[0 : n_in - 1 : 2] + counts_in[1:n_in:2]
@@ -215,6 +247,12 @@ def downsample_sums(
     for step in steps:
         total *= int(np.prod(step))
         sdtype = _sum_dtype(max_value, total)
+        cubes = _sum_cubes(sums, sdtype) if tuple(step) == (2, 2, 2) else None
+        if cubes is not None:
+            counts = [_counts_1d(n, c) for n, c in zip(sums.shape, counts, strict=True)]
+            sums = cubes
+            out.append(divide_round(sums, counts, dtype))
+            continue
         for axis, f in enumerate(step):  # z and y first: whole rows, contiguous
             if f == 1:
                 continue
