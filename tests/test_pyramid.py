@@ -100,3 +100,24 @@ def test_shard_layout_is_a_box_and_respects_the_z_limit(size, max_z):
     assert n == 2 ** (lay.preshift_bits + lay.minishard_bits) <= 4096
     if max_z is not None:
         assert lay.shard_chunks_xyz[2] <= max_z
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_cube_sums_equal_pair_sums_along_each_axis(dtype):
+    """The plane-by-plane 2x2x2 step (even blocks, also strided y-band views) gives the same
+    integers as summing pairs along z, y and x over the whole block."""
+    from emflow.pyramid import _sum_cubes, _sum_pairs
+
+    rng = np.random.default_rng(7)
+    top = np.iinfo(dtype).max
+    block = rng.integers(0, top + 1, (18, 40, 26), dtype=dtype)
+    wide = np.uint16 if dtype == np.uint8 else np.uint32
+    for a in (block, block[:, 8:32], block[2:12, :, 4:20]):
+        want = a
+        for axis in range(3):
+            want = _sum_pairs(want, axis, np.dtype(wide))
+        for planes in (1, 2, 4, 100):
+            got = _sum_cubes(a, np.dtype(wide), planes=planes)
+            assert got is not None and got.dtype == wide
+            np.testing.assert_array_equal(got, want)
+    assert _sum_cubes(block[:, :, :25], np.dtype(wide)) is None  # odd x: the per-axis path
