@@ -8,6 +8,7 @@ NumPy with no Dask, so the serial path and notebooks call them directly. Boxes a
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -174,6 +175,20 @@ class BrickJob:
         return int((z1 - z0) * sy * sx * np.dtype(self.how.in_dtype).itemsize * share)
 
 
+_SPARE = threading.local()  # per unit thread: the last finished unit's level-0 block
+
+
+def _take_block(shape: tuple[int, int, int], dtype: str) -> np.ndarray:
+    """A block buffer: the one this thread's previous unit finished with when it has this shape
+    (no fresh pages for the kernel to zero, unit after unit), else a new one."""
+    spare = getattr(_SPARE, "block", None)
+    _SPARE.block = None
+    if spare is not None and spare.shape == shape and spare.dtype == np.dtype(dtype):
+        return spare
+    del spare
+    return np.empty(shape, dtype=dtype)
+
+
 def _read_block(job: BrickJob) -> np.ndarray:
     """Level-0 voxels of the box: rendered here (full frames) or read from the rendered copy."""
     import cv2
@@ -181,7 +196,7 @@ def _read_block(job: BrickJob) -> np.ndarray:
     cv2.setNumThreads(1)
     z0, z1, y0, y1, x0, x1 = job.box
     assert job.how is not None
-    block = np.empty((z1 - z0, y1 - y0, x1 - x0), dtype=job.out_dtype)
+    block = _take_block((z1 - z0, y1 - y0, x1 - x0), job.out_dtype)
     if job.render_dir is not None:
         frame = job.how.frame_shape_yx
 
@@ -245,6 +260,8 @@ def build_brick(job: BrickJob) -> dict:
         pending.append(job.handoff.write(h_origin, last_sums))
     for fut in pending:
         fut.result()
+    if job.source == 0:  # every write has copied it: the next unit of this thread may reuse it
+        _SPARE.block = block
     t_end = time.perf_counter()
     return {
         "box": list(job.box),
