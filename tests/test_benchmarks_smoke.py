@@ -149,3 +149,18 @@ def test_keep_from_takes_only_the_sections_not_run_and_the_report_names_their_ru
     md = report.render({**res, "machine": machine, "config": config, "notes": []})
     assert line in md.splitlines()
     assert "| overhead per unit | 1.50 ms |" in md
+
+
+def test_feature_parts_attribute_the_unit_cpu(tmp_path, monkeypatch) -> None:
+    """benchmarks.feature_parts runs the real features unit and splits its CPU-s by part."""
+    from benchmarks import feature_parts
+
+    monkeypatch.setenv("EMFLOW_BENCH_DATA", str(tmp_path))
+    r = feature_parts.measure(size=256, slices=2)
+    parts = r["parts_s_per_slice"]
+    assert {"decode (PNG)", "slice QC", "SIFT (fine + coarse)", "save .npz"} <= set(parts)
+    assert all(math.isfinite(v) and v >= 0 for v in parts.values())
+    assert 0 < parts["SIFT (fine + coarse)"] <= r["cpu_s_per_slice"]
+    assert r["beyond_sift_s_per_slice"] == pytest.approx(
+        r["cpu_s_per_slice"] - r["sift_s_per_slice"], abs=1e-3
+    )
