@@ -46,6 +46,7 @@ def features_unit(
     import cv2
 
     from emflow.align.features import compute_features, thumbnail
+    from emflow.align.frame import footprint_hull
     from emflow.align.quality import assess_slice
     from emflow.align.trend import footprint_pose
     from emflow.io.readers import read_image
@@ -88,11 +89,13 @@ def features_unit(
     )
     put_bytes(out_path, buf.getvalue())  # atomic on disk; one PUT into a bucket's run folder
     foot = footprint_pose(feats.area, feats.area_factor)
+    hull = footprint_hull(feats.area, feats.area_factor, feats.shape_yx)
     return {
         "z": ref.z,
         "keypoints": len(feats.keypoints_xy),
         "bad": bad,
         "footprint": None if foot is None else list(foot),
+        "hull": None if hull is None else hull.tolist(),
     }
 
 
@@ -243,6 +246,7 @@ def align_stack(
     feats = stage("features", units)
     bad = {z: r["bad"] for z, r in feats.items() if r["bad"]}
     footprints = {z: r.get("footprint") for z, r in feats.items()}
+    hulls = {z: r.get("hull") for z, r in feats.items()}  # None in results of older runs
     if bad:
         say(f"unusable slices: {', '.join(f'z{z} ({why})' for z, why in sorted(bad.items()))}")
     config = {
@@ -294,7 +298,7 @@ def align_stack(
             Unit(
                 0,
                 solve_alignment,
-                (pairs, len(zs), bad, paths, run_dir, recipe, catalog.shape_yx, footprints),
+                (pairs, len(zs), bad, paths, run_dir, recipe, catalog.shape_yx, footprints, hulls),
             )
         ],
         where="driver",
@@ -336,10 +340,12 @@ def solve_alignment(
     recipe: Recipe,
     shape_yx: tuple[int, int],
     footprints: dict[int, list[float] | None] | None = None,
+    hulls: dict[int, list[list[float]] | None] | None = None,
 ) -> dict:
     """Solve transforms and frame from the matched pairs and write alignment.json (the
     ``solve`` unit); on failure write ``qc/`` for the pairs, then raise AlignmentError.
-    ``footprints``: z -> footprint pose from the features units (trend removal)."""
+    ``footprints``: z -> footprint pose from the features units (trend removal, frame);
+    ``hulls``: z -> footprint hull (what the frame covers and crops)."""
     from emflow.align.solve import solve
 
     cfg = recipe.align
@@ -355,6 +361,7 @@ def solve_alignment(
             allow_segments=cfg.allow_segments,
             detrend=cfg.detrend,
             frame=cfg.frame,
+            hulls={int(z): h for z, h in hulls.items()} if hulls else None,
             footprints={int(z): None if f is None else tuple(f) for z, f in footprints.items()}
             if footprints
             else None,

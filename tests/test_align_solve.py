@@ -21,7 +21,9 @@ import cv2
 import numpy as np
 import pytest
 
+from emflow.align.area import area_copy
 from emflow.align.features import Features, compute_features
+from emflow.align.frame import footprint_hull
 from emflow.align.match import MatchConfig, PairResult, match_features
 from emflow.align.quality import assess_slice
 from emflow.align.solve import Alignment, identity_alignment, solve
@@ -179,6 +181,25 @@ def test_slice_frame_sits_on_the_mean_content_and_reports_what_it_crops():
     np.testing.assert_allclose(moved.transforms[0], al.transforms[0], atol=1e-9)
     with pytest.raises(AlignmentError, match=r"align\.frame must be"):
         solve(_chain_pairs(3), range(3), SHAPE, frame="content")
+
+
+@pytest.mark.parametrize("factor", [1, 4])
+def test_frame_follows_the_content_not_the_canvas(factor):
+    """Slices whose content fills only part of their canvas (exact-zero fill around it):
+    the union frame covers the content, and the slice frame crops nothing when only fill
+    sticks out of it."""
+    image = np.zeros(SHAPE, np.uint8)
+    image[20:80, 32:168] = np.random.default_rng(1).integers(1, 256, (60, 136))
+    hull = footprint_hull(*area_copy(image, factor), SHAPE)
+    np.testing.assert_array_equal(hull.min(axis=0), (32, 20))
+    np.testing.assert_array_equal(hull.max(axis=0), (167, 79))
+    assert footprint_hull(*area_copy(np.full(SHAPE, 9, np.uint8), factor), SHAPE) is None
+    hulls = dict.fromkeys(range(5), hull)
+    union = solve(_chain_pairs(5), range(5), SHAPE, detrend="none", frame="union", hulls=hulls)
+    assert union.frame_shape_yx == (60 + 8, 136 + 4)  # the content walks (1, -2) px per slice
+    np.testing.assert_allclose(union.transforms[0], _shift(-32, -20 + 8), atol=1e-9)
+    sliced = solve(_chain_pairs(5), range(5), SHAPE, detrend="none", hulls=hulls)
+    assert sliced.frame_shape_yx == SHAPE and sliced.cropped == {}  # only fill is cut
 
 
 def test_outlier_link_is_rejected_and_reported():

@@ -585,6 +585,7 @@ def solve(
     detrend: str = DEFAULT_DETREND,
     footprints: Mapping[int, tuple[float, float, float] | None] | None = None,
     frame: str = DEFAULT_FRAME,
+    hulls: Mapping[int, Any] | None = None,
 ) -> Alignment:
     """Per-slice source->global 2x3 transforms (full-res (x, y) px) from pairwise matches.
 
@@ -623,6 +624,10 @@ def solve(
         stack's mean content position (tissue moved past its edge is cropped and reported in
         ``Alignment.cropped``); ``"union"``: the bounding box of every rendered slice
         (:mod:`emflow.align.frame`).
+    hulls : mapping of int to (n, 2) array, optional
+        Each slice's footprint hull (:func:`emflow.align.frame.footprint_hull`): the content
+        the union frame covers and the cropped fractions count; the slice's corners when
+        missing or None.
 
     Returns
     -------
@@ -698,7 +703,7 @@ def solve(
             else:
                 transforms[z] = _interpolate(z, placed)
     rendered = [z for z in zs if not (z in bad and bad_slice_policy == "zero")]
-    lo, frame_shape = frame_box(transforms, rendered, shape_yx, frame, footprints)
+    lo, frame_shape = frame_box(transforms, rendered, shape_yx, frame, footprints, hulls)
     shifted = {}
     for z in zs:
         m = np.array(transforms[z], dtype=np.float64)
@@ -717,7 +722,7 @@ def solve(
         regularisation=float(regularisation) if method == "global" else 0.0,
         detrend=detrend if method == "global" else "none",
         frame=frame,
-        cropped=cropped_fractions(shifted, rendered, shape_yx, frame_shape),
+        cropped=cropped_fractions(shifted, rendered, shape_yx, frame_shape, hulls),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from emflow.align.features import Features, compute_features
+from emflow.align.frame import footprint_hull
 from emflow.align.match import MatchConfig, PairResult, match_features
 from emflow.align.pairs import bridge_pairs, neighbour_pairs, skipped
 from emflow.align.quality import assess_slice
@@ -87,12 +88,14 @@ def align_features(
     bad = dict(bad or {})
     pairs = match_pairs(features, bad, config=config, map_=map_)
     feet = {z: footprint_pose(f.area, f.area_factor) for z, f in enumerate(features)}
+    hulls = {z: footprint_hull(f.area, f.area_factor, f.shape_yx) for z, f in enumerate(features)}
     return solve(
         pairs,
         range(len(features)),
         features[0].shape_yx,
         bad_slices=bad,
         footprints=feet,
+        hulls=hulls,
         **solve_kw,
     )
 
