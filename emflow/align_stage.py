@@ -313,12 +313,7 @@ def align_stack(
         f"(align.frame {alignment.frame}) → {run_dir / 'alignment.json'}"
     )
     if alignment.cropped:
-        z_max = max(alignment.cropped, key=lambda z: alignment.cropped[z])
-        say(
-            f"alignment: the frame crops {len(alignment.cropped)} slices' edges, at most "
-            f"{100 * alignment.cropped[z_max]:.1f} % of z{z_max}; set align.frame: union to "
-            "keep every pixel (the frame then grows with the stack's content)"
-        )
+        say(crop_line(alignment.cropped))
     content = measure_links(alignment, pairs, paths, stage)
     write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx, content)
     used = [v for v in content.values() if v["median_px"] is not None]
@@ -329,6 +324,24 @@ def align_stack(
             f"{np.median([v['shift_px'] for v in used]):.2f} global over {len(used)} pairs"
         )
     return alignment
+
+
+def crop_line(cropped: dict[int, float]) -> str:
+    """The console line for what the slice-size frame cuts off (``Alignment.cropped``): a
+    warning when a slice loses more than ``frame.CROP_WARN`` of its content."""
+    from emflow.align.frame import CROP_WARN
+
+    z_max = max(cropped, key=lambda z: cropped[z])
+    over = [z for z in sorted(cropped) if cropped[z] > CROP_WARN]
+    head = "warning: " if over else "alignment: "
+    listing = ", ".join(f"z{z}" for z in over[:10]) + (" …" if len(over) > 10 else "")
+    many = f" ({len(over)} over {100 * CROP_WARN:.0f} %: {listing})" if over else ""
+    edges = f"{len(cropped)} slices' edges" if len(cropped) > 1 else "1 slice's edges"
+    return (
+        f"{head}the frame crops {edges}, at most "
+        f"{100 * cropped[z_max]:.1f} % of z{z_max}{many}; set align.frame: union to keep every "
+        "pixel (the frame then grows with the stack's content)"
+    )
 
 
 def solve_alignment(

@@ -14,6 +14,7 @@ import pytest
 from emflow import recipe_from_dict, run
 from emflow.align.solve import Alignment
 from emflow.align.warp import warp_slice
+from emflow.align_stage import crop_line
 from emflow.testing import synthetic_stack, write_stack
 from emflow.testing.transforms import (
     apply_to_stack,
@@ -97,9 +98,17 @@ def test_pipeline_recovers_known_transforms_and_writes_warped_slices(misaligned)
     # the default frame (align.frame: slice) keeps the slice size; what it crops is said
     assert alignment.frame == "slice" and alignment.frame_shape_yx == warped.shape[1:]
     z_max = max(alignment.cropped, key=lambda z: alignment.cropped[z])
-    crop = next(m for m in said if m.startswith("alignment: the frame crops"))
-    assert f"{len(alignment.cropped)} slices' edges" in crop, crop
+    crop = next(m for m in said if "the frame crops" in m)
+    assert f"crops {len(alignment.cropped)} slice" in crop, crop
     assert f"{100 * alignment.cropped[z_max]:.1f} % of z{z_max}" in crop, crop
+    # a slice losing more than 5 % of its content makes it a warning naming such slices
+    over = [z for z in sorted(alignment.cropped) if alignment.cropped[z] > 0.05]
+    assert crop.startswith("warning: " if over else "alignment: "), crop
+    assert all(f"z{z}" in crop for z in over[:10]), crop
+    lines = crop_line({1: 0.004, 5: 0.061, 9: 0.052}), crop_line({2: 0.03})
+    assert lines[0].startswith("warning: the frame crops 3 slices' edges, at most 6.1 % of z5")
+    assert "(2 over 5 %: z5, z9)" in lines[0] and "align.frame: union" in lines[0]
+    assert lines[1].startswith("alignment: the frame crops 1 slice's edges, at most 3.0 % of z2;")
     good = {z: m for z, m in alignment.transforms.items() if z != 7}
     errors = stack_errors_px(good, truth, warped.shape[1:])
     assert max(errors.values()) <= 3.0, errors  # drift bound on synthetic texture; see closing note

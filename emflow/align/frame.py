@@ -37,6 +37,8 @@ FRAMES = ("slice", "union")
 DEFAULT_FRAME = "slice"
 #: Cropped fractions below this are not reported (interpolation-edge noise).
 CROP_REPORT_MIN = 0.0005
+#: A slice losing more than this fraction of its content to the frame makes a run warn.
+CROP_WARN = 0.05
 
 
 def _corners(shape_yx: tuple[int, int]) -> np.ndarray:
