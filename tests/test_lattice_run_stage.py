@@ -431,3 +431,105 @@ def test_no_unit_starts_after_pause_or_cancel_is_acknowledged(cluster, tmp_path,
         # (one may have started in the instant between the look and the request: before the ack)
         started_before = states[1:2] == ["running"] and hist[1][0] <= acked
         assert states[:2] == ["queued", "waiting"] or started_before, (i, hist, acked)
+
+
+# ---- the start gate on the workers (emflow.lattice.gate): counted in the scheduler
+def _count_gate_calls(dask_scheduler) -> None:
+    """Count the scheduler's gate round trips and the starts workers report from their table."""
+    plugin = dask_scheduler.plugins[lat.PLUGIN_NAME]
+    counts = plugin.gate_counts = {"asked": 0, "passed": 0, "refused": 0}
+    asked, passed = dask_scheduler.handlers["emflow_gate"], plugin.passed
+    plugin.gate_originals = (asked, passed)
+
+    async def counting_gate(**kw):
+        counts["asked"] += 1
+        return await asked(**kw)
+
+    def counting_passed(**kw):
+        counts["passed" if kw["go"] else "refused"] += 1
+        passed(**kw)
+
+    dask_scheduler.handlers["emflow_gate"] = counting_gate
+    dask_scheduler.stream_handlers["emflow_gate_passed"] = counting_passed
+
+
+def _gate_counts(dask_scheduler, restore: bool = False) -> dict:
+    plugin = dask_scheduler.plugins[lat.PLUGIN_NAME]
+    if restore:
+        asked, passed = plugin.gate_originals
+        dask_scheduler.handlers["emflow_gate"] = asked
+        dask_scheduler.stream_handlers["emflow_gate_passed"] = passed
+    return dict(plugin.gate_counts)
+
+
+@pytest.mark.integration
+def test_units_start_from_the_workers_gate_table_and_a_hold_still_counts_exactly(
+    cluster, tmp_path, monkeypatch
+):
+    """A unit passes the start gate on its worker without a round trip to the scheduler (the
+    table the plugin pushed says "go"); the lattice and journal still see every start, once.
+    A stage held by EMFLOW_PAUSE_AFTER asks the scheduler for each unit, so exactly N start;
+    after a resume the rest run. A retried unit asks too: the scheduler counts attempts."""
+    run_dir, out, counter = tmp_path / "run", tmp_path / "out", tmp_path / "count"
+    out.mkdir()
+    lat.open_run(run_dir, "fp", restart=False)
+    lat.ensure_plugin(cluster)
+    cluster.run_on_scheduler(_count_gate_calls)
+    try:
+        res = run_stage(
+            "slab", [Unit(i, write_unit, (str(out), i)) for i in range(12)],
+            client=cluster, run_id="table", run_dir=run_dir,
+        )  # fmt: skip
+        assert sorted(res) == list(range(12))
+        counts = cluster.run_on_scheduler(_gate_counts)
+        assert counts == {"asked": 0, "passed": 12, "refused": 0}, counts
+        starts = [r for r in lat.read_journal(run_dir) if r["event"] == "start"]
+        assert sorted(r["index"] for r in starts) == list(range(12))
+        assert {r["attempt"] for r in starts} == {1} and all(r["worker"] for r in starts)
+
+        # a hold: 3 units start, then the stage is paused until resumed
+        monkeypatch.setenv("EMFLOW_PAUSE_AFTER", "slab:3")
+        box: dict = {}
+        units = [Unit(i, write_unit, (str(out), 100 + i, 0.05)) for i in range(10)]
+        t = threading.Thread(
+            target=lambda: box.update(res=run_stage(
+                "slab", units, client=cluster, run_id="held", run_dir=tmp_path / "run2"
+            )),
+            daemon=True,
+        )  # fmt: skip
+        lat.open_run(tmp_path / "run2", "fp", restart=False)
+        t.start()
+        try:
+            deadline = time.time() + 120
+            snap: dict = {}
+            while time.time() < deadline:
+                snap = cluster.sync(cluster.scheduler.emflow_lattice, run_id="held")
+                r = snap["runs"][0] if snap["runs"] else {"stages": []}
+                st = r["stages"][0] if r["stages"] else None
+                if st and "slab" in r["paused_stages"] and st["counts"].get("done", 0) == 3:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail(f"the held stage never settled at 3 done units: {snap}")
+            time.sleep(0.5)  # nothing more starts while held
+            st = cluster.sync(cluster.scheduler.emflow_lattice, run_id="held")["runs"][0]
+            st = st["stages"][0]
+            assert st["counts"]["done"] == 3 and st["counts"].get("running", 0) == 0, st["counts"]
+            cluster.sync(cluster.scheduler.emflow_resume, run_id="held")
+        finally:
+            t.join(120)
+        assert not t.is_alive() and sorted(box["res"]) == list(range(10))
+        held_starts = [r for r in lat.read_journal(tmp_path / "run2") if r["event"] == "start"]
+        assert len(held_starts) == 10  # each unit started once
+        assert cluster.run_on_scheduler(_gate_counts)["asked"] >= 3
+
+        # a retried unit asks the scheduler: its attempt number is the scheduler's
+        monkeypatch.delenv("EMFLOW_PAUSE_AFTER")
+        units = [Unit(i, flaky_unit, (str(counter), i, int(i == 1))) for i in range(4)]
+        res = run_stage("match", units, client=cluster, run_id="table", run_dir=run_dir, retries=1)
+        assert res[1] == {"i": 1, "attempt": 2}
+        (done,) = [r for r in lat.read_journal(run_dir) if r["event"] == "done"
+                   and r["stage"] == "match" and r["index"] == 1]  # fmt: skip
+        assert done["attempts"] == 2 and done["redone"]
+    finally:
+        cluster.run_on_scheduler(_gate_counts, restore=True)

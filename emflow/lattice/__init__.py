@@ -57,6 +57,10 @@ Modules
 :mod:`~emflow.lattice.plugin`
     :class:`LatticePlugin` (runs in the scheduler: transitions, the units' start gate,
     pause/cancel, unit events for the journal), :func:`ensure_plugin`, :func:`parse_key`.
+:mod:`~emflow.lattice.gate`
+    :class:`GateWorkerPlugin`: the start gate on a worker, a table of go/stop per stage the
+    plugin pushes (a pause is answered once every worker took it), so a unit starts without
+    a round trip to the scheduler.
 :mod:`~emflow.lattice.execute`
     :func:`run_stage`: a stage's units serially, on Dask in a bounded window, or in the
     driver through the same gate, with markers; :func:`declare_plan`.
@@ -76,6 +80,8 @@ Modules
 from __future__ import annotations
 
 from emflow.lattice.errors import IncompleteRun, RunCancelled
+from emflow.lattice.gate import GATE_PLUGIN as GATE_PLUGIN
+from emflow.lattice.gate import GateWorkerPlugin as GateWorkerPlugin
 from emflow.lattice.journal import _SESSIONS as _SESSIONS
 from emflow.lattice.journal import JOURNAL as JOURNAL
 from emflow.lattice.journal import (

@@ -146,7 +146,8 @@ _NO_GATE: set[str] = set()  # schedulers (by address) without the lattice plugin
 
 
 def _gate() -> dict[str, Any] | None:
-    """Ask the scheduler whether the unit this worker thread runs may start (see
+    """May the unit this worker thread runs start? From the gate table the scheduler pushed
+    to this worker (:mod:`emflow.lattice.gate`), else asked of the scheduler (see
     :meth:`LatticePlugin.gate`); None when not on a Dask worker or there is no plugin."""
     try:
         from distributed import get_worker
@@ -157,13 +158,18 @@ def _gate() -> dict[str, Any] | None:
         return None
     if not (isinstance(key, tuple) and len(key) == 2 and str(key[0]).startswith("emflow-")):
         return None
+    table = worker.plugins.get(lat.GATE_PLUGIN)
+    if table is not None:
+        ans = table.check(key)
+        if ans is not None:
+            return ans
     address = str(worker.scheduler.address)
     if address in _NO_GATE:
         return None
     from distributed.utils import sync
 
     try:
-        return sync(
+        ans = sync(
             worker.loop,
             worker.scheduler.emflow_gate,
             prefix=key[0],
@@ -173,6 +179,9 @@ def _gate() -> dict[str, Any] | None:
     except Exception:  # a scheduler without the plugin: no pause gate, run the unit
         _NO_GATE.add(address)
         return None
+    if table is not None:
+        table.asked(key)
+    return ans
 
 
 def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict[str, Any]:

@@ -11,15 +11,21 @@ unit events (started on a worker, lost with its worker) the driver copies to the
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from emflow.lattice import gate as wgate
 from emflow.lattice.state import Lattice, Q, R, RunLattice
+
+logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "emflow-lattice"
 EVENTS_MAX = 100_000  # unit events kept per run for the driver (oldest dropped beyond)
+ACK_TIMEOUT_S = 60.0  # a pause waits this long at most for a worker to take the new gate table
 
 
 # --------------------------------------------------------------------------- keys
@@ -75,6 +81,11 @@ class LatticePlugin(SchedulerPlugin):
         self.refused: set[tuple[str, int]] = set()  # tasks turned away by the gate
         self.events: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # run -> (base, list)
         self.scheduler: Any = None
+        # the gate table pushed to workers (emflow.lattice.gate): prefix -> "go" | "stop"
+        self.table: dict[str, str] = {}
+        self.version = 0
+        self.gated: set[str] = set()  # workers holding a table (they said hello)
+        self.acked: dict[str, int] = {}  # worker -> last table version it acknowledged
 
     async def start(self, scheduler: Any) -> None:
         if self.scheduler is scheduler:
@@ -82,18 +93,20 @@ class LatticePlugin(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers.update(
             {
-                "emflow_plan": self.plan,
-                "emflow_begin_stage": self.begin_stage,
+                "emflow_plan": self._pushing(self.plan),
+                "emflow_begin_stage": self._pushing(self.begin_stage),
                 "emflow_lattice": self.snapshot,
                 "emflow_unit": self.unit,
-                "emflow_pause": self.pause,
-                "emflow_resume": self.resume,
-                "emflow_cancel": self.cancel,
+                "emflow_pause": self._pushing(self.pause),
+                "emflow_resume": self._pushing(self.resume),
+                "emflow_cancel": self._pushing(self.cancel),
                 "emflow_control": self.control,
-                "emflow_gate": self.gate,
+                "emflow_gate": self._pushing(self.gate),
                 "emflow_report": self.report,
+                wgate.RPC_HELLO: self.hello,
             }
         )
+        scheduler.stream_handlers.update({wgate.OP_PASSED: self.passed, wgate.OP_ACK: self.ack})
         from emflow import dashboard
 
         dashboard.install(scheduler, self)
@@ -106,6 +119,110 @@ class LatticePlugin(SchedulerPlugin):
             drop = len(events) - EVENTS_MAX
             del events[:drop]
             self.events[run_id] = (base + drop, events)
+
+    # -- the gate table on the workers (emflow.lattice.gate)
+    def _table(self) -> dict[str, str]:
+        """What a worker may decide alone: go or stop per key prefix (absent: ask)."""
+        table = {}
+        for prefix, (run_id, stage) in self.known.items():
+            r = self.lattice.runs.get(run_id)
+            if r is None:
+                continue
+            if r.cancelled or r.is_paused(stage):
+                table[prefix] = wgate.STOP
+            elif stage not in r.hold:  # a held stage counts its starts here: ask
+                table[prefix] = wgate.GO
+        return table
+
+    def _push(self) -> int | None:
+        """Send the gate table to the workers if it changed; the version they must acknowledge
+        before a unit they let through no longer could (a prefix left "go"), else None."""
+        table = self._table()
+        if table == self.table:
+            return None
+        narrowed = any(v == wgate.GO and table.get(p) != wgate.GO for p, v in self.table.items())
+        self.table, self.version = table, self.version + 1
+        msg = {"op": wgate.OP_TABLE, "version": self.version, "table": table}
+        comms = getattr(self.scheduler, "stream_comms", {}) if self.scheduler is not None else {}
+        for w in list(self.gated):
+            comm = comms.get(w)
+            if comm is None:
+                self.gated.discard(w)
+                continue
+            try:
+                comm.send(dict(msg))
+            except Exception:  # its stream closed: it is leaving (remove_worker follows)
+                self.gated.discard(w)
+        return self.version if narrowed else None
+
+    async def _settle(self, version: int) -> None:
+        """Wait until every worker holding a table acknowledged ``version`` (or left)."""
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while True:
+            workers = self.scheduler.workers if self.scheduler is not None else {}
+            late = [w for w in self.gated if w in workers and self.acked.get(w, -1) < version]
+            if not late:
+                return
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "workers %s did not take the paused gate within %.0f s", late, ACK_TIMEOUT_S
+                )
+                return
+            await asyncio.sleep(0.002)
+
+    def _pushing(self, handler: Any) -> Any:
+        """An RPC handler that pushes the gate table after ``handler`` changed the switches and,
+        when units could have started under the old one, answers once the workers took it."""
+
+        async def rpc(*args: Any, **kw: Any) -> Any:
+            kw.pop("comm", None)
+            ans = handler(*args, **kw)
+            version = self._push()
+            if version is not None:
+                await self._settle(version)
+            return ans
+
+        rpc.__name__ = getattr(handler, "__name__", "rpc")
+        return rpc
+
+    def hello(self, worker: str | None = None, **_: Any) -> dict[str, Any]:
+        """A worker's gate plugin joins: it gets the table; later changes reach it on its stream."""
+        if worker is not None:
+            self.gated.add(worker)
+        return {"version": self.version, "table": self.table}
+
+    def ack(self, version: int, worker: str | None = None) -> None:
+        if worker is not None:
+            self.acked[worker] = max(version, self.acked.get(worker, -1))
+
+    def passed(
+        self, prefix: str, index: int, go: bool, t: float | None = None, worker: str | None = None
+    ) -> None:
+        """A unit passed (or was refused by) the gate table on its worker."""
+        key = (prefix, int(index))
+        parsed = parse_key(key, self.known)
+        if parsed is None:
+            return
+        run_id, stage, index = parsed
+        r = self.lattice.runs.get(run_id)
+        if r is None:
+            return
+        st = r.stage(stage)
+        if not go:
+            self.refused.add(key)
+            if st.state(index) in (Q, R):
+                self.lattice.apply(run_id, stage, index, "requeue", worker=worker)
+            return
+        self.lattice.apply(run_id, stage, index, "start", worker=worker)
+        attempt = st.cells[index].attempts if index in st.cells else 1
+        self._event(
+            run_id, event="start", stage=stage, index=index, worker=worker, attempt=attempt,
+            **({"t": t} if t is not None else {}),
+        )  # fmt: skip
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        self.gated.discard(worker)
+        self.acked.pop(worker, None)
 
     # -- RPC handlers (called as ``await client.scheduler.emflow_pause(run_id=...)``)
     def plan(
@@ -270,6 +387,16 @@ class LatticePlugin(SchedulerPlugin):
             ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
             worker = ts.processing_on.address if ts is not None and ts.processing_on else None
             self.lattice.apply(run_id, stage, index, "queue", worker=worker)
+            cell = self.lattice.run(run_id).stage(stage).cells.get(index)
+            if cell is not None and cell.attempts and worker in self.gated:
+                # started before (lost with its worker, or failed): this attempt asks the
+                # scheduler, which counts attempts; sent ahead of the task on the same stream
+                try:
+                    self.scheduler.stream_comms[worker].send(
+                        {"op": wgate.OP_ASK, "prefix": key[0], "index": index}
+                    )
+                except Exception:
+                    pass
             return
         if start != "processing":
             return
@@ -302,5 +429,7 @@ class LatticePlugin(SchedulerPlugin):
 
 
 def ensure_plugin(client: Any) -> None:
-    """Register :class:`LatticePlugin` on the client's scheduler unless it is there (preload)."""
+    """Register :class:`LatticePlugin` on the client's scheduler unless it is there (preload),
+    and the workers' start gate (:mod:`emflow.lattice.gate`; idempotent, joining workers get it)."""
     client.register_plugin(LatticePlugin(), name=PLUGIN_NAME)  # idempotent: class attribute
+    client.register_plugin(wgate.GateWorkerPlugin(), name=wgate.GATE_PLUGIN)

@@ -1,0 +1,115 @@
+"""The units' start gate on a worker: a table the scheduler pushes, read without a round trip.
+
+Every unit passes the run's start gate on its worker before it runs (see
+:meth:`~emflow.lattice.plugin.LatticePlugin.gate`). Asking the scheduler costs a round trip
+per unit; instead the lattice plugin pushes a *gate table* ``{key prefix: "go" | "stop"}``
+to every worker on the worker's own stream (:data:`GATE_PLUGIN` installs the handler), and a
+unit reads it locally:
+
+* ``go``: the unit starts; a ``passed`` notice follows on the worker's stream (so the
+  lattice marks it running, in order before its result);
+* ``stop`` (run or stage paused or cancelled): the unit returns without running;
+* no entry (a stage held by ``EMFLOW_PAUSE_AFTER``, a prefix not announced yet, a unit the
+  scheduler marked to ask -- a retry, whose attempt number the scheduler keeps) or no table
+  yet: the unit asks the scheduler as before.
+
+Why a pause still holds: the plugin answers a pause or cancel only after every worker
+acknowledged the new table on its stream. The table is swapped under a lock that each
+local check also takes, and a check queues its ``passed`` notice before it releases the lock,
+so every unit let through before the swap is reported to the scheduler before that
+worker's acknowledgement: no unit starts after the pause was answered, and the ones that
+started before are running, not queued, in the lattice when the answer leaves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+GATE_PLUGIN = "emflow-gate"
+GO, STOP = "go", "stop"
+# stream ops: scheduler -> worker
+OP_TABLE, OP_ASK = "emflow_gate_table", "emflow_gate_ask"
+# stream ops: worker -> scheduler
+OP_PASSED, OP_ACK = "emflow_gate_passed", "emflow_gate_ack"
+# RPC on the scheduler: a worker joins (None when the scheduler's plugin has no table)
+RPC_HELLO = "emflow_gate_hello"
+
+
+def _send(worker: Any, msg: dict[str, Any]) -> None:
+    """Queue a message on the worker's stream to the scheduler (on the worker's event loop)."""
+    try:
+        worker.batched_stream.send(msg)
+    except Exception:  # the stream closed: the worker is leaving; its units are lost anyway
+        pass
+
+
+class GateWorkerPlugin(WorkerPlugin):
+    """Holds the gate table on a worker; :meth:`check` is the local start gate."""
+
+    name = GATE_PLUGIN
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.version = -1
+        self.table: dict[str, str] | None = None  # None: no table yet (ask the scheduler)
+        self.ask: set[tuple[str, int]] = set()  # units the scheduler wants asked (retries)
+        self.worker: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # sent to workers: no lock, no state
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+    async def setup(self, worker: Any) -> None:
+        self.worker = worker
+        worker.stream_handlers[OP_TABLE] = self._on_table
+        worker.stream_handlers[OP_ASK] = self._on_ask
+        try:  # a scheduler whose lattice plugin pushes no table: every unit asks it
+            ans = await worker.scheduler.emflow_gate_hello(worker=worker.address)
+        except Exception:
+            return
+        if isinstance(ans, dict):
+            self._on_table(version=ans["version"], table=ans["table"], ack=False)
+
+    def teardown(self, worker: Any) -> None:
+        with self.lock:
+            self.table = None
+
+    # -- on the worker's event loop (the scheduler's stream)
+    def _on_table(self, version: int, table: dict[str, str], ack: bool = True) -> None:
+        with self.lock:
+            if version > self.version:
+                self.version, self.table = version, dict(table)
+        if ack:  # after the 'passed' notices queued by units let through under the old table
+            self.worker.loop.add_callback(_send, self.worker, {"op": OP_ACK, "version": version})
+
+    def _on_ask(self, prefix: str, index: int) -> None:
+        with self.lock:
+            self.ask.add((prefix, int(index)))
+
+    # -- in the unit's thread
+    def check(self, key: tuple[str, int]) -> dict[str, Any] | None:
+        """The gate's answer for the unit ``key`` from the table; None: ask the scheduler."""
+        prefix, index = key[0], int(key[1])
+        with self.lock:
+            if self.table is None or (prefix, index) in self.ask:
+                return None
+            what = self.table.get(prefix)
+            if what is None:
+                return None
+            go = what == GO
+            notice = {"op": OP_PASSED, "prefix": prefix, "index": index, "go": go}
+            notice["t"] = round(time.time(), 3)
+            self.worker.loop.add_callback(_send, self.worker, notice)  # before the lock goes
+        return {"go": go, "attempt": None}
+
+    def asked(self, key: tuple[str, int]) -> None:
+        """The scheduler answered for ``key`` itself: later attempts read the table again."""
+        with self.lock:
+            self.ask.discard((key[0], int(key[1])))
