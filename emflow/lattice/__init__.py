@@ -81,6 +81,7 @@ from __future__ import annotations
 
 from emflow.lattice.errors import IncompleteRun, RunCancelled
 from emflow.lattice.gate import GATE_PLUGIN as GATE_PLUGIN
+from emflow.lattice.gate import RESULT_TOPIC as RESULT_TOPIC
 from emflow.lattice.gate import GateWorkerPlugin as GateWorkerPlugin
 from emflow.lattice.journal import _SESSIONS as _SESSIONS
 from emflow.lattice.journal import JOURNAL as JOURNAL

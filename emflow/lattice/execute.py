@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -214,10 +215,10 @@ def _durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dic
     if marker is not None:
         old = lat.read_marker(Path(marker))
         if old is not None:
-            return {**old, "reused": True}
+            return _sent({**old, "reused": True})
     gate = _gate()
     if gate is not None and not gate.get("go", True):
-        return {"deferred": True}
+        return _sent({"deferred": True})
     start = time.time()
     result = fn(*args)
     end = time.time()
@@ -240,6 +241,22 @@ def _durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dic
             ) from exc
         lat.write_marker(Path(marker), payload, durable=False)  # see lattice.markers
     payload["reused"] = False
+    return _sent(payload)
+
+
+def _sent(payload: dict[str, Any]) -> dict[str, Any]:
+    """The unit's payload, also sent to its driver ahead of the task's result when on a worker
+    with the gate plugin (:mod:`emflow.lattice.gate`): no gather round trip per unit."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except (ImportError, ValueError, KeyError):
+        return payload
+    table = worker.plugins.get(lat.GATE_PLUGIN)
+    if table is not None and isinstance(key, tuple) and len(key) == 2:
+        table.send_result(key, payload)
     return payload
 
 
@@ -677,6 +694,7 @@ def _begin(
             prefix=prefix,
             run_dir=str(run_dir) if run_dir is not None else None,
             session=sid,
+            client=getattr(client, "id", None),  # the units' results come to this client
             **{k: (list(v) if v is not None else None) for k, v in declared.items()},
         )
         after = _pause_after(stage)
@@ -757,7 +775,7 @@ def _run_here(
 
 
 def _next_ready(ac: Any, timeout: float) -> list[Any]:
-    """(future, result) pairs of ``ac`` that are done, waiting at most ``timeout`` s for one."""
+    """Futures of ``ac`` that are done, waiting at most ``timeout`` s for one."""
     if not ac.has_ready():
         cond = getattr(ac, "thread_condition", None)
         if cond is not None:
@@ -804,8 +822,24 @@ def _run_dask(
     in_flight: dict[Any, Unit] = {}
     attempts: dict[int, int] = {}
     failures: list[dict[str, Any]] = []
-    # results travel with the completions (gathered in the background): no round trip per unit
-    ac = as_completed([], with_results=True, raise_errors=False)
+    # results come ahead of the completions as client events (emflow.lattice.gate), else
+    # (no gate plugin on the worker) they are gathered: no round trip per unit in the first case
+    ac = as_completed([], raise_errors=False)
+    delivered: dict[Any, dict[str, Any]] = {}
+    prefix = unit_key(stage, run_id, 0)[0]
+    topic = lat.RESULT_TOPIC.format(prefix=prefix)
+
+    listening = [True]
+
+    def on_result_event(event: Any) -> None:  # on the client's event loop
+        if listening[0]:  # (a unit of a stopped stage may still report: dropped)
+            index, blob = event
+            delivered[(prefix, int(index))] = pickle.loads(blob)
+
+    try:
+        client.subscribe_topic(topic, on_result_event)
+    except Exception:  # no events (a closed client fails at its first submit anyway)
+        pass
 
     def release() -> None:
         nonlocal window, next_window
@@ -843,9 +877,12 @@ def _run_dask(
                     break
                 time.sleep(CONTROL_POLL_S)  # paused, nothing running: wait for resume
                 continue
-            for fut, payload in _next_ready(ac, CONTROL_POLL_S):
+            for fut in _next_ready(ac, CONTROL_POLL_S):
                 u = in_flight.pop(fut.key)
+                payload = delivered.pop(fut.key, None)
                 if fut.status == "finished":
+                    if payload is None:  # not sent ahead: gather it
+                        payload = fut.result()
                     fut.release()
                     if payload.get("deferred"):  # refused at the gate: paused or cancelled
                         if not control.cancelled:
@@ -877,6 +914,9 @@ def _run_dask(
                 else:
                     retry.append((fut, u))
     finally:
+        # the handler stays subscribed but inert: unsubscribing here would make results that
+        # are still on their way log "no event handler known" errors in the client
+        listening[0] = False
         control.poll(force=True)  # the last unit events into the journal
         if journal is not None and control.cancelled:
             journal.append("cancel", session=sid, stage=stage)

@@ -19,10 +19,16 @@ local check also takes, and a check queues its ``passed`` notice before it relea
 so every unit let through before the swap is reported to the scheduler before that
 worker's acknowledgement: no unit starts after the pause was answered, and the ones that
 started before are running, not queued, in the lattice when the answer leaves.
+
+A unit's payload (its small result dict) travels the same way: on the worker's stream to
+the scheduler, which forwards it on the driver's stream as a client event
+(:data:`RESULT_TOPIC`), in order ahead of the task's completion -- so the driver reads it
+without a gather round trip through the scheduler (the task's result stays the fallback).
 """
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from typing import Any
@@ -34,7 +40,9 @@ GO, STOP = "go", "stop"
 # stream ops: scheduler -> worker
 OP_TABLE, OP_ASK = "emflow_gate_table", "emflow_gate_ask"
 # stream ops: worker -> scheduler
-OP_PASSED, OP_ACK = "emflow_gate_passed", "emflow_gate_ack"
+OP_PASSED, OP_ACK, OP_RESULT = "emflow_gate_passed", "emflow_gate_ack", "emflow_unit_result"
+#: the client event topic on which the driver of a stage receives its units' results
+RESULT_TOPIC = "emflow-result-{prefix}"
 # RPC on the scheduler: a worker joins (None when the scheduler's plugin has no table)
 RPC_HELLO = "emflow_gate_hello"
 
@@ -58,6 +66,7 @@ class GateWorkerPlugin(WorkerPlugin):
         self.version = -1
         self.table: dict[str, str] | None = None  # None: no table yet (ask the scheduler)
         self.ask: set[tuple[str, int]] = set()  # units the scheduler wants asked (retries)
+        self.results = False  # the scheduler forwards unit results to their driver
         self.worker: Any = None
 
     def __getstate__(self) -> dict[str, Any]:  # sent to workers: no lock, no state
@@ -75,6 +84,7 @@ class GateWorkerPlugin(WorkerPlugin):
         except Exception:
             return
         if isinstance(ans, dict):
+            self.results = bool(ans.get("results"))
             self._on_table(version=ans["version"], table=ans["table"], ack=False)
 
     def teardown(self, worker: Any) -> None:
@@ -108,6 +118,15 @@ class GateWorkerPlugin(WorkerPlugin):
             notice["t"] = round(time.time(), 3)
             self.worker.loop.add_callback(_send, self.worker, notice)  # before the lock goes
         return {"go": go, "attempt": None}
+
+    def send_result(self, key: tuple[str, int], payload: dict[str, Any]) -> None:
+        """Send a unit's payload to its driver through the scheduler's streams, ahead of the
+        task's own completion, so the driver needs no gather round trip (it still can)."""
+        if not self.results:
+            return
+        blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        msg = {"op": OP_RESULT, "prefix": key[0], "index": int(key[1]), "payload": blob}
+        self.worker.loop.add_callback(_send, self.worker, msg)
 
     def asked(self, key: tuple[str, int]) -> None:
         """The scheduler answered for ``key`` itself: later attempts read the table again."""

@@ -86,6 +86,7 @@ class LatticePlugin(SchedulerPlugin):
         self.version = 0
         self.gated: set[str] = set()  # workers holding a table (they said hello)
         self.acked: dict[str, int] = {}  # worker -> last table version it acknowledged
+        self.receivers: dict[str, str] = {}  # key prefix -> client id of the stage's driver
 
     async def start(self, scheduler: Any) -> None:
         if self.scheduler is scheduler:
@@ -106,7 +107,9 @@ class LatticePlugin(SchedulerPlugin):
                 wgate.RPC_HELLO: self.hello,
             }
         )
-        scheduler.stream_handlers.update({wgate.OP_PASSED: self.passed, wgate.OP_ACK: self.ack})
+        scheduler.stream_handlers.update(
+            {wgate.OP_PASSED: self.passed, wgate.OP_ACK: self.ack, wgate.OP_RESULT: self.result}
+        )
         from emflow import dashboard
 
         dashboard.install(scheduler, self)
@@ -189,7 +192,7 @@ class LatticePlugin(SchedulerPlugin):
         """A worker's gate plugin joins: it gets the table; later changes reach it on its stream."""
         if worker is not None:
             self.gated.add(worker)
-        return {"version": self.version, "table": self.table}
+        return {"version": self.version, "table": self.table, "results": True}
 
     def ack(self, version: int, worker: str | None = None) -> None:
         if worker is not None:
@@ -220,6 +223,20 @@ class LatticePlugin(SchedulerPlugin):
             **({"t": t} if t is not None else {}),
         )  # fmt: skip
 
+    def result(self, prefix: str, index: int, payload: bytes, worker: str | None = None) -> None:
+        """A unit's payload from its worker: forwarded to the stage's driver as a client event
+        (ahead of the task's completion on the same stream; see emflow.lattice.gate)."""
+        client = self.receivers.get(prefix)
+        comms = getattr(self.scheduler, "client_comms", {}) if self.scheduler is not None else {}
+        comm = comms.get(client) if client is not None else None
+        if comm is None:
+            return  # the driver gathers the task's result instead
+        topic = wgate.RESULT_TOPIC.format(prefix=prefix)
+        try:
+            comm.send({"op": "event", "topic": topic, "event": [int(index), payload]})
+        except Exception:
+            pass
+
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         self.gated.discard(worker)
         self.acked.pop(worker, None)
@@ -247,8 +264,11 @@ class LatticePlugin(SchedulerPlugin):
         labels: list[str] | None = None,
         run_dir: str | None = None,
         session: str | None = None,
+        client: str | None = None,
     ) -> None:
         self.known[prefix] = (run_id, stage)
+        if client is not None:  # its units' results go to this driver (emflow.lattice.gate)
+            self.receivers[prefix] = client
         self.lattice.begin_stage(
             run_id,
             stage,
