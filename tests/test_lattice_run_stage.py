@@ -469,7 +469,8 @@ def test_units_start_from_the_workers_gate_table_and_a_hold_still_counts_exactly
     """A unit passes the start gate on its worker without a round trip to the scheduler (the
     table the plugin pushed says "go"); the lattice and journal still see every start, once.
     A stage held by EMFLOW_PAUSE_AFTER asks the scheduler for each unit, so exactly N start;
-    after a resume the rest run. A retried unit asks too: the scheduler counts attempts."""
+    after a resume the rest run. A retried unit's attempt number is the scheduler's (it comes
+    with the unit's result), so the journal says it was redone."""
     run_dir, out, counter = tmp_path / "run", tmp_path / "out", tmp_path / "count"
     out.mkdir()
     lat.open_run(run_dir, "fp", restart=False)
@@ -523,7 +524,7 @@ def test_units_start_from_the_workers_gate_table_and_a_hold_still_counts_exactly
         assert len(held_starts) == 10  # each unit started once
         assert cluster.run_on_scheduler(_gate_counts)["asked"] >= 3
 
-        # a retried unit asks the scheduler: its attempt number is the scheduler's
+        # a retried unit: its attempt number is the scheduler's
         monkeypatch.delenv("EMFLOW_PAUSE_AFTER")
         units = [Unit(i, flaky_unit, (str(counter), i, int(i == 1))) for i in range(4)]
         res = run_stage("match", units, client=cluster, run_id="table", run_dir=run_dir, retries=1)

@@ -180,8 +180,6 @@ def _gate() -> dict[str, Any] | None:
     except Exception:  # a scheduler without the plugin: no pause gate, run the unit
         _NO_GATE.add(address)
         return None
-    if table is not None:
-        table.asked(key)
     return ans
 
 
@@ -833,8 +831,11 @@ def _run_dask(
 
     def on_result_event(event: Any) -> None:  # on the client's event loop
         if listening[0]:  # (a unit of a stopped stage may still report: dropped)
-            index, blob = event
-            delivered[(prefix, int(index))] = pickle.loads(blob)
+            index, blob, attempt = event
+            payload = pickle.loads(blob)
+            if payload.get("attempt") is None and attempt:  # the scheduler's count
+                payload["attempt"] = attempt
+            delivered[(prefix, int(index))] = payload
 
     try:
         client.subscribe_topic(topic, on_result_event)

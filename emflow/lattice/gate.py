@@ -9,9 +9,8 @@ unit reads it locally:
 * ``go``: the unit starts; a ``passed`` notice follows on the worker's stream (so the
   lattice marks it running, in order before its result);
 * ``stop`` (run or stage paused or cancelled): the unit returns without running;
-* no entry (a stage held by ``EMFLOW_PAUSE_AFTER``, a prefix not announced yet, a unit the
-  scheduler marked to ask -- a retry, whose attempt number the scheduler keeps) or no table
-  yet: the unit asks the scheduler as before.
+* no entry (a stage held by ``EMFLOW_PAUSE_AFTER``: the scheduler counts its starts; a
+  prefix not announced yet) or no table yet: the unit asks the scheduler as before.
 
 Why a pause still holds: the plugin answers a pause or cancel only after every worker
 acknowledged the new table on its stream. The table is swapped under a lock that each
@@ -21,9 +20,10 @@ worker's acknowledgement: no unit starts after the pause was answered, and the o
 started before are running, not queued, in the lattice when the answer leaves.
 
 A unit's payload (its small result dict) travels the same way: on the worker's stream to
-the scheduler, which forwards it on the driver's stream as a client event
-(:data:`RESULT_TOPIC`), in order ahead of the task's completion -- so the driver reads it
-without a gather round trip through the scheduler (the task's result stays the fallback).
+the scheduler, which forwards it with the unit's attempt number (it counts them) on the
+driver's stream as a client event (:data:`RESULT_TOPIC`), in order ahead of the task's
+completion -- so the driver reads it without a gather round trip through the scheduler
+(the task's result stays the fallback).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 GATE_PLUGIN = "emflow-gate"
 GO, STOP = "go", "stop"
-# stream ops: scheduler -> worker
-OP_TABLE, OP_ASK = "emflow_gate_table", "emflow_gate_ask"
+# stream op: scheduler -> worker
+OP_TABLE = "emflow_gate_table"
 # stream ops: worker -> scheduler
 OP_PASSED, OP_ACK, OP_RESULT = "emflow_gate_passed", "emflow_gate_ack", "emflow_unit_result"
 #: the client event topic on which the driver of a stage receives its units' results
@@ -65,7 +65,6 @@ class GateWorkerPlugin(WorkerPlugin):
         self.lock = threading.Lock()
         self.version = -1
         self.table: dict[str, str] | None = None  # None: no table yet (ask the scheduler)
-        self.ask: set[tuple[str, int]] = set()  # units the scheduler wants asked (retries)
         self.results = False  # the scheduler forwards unit results to their driver
         self.worker: Any = None
 
@@ -78,7 +77,6 @@ class GateWorkerPlugin(WorkerPlugin):
     async def setup(self, worker: Any) -> None:
         self.worker = worker
         worker.stream_handlers[OP_TABLE] = self._on_table
-        worker.stream_handlers[OP_ASK] = self._on_ask
         try:  # a scheduler whose lattice plugin pushes no table: every unit asks it
             ans = await worker.scheduler.emflow_gate_hello(worker=worker.address)
         except Exception:
@@ -99,16 +97,12 @@ class GateWorkerPlugin(WorkerPlugin):
         if ack:  # after the 'passed' notices queued by units let through under the old table
             self.worker.loop.add_callback(_send, self.worker, {"op": OP_ACK, "version": version})
 
-    def _on_ask(self, prefix: str, index: int) -> None:
-        with self.lock:
-            self.ask.add((prefix, int(index)))
-
     # -- in the unit's thread
     def check(self, key: tuple[str, int]) -> dict[str, Any] | None:
         """The gate's answer for the unit ``key`` from the table; None: ask the scheduler."""
         prefix, index = key[0], int(key[1])
         with self.lock:
-            if self.table is None or (prefix, index) in self.ask:
+            if self.table is None:
                 return None
             what = self.table.get(prefix)
             if what is None:
@@ -127,8 +121,3 @@ class GateWorkerPlugin(WorkerPlugin):
         blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         msg = {"op": OP_RESULT, "prefix": key[0], "index": int(key[1]), "payload": blob}
         self.worker.loop.add_callback(_send, self.worker, msg)
-
-    def asked(self, key: tuple[str, int]) -> None:
-        """The scheduler answered for ``key`` itself: later attempts read the table again."""
-        with self.lock:
-            self.ask.discard((key[0], int(key[1])))

@@ -231,9 +231,16 @@ class LatticePlugin(SchedulerPlugin):
         comm = comms.get(client) if client is not None else None
         if comm is None:
             return  # the driver gathers the task's result instead
+        # the attempt this result is of (the scheduler counts them: a unit started from a
+        # worker's table does not know whether an earlier attempt was lost with its worker)
+        parsed = parse_key((prefix, int(index)), self.known)
+        attempt = None
+        if parsed is not None and parsed[0] in self.lattice.runs:
+            cell = self.lattice.run(parsed[0]).stage(parsed[1]).cells.get(parsed[2])
+            attempt = cell.attempts if cell is not None and cell.attempts else None
         topic = wgate.RESULT_TOPIC.format(prefix=prefix)
         try:
-            comm.send({"op": "event", "topic": topic, "event": [int(index), payload]})
+            comm.send({"op": "event", "topic": topic, "event": [int(index), payload, attempt]})
         except Exception:
             pass
 
@@ -407,16 +414,6 @@ class LatticePlugin(SchedulerPlugin):
             ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
             worker = ts.processing_on.address if ts is not None and ts.processing_on else None
             self.lattice.apply(run_id, stage, index, "queue", worker=worker)
-            cell = self.lattice.run(run_id).stage(stage).cells.get(index)
-            if cell is not None and cell.attempts and worker in self.gated:
-                # started before (lost with its worker, or failed): this attempt asks the
-                # scheduler, which counts attempts; sent ahead of the task on the same stream
-                try:
-                    self.scheduler.stream_comms[worker].send(
-                        {"op": wgate.OP_ASK, "prefix": key[0], "index": index}
-                    )
-                except Exception:
-                    pass
             return
         if start != "processing":
             return
