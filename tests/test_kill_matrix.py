@@ -219,9 +219,8 @@ def test_driver_killed_in_stage_resumes_identically(stack, reference, tmp_path, 
 
 def arm_worker_kills(dask_scheduler, stages: list[str], nth: int = 2) -> None:
     """Runs in the run's scheduler: SIGKILL the worker of the ``nth`` unit of each stage the
-    moment the start gate lets that unit start (so it dies running it) -- the scheduler's
-    gate, or the worker's gate table reporting the start; ``nth`` is 1 in a one-unit stage.
-    Units the driver runs itself (solve, finalize) kill an idle worker."""
+    moment the start gate lets that unit start (so it dies running it); ``nth`` is 1 in a
+    one-unit stage. Units the driver runs itself (solve, finalize) kill an idle worker."""
     plugin = dask_scheduler.plugins[lat.PLUGIN_NAME]
     gate = plugin.gate
     seen: dict[str, int] = {}
@@ -240,21 +239,9 @@ def arm_worker_kills(dask_scheduler, stages: list[str], nth: int = 2) -> None:
         return ans
 
     dask_scheduler.handlers["emflow_gate"] = killing_gate
-    # units that start from their worker's gate table report it on the worker's stream
-    passed = plugin.passed
-
-    def killing_passed(prefix, index, go, t=None, worker=None):
-        passed(prefix=prefix, index=index, go=go, t=t, worker=worker)
-        parsed = lat.parse_key((prefix, index), plugin.known)
-        if not go or parsed is None or parsed[1] not in stages:
-            return
-        stage = parsed[1]
-        seen[stage] = seen.get(stage, 0) + 1
-        one = len(plugin.lattice.runs[parsed[0]].stages[stage].codes) == 1
-        if seen[stage] == (1 if one else nth) and worker in dask_scheduler.workers:
-            os.kill(dask_scheduler.workers[worker].pid, signal.SIGKILL)
-
-    dask_scheduler.stream_handlers["emflow_gate_passed"] = killing_passed
+    # every unit asks the scheduler's gate (no worker gate table): the kill lands while the
+    # unit waits for the answer, so it dies running it (a table start could finish first)
+    plugin.local_gate = False
 
 
 # the stages whose units run on workers
