@@ -55,7 +55,20 @@ def s3_env() -> dict[str, str]:
     return {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
 
 
-class S3Server:
+class _Stops:
+    """``with Server() as server:`` stops the server however the block ends."""
+
+    def stop(self) -> None:  # pragma: no cover - every server defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class S3Server(_Stops):
     """moto's S3 API on 127.0.0.1 (any key accepted; anonymous reads need a bucket policy).
 
     Served like moto's ``ThreadedMotoServer``, but the socket is bound in the caller (a
@@ -164,7 +177,7 @@ class S3Server:
         self.client().put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
 
 
-class AuthS3Server:
+class AuthS3Server(_Stops):
     """moto's S3 API in a child process with IAM authentication on (wrong keys are refused).
 
     Started open, it creates an IAM user allowed ``s3:*`` with an access key
@@ -262,7 +275,7 @@ class AuthS3Server:
             self.proc = None
 
 
-class GcsServer:
+class GcsServer(_Stops):
     """fake-gcs-server on 127.0.0.1 with a filesystem backend (survives :meth:`restart`)."""
 
     def __init__(self, root: Path) -> None:

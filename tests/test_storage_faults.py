@@ -68,11 +68,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3(stack: Path) -> Iterator[S3Server]:
-    server = S3Server()
-    try:
+    with S3Server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _emflow(folder: Path, env: dict[str, str], *args: str) -> subprocess.Popen:

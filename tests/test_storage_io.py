@@ -38,9 +38,8 @@ from tests.storage_servers import (
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
-    server = S3Server()
-    yield server
-    server.stop()
+    with S3Server() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -84,11 +84,8 @@ class _IsolatedPods(_Pods):
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
-    server = S3Server()
-    try:
+    with S3Server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,8 @@ neuroglancer_view.require()
 
 @pytest.fixture
 def s3() -> Iterator[S3Server]:
-    server = S3Server()
-    try:
+    with S3Server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_neuroglancer_opens_a_volume_published_from_the_bucket(

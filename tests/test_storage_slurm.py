@@ -48,11 +48,10 @@ def _our_jobs() -> list[str]:
 
 @pytest.fixture
 def s3() -> Iterator[S3Server]:
-    server = S3Server()
     try:
-        yield server
+        with S3Server() as server:
+            yield server
     finally:
-        server.stop()
         left = _our_jobs()
         if left:
             subprocess.run(["scancel", *left], timeout=30, check=False)

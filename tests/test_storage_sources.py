@@ -61,15 +61,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3(stack: Path) -> Iterator[tuple[S3Server, str]]:
-    server = S3Server()
-    try:
+    with S3Server() as server:
         bucket = server.bucket()
         server.upload_dir(stack, bucket, "em/raw")
         server.put(bucket, "em/raw/sub/ignored.png", (stack / "s000.png").read_bytes())
         server.put(bucket, "em/raw/notes.txt", b"not a slice")
         yield server, bucket
-    finally:
-        server.stop()
 
 
 @pytest.fixture(autouse=True)
