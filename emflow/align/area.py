@@ -34,6 +34,8 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
+from emflow.align.affine import apply_affine, homogeneous
+
 __all__ = [
     "AREA_LONG_SIDE_PX",
     "AreaConfig",
@@ -156,12 +158,6 @@ def area_copy(image: np.ndarray, factor: int | None = None) -> tuple[np.ndarray,
 # ---- coordinates ---------------------------------------------------------------------------
 
 
-def _h(m: np.ndarray) -> np.ndarray:
-    """3x3 homogeneous copy of a 2x3 (or 3x3) affine matrix."""
-    m = np.asarray(m, np.float64)
-    return np.vstack([m[:2].reshape(2, 3), [0.0, 0.0, 1.0]])
-
-
 def _to_full(g: float) -> np.ndarray:
     """3x3 map from copy px (reduced by ``g``) to full-resolution px."""
     return np.array([[g, 0.0, (g - 1) / 2.0], [0.0, g, (g - 1) / 2.0], [0.0, 0.0, 1.0]])
@@ -170,16 +166,12 @@ def _to_full(g: float) -> np.ndarray:
 def _in_copy(m_full: np.ndarray, g: float) -> np.ndarray:
     """A full-resolution b -> a 3x3 matrix expressed in copy px."""
     p = _to_full(g)
-    return np.linalg.inv(p) @ _h(m_full) @ p
+    return np.linalg.inv(p) @ homogeneous(m_full) @ p
 
 
 def _in_full(m_copy: np.ndarray, g: float) -> np.ndarray:
     p = _to_full(g)
-    return p @ _h(m_copy) @ np.linalg.inv(p)
-
-
-def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return pts @ m[:2, :2].T + m[:2, 2]
+    return p @ homogeneous(m_copy) @ np.linalg.inv(p)
 
 
 def _corners(shape_yx: tuple[int, int]) -> np.ndarray:
@@ -190,7 +182,7 @@ def _corners(shape_yx: tuple[int, int]) -> np.ndarray:
 def _corner_gap(m1: np.ndarray, m2: np.ndarray, shape_yx: tuple[int, int]) -> float:
     h, w = shape_yx
     q = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], np.float64)
-    return float(np.max(np.linalg.norm(_apply(_h(m1), q) - _apply(_h(m2), q), axis=1)))
+    return float(np.max(np.linalg.norm(apply_affine(m1, q) - apply_affine(m2, q), axis=1)))
 
 
 # ---- preparation ---------------------------------------------------------------------------
@@ -293,7 +285,7 @@ def coarse_search(
     if 0 < ly < res.shape[0] - 1:
         dy = _parabola(res[ly - 1, lx], res[ly, lx], res[ly + 1, lx])
     # b_rot(p) = b(R^-1 p); the template's pixel (x0, y0) lies at (lx - pad, ly - pad) in a
-    rot = _h(cv2.getRotationMatrix2D(centre, -ang, 1.0))
+    rot = homogeneous(cv2.getRotationMatrix2D(centre, -ang, 1.0))
     shift = np.array([[1.0, 0.0, lx + dx - pad - x0], [0.0, 1.0, ly + dy - pad - y0], [0, 0, 1]])
     m_coarse = shift @ rot  # b coarse px -> a coarse px
     return _in_full(m_coarse, g * k), float(scores[i])
@@ -397,7 +389,7 @@ def _fit_affine_weighted(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.
     c_d = (w[:, None] * dst).sum(0) / w.sum()
     sol, *_ = np.linalg.lstsq((src - c_s) * sw, (dst - c_d) * sw, rcond=None)
     lin = sol.T
-    return _h(np.hstack([lin, (c_d - lin @ c_s)[:, None]]))
+    return homogeneous(np.hstack([lin, (c_d - lin @ c_s)[:, None]]))
 
 
 def _robust_fit(
@@ -426,7 +418,7 @@ def _robust_fit(
     m = _fit_affine_weighted(src, dst, w)
     sigma = float("nan")
     for _ in range(10):
-        r = np.linalg.norm(_apply(m, src) - dst, axis=1)
+        r = np.linalg.norm(apply_affine(m, src) - dst, axis=1)
         core = r[w > 0]
         # robust sigma per component from the median residual length (Rayleigh: med = 1.1774 s)
         sigma = float(np.median(core)) / 1.1774 if core.size else float("nan")
@@ -485,7 +477,7 @@ def _one_direction(
         search,
         config.min_ncc,
     )
-    return c, _apply(m_fm, c + d), ncc, tried
+    return c, apply_affine(m_fm, c + d), ncc, tried
 
 
 def match_area(
@@ -518,7 +510,7 @@ def match_area(
             return _failed(f"slice {name} is (almost) empty", np.eye(3), 0, 0, initial is None)
     config = _scaled(config, max(a_u8.shape))
     coarse = initial is None
-    m_full = coarse_search(a_u8, b_u8, g, config)[0] if coarse else _h(initial)
+    m_full = coarse_search(a_u8, b_u8, g, config)[0] if coarse else homogeneous(initial)
     a_img, a_valid = _prepared(a_u8, config.blur_px)
     b_img, b_valid = _prepared(b_u8, config.blur_px)
     m = _in_copy(m_full, g)  # b -> a, copy px
@@ -545,7 +537,9 @@ def match_area(
         if fwd.m is None or bwd.m is None:
             break
         new = 0.5 * (np.linalg.inv(fwd.m) + bwd.m)
-        step = float(np.max(np.linalg.norm(_apply(new, corners) - _apply(m, corners), axis=1)))
+        step = float(
+            np.max(np.linalg.norm(apply_affine(new, corners) - apply_affine(m, corners), axis=1))
+        )
         search = config.refine_search_px
         if i > config.refine_rounds and step >= 0.8 * last_step:
             m = 0.5 * (m + new)  # not settling (patches flip between two peaks): the mean
@@ -649,4 +643,4 @@ def patch_residuals(
     if not len(grid_pts):
         return np.zeros((0, 2))
     m = _in_copy(m_full, g)
-    return (other_pts - _apply(m, grid_pts)) * g
+    return (other_pts - apply_affine(m, grid_pts)) * g

@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 import cv2
 import numpy as np
 
+from emflow.align.affine import apply_affine
+
 __all__ = ["DEFAULT_FRAME", "FRAMES", "cropped_fractions", "footprint_hull", "frame_box"]
 
 #: Recipe ``align.frame`` values.
@@ -44,11 +46,6 @@ CROP_WARN = 0.05
 def _corners(shape_yx: tuple[int, int]) -> np.ndarray:
     h, w = shape_yx
     return np.array([[0.0, 0.0], [w - 1.0, 0.0], [w - 1.0, h - 1.0], [0.0, h - 1.0]])
-
-
-def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, np.float64)
-    return pts @ m[:2, :2].T + m[:2, 2]
 
 
 def footprint_hull(
@@ -99,7 +96,9 @@ def frame_box(
     """
     h, w = shape_yx
     if policy == "union":
-        pts = np.vstack([_apply(transforms[z], _outline(z, shape_yx, hulls)) for z in rendered])
+        pts = np.vstack(
+            [apply_affine(transforms[z], _outline(z, shape_yx, hulls)) for z in rendered]
+        )
         # corner pixel centres; 1e-6 px tolerance so that float noise does not add a pixel
         lo = np.floor(pts.min(axis=0) + 1e-6)
         hi = np.ceil(pts.max(axis=0) - lo - 1e-6)
@@ -109,7 +108,7 @@ def frame_box(
     centre = ((w - 1) / 2.0, (h - 1) / 2.0)
     feet = footprints or {}
     placed = [
-        _apply(transforms[z], np.array([(feet.get(z) or centre)[:2]], np.float64))[0]
+        apply_affine(transforms[z], np.array([(feet.get(z) or centre)[:2]], np.float64))[0]
         for z in rendered
     ]
     home = np.mean([(feet.get(z) or centre)[:2] for z in rendered], axis=0)
@@ -136,7 +135,7 @@ def cropped_fractions(
     for z in rendered:
         hull = (hulls or {}).get(z)
         outline = edge if hull is None else np.asarray(hull, np.float64).reshape(-1, 2)
-        quad = _apply(transforms[z], outline).astype(np.float32)
+        quad = apply_affine(transforms[z], outline).astype(np.float32)
         area = abs(cv2.contourArea(quad))
         if area <= 0:
             continue

@@ -36,6 +36,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from emflow.align.affine import apply_affine
 from emflow.align.area import AreaConfig, AreaFit, match_area
 from emflow.align.features import Features, compute_features
 from emflow.errors import AlignmentError
@@ -241,10 +242,6 @@ def corner_points_xy(shape_yx: tuple[int, int]) -> np.ndarray:
     return np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], dtype=np.float64)
 
 
-def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return pts @ m[:, :2].T + m[:, 2]
-
-
 def fit_affine(src_xy: np.ndarray, dst_xy: np.ndarray) -> np.ndarray:
     """Least-squares 2x3 affine mapping (N, 2) src points onto dst points, (x, y) px."""
     src = np.asarray(src_xy, np.float64)
@@ -301,7 +298,7 @@ def linear_distortion(matrix: np.ndarray) -> tuple[float, float]:
 
 def _corner_gap(m1: np.ndarray, m2: np.ndarray, shape_yx: tuple[int, int]) -> float:
     c = corner_points_xy(shape_yx)
-    return float(np.max(np.linalg.norm(_apply(m1, c) - _apply(m2, c), axis=1)))
+    return float(np.max(np.linalg.norm(apply_affine(m1, c) - apply_affine(m2, c), axis=1)))
 
 
 def failed_pair(
@@ -525,7 +522,7 @@ def _match_at_scale(
         # least-squares refit on the RANSAC inliers, then on their core: content change
         # between sections biases the matches in the tail of the residual distribution
         affine = _fit_both_ways(pb[inl], pa[inl])
-        res = np.linalg.norm(_apply(affine, pb) - pa, axis=1)
+        res = np.linalg.norm(apply_affine(affine, pb) - pa, axis=1)
         core = inl & (res < max(REFIT_FLOOR_PX * ds, REFIT_MEDIANS * float(np.median(res[inl]))))
         if core.sum() >= max(3, int(config.min_inliers)):
             inl = core
@@ -574,11 +571,11 @@ def judge_fit(
     else:
         model = config.model
     chosen = fits[model]
-    residual = float(np.sqrt(np.mean(np.sum((_apply(chosen, src) - dst) ** 2, axis=1))))
+    residual = float(np.sqrt(np.mean(np.sum((apply_affine(chosen, src) - dst) ** 2, axis=1))))
     scale, shear = linear_distortion(affine)
     h, w = shape_yx
     centre = np.array([[(w - 1) / 2.0, (h - 1) / 2.0]])
-    shift = float(np.linalg.norm(_apply(chosen, centre) - centre))
+    shift = float(np.linalg.norm(apply_affine(chosen, centre) - centre))
     reason = ""
     if n_inl / n_matches < config.min_inlier_ratio:
         reason = f"inlier ratio too low ({n_inl}/{n_matches} < {config.min_inlier_ratio})"

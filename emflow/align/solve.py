@@ -69,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from emflow.align.affine import apply_affine, homogeneous
 from emflow.align.frame import DEFAULT_FRAME, FRAMES, cropped_fractions, frame_box
 from emflow.align.match import (
     SIFT_TRUST_INLIERS,
@@ -301,14 +302,6 @@ def identity_alignment(z_values: Sequence[int], shape_yx: tuple[int, int]) -> Al
     )
 
 
-def _h(m: np.ndarray) -> np.ndarray:
-    return np.vstack([np.asarray(m, np.float64).reshape(-1)[:6].reshape(2, 3), [0.0, 0.0, 1.0]])
-
-
-def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return pts @ m[:2, :2].T + m[:2, 2]
-
-
 def _nearest_rotation(lin: np.ndarray) -> np.ndarray:
     u, _, vt = np.linalg.svd(lin)
     r = u @ vt
@@ -351,7 +344,7 @@ def _solve_chain(ref: int, good: list[int], links: Sequence[PairResult]) -> dict
             continue
         cands = sorted((p for p in by_b.get(z, []) if p.z_a in out), key=lambda p: -p.z_a)
         if cands:
-            out[z] = out[cands[0].z_a] @ _h(cands[0].matrix_array)
+            out[z] = out[cands[0].z_a] @ homogeneous(cands[0].matrix_array)
     return {z: m[:2] for z, m in out.items()}
 
 
@@ -374,7 +367,7 @@ def _support_points(p: PairResult, shape_yx: tuple[int, int]) -> np.ndarray:
 def _link_error_px(p: PairResult, t: Mapping[int, np.ndarray], shape_yx: tuple[int, int]) -> float:
     """RMS (px) of ``T_a M q - T_b q`` over slice b's 4 corners ``q``."""
     q = corner_points_xy(shape_yx)
-    e = _apply(_h(t[p.z_a]), _apply(_h(p.matrix_array), q)) - _apply(_h(t[p.z_b]), q)
+    e = apply_affine(t[p.z_a], apply_affine(p.matrix_array, q)) - apply_affine(t[p.z_b], q)
     return float(np.sqrt(np.mean(np.sum(e**2, axis=1))))
 
 
@@ -383,7 +376,7 @@ def _support_error_px(
 ) -> float:
     """RMS (px, global frame) of ``T_a M p - T_b p`` where the link's matches lie."""
     pts = _support_points(p, shape_yx)
-    e = (_h(t[p.z_a]) @ _h(p.matrix_array) - _h(t[p.z_b])) @ pts.T
+    e = (homogeneous(t[p.z_a]) @ homogeneous(p.matrix_array) - homogeneous(t[p.z_b])) @ pts.T
     return float(np.sqrt(np.sum(e[:2] ** 2) / np.sum(pts[:, 2] ** 2)))  # the points weigh 4
 
 
@@ -476,7 +469,7 @@ def _solve_global(
 
     for p, wl in zip(links, weights, strict=True):
         sw = np.sqrt(wl)
-        m = _h(p.matrix_array)
+        m = homogeneous(p.matrix_array)
         ja, jb = col[p.z_a], col[p.z_b]
         for q in _support_points(p, shape_yx):
             ua, ub = basis(m @ q) * sw, basis(q) * sw
@@ -568,7 +561,7 @@ def _mean_rotation_removed(placed: Mapping[int, np.ndarray]) -> dict[int, np.nda
         angles.append(np.arctan2(rot[1, 0], rot[0, 0]))
     th = -float(np.mean(angles))
     g = np.array([[np.cos(th), -np.sin(th), 0.0], [np.sin(th), np.cos(th), 0.0], [0.0, 0.0, 1.0]])
-    return {z: (g @ _h(m))[:2] for z, m in placed.items()}
+    return {z: (g @ homogeneous(m))[:2] for z, m in placed.items()}
 
 
 def solve(
@@ -860,7 +853,7 @@ def _place_global(
                 "slices or align the parts as separate runs"
             )
         # T_b = T_a M for the estimate; shift the whole right part accordingly
-        fix = placed[est.z_a] @ _h(est.matrix_array) @ np.linalg.inv(placed[est.z_b])
+        fix = placed[est.z_a] @ homogeneous(est.matrix_array) @ np.linalg.inv(placed[est.z_b])
         for z in right:
             placed[z] = fix @ placed[z]
         comp_of.update({z: ca for z in right})
