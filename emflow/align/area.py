@@ -230,15 +230,6 @@ def _parabola(ym: float, y0: float, yp: float) -> float:
     return min(0.5, max(-0.5, 0.5 * (ym - yp) / den))
 
 
-def _peak_offset(ym: float, y0: float, yp: float) -> float:
-    """Sub-pixel offset of a correlation peak from three samples: a Gaussian through them
-    (a parabola through their logarithms), which lags the true peak less than a parabola on
-    correlation peaks a few px wide; the parabola where a value is not positive."""
-    if ym <= 0 or y0 <= 0 or yp <= 0:
-        return _parabola(ym, y0, yp)
-    return _parabola(math.log(ym), math.log(y0), math.log(yp))
-
-
 def coarse_search(
     a_u8: np.ndarray, b_u8: np.ndarray, g: int, config: AreaConfig = AreaConfig()
 ) -> tuple[np.ndarray, float]:
@@ -340,18 +331,14 @@ def _displacements(
     how many patches were tried (grid patches whose window lies in both slices).
     """
     corners = _grid(fixed.shape, patch, stride, search)
-    cs, ds, ncc = [], [], []
-    tried = 0
     win = patch + 2 * search
-    # fraction of valid px per patch / window via integral images
-    iv_f = cv2.integral(fixed_valid.view(np.uint8))
-    iv_m = cv2.integral(moving_valid.view(np.uint8))
-    for x, y in corners:
-        if _box(iv_f, x, y, patch, patch) < patch * patch:
-            continue
-        if _box(iv_m, x - search, y - search, win, win) < 0.98 * win * win:
-            continue
-        tried += 1
+    # fraction of valid px per patch / window via integral images, for the whole grid at once
+    full = _boxes(cv2.integral(fixed_valid.view(np.uint8)), corners, patch) >= patch * patch
+    inside = _boxes(cv2.integral(moving_valid.view(np.uint8)), corners - search, win)
+    tried_xy = corners[full & (inside >= 0.98 * win * win)]
+    found = []  # (x, y, lx, ly, peak NCC) and the 3x3 NCC values around each peak
+    around = []
+    for x, y in tried_xy.tolist():
         t = fixed[y : y + patch, x : x + patch]
         s = moving[y - search : y - search + win, x - search : x - search + win]
         r = cv2.matchTemplate(s, t, cv2.TM_CCOEFF_NORMED)
@@ -360,26 +347,53 @@ def _displacements(
             continue
         if lx in (0, r.shape[1] - 1) or ly in (0, r.shape[0] - 1):
             continue  # peak on the window border: the true one may lie outside
-        row, col = r[ly, lx - 1 : lx + 2].tolist(), r[ly - 1 : ly + 2, lx].tolist()
-        ox = _peak_offset(row[0], row[1], row[2])
-        oy = _peak_offset(col[0], col[1], col[2])
-        cs.append((x + (patch - 1) / 2.0, y + (patch - 1) / 2.0))
-        ds.append((lx + ox - search, ly + oy - search))
-        ncc.append(best)
-    return (
-        np.asarray(cs, np.float64).reshape(-1, 2),
-        np.asarray(ds, np.float64).reshape(-1, 2),
-        np.asarray(ncc, np.float64),
-        tried,
-    )
+        found.append((x, y, lx, ly, best))
+        around.append(r[ly - 1 : ly + 2, lx - 1 : lx + 2])
+    if not found:
+        empty = np.zeros((0, 2), np.float64)
+        return empty, empty.copy(), np.zeros(0, np.float64), len(tried_xy)
+    f = np.asarray(found, np.float64)
+    v = np.asarray(around, np.float64)  # (N, 3, 3) around each peak, [row, col]
+    ox = _peak_offsets(v[:, 1, 0], v[:, 1, 1], v[:, 1, 2])
+    oy = _peak_offsets(v[:, 0, 1], v[:, 1, 1], v[:, 2, 1])
+    centres = f[:, :2] + (patch - 1) / 2.0
+    shifts = np.column_stack([f[:, 2] + ox - search, f[:, 3] + oy - search])
+    return centres, shifts, f[:, 4].copy(), len(tried_xy)
 
 
-def _box(ii: np.ndarray, x: int, y: int, w: int, h: int) -> int:
-    x0, y0 = max(x, 0), max(y, 0)
-    x1, y1 = min(x + w, ii.shape[1] - 1), min(y + h, ii.shape[0] - 1)
-    if x1 <= x0 or y1 <= y0:
-        return 0
-    return int(ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0])
+def _boxes(ii: np.ndarray, xy: np.ndarray, size: int) -> np.ndarray:
+    """Sums of an integral image ``ii`` over ``size``² boxes with top-left corners ``xy``
+    ``(N, 2)``, clipped to the image (0 for boxes wholly outside)."""
+    x, y = xy[:, 0], xy[:, 1]
+    x0, y0 = np.maximum(x, 0), np.maximum(y, 0)
+    x1 = np.minimum(x + size, ii.shape[1] - 1)
+    y1 = np.minimum(y + size, ii.shape[0] - 1)
+    ok = (x1 > x0) & (y1 > y0)
+    x0, x1 = np.where(ok, x0, 0), np.where(ok, x1, 0)
+    y0, y1 = np.where(ok, y0, 0), np.where(ok, y1, 0)
+    sums = ii[y1, x1].astype(np.int64) - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+    return np.where(ok, sums, 0)
+
+
+def _parabolas(ym: np.ndarray, y0: np.ndarray, yp: np.ndarray) -> np.ndarray:
+    """:func:`_parabola` for arrays of samples (the same float64 operations)."""
+    den = ym - 2.0 * y0 + yp
+    peak = den < 0
+    off = np.zeros(den.shape, np.float64)
+    off[peak] = np.minimum(0.5, np.maximum(-0.5, 0.5 * (ym[peak] - yp[peak]) / den[peak]))
+    return off
+
+
+def _peak_offsets(ym: np.ndarray, y0: np.ndarray, yp: np.ndarray) -> np.ndarray:
+    """Sub-pixel offsets of correlation peaks from three samples each: a Gaussian through
+    them (a parabola through their logarithms), which lags the true peak less than a
+    parabola on correlation peaks a few px wide; the parabola where a value is not positive.
+    Logarithms by ``math.log`` (the same values as a scalar computation)."""
+    pos = (ym > 0) & (y0 > 0) & (yp > 0)
+    logs = [ym.copy(), y0.copy(), yp.copy()]
+    for a in logs:
+        a[pos] = list(map(math.log, a[pos].tolist()))
+    return np.where(pos, _parabolas(*logs), _parabolas(ym, y0, yp))
 
 
 def _fit_affine_weighted(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> np.ndarray:
