@@ -3,8 +3,10 @@
 Runs the real unit (:func:`emflow.align_stage.features_unit`, default settings, one OpenCV
 thread) on slices of the benchmark PNG stack under a CPU-time profiler and attributes its
 CPU-seconds to the parts the unit is made of: PNG decode, slice QC (``assess_slice``), the
-zstd slice cache, SIFT (``detectAndCompute``, fine and coarse), the working copies (block
-means, fill mask, percentile stretch), the area copy, the thumbnail, and saving the ``.npz``.
+zstd slice cache, the block means (``block_means``: one reduction of the slice and its fill
+mask, shared by the QC and the fine working copy; the coarse copy's inside "working copies"
+too), SIFT (``detectAndCompute``, fine and coarse), the working copies (fill mask,
+percentile stretch), the area copy, the thumbnail, and saving the ``.npz``.
 CPU-seconds of this process (``time.process_time``), so the figures survive a loaded machine.
 
     python -m benchmarks.feature_parts [--size 2048] [--slices 8]
@@ -24,6 +26,7 @@ import time
 #: profiled functions -> part (cumulative CPU-s; the first match of a call path counts)
 PARTS = {
     "read_image": "decode (PNG)",
+    "block_means": "block means (shared by slice QC and the working copy)",
     "assess_slice": "slice QC",
     "store_slice": "slice cache (zstd-1)",
     "detectAndCompute": "SIFT (fine + coarse)",

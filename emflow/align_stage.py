@@ -45,25 +45,34 @@ def features_unit(
     """
     import cv2
 
-    from emflow.align.features import compute_features, thumbnail
+    from emflow.align.features import block_means, choose_downsample, compute_features, thumbnail
     from emflow.align.frame import footprint_hull
     from emflow.align.quality import assess_slice
     from emflow.align.trend import footprint_pose
     from emflow.io.readers import read_image
 
     cv2.setNumThreads(1)
+    reduced = None
     if ref.fill is not None or ref.path is None:
         image = np.zeros(shape_yx, np.uint8)
         bad: str | None = "missing slice (filled)"
     else:
         image = read_image(ref.path, ref.page)
-        bad = assess_slice(image)
+        # slice QC and the working copy share one block reduction of the slice
+        f = choose_downsample(image.shape) if downsample is None else downsample
+        reduced = block_means(image, f) if f >= 1 else None
+        bad = assess_slice(image, reduced)
         if cache_dir is not None:
             from emflow.io.slicecache import store_slice
 
             store_slice(cache_dir, ref.z, image)
     feats = compute_features(
-        image, downsample=downsample, nfeatures=nfeatures, coarse=coarse, area=area
+        image,
+        downsample=downsample,
+        nfeatures=nfeatures,
+        coarse=coarse,
+        area=area,
+        reduced=reduced,
     )
     thumb, scale = thumbnail(image)
     extra = {}

@@ -25,13 +25,22 @@ matcher that serial sections need, and what the QC measures the aligned links ag
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
 from emflow.align.area import area_copy
 
-__all__ = ["Features", "choose_downsample", "compute_features", "thumbnail", "working_copy"]
+__all__ = [
+    "BlockMeans",
+    "Features",
+    "block_means",
+    "choose_downsample",
+    "compute_features",
+    "thumbnail",
+    "working_copy",
+]
 
 #: Long side (px) above which the working copy is reduced; the working long side ends up
 #: in [WORKING_LONG_SIDE_PX, 2 * WORKING_LONG_SIDE_PX) for inputs at least this large.
@@ -108,7 +117,41 @@ def choose_downsample(shape_yx: tuple[int, int]) -> int:
     return max(1, long_side // WORKING_LONG_SIDE_PX)
 
 
-def working_copy(image: np.ndarray, downsample: int) -> tuple[np.ndarray, np.ndarray]:
+class BlockMeans(NamedTuple):
+    """A slice reduced by an integer factor, as feature detection and slice QC both need it.
+
+    ``means``: float32 ``(y, x)`` block means; ``fill``: uint8, each block's share of
+    exact-zero (fill) px x 255 (block mean of the 0/255 fill mask). Trailing rows/columns
+    that do not fill a block are dropped.
+    """
+
+    factor: int
+    means: np.ndarray
+    fill: np.ndarray
+
+
+def block_means(image: np.ndarray, factor: int) -> BlockMeans:
+    """:class:`BlockMeans` of a (y, x) slice (any integer or float dtype) by ``factor`` >= 1.
+
+    One reduction of the full slice and its fill mask, shared by :func:`working_copy` and
+    :func:`emflow.align.quality.assess_slice` (a features unit computes it once).
+    """
+    f = int(factor)
+    h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
+    img = image[:h, :w]
+    zero = (img == 0).view(np.uint8) * np.uint8(255)
+    if f == 1:
+        return BlockMeans(1, img.astype(np.float32), zero)
+    # INTER_AREA with an integer factor is the exact block mean
+    size = (w // f, h // f)
+    native = img if img.dtype in (np.uint8, np.uint16, np.float32) else img.astype(np.float32)
+    small = cv2.resize(native, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    return BlockMeans(f, small, cv2.resize(zero, size, interpolation=cv2.INTER_AREA))
+
+
+def working_copy(
+    image: np.ndarray, downsample: int, reduced: BlockMeans | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Block-mean reduced uint8 copy of a slice and its valid (non-fill) mask, both (y, x).
 
     The grey levels are stretched to 0..255 between the 0.1 and 99.9 percentiles of the
@@ -120,6 +163,8 @@ def working_copy(image: np.ndarray, downsample: int) -> tuple[np.ndarray, np.nda
         ``(y, x)`` slice, any integer or float dtype; exact 0 is fill.
     downsample : int
         Integer factor ``f >= 1``; trailing rows/columns that do not fill a block are dropped.
+    reduced : BlockMeans, optional
+        The slice's :func:`block_means` if already computed (used when its factor is ``f``).
 
     Returns
     -------
@@ -133,17 +178,10 @@ def working_copy(image: np.ndarray, downsample: int) -> tuple[np.ndarray, np.nda
     f = int(downsample)
     if f < 1:
         raise ValueError(f"downsample must be >= 1, got {downsample}")
-    h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
-    img = image[:h, :w]
-    zero = (img == 0).view(np.uint8)  # 1 B/px temporary
-    if f == 1:
-        small = img.astype(np.float32)
-        zero_frac = zero.astype(np.float32)
-    else:  # INTER_AREA with an integer factor is the exact block mean
-        size = (w // f, h // f)
-        native = img if img.dtype in (np.uint8, np.uint16, np.float32) else img.astype(np.float32)
-        small = cv2.resize(native, size, interpolation=cv2.INTER_AREA).astype(np.float32)
-        zero_frac = cv2.resize(zero * np.uint8(255), size, interpolation=cv2.INTER_AREA) / 255.0
+    if reduced is None or reduced.factor != f:
+        reduced = block_means(image, f)
+    small = reduced.means
+    zero_frac = reduced.fill / 255.0
     fill = (zero_frac >= 0.5).astype(np.uint8)
     k_small = cv2.getStructuringElement(cv2.MORPH_RECT, (MIN_FILL_SIZE_PX, MIN_FILL_SIZE_PX))
     fill = cv2.morphologyEx(fill, cv2.MORPH_OPEN, k_small)
@@ -169,6 +207,7 @@ def compute_features(
     nfeatures: int = 4000,
     coarse: bool = True,
     area: bool = True,
+    reduced: BlockMeans | None = None,
 ) -> Features:
     """SIFT keypoints (full-res ``(x, y)`` px) and descriptors of a (y, x) slice for matching.
 
@@ -185,6 +224,8 @@ def compute_features(
         long side is at least ``MIN_COARSE_LONG_SIDE_PX``.
     area : bool
         Also keep the area copy (``Features.area``) for area-based matching.
+    reduced : BlockMeans, optional
+        The slice's :func:`block_means` at the working factor, if already computed.
 
     Returns
     -------
@@ -193,7 +234,7 @@ def compute_features(
     """
     shape_yx = (int(image.shape[0]), int(image.shape[1]))
     f = choose_downsample(shape_yx) if downsample is None else int(downsample)
-    out = _sift(image, f, nfeatures, shape_yx)
+    out = _sift(image, f, nfeatures, shape_yx, reduced)
     fc = f * COARSE_FACTOR
     if coarse and max(shape_yx) // fc >= MIN_COARSE_LONG_SIDE_PX:
         out = replace(out, coarse=_sift(image, fc, nfeatures, shape_yx))
@@ -218,8 +259,14 @@ def thumbnail(image: np.ndarray) -> tuple[np.ndarray, int]:
     return cv2.resize(native, (w // s, h // s), interpolation=cv2.INTER_AREA), s
 
 
-def _sift(image: np.ndarray, f: int, nfeatures: int, shape_yx: tuple[int, int]) -> Features:
-    work, valid = working_copy(image, f)
+def _sift(
+    image: np.ndarray,
+    f: int,
+    nfeatures: int,
+    shape_yx: tuple[int, int],
+    reduced: BlockMeans | None = None,
+) -> Features:
+    work, valid = working_copy(image, f, reduced)
     kps: list = []
     desc = None
     if work.size and work.max() > 0 and valid.any():

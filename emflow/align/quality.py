@@ -9,10 +9,9 @@ neighbours are the second, independent signal (:func:`emflow.align.solve.solve`)
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
-from emflow.align.features import choose_downsample
+from emflow.align.features import BlockMeans, block_means, choose_downsample
 
 __all__ = ["assess_slice"]
 
@@ -42,13 +41,16 @@ def _lag1_correlation(a: np.ndarray, valid: np.ndarray, axis: int) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def assess_slice(image: np.ndarray) -> str | None:
+def assess_slice(image: np.ndarray, reduced: BlockMeans | None = None) -> str | None:
     """Whether a (y, x) slice can be aligned: None if usable, else the reason.
 
     Parameters
     ----------
     image : numpy.ndarray
         ``(y, x)`` slice, uint8/uint16 (or float in 0..1); exact 0 is fill.
+    reduced : BlockMeans, optional
+        The slice's :func:`~emflow.align.features.block_means` at the working factor, if
+        already computed (a features unit shares it with the working copy).
 
     Returns
     -------
@@ -58,8 +60,7 @@ def assess_slice(image: np.ndarray) -> str | None:
     if image.ndim != 2 or image.size == 0:
         return "blank"
     top = float(np.iinfo(image.dtype).max) if np.issubdtype(image.dtype, np.integer) else 1.0
-    valid = image != 0
-    if valid.mean() < MIN_VALID_FRACTION:
+    if np.count_nonzero(image) / image.size < MIN_VALID_FRACTION:
         return "blank"
     step = max(1, int(np.sqrt(image.size / STATS_SAMPLE_PX)))  # strided sample for the stats
     sample = image[::step, ::step]
@@ -71,20 +72,9 @@ def assess_slice(image: np.ndarray) -> str | None:
     if float(values.std()) < MIN_STD_FRACTION * top:
         return "blank"
     f = choose_downsample(image.shape)
-    h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
-    if f == 1:
-        small = image.astype(np.float32)
-        small_valid = valid
-    else:  # block means without a full-resolution float copy
-        native = (
-            image if image.dtype in (np.uint8, np.uint16, np.float32) else image.astype(np.float32)
-        )
-        size = (w // f, h // f)
-        small = cv2.resize(native[:h, :w], size, interpolation=cv2.INTER_AREA).astype(np.float32)
-        fill = cv2.resize(
-            (~valid[:h, :w]).view(np.uint8) * np.uint8(255), size, interpolation=cv2.INTER_AREA
-        )
-        small_valid = fill == 0
+    if reduced is None or reduced.factor != f:  # block means without a full-res float copy
+        reduced = block_means(image, f)
+    small, small_valid = reduced.means, reduced.fill == 0
     rho = max(_lag1_correlation(small, small_valid, 0), _lag1_correlation(small, small_valid, 1))
     if rho < MIN_AUTOCORRELATION:
         return "featureless/noise"
