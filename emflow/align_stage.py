@@ -148,6 +148,15 @@ def _load_features(path: str) -> Any:
         )
 
 
+def _load_area(path: str) -> tuple[np.ndarray | None, int]:
+    """Only the area copy and its factor of saved features (what the QC needs: not the
+    keypoints and descriptors)."""
+    with _npz(path) as d:
+        if "area" not in d:
+            return None, 1
+        return d["area"], int(d["area_factor"]) if "area_factor" in d else 1
+
+
 def match_unit(
     path_a: str,
     path_b: str,
@@ -187,10 +196,10 @@ def content_unit(path_a: str, path_b: str, matrix: list[list[float]]) -> dict:
     from emflow.align.area import patch_residuals
 
     cv2.setNumThreads(1)
-    fa, fb = _load_features(path_a), _load_features(path_b)
-    if fa.area is None or fb.area is None or fa.area.shape != fb.area.shape:
+    (area_a, factor), (area_b, _) = _load_area(path_a), _load_area(path_b)
+    if area_a is None or area_b is None or area_a.shape != area_b.shape:
         return {"patches": 0, "median_px": None, "shift_px": None}
-    r = patch_residuals(fa.area, fb.area, fa.area_factor, np.asarray(matrix, np.float64))
+    r = patch_residuals(area_a, area_b, factor, np.asarray(matrix, np.float64))
     if not len(r):
         return {"patches": 0, "median_px": None, "shift_px": None}
     return {
