@@ -16,7 +16,8 @@ import sys
 
 #: environment for worker processes emflow starts (glibc reads it at process start)
 WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
-#: malloc thresholds for the local workers emflow starts, set after Dask's nanny defaults.
+#: malloc thresholds for the workers emflow starts (local, batch jobs, pods), set after Dask's
+#: nanny defaults.
 #: Dask sets ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's mmap threshold at
 #: 128 KiB: every buffer above it (tensorstore's 256 KiB chunk buffers, encoded chunks,
 #: downsample bands) is then a fresh mapping that the kernel zeroes page by page, and freed

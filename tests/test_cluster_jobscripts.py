@@ -82,8 +82,15 @@ def _worker_line(
     return line
 
 
-# emflow appends MALLOC_ARENA_MAX (emflow.memory.WORKER_ENV) to the site prologue
-PROLOGUE = ["module load emflow", "export OMP_NUM_THREADS=1", "export MALLOC_ARENA_MAX=2"]
+# emflow appends its malloc settings (emflow.memory.WORKER_ENV, WORKER_MALLOC) to the site
+# prologue: the job's environment wins over the nanny's MALLOC_TRIM_THRESHOLD_=65536
+PROLOGUE = [
+    "module load emflow",
+    "export OMP_NUM_THREADS=1",
+    "export MALLOC_ARENA_MAX=2",
+    "export MALLOC_MMAP_THRESHOLD_=33554432",
+    "export MALLOC_TRIM_THRESHOLD_=268435456",
+]
 
 
 def test_slurm_script(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ from emflow.cluster import (  # noqa: E402
     open_client,
 )
 from emflow.errors import ClusterError  # noqa: E402
+from emflow.memory import WORKER_ENV, WORKER_MALLOC  # noqa: E402
 
 K8S_VERSION = "1.30"
 CRD = (
@@ -117,6 +118,12 @@ def test_spec_carries_the_site_config(tmp_path: Path) -> None:
     # the lattice plugin must exist in a scheduler emflow did not start
     assert _env(sched)["DASK_DISTRIBUTED__SCHEDULER__PRELOAD"] == PRELOAD_MODULE
     assert "DASK_DISTRIBUTED__SCHEDULER__PRELOAD" not in _env(worker)
+    # emflow's malloc arenas and thresholds reach the worker (the pod's env wins in the nanny)
+    assert {k: _env(worker)[k] for k in (*WORKER_ENV, *WORKER_MALLOC)} == {
+        "MALLOC_ARENA_MAX": "2",
+        "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+        "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+    }
     # current distributed has only `dask scheduler` / `dask worker` (dask/distributed#9335)
     assert sched["args"] == ["dask", "scheduler", "--host", "0.0.0.0", "--protocol", "tls"]
     assert worker["args"][:3] == ["dask", "worker", "tls://em-ingest-scheduler.em:8786"]
@@ -321,7 +328,9 @@ class _Pods:
             self._start(args, env, f"worker-{i}")
 
     def _env(self, container: dict[str, Any]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+        # a pod has only what its spec says (no DASK_ config; no malloc settings a local
+        # nanny of this test process left in os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_", "MALLOC_"))}
         for k, v in _env(container).items():
             env[k] = v.replace(K8S_TLS_DIR, str(self.tls_dir))
         return env
@@ -407,6 +416,10 @@ def test_emulated_pods_complete_a_run(pods: _Pods, tmp_path: Path) -> None:
             "em-default-worker-0", "em-default-worker-1",
         ]  # fmt: skip
         assert client.submit(sum, range(10)).result() == 45
+        # the worker processes run with emflow's malloc settings, not the nanny's 64 KiB trim
+        want = {**WORKER_ENV, **WORKER_MALLOC}
+        envs = client.run(lambda keys=tuple(want): {k: os.environ.get(k) for k in keys})
+        assert list(envs.values()) == [want, want], envs
         api.run(recipe(tmp_path / "pods-out"), client=client, progress=False)
     api.run(recipe(tmp_path / "serial-out"))
     assert _digest(tmp_path / "pods-out") == _digest(tmp_path / "serial-out")

@@ -36,6 +36,7 @@ from distributed import Client, get_task_stream  # noqa: E402
 from distributed.security import Security  # noqa: E402
 
 from emflow.cluster import ClusterRequest, job_script, open_client  # noqa: E402
+from emflow.memory import WORKER_ENV, WORKER_MALLOC  # noqa: E402
 from emflow.testing import synthetic_slices, write_stack  # noqa: E402
 
 RUN_FOLDER = "emflow-run"  # emflow.pipeline.RUN_FOLDER: bookkeeping, not output
@@ -111,6 +112,14 @@ def _slurm_job_ids(client: Client) -> dict[str, str]:
     return client.run(lambda: os.environ.get("SLURM_JOB_ID", "not-in-slurm"))
 
 
+def _process_environment(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Those variables as the worker process started with them (``/proc/self/environ``: what
+    glibc read at start, not a later ``os.environ`` change)."""
+    raw = Path("/proc/self/environ").read_bytes().split(b"\0")
+    env = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    return {k: env.get(k) for k in names}
+
+
 def _refused(address: str, security: Security | None) -> bool:
     """True if a Client cannot connect within 3 s.
 
@@ -149,7 +158,12 @@ def local_digest(stack: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 @pytest.fixture
-def slurm_request(tmp_path: Path) -> ClusterRequest:
+def slurm_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ClusterRequest:
+    # sbatch passes the driver's environment on to the job: a local nanny of this process
+    # (local_digest) left emflow's malloc settings in it, so clear them; the worker jobs must
+    # get them from their job script
+    for name in (*WORKER_ENV, *WORKER_MALLOC):
+        monkeypatch.delenv(name, raising=False)
     site = tmp_path / "site.yaml"
     site.write_text(
         "queue: debug\n"
@@ -200,6 +214,11 @@ def test_recipe_on_two_slurm_jobs_matches_local_over_tls(
     jobs = _slurm_job_ids(client)
     assert len(set(jobs.values())) == 2, jobs
     assert set(jobs.values()) <= set(_our_jobs("R"))
+    # each worker process runs with emflow's malloc arenas and thresholds (the job script's
+    # exports win over the nanny's MALLOC_TRIM_THRESHOLD_=65536), read back from the kernel
+    want = {**WORKER_ENV, **WORKER_MALLOC}
+    envs = client.run(_process_environment, tuple(want))
+    assert list(envs.values()) == [want, want], envs
 
     # `emflow plan` shows the script that was submitted (placeholders aside)
     submitted = client.cluster.job_script()

@@ -54,10 +54,13 @@ def _jobqueue_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[st
     if "walltime" in kw and not any(str(a).startswith("--lifetime") for a in extra):
         extra += lifetime_args(walltime_seconds(kw["walltime"], kind))
     kw["worker_extra_args"] = extra
-    from emflow.memory import WORKER_ENV
+    from emflow.memory import WORKER_ENV, WORKER_MALLOC
 
     prologue = list(kw.get("job_script_prologue") or [])
-    for name, value in WORKER_ENV.items():  # malloc arenas: see emflow.memory
+    # malloc arenas and thresholds (emflow.memory). The job's environment reaches the worker
+    # process: the nanny lets a variable set in its own environment win over Dask's
+    # pre-spawn-environ default (MALLOC_TRIM_THRESHOLD_=65536)
+    for name, value in {**WORKER_ENV, **WORKER_MALLOC}.items():
         if not any(f"{name}=" in str(line) for line in prologue):
             prologue.append(f"export {name}={value}")
     kw["job_script_prologue"] = prologue

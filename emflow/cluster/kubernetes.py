@@ -77,9 +77,11 @@ def kubernetes_spec(request: ClusterRequest) -> dict[str, Any]:
     namespace = config.get("namespace") or "default"
 
     scheduler_env = {**user_env, "DASK_DISTRIBUTED__SCHEDULER__PRELOAD": PRELOAD_MODULE}
-    from emflow.memory import WORKER_ENV
+    from emflow.memory import WORKER_ENV, WORKER_MALLOC
 
-    worker_env = {**WORKER_ENV, **user_env}  # malloc arenas (emflow.memory); the site's win
+    # malloc arenas and thresholds (emflow.memory; the pod's environment wins over the nanny's
+    # MALLOC_TRIM_THRESHOLD_ default); the site's values win over emflow's
+    worker_env = {**WORKER_ENV, **WORKER_MALLOC, **user_env}
     volumes = list((config.get("pod") or {}).get("volumes") or [])
     mounts = list((config.get("pod") or {}).get("volumeMounts") or [])
     if not request.insecure:
