@@ -11,14 +11,23 @@ Notebook use::
 
 The public functions are listed in docs/api.md.
 
-``import emflow`` stays cheap (about 0.2 s): Dask, distributed and tensorstore load only
-when a run or a plan needs them (:mod:`emflow.api` imports them where used).
+``import emflow`` is cheap: the names above load from :mod:`emflow.api` and
+:mod:`emflow.recipe` on first use. Every Dask worker imports this package to run a unit,
+so it must not pull in the notebook API (pydantic, the planner, the viewer) by itself.
 """
 
-# bound here, after the submodules of the same names (emflow.discover, emflow.plan) loaded
-from emflow.api import Served, discover, open, plan, run, serve
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from emflow.errors import AlignmentError, EmflowError, OutputError, RecipeError, SourceError
-from emflow.recipe import Recipe, load_recipe, recipe_from_dict
+
+if TYPE_CHECKING:
+    from emflow.api import Served, discover, open, plan, run, serve
+    from emflow.recipe import Recipe, load_recipe, recipe_from_dict
 
 __all__ = [
     "AlignmentError",
@@ -37,3 +46,37 @@ __all__ = [
     "serve",
 ]
 __version__ = "0.1.0"
+
+#: public name -> the module it loads from on first use
+_LAZY = {
+    **dict.fromkeys(("Served", "discover", "open", "plan", "run", "serve"), "emflow.api"),
+    **dict.fromkeys(("Recipe", "load_recipe", "recipe_from_dict"), "emflow.recipe"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'emflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    object.__setattr__(sys.modules[__name__], name, value)  # bound once: no second lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """``emflow.plan`` and ``emflow.discover`` stay the API functions when the submodules of
+    the same names load: the import system's binding of a submodule to its package attribute
+    is skipped for them (the modules stay in ``sys.modules`` and ``from emflow.plan import``
+    works as before)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import emflow.plan  # noqa: F401  (the module loads first: `emflow.plan` then names the function)
 from emflow import logs
 from emflow import progress as progress_display
 from emflow.discover import SliceCatalog, discover_recipe

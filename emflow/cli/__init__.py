@@ -9,6 +9,7 @@ traceback in the run's ``run.log`` (or a file in the temporary directory).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import signal
@@ -94,16 +95,42 @@ def _internal_error(exc: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app; every outcome becomes one of the documented exit codes."""
+    """Console entry point: run the app; every outcome becomes one of the documented exit codes.
+
+    Called without ``argv`` as the process's own command (the ``emflow`` script, ``python -m
+    emflow``), it also keeps the process's fixed costs low: worker processes it spawns skip
+    the console script, and the process ends without a garbage-collection pass over every
+    object its imports made (:func:`_command_process`).
+    """
+    command = argv is None and _STATE["depth"] == 0
     if _STATE["depth"] == 0:
         _SIGNALLED.clear()
         _STATE["reported"] = False
+    if command:
+        _command_process()
     install_signal_handlers()
     _STATE["depth"] += 1
     try:
         return _main(argv)
     finally:
         _STATE["depth"] -= 1
+        if command:  # the process exits next: its objects need no collection any more
+            gc.freeze()
+
+
+def _command_process() -> None:
+    """Local Dask workers are spawned processes (multiprocessing "spawn"), which first run the
+    parent's ``__main__`` again, as ``__mp_main__``; for the ``emflow`` console script that
+    means importing this CLI (typer, every command) in each worker, for nothing. Naming the
+    script's module ``emflow.__main__`` makes them skip it, as for ``python -m emflow``."""
+    script = sys.modules.get("__main__")
+    if script is None or getattr(script, "__spec__", None) is not None:
+        return  # python -m emflow (already skipped), or an interpreter without a script
+    if getattr(script, "main", None) is not main:  # not the console script's two lines
+        return
+    import importlib.machinery
+
+    script.__spec__ = importlib.machinery.ModuleSpec("emflow.__main__", None)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -55,6 +55,20 @@ def _send(worker: Any, msg: dict[str, Any]) -> None:
         pass
 
 
+def _before_exit(worker: Any) -> None:
+    """A worker process a nanny spawned ends once its worker closed: freeze the objects it holds
+    so the interpreter's teardown does not traverse them in a last garbage collection (about
+    0.2-0.4 CPU-s for the modules a worker imports, which ``LocalCluster.close`` waits for)."""
+    import gc
+    import multiprocessing
+
+    from distributed.core import Status
+
+    closing = getattr(worker, "status", None) in (Status.closing, Status.closed)
+    if closing and multiprocessing.parent_process() is not None:
+        gc.freeze()
+
+
 class GateWorkerPlugin(WorkerPlugin):
     """Holds the gate table on a worker; :meth:`check` is the local start gate."""
 
@@ -88,6 +102,7 @@ class GateWorkerPlugin(WorkerPlugin):
     def teardown(self, worker: Any) -> None:
         with self.lock:
             self.table = None
+        _before_exit(worker)
 
     # -- on the worker's event loop (the scheduler's stream)
     def _on_table(self, version: int, table: dict[str, str], ack: bool = True) -> None:
