@@ -173,6 +173,27 @@ def test_local_client_runs_work() -> None:
     assert client.status == "closed"
 
 
+@pytest.mark.integration
+def test_local_dashboard_serves_dask_pages_and_the_lattice_page() -> None:
+    """The scheduler's Bokeh dashboard is connected after the workers started (its imports
+    overlap theirs): the Dask pages, with the Emflow entry once the lattice plugin is there."""
+    import urllib.request
+
+    from emflow import lattice
+    from emflow.dashboard import dashboard_url
+
+    request = ClusterRequest("local", workers=1, threads_per_worker=1, dashboard_address=":0")
+    with cluster.open_client(request) as client:
+        lattice.ensure_plugin(client)
+        pages = {}
+        for name, url in (("status", client.dashboard_link), ("emflow", dashboard_url(client))):
+            with urllib.request.urlopen(url, timeout=60) as r:
+                pages[name] = (r.status, r.read())
+    assert pages["status"][0] == 200 and b"bokeh" in pages["status"][1].lower()
+    assert b'href="emflow"' in pages["status"][1]  # Dask's navigation bar lists the page
+    assert pages["emflow"][0] == 200 and b'document.title = "emflow: lattice"' in pages["emflow"][1]
+
+
 def test_insecure_warns_on_non_local() -> None:
     with pytest.warns(UserWarning, match="--insecure"):
         cluster._warn_insecure(ClusterRequest("slurm", insecure=True))

@@ -142,16 +142,61 @@ def worker_environment() -> Iterator[None]:
         yield
 
 
+def _dashboard_after_start(kw: dict[str, Any]) -> Callable[[Any], None] | None:
+    """Start the scheduler without its Bokeh dashboard and return what connects it once the
+    cluster runs; the dashboard's imports (~0.5 CPU-s) run in a thread meanwhile.
+
+    A LocalCluster starts its scheduler (which imports Bokeh when it has a dashboard) before
+    it spawns the worker processes; so the driver imports Bokeh while the workers import
+    Dask, instead of before. Nothing changes when the config sets the scheduler's or the
+    services' keywords itself, or has no dashboard.
+    """
+    if kw.get("dashboard_address") is None or "scheduler_kwargs" in kw or "service_kwargs" in kw:
+        return None
+    import threading
+
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            import distributed.dashboard.scheduler  # noqa: F401
+        except ImportError as exc:  # no Bokeh: Dask's plain HTTP routes only
+            failed.append(exc)
+
+    loading = threading.Thread(target=load, name="emflow-dashboard-import", daemon=True)
+    loading.start()
+    kw["scheduler_kwargs"] = {"dashboard": False}
+
+    async def add(scheduler: Any) -> None:  # on the scheduler's event loop, as Dask does it
+        from distributed.dashboard.scheduler import connect
+
+        connect(scheduler.http_application, scheduler.http_server, scheduler, prefix="/")
+
+    def connect_dashboard(cluster: Any) -> None:
+        loading.join()
+        if not failed:
+            cluster.sync(add, cluster.scheduler)
+
+    return connect_dashboard
+
+
 @contextmanager
 def _local_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[Any]:
     from distributed import LocalCluster
 
     kw = _local_kwargs(request, config)
+    dashboard = _dashboard_after_start(kw)
     try:
         with worker_environment():
             cluster = LocalCluster(**kw)
     except TypeError as exc:
         raise ClusterError(f"local cluster config: {exc}; check the keys") from exc
+    if dashboard is not None:
+        try:
+            dashboard(cluster)
+        except BaseException:
+            cluster.close()
+            raise
     bounds = _adapt_bounds(request, config)
     wants = request.max_workers is not None or (config.get("adapt") or {}).get("maximum")
     adapt = None
