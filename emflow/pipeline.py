@@ -17,6 +17,7 @@ the last level written, kept in the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -434,7 +435,11 @@ def run(
         from emflow.cluster.storage import share_settings
 
         share_settings(client, recipe.storage)
-    if client is not None:  # workers import while the driver checks, discovers and plans
+    if client is not None:
+        # the lattice's plugins first, while workers are idle (busy importing, they answer
+        # late); then workers import while the driver checks, discovers and plans
+        with contextlib.suppress(Exception):  # declare_plan tries again and says why
+            lattice.ensure_plugin(client)
         _warm_up_workers(client)
     say = log or (lambda msg: None)
     check = checked or preflight(recipe, restart=restart, alignment_path=alignment_path)
