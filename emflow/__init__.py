@@ -18,11 +18,9 @@ so it must not pull in the notebook API (pydantic, the planner, the viewer) by i
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from emflow._lazy import lazy_names
 from emflow.errors import AlignmentError, EmflowError, OutputError, RecipeError, SourceError
 
 if TYPE_CHECKING:
@@ -47,36 +45,10 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-#: public name -> the module it loads from on first use
-_LAZY = {
-    **dict.fromkeys(("Served", "discover", "open", "plan", "run", "serve"), "emflow.api"),
-    **dict.fromkeys(("Recipe", "load_recipe", "recipe_from_dict"), "emflow.recipe"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module 'emflow' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where), name)
-    object.__setattr__(sys.modules[__name__], name, value)  # bound once: no second lookup
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """``emflow.plan`` and ``emflow.discover`` stay the API functions when the submodules of
-    the same names load: the import system's binding of a submodule to its package attribute
-    is skipped for them (the modules stay in ``sys.modules`` and ``from emflow.plan import``
-    works as before)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+lazy_names(
+    __name__,
+    {
+        **dict.fromkeys(("Served", "discover", "open", "plan", "run", "serve"), "emflow.api"),
+        **dict.fromkeys(("Recipe", "load_recipe", "recipe_from_dict"), "emflow.recipe"),
+    },
+)

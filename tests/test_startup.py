@@ -4,7 +4,8 @@
   import in every process that would load it): neither the CLI driver nor its Dask workers
   import it.
 * ``import emflow`` (which every worker does to run a unit) does not load the notebook API
-  (:mod:`emflow.api`: pydantic, the planner, the viewer): those names load on first use.
+  (:mod:`emflow.api`: the planner, the viewer), nor ``emflow.align`` the SIFT, RANSAC and
+  solve code the render units do not use: those names load on first use.
 * Local workers of the ``emflow`` console script do not run the script again (multiprocessing
   "spawn" re-runs a parent's ``__main__``): no typer, no CLI in a worker.
 * The driver and every worker process freeze their objects before they end, so the
@@ -29,8 +30,10 @@ pytestmark = pytest.mark.integration
 
 #: packages a run with alignment off must not import (driver or worker)
 UNUSED = ("scipy",)
+#: what a run with alignment off never needs in any process: SIFT, RANSAC, the solve
+ALIGNMENT = ("emflow.align.features", "emflow.align.match", "emflow.align.solve")
 #: what a worker never needs: the command line and the notebook API
-NOT_IN_WORKERS = ("typer", "emflow.cli", "emflow.api", "emflow.view")
+NOT_IN_WORKERS = ("typer", "emflow.cli", "emflow.api", "emflow.view", *ALIGNMENT)
 
 RECIPE = """\
 source: {{glob: "{src}/*.png"}}
@@ -119,6 +122,8 @@ def test_cli_run_without_alignment_imports_no_scipy_in_the_driver(cli_run):
     mods = _packages(cli_run["driver"]["modules"])
     assert "distributed" in mods and "emflow" in mods  # the hook saw a real run
     assert not mods & set(UNUSED), sorted(mods & set(UNUSED))
+    assert "emflow.align.warp" in cli_run["driver"]["modules"]  # the render code, loaded
+    assert not set(cli_run["driver"]["modules"]) & set(ALIGNMENT)
 
 
 def test_cli_workers_skip_the_console_script_and_the_notebook_api(cli_run):

@@ -7,13 +7,21 @@ these functions onto a cluster.
 
 The notebook helper ``emflow.align.match.match`` is deliberately not re-exported here: a
 package attribute named ``match`` would shadow the ``emflow.align.match`` module.
+
+The names load their module on first use (:mod:`emflow._lazy`): a run's render units import
+``emflow.align.warp`` only, not SIFT, RANSAC and the solve.
 """
 
-from emflow.align.features import Features, choose_downsample, compute_features
-from emflow.align.match import MatchConfig, PairResult, match_features
-from emflow.align.quality import assess_slice
-from emflow.align.solve import Alignment, identity_alignment, solve
-from emflow.align.warp import warp_slice
+from typing import TYPE_CHECKING
+
+from emflow._lazy import lazy_names
+
+if TYPE_CHECKING:
+    from emflow.align.features import Features, choose_downsample, compute_features
+    from emflow.align.match import MatchConfig, PairResult, match_features
+    from emflow.align.quality import assess_slice
+    from emflow.align.solve import Alignment, identity_alignment, solve
+    from emflow.align.warp import warp_slice
 
 __all__ = [
     "Alignment",
@@ -28,3 +36,16 @@ __all__ = [
     "solve",
     "warp_slice",
 ]
+
+lazy_names(
+    __name__,
+    {
+        **dict.fromkeys(
+            ("Features", "choose_downsample", "compute_features"), "emflow.align.features"
+        ),
+        **dict.fromkeys(("MatchConfig", "PairResult", "match_features"), "emflow.align.match"),
+        "assess_slice": "emflow.align.quality",
+        **dict.fromkeys(("Alignment", "identity_alignment", "solve"), "emflow.align.solve"),
+        "warp_slice": "emflow.align.warp",
+    },
+)
