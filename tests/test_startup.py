@@ -78,7 +78,7 @@ import emflow
 if __name__ == "__main__":
     with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
-            emflow.run("recipe.yaml", client=client, progress=False)
+            emflow.run("recipe.yaml", client=client, progress=False, restart=True)
             mods = client.run(lambda: sorted(sys.modules))
     print("MODULES " + json.dumps(next(iter(mods.values()))))
 """
