@@ -8,6 +8,7 @@ NumPy with no Dask, so the serial path and notebooks call them directly. Boxes a
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -234,6 +235,7 @@ def build_brick(job: BrickJob) -> dict:
         sums = job.source_array.read(job.box)
         block = divide_round(sums, counts, np.dtype(job.out_dtype))
     t_read = time.perf_counter()
+    held = sys.getrefcount(block)  # references before the writers reference it
     # level `source` is encoded by tensorstore's threads while the levels below are computed
     pending = [w.write(job.source, origin, block) for w in job.writers]
     deepest = job.handoff_level if job.handoff_level is not None else job.last
@@ -258,9 +260,11 @@ def build_brick(job: BrickJob) -> dict:
         assert last_sums is not None
         h_origin = _origin_at(levels, job.source, job.handoff_level, origin)
         pending.append(job.handoff.write(h_origin, last_sums))
-    for fut in pending:
-        fut.result()
-    if job.source == 0:  # every write has copied it: the next unit of this thread may reuse it
+    while pending:
+        pending.pop().result()
+    # every write is durable; once tensorstore dropped its references to the block (the
+    # writers encode from it, Writer.write), the next unit of this thread may reuse it
+    if job.source == 0 and sys.getrefcount(block) <= held:
         _SPARE.block = block
     t_end = time.perf_counter()
     return {

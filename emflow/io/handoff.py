@@ -68,7 +68,8 @@ class HandoffArray:
         """Start writing ``block`` at ``origin_zyx``; ``.result()`` waits for the disk."""
         store = open_store(self._spec(), token=self.token)
         (z0, y0, x0), (nz, ny, nx) = origin_zyx, block.shape
-        return store[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx].write(block)
+        region = store[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx]
+        return region.write(block, can_reference_source_data_indefinitely=True)  # no copy
 
     def read(self, box: tuple[int, int, int, int, int, int]) -> np.ndarray:
         """The sums of ``box`` = (z0, z1, y0, y1, x0, x1)."""

@@ -226,7 +226,9 @@ class OmeZarrWriter:
         self, level: int, origin_zyx: tuple[int, int, int], block_zyx: np.ndarray
     ) -> ts.WriteFutures:
         (z0, y0, x0), (nz, ny, nx) = origin_zyx, block_zyx.shape
-        return self._store(level)[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx].write(block_zyx)
+        region = self._store(level)[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx]
+        # chunks are encoded from the block itself, not from a copy (see Writer.write)
+        return region.write(block_zyx, can_reference_source_data_indefinitely=True)
 
     def finalize(self) -> None:
         """Add the OME multiscales metadata: only a complete image is an OME-Zarr image.

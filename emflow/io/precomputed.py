@@ -131,7 +131,10 @@ class PrecomputedWriter:
         (z0, y0, x0), (nz, ny, nx) = origin_zyx, block_zyx.shape
         # a view, not a copy: (z, y, x) C-order memory is x-fastest, the chunk layout of precomputed
         region = store[x0 : x0 + nx, y0 : y0 + ny, z0 : z0 + nz, 0]
-        return region.write(block_zyx.transpose(2, 1, 0))
+        # chunks are encoded from the block itself, not from a copy (see Writer.write)
+        return region.write(
+            block_zyx.transpose(2, 1, 0), can_reference_source_data_indefinitely=True
+        )
 
     def finalize(self) -> None:
         """Locally nothing to add: ``info`` is complete from the start (the ``.partial`` folder

@@ -42,8 +42,12 @@ class Writer(Protocol):
     ) -> WriteFuture:
         """Start writing a block of ``level`` at ``origin_zyx`` (level voxels).
 
-        Returns a future: the bytes are durable once ``.result()`` returned. The block must
-        not be modified before then. Callers overlap encoding with their next computation.
+        Returns a future: the bytes are durable once ``.result()`` returned. Chunks are
+        encoded from the block itself (tensorstore references it instead of copying it into
+        chunk buffers: a unit's writes need no second copy of its levels), so the block must
+        not be modified while any reference to it is held -- reuse it only once its
+        reference count is back to the caller's own. Callers overlap encoding with their
+        next computation.
         """
 
     def finalize(self) -> None:
