@@ -164,3 +164,14 @@ def test_feature_parts_attribute_the_unit_cpu(tmp_path, monkeypatch) -> None:
     assert r["beyond_sift_s_per_slice"] == pytest.approx(
         r["cpu_s_per_slice"] - r["sift_s_per_slice"], abs=1e-3
     )
+
+
+def test_writer_memory_measures_both_write_modes(tmp_path) -> None:
+    """benchmarks.writer_memory writes real blocks through emflow's writers in either mode."""
+    from benchmarks import writer_memory
+
+    for reference in (True, False):
+        r = writer_memory.measure((64, 128, 128), 2, reference)
+        assert r["mode"] == ("reference" if reference else "copy")
+        assert r["writer_mb"] >= 0 and r["per_output_voxel"] >= 0
+        assert r["minflt"] > 0 and r["user_s"] > 0
