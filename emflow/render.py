@@ -26,7 +26,7 @@ from emflow.errors import SourceError
 from emflow.io import rendercache, windows
 from emflow.io.readers import read_image
 from emflow.io.slicecache import load_slice
-from emflow.memory import limit_malloc_arenas
+from emflow.memory import limit_malloc_arenas, no_huge_page_advice
 from emflow.pyramid import Level, axis_counts, divide_round, downsample_sums, steps_between
 
 Box = tuple[int, int, int, int, int, int]
@@ -126,6 +126,7 @@ def render_slices(how: SliceRender, jobs: Sequence[SliceJob], folder: str) -> di
     import cv2
 
     limit_malloc_arenas()
+    no_huge_page_advice()
     cv2.setNumThreads(1)
     t0 = time.perf_counter()
     for job in jobs:
@@ -219,6 +220,7 @@ def _read_block(job: BrickJob) -> np.ndarray:
 def build_brick(job: BrickJob) -> dict:
     """Read one brick, write its levels to every output, hand off the next level's sums."""
     limit_malloc_arenas()
+    no_huge_page_advice()
     t0 = time.perf_counter()
     levels = job.levels
     extent0 = levels[0].shape_zyx
@@ -346,6 +348,7 @@ def warm_up() -> None:
     import tensorstore  # noqa: F401
 
     limit_malloc_arenas()
+    no_huge_page_advice()
 
     import emflow.io.handoff
     import emflow.io.omezarr

@@ -168,3 +168,17 @@ def test_any_stack_gets_a_legal_plan(n, ny, nx, vs, chunk, memory):
     check_ownership(plan, make_writers(r, plan, Path("/nonexistent"), token="t"))
     for p in plan.passes:
         assert p.n_units >= 1 and all(b > 0 for b in p.brick_zyx)
+
+
+def test_worker_units_stop_numpy_asking_for_huge_pages():
+    """Units (and the workers' warm-up) turn numpy's MADV_HUGEPAGE advice off: fresh huge
+    pages stall in direct compaction where THP defrag is 'madvise' (emflow.memory)."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+
+    from emflow.render import warm_up
+
+    warm_up()
+    assert multiarray._get_madvise_hugepage() is False
