@@ -129,6 +129,8 @@ def measure_details(
             "keypoints": int(np.mean([len(x) for x in feats])),
             "pairs_ok": int(sum(p.ok for p in pairs)),
             "methods": [p.method for p in pairs],
+            # say which: a checkout not beside shared/ measures noise, whose pairs match differently
+            "sections": "VNC 5-7" if glob.glob(VNC) else f"smooth noise (no {VNC})",
         }
     return out
 
@@ -143,5 +145,5 @@ if __name__ == "__main__":
             f"match {d['match1_s']:.3f} s + {d['match2_s']:.3f} s; qc {d['qc_link_s']:.3f} s "
             f"per link; downsample "
             f"{d['downsample']}, {d['keypoints']} keypoints, {d['pairs_ok']}/3 pairs ok: "
-            f"{', '.join(d['methods'])})"
+            f"{', '.join(d['methods'])}; sections: {d['sections']})"
         )
