@@ -58,14 +58,14 @@ def features_unit(
         bad: str | None = "missing slice (filled)"
     else:
         image = read_image(ref.path, ref.page)
+        if cache_dir is not None:  # first: its buffers reuse the heap before the reductions
+            from emflow.io.slicecache import store_slice
+
+            store_slice(cache_dir, ref.z, image)
         # slice QC and the working copy share one block reduction of the slice
         f = choose_downsample(image.shape) if downsample is None else downsample
         reduced = block_means(image, f) if f >= 1 else None
         bad = assess_slice(image, reduced)
-        if cache_dir is not None:
-            from emflow.io.slicecache import store_slice
-
-            store_slice(cache_dir, ref.z, image)
     feats = compute_features(
         image,
         downsample=downsample,
