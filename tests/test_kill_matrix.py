@@ -274,18 +274,31 @@ def run_with_worker_kills(proc: subprocess.Popen, run_dir: Path, timeout: float 
 
 
 def assert_lost_and_redone(run_dir: Path) -> None:
-    """In every worker stage one unit was lost with the worker that had started it, and redone
-    on another (a second loss may follow while both workers restart: journaled too)."""
+    """In every worker stage a unit was lost with the worker that had started it and redone on
+    another; every unit journaled lost is done exactly once (a second loss may follow while both
+    workers restart: journaled too).
+
+    A unit that returned just before its worker died can be journaled lost and then done by that
+    worker (attempt 1): its result reached the driver through the scheduler ahead of the task's
+    completion, which the worker had not flushed yet (Dask batches worker messages); its output
+    was complete, so it is not redone."""
     recs = journal(run_dir)
     for stage in WORKER_STAGES:
         lost = [r for r in recs if r["event"] == "lost" and r["stage"] == stage]
-        assert lost and lost[0]["reason"] == "worker lost", (stage, lost)
-        (start,) = [r for r in recs if r["event"] == "start" and r["stage"] == stage
-                    and r["index"] == lost[0]["index"] and r["attempt"] == 1]  # fmt: skip
-        assert start["worker"] == lost[0]["worker"]  # started on the worker that died
-        (done,) = [r for r in recs if r["event"] == "done" and r["stage"] == stage
-                   and r["index"] == lost[0]["index"]]  # fmt: skip
-        assert done["redone"] and done["attempts"] >= 2 and done["worker"] != lost[0]["worker"]
+        assert lost and all(r["reason"] == "worker lost" for r in lost), (stage, lost)
+        redone = []
+        for gone in lost:
+            (start,) = [r for r in recs if r["event"] == "start" and r["stage"] == stage
+                        and r["index"] == gone["index"] and r["attempt"] == 1]  # fmt: skip
+            assert start["worker"] == gone["worker"]  # started on the worker that died
+            (done,) = [r for r in recs if r["event"] == "done" and r["stage"] == stage
+                       and r["index"] == gone["index"]]  # fmt: skip
+            if done["redone"]:
+                assert done["attempts"] >= 2 and done["worker"] != gone["worker"], (stage, done)
+                redone.append(done)
+            else:  # returned before its worker died: done once, by that worker
+                assert done["attempts"] == 1 and done["worker"] == gone["worker"], (stage, done)
+        assert redone, (stage, lost)
 
 
 def test_worker_killed_in_every_stage_run_completes_identically(stack, reference, tmp_path):
