@@ -355,6 +355,7 @@ def summarize_runs(
             "mb_s": input_bytes / 1e6 / wall,
             "cpu_s": cpu,
             "cpu_s_per_gb": cpu / gb,
+            "sys_s": statistics.median([r.sys_s for r in ok]),
             "cpu_poll_s": statistics.median([r.cpu_poll_s for r in ok]),
             "peak_worker_rss_mb": max(r.peak_worker_rss_mb for r in ok),
             "peak_driver_rss_mb": max(r.peak_driver_rss_mb for r in ok),

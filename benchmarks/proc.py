@@ -42,6 +42,7 @@ class Measured:
     stdout_tail: str = ""
     stderr_tail: str = ""
     result: dict = field(default_factory=dict)  # last JSON line on stdout, if any
+    sys_s: float = 0.0  # of cpu_s: kernel time (page faults, page cache, syscalls)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +151,7 @@ def run_measured(
         stdout_tail=out[-2000:],
         stderr_tail=err[-3000:],
         result=result,
+        sys_s=round(after.ru_stime - before.ru_stime, 3),
     )
 
 
