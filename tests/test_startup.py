@@ -9,7 +9,8 @@
 * Local workers of the ``emflow`` console script do not run the script again (multiprocessing
   "spawn" re-runs a parent's ``__main__``): no typer, no CLI in a worker.
 * The driver and every worker process freeze their objects before they end, so the
-  interpreter's teardown does not walk them in a last garbage collection.
+  interpreter's teardown does not walk them in a last garbage collection; the driver does
+  not collect while the run starts (imports, cluster), and collects again once it runs.
 
 Checked in subprocesses, from their ``sys.modules`` and ``gc.get_freeze_count()`` at exit
 (workers report through a Dask worker preload file, the way a site would add one).
@@ -17,6 +18,7 @@ Checked in subprocesses, from their ``sys.modules`` and ``gc.get_freeze_count()`
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -28,8 +30,9 @@ from tests import clirun
 
 pytestmark = pytest.mark.integration
 
-#: packages a run with alignment off must not import (driver or worker)
-UNUSED = ("scipy",)
+#: packages a run with alignment off must not import (driver or worker): the SciPy of the
+#: solve, the numcodecs of the decoded-slice cache
+UNUSED = ("scipy", "numcodecs")
 #: what a run with alignment off never needs in any process: SIFT, RANSAC, the solve
 ALIGNMENT = ("emflow.align.features", "emflow.align.match", "emflow.align.solve")
 #: what a worker never needs: the command line and the notebook API
@@ -53,8 +56,8 @@ if __name__ == '__main__':
     import atexit, gc, json
     def report():
         mods = sorted(sys.modules)
-        print("DRIVER " + json.dumps({"modules": mods, "frozen": gc.get_freeze_count()}),
-              file=sys.stderr)
+        report = {"modules": mods, "frozen": gc.get_freeze_count(), "gc": gc.isenabled()}
+        print("DRIVER " + json.dumps(report), file=sys.stderr)
     atexit.register(report)
     sys.argv[0] = sys.argv[0].removesuffix('.exe')
     sys.exit(main())
@@ -137,8 +140,19 @@ def test_cli_workers_skip_the_console_script_and_the_notebook_api(cli_run):
 
 def test_cli_driver_and_workers_freeze_their_objects_before_they_end(cli_run):
     assert cli_run["driver"]["frozen"] > 10_000  # every import's objects, not a handful
+    assert cli_run["driver"]["gc"]  # collection paused while the run started, then back on
     for report in cli_run["workers"]:
         assert report["frozen"] > 10_000
+
+
+def test_main_called_in_a_process_leaves_its_garbage_collection_alone(folder):
+    """``main([...])`` from Python (tests, `emflow demo`) is not the process's command: no
+    pause, no freeze."""
+    from emflow.cli import main
+
+    frozen = gc.get_freeze_count()
+    assert main(["run", str(folder / "no-such-recipe.yaml"), "-q"]) == 2  # bad input: exit 2
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
 
 
 def test_import_emflow_loads_no_notebook_api(folder):

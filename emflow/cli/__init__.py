@@ -46,7 +46,7 @@ for _name in COMMAND_MODULES:
 #: set by a command once its run folder has a log: where an internal error's traceback goes
 TRACEBACK_LOG: list[Path] = []
 _SIGNALLED: list[int] = []
-_STATE = {"depth": 0, "reported": False}  # main() runs nested for `emflow demo`
+_STATE = {"depth": 0, "reported": False, "command": False}  # main() nests for `emflow demo`
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if _STATE["depth"] == 0:
         _SIGNALLED.clear()
         _STATE["reported"] = False
+        _STATE["command"] = command
     if command:
         _command_process()
     install_signal_handlers()
@@ -116,6 +117,22 @@ def main(argv: list[str] | None = None) -> int:
         _STATE["depth"] -= 1
         if command:  # the process exits next: its objects need no collection any more
             gc.freeze()
+            gc.enable()  # if a command ended before its start was over (pause_gc)
+
+
+def pause_gc() -> None:
+    """No garbage collection while the ``emflow`` command starts (imports, cluster start): it
+    makes about a million long-lived objects and almost no garbage, and Python's collector
+    walked them all in its full passes (0.2-0.3 CPU-s). Only in the command's own process."""
+    if _STATE.get("command"):
+        gc.disable()
+
+
+def resume_gc() -> None:
+    """The start is over: freeze what it made (later collections skip it), collect again."""
+    if _STATE.get("command") and not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _command_process() -> None:

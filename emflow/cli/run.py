@@ -118,7 +118,9 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe: discover → align → render slabs → write pyramids. Resumes an interrupted run."""
-    from emflow.cli import TRACEBACK_LOG, install_signal_handlers
+    from emflow.cli import TRACEBACK_LOG, install_signal_handlers, pause_gc
+
+    pause_gc()  # until the cluster runs (see emflow.cli.pause_gc)
     from emflow.cli.console import libraries_to_log
     from emflow.cli.summary import closing_lines
     from emflow.errors import EmflowError, NoSpaceError, deterministic, no_space
@@ -190,15 +192,17 @@ def run(
 
 
 def _execute(r, req, check, serial, restart, progress, say, alignment, cluster, run_dir):
-    from emflow.cli import install_signal_handlers
+    from emflow.cli import install_signal_handlers, resume_gc
     from emflow.pipeline import run as run_pipeline
 
     kw = dict(restart=restart, progress=progress, log=say, alignment_path=alignment, checked=check)
     if serial:
+        resume_gc()
         return run_pipeline(r, client=None, **kw)
     from emflow import cluster as clusters
 
     with clusters.open_client(req) as client:
+        resume_gc()  # the start is over (emflow.cli.pause_gc)
         install_signal_handlers()
         say(f"dashboard: {client.dashboard_link}")
         try:

@@ -9,15 +9,23 @@ invariant 1). Files are written atomically and deleted when the run completes.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from numcodecs import Zstd
 
 from emflow.io.location import get_bytes, is_url, join, put_bytes
 
-_CODEC = Zstd(level=1)
+
+@functools.cache
+def _codec() -> Any:
+    """zstd level 1; numcodecs loads on first use (runs without alignment never cache slices,
+    and every worker imports this module with the render code)."""
+    from numcodecs import Zstd
+
+    return Zstd(level=1)
 
 
 def cache_path(cache_dir: str | Path, z: int) -> Path:
@@ -27,12 +35,12 @@ def cache_path(cache_dir: str | Path, z: int) -> Path:
 def store_slice(cache_dir: str | Path, z: int, image: np.ndarray) -> None:
     """Write one decoded (y, x) slice as zstd-1 bytes (atomic rename; one PUT at a URL)."""
     if is_url(cache_dir):
-        put_bytes(join(cache_dir, f"z{z:06d}.zst"), _CODEC.encode(np.ascontiguousarray(image)))
+        put_bytes(join(cache_dir, f"z{z:06d}.zst"), _codec().encode(np.ascontiguousarray(image)))
         return
     path = cache_path(cache_dir, z)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(_CODEC.encode(np.ascontiguousarray(image)))
+    tmp.write_bytes(_codec().encode(np.ascontiguousarray(image)))
     tmp.replace(path)
 
 
@@ -49,7 +57,7 @@ def load_slice(
             data = cache_path(cache_dir, z).read_bytes()
         except FileNotFoundError:
             return None
-    arr = np.frombuffer(_CODEC.decode(data), dtype=dtype)
+    arr = np.frombuffer(_codec().decode(data), dtype=dtype)
     if arr.size != shape_yx[0] * shape_yx[1]:
         return None
     return arr.reshape(shape_yx)
