@@ -398,7 +398,10 @@ def match_features(
     best: PairResult | None = None
     acfg = AreaConfig(seed=config.seed)
     for start, method in starts:
-        fit = match_area(fa.area, fb.area, fa.area_factor, fb.shape_yx, initial=start, config=acfg)
+        # from a caller's estimate (second neighbours: composed links) the last round runs on
+        # the sparse grid too: half the NCC searches of the pair (AreaConfig.final_sparse)
+        cfg = replace(acfg, final_sparse=method == "area+")
+        fit = match_area(fa.area, fb.area, fa.area_factor, fb.shape_yx, initial=start, config=cfg)
         res = _area_result(fit, fb.shape_yx, config, z_a, z_b, fa.area_factor, method)
         if res.ok:
             return res
