@@ -145,6 +145,21 @@ def test_cli_driver_and_workers_freeze_their_objects_before_they_end(cli_run):
         assert report["frozen"] > 10_000
 
 
+def test_python_m_emflow_collects_again_once_the_command_runs(folder):
+    """``python -m emflow`` loads the CLI without collecting, then collects again (and skips
+    the CLI's own objects, frozen)."""
+    code = (
+        "import atexit, gc, runpy, sys\n"
+        "atexit.register(lambda: print('GC', gc.isenabled(), gc.get_freeze_count() > 10_000))\n"
+        "sys.argv = ['emflow', '--help']\n"
+        "runpy.run_module('emflow', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = clirun.start([sys.executable, "-c", code], folder)
+    out, err = clirun.outputs(proc, timeout=120)
+    assert proc.returncode == 0, err
+    assert "Usage" in out and out.splitlines()[-1] == "GC True True"
+
+
 def test_main_called_in_a_process_leaves_its_garbage_collection_alone(folder):
     """``main([...])`` from Python (tests, `emflow demo`) is not the process's command: no
     pause, no freeze."""

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         _STATE["command"] = command
     if command:
         _command_process()
+        gc.freeze()  # the CLI's imports: later collections skip them (see emflow.__main__)
+        gc.enable()
     install_signal_handlers()
     _STATE["depth"] += 1
     try:
