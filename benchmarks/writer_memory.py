@@ -12,7 +12,8 @@ after the other, in a fresh process per mode:
     python -m benchmarks.writer_memory --shape 128,1024,1024 --blocks 4
 
 Prints one JSON line per mode: RSS above the block (MB, = the writer term), that term per
-output voxel (plan.py plans 1.3), minor page faults, user and sys CPU-s.
+output voxel (plan.py plans 1.3), minor page faults, user and sys CPU-s, and whether the
+OME-Zarr level 0 reads back equal to the blocks written.
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def measure(shape: tuple[int, int, int], blocks: int, reference: bool) -> dict:
                 f.result()
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         peak = r1.ru_maxrss * 1024  # kB on Linux
+        # the lossless output read back: both modes must store the same voxels
+        zarr = next(w for w in writers if w.__class__.__name__ == "OmeZarrWriter")._store(0)
+        stored_equal = all(
+            np.array_equal(zarr[0:nz, 0:ny, i * nx : (i + 1) * nx].read().result(), block)
+            for i in range(blocks)
+        )
     above = max(0, peak - rss0)
     return {
         "mode": "reference" if reference else "copy",
@@ -83,6 +90,7 @@ def measure(shape: tuple[int, int, int], blocks: int, reference: bool) -> dict:
         "minflt": r1.ru_minflt - r0.ru_minflt,
         "user_s": round(r1.ru_utime - r0.ru_utime, 3),
         "sys_s": round(r1.ru_stime - r0.ru_stime, 3),
+        "stored_equal": stored_equal,
     }
 
 

@@ -175,3 +175,4 @@ def test_writer_memory_measures_both_write_modes(tmp_path) -> None:
         assert r["mode"] == ("reference" if reference else "copy")
         assert r["writer_mb"] >= 0 and r["per_output_voxel"] >= 0
         assert r["minflt"] >= 0 and r["user_s"] + r["sys_s"] > 0  # (warm heap: no new faults)
+        assert r["stored_equal"]  # the lossless output holds the blocks, in either mode
