@@ -45,7 +45,7 @@ def features_unit(
     """
     import cv2
 
-    from emflow.align.features import block_means, choose_downsample, compute_features, thumbnail
+    from emflow.align.features import compute_features, thumbnail, working_block_means
     from emflow.align.frame import footprint_hull
     from emflow.align.quality import assess_slice
     from emflow.align.trend import footprint_pose
@@ -62,9 +62,7 @@ def features_unit(
             from emflow.io.slicecache import store_slice
 
             store_slice(cache_dir, ref.z, image)
-        # slice QC and the working copy share one block reduction of the slice
-        f = choose_downsample(image.shape) if downsample is None else downsample
-        reduced = block_means(image, f) if f >= 1 else None
+        reduced = working_block_means(image, downsample)  # shared by QC and the working copy
         bad = assess_slice(image, reduced)
     feats = compute_features(
         image,

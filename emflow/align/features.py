@@ -39,6 +39,7 @@ __all__ = [
     "choose_downsample",
     "compute_features",
     "thumbnail",
+    "working_block_means",
     "working_copy",
 ]
 
@@ -147,6 +148,14 @@ def block_means(image: np.ndarray, factor: int) -> BlockMeans:
     native = img if img.dtype in (np.uint8, np.uint16, np.float32) else img.astype(np.float32)
     small = cv2.resize(native, size, interpolation=cv2.INTER_AREA).astype(np.float32)
     return BlockMeans(f, small, cv2.resize(zero, size, interpolation=cv2.INTER_AREA))
+
+
+def working_block_means(image: np.ndarray, downsample: int | None = None) -> BlockMeans | None:
+    """:func:`block_means` of a (y, x) slice at its working factor (``downsample``, or
+    :func:`choose_downsample`): computed once per slice, shared by slice QC and the working
+    copy. None for a factor below 1 (:func:`working_copy` refuses it with the reason)."""
+    f = choose_downsample(image.shape) if downsample is None else int(downsample)
+    return block_means(image, f) if f >= 1 else None
 
 
 def working_copy(

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from emflow.align.features import Features, block_means, choose_downsample, compute_features
+from emflow.align.features import Features, compute_features, working_block_means
 from emflow.align.frame import footprint_hull
 from emflow.align.match import MatchConfig, PairResult, match_features
 from emflow.align.pairs import bridge_pairs, neighbour_pairs, skipped
@@ -30,8 +30,7 @@ def _features_of(image: np.ndarray, downsample: int | None, nfeatures: int) -> t
     import cv2
 
     cv2.setNumThreads(1)
-    f = choose_downsample(image.shape) if downsample is None else downsample
-    reduced = block_means(image, f) if f >= 1 else None  # shared by QC and the working copy
+    reduced = working_block_means(image, downsample)  # shared by QC and the working copy
     feats = compute_features(image, downsample=downsample, nfeatures=nfeatures, reduced=reduced)
     return feats, assess_slice(image, reduced)
 
