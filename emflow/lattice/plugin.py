@@ -215,18 +215,10 @@ class LatticePlugin(SchedulerPlugin):
         r = self.lattice.runs.get(run_id)
         if r is None:
             return
-        st = r.stage(stage)
         if not go:
-            self.refused.add(key)
-            if st.state(index) in (Q, R):
-                self.lattice.apply(run_id, stage, index, "requeue", worker=worker)
+            self._refuse(key, run_id, stage, index, worker)
             return
-        self.lattice.apply(run_id, stage, index, "start", worker=worker)
-        attempt = st.cells[index].attempts if index in st.cells else 1
-        self._event(
-            run_id, event="start", stage=stage, index=index, worker=worker, attempt=attempt,
-            **({"t": t} if t is not None else {}),
-        )  # fmt: skip
+        self._start(run_id, stage, index, worker, t)
 
     def result(self, prefix: str, index: int, payload: bytes, worker: str | None = None) -> None:
         """A unit's payload from its worker: forwarded to the stage's driver as a client event
@@ -379,12 +371,8 @@ class LatticePlugin(SchedulerPlugin):
         r = self.lattice.runs.get(run_id)
         if r is None:
             return {"go": True, "attempt": None}
-        st = r.stage(stage)
         if r.cancelled or r.is_paused(stage):
-            if task:
-                self.refused.add(key)
-            if st.state(index) in (Q, R):
-                self.lattice.apply(run_id, stage, index, "requeue", worker=worker)
+            self._refuse(key if task else None, run_id, stage, index, worker)
             return {"go": False, "attempt": None}
         if stage in r.hold:
             r.hold[stage] -= 1
@@ -392,10 +380,30 @@ class LatticePlugin(SchedulerPlugin):
                 del r.hold[stage]
                 r.set_paused(True, stage)  # this unit is the last one let through
                 self._unqueue(r)
+        return {"go": True, "attempt": self._start(run_id, stage, index, worker)}
+
+    def _refuse(
+        self, key: tuple[str, int] | None, run_id: str, stage: str, index: int, worker: str | None
+    ) -> None:
+        """A unit refused at the gate (paused or cancelled) waits again; ``key``: its task
+        returns without running (None: the driver runs the unit itself)."""
+        if key is not None:
+            self.refused.add(key)
+        if self.lattice.run(run_id).stage(stage).state(index) in (Q, R):
+            self.lattice.apply(run_id, stage, index, "requeue", worker=worker)
+
+    def _start(
+        self, run_id: str, stage: str, index: int, worker: str | None, t: float | None = None
+    ) -> int:
+        """A unit let through the gate runs from now on (a journal event); its attempt number."""
         self.lattice.apply(run_id, stage, index, "start", worker=worker)
+        st = self.lattice.run(run_id).stage(stage)
         attempt = st.cells[index].attempts if index in st.cells else 1
-        self._event(run_id, event="start", stage=stage, index=index, worker=worker, attempt=attempt)
-        return {"go": True, "attempt": attempt}
+        self._event(
+            run_id, event="start", stage=stage, index=index, worker=worker, attempt=attempt,
+            **({"t": t} if t is not None else {}),
+        )  # fmt: skip
+        return attempt
 
     def report(
         self,
