@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -50,17 +51,32 @@ if _why is not None:
 JOB_NAME = f"emflow-r{uuid.uuid4().hex[:6]}"  # unique: these tests see and cancel only theirs
 
 
-def our_jobs() -> list[str]:
-    proc = subprocess.run(["squeue", "-h", "-n", JOB_NAME, "-o", "%i"], capture_output=True,
-                          text=True, timeout=20, check=True)  # fmt: skip
+# Jobs that wait or run. A cancelled job is listed as COMPLETING (CG) until slurmd has killed
+# its processes (seconds on a busy node, up to KillWait): it is gone for the user, not live.
+LIVE = "PD,CF,R,S"
+
+
+def our_jobs(states: str = LIVE) -> list[str]:
+    proc = subprocess.run(["squeue", "-h", "-n", JOB_NAME, "-t", states, "-o", "%i"],
+                          capture_output=True, text=True, timeout=20, check=True)  # fmt: skip
     return proc.stdout.split()
+
+
+def assert_no_jobs_left(timeout: float = 30.0) -> None:
+    """None of this module's jobs waits or runs (slurmctld may take a moment to note a cancel)."""
+    deadline = time.monotonic() + timeout
+    while our_jobs() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = subprocess.run(["squeue", "-h", "-n", JOB_NAME, "-t", "all", "-o", "%i %T %r"],
+                          capture_output=True, text=True, timeout=20).stdout  # fmt: skip
+    assert our_jobs() == [], f"worker jobs outlived the driver:\n{left}"
 
 
 @pytest.fixture(autouse=True)
 def cancel_leftovers():
     """A failed test may leave worker jobs behind: cancel them (the tests assert on jobs)."""
     yield
-    left = our_jobs()
+    left = our_jobs("all")
     if left:
         subprocess.run(["scancel", *left], timeout=30, check=False)
 
@@ -236,7 +252,7 @@ def test_driver_sigkilled_in_every_stage_on_slurm(stack, reference, tmp_path):
     assert last.returncode == 0, err
     assert_resumed_on_slurm(run_dir, before, killed)
     assert_identical(tmp_path / "out", reference)
-    assert our_jobs() == []
+    assert_no_jobs_left()
 
 
 def test_ctrl_c_on_slurm_stops_jobs_and_the_run_resumes(stack, reference, tmp_path):
@@ -244,7 +260,7 @@ def test_ctrl_c_on_slurm_stops_jobs_and_the_run_resumes(stack, reference, tmp_pa
     os.killpg(proc.pid, signal.SIGINT)
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err  # Ctrl-C: exit 130, resumable
-    assert our_jobs() == []  # the interrupted driver cancelled its worker jobs
+    assert_no_jobs_left()  # the interrupted driver cancelled its worker jobs
     before, killed = markers(run_dir), sessions(run_dir)[-1]
     again = cli(slurm_run(stack), tmp_path)
     _out, err = again.communicate(timeout=600)
@@ -262,4 +278,4 @@ def test_worker_killed_in_every_stage_on_slurm(stack, reference, tmp_path):
     assert proc.returncode == 0, err
     assert_lost_and_redone(run_dir)
     assert_identical(tmp_path / "out", reference)
-    assert our_jobs() == []
+    assert_no_jobs_left()
