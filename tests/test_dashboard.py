@@ -233,14 +233,14 @@ def test_live_page_and_json_match_the_lattice(tmp_path):
                 time.sleep(0.1)
             else:
                 pytest.fail(f"the match stage never reached the mid-run state: {match_stage()}")
+            # freeze the lattice at once (a screenshot on a loaded machine can take longer than
+            # the units left): pause, and let the running units finish
+            client.sync(client.scheduler.emflow_pause, run_id=RUN)
             url = dashboard_url(client)
             shot = tmp_path / "dashboard.png"
             assert screenshot(url, shot), "the Bokeh page did not render"
             assert shot.stat().st_size > 10_000
             print(f"dashboard screenshot: {shot}")
-
-            # freeze the lattice: pause and let the running units finish
-            client.sync(client.scheduler.emflow_pause, run_id=RUN)
             for _ in range(2):
                 while match_stage()["counts"]["running"] and time.time() < deadline:
                     time.sleep(0.05)
