@@ -49,14 +49,17 @@ class OwnedVolume:
         self.writer.create()
 
 
-def tidy_run_folder(run_dir: Path, keep: Sequence[str]) -> list[str]:
-    """Remove the intermediates of a complete run that ``keep`` does not name; return what went."""
+def tidy_run_folder(
+    run_dir: Path, keep: Sequence[str], only: Sequence[str] | None = None
+) -> list[str]:
+    """Remove the intermediates of a complete run that ``keep`` does not name (of those ``only``
+    names, when given); return what went."""
     from emflow.io import runmirror
     from emflow.io.location import Location, is_url
 
     removed = []
     for key, folder in INTERMEDIATES.items():
-        if key in keep:
+        if key in keep or (only is not None and key not in only):
             continue
         where = runmirror.data_path(run_dir, folder)  # in the bucket for a mirrored run folder
         if is_url(where):

@@ -272,29 +272,48 @@ def pyramid_stages(
     from emflow.lattice import done_markers
 
     finalized = {writers[i].name for i in done_markers(run_dir, "finalize") if i < len(writers)}
-    dropped = open_volumes(
-        run_dir,
-        plan,
-        [OwnedVolume(w, owner) for w in writers],
-        producers,
-        stages=[p.stage for p in plan.passes],
-        finalized=finalized,
-        root=root,
-        fingerprint=run_id,
+
+    def open_outputs() -> None:
+        dropped = open_volumes(
+            run_dir,
+            plan,
+            [OwnedVolume(w, owner) for w in writers],
+            producers,
+            stages=[p.stage for p in plan.passes],
+            finalized=finalized,
+            root=root,
+            fingerprint=run_id,
+        )
+        if dropped:
+            logger.info("output volumes (re)created: units of %s run again", ", ".join(dropped))
+
+    # the outputs are created while the render stage runs (the driver only waits there), when
+    # nothing they could drop matters to it: a local output_dir and no pass-0 unit done yet
+    # (which units _drop_lost_renders re-renders then does not depend on dropped markers)
+    overlap = (
+        plan.render_stage
+        and not is_url(str(root))
+        and runmirror.for_dir(run_dir) is None
+        and not done_markers(run_dir, plan.passes[0].stage)
     )
-    if dropped:
-        logger.info("output volumes (re)created: units of %s run again", ", ".join(dropped))
+    opening = None if not overlap else _Background(open_outputs, "emflow-open-outputs")
+    if opening is None:
+        open_outputs()
     render_dir = None
-    if plan.render_stage:
-        render_dir = str(runmirror.data_path(run_dir, rendercache.FOLDER))
-        _drop_lost_renders(run_dir, plan)
-        per_slice = how.shape_yx[0] * how.shape_yx[1] * (2 if how.in_dtype == "uint16" else 1)
-        units = []
-        for i in range(plan.render_units):
-            z0, z1 = plan.render_slices(i)
-            args = (how, slices[z0:z1], render_dir)
-            units.append(Unit(i, render_slices, args, per_slice * (z1 - z0)))
-        stage("render", units)
+    try:
+        if plan.render_stage:
+            render_dir = str(runmirror.data_path(run_dir, rendercache.FOLDER))
+            _drop_lost_renders(run_dir, plan)
+            per_slice = how.shape_yx[0] * how.shape_yx[1] * (2 if how.in_dtype == "uint16" else 1)
+            units = []
+            for i in range(plan.render_units):
+                z0, z1 = plan.render_slices(i)
+                args = (how, slices[z0:z1], render_dir)
+                units.append(Unit(i, render_slices, args, per_slice * (z1 - z0)))
+            stage("render", units)
+    finally:
+        if opening is not None:
+            opening.join()  # its error, if any, is raised here (after the render stage's own)
     for p in plan.passes:
         units = []
         for i in range(p.n_units):
@@ -319,6 +338,32 @@ def pyramid_stages(
             units.append(Unit(i, build_brick, (job,), job.bytes_in))
         stage(p.stage, units)
     return writers
+
+
+class _Background:
+    """Run ``fn`` in a driver thread; :meth:`join` waits for it and raises what it raised."""
+
+    def __init__(self, fn: Any, name: str) -> None:
+        import threading
+
+        self._error: BaseException | None = None
+
+        def body() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # re-raised in the caller by join()
+                self._error = exc
+
+        self._thread = threading.Thread(target=body, name=name)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            if sys.exc_info()[1] is None:  # an error already leaving the caller comes first
+                raise err
+            logger.warning("%s: %s", self._thread.name, err)
 
 
 def _labels(p: Pass) -> list[str] | None:
@@ -605,19 +650,32 @@ def _run(
         recipe, plan, how, slices, root, run_dir, run_id, stage,
         threads=2 if threads <= 2 else 1, owner=owner,
     )  # fmt: skip
+    # every pass is done: no unit reads the rendered copy again (a resumed run renders again
+    # only for pass-0 units not done), so a local one is deleted while the outputs finalize
+    removed: list[str] = []
+    tidying = None
+    if plan.render_stage and not recipe.output_remote and runmirror.for_dir(run_dir) is None:
+        tidying = _Background(
+            lambda: removed.extend(tidy_run_folder(run_dir, recipe.run.keep, only=("rendered",))),
+            "emflow-tidy-rendered",
+        )
     # finalize: metadata, then move complete volumes into place (a unit per output)
     out_paths = {
         w.name: f"{root}/{w.name}" if recipe.output_remote else root / w.name for w in writers
     }
-    stage(
-        "finalize",
-        [
-            Unit(i, finalize_output, (w, str(out_paths[w.name]), owner))
-            for i, w in enumerate(writers)
-        ],
-        where="driver",
-    )
-    removed = tidy_run_folder(run_dir, recipe.run.keep)
+    try:
+        stage(
+            "finalize",
+            [
+                Unit(i, finalize_output, (w, str(out_paths[w.name]), owner))
+                for i, w in enumerate(writers)
+            ],
+            where="driver",
+        )
+    finally:
+        if tidying is not None:
+            tidying.join()
+    removed = tidy_run_folder(run_dir, recipe.run.keep) + removed
     if removed:
         say(f"removed intermediates from {run_dir}: {', '.join(removed)} (run.keep keeps them)")
     from emflow.io.tsopen import forget
