@@ -128,15 +128,33 @@ class Plan:
     budget_source: str
     render_group: int = 1  # slices per render unit
     align_memory: int = 0  # planned peak of a features unit (0: no alignment)
+    render_tail_group: int = 0  # slices per unit of the last (≤ 2 groups') slices; 0: render_group
+
+    def _render_split(self) -> tuple[int, int, int]:
+        """(slices rendered in units of render_group, head units, tail group)."""
+        g, n = self.render_group, self.levels[0].shape_zyx[0]
+        t = self.render_tail_group or g
+        head = max(0, -(-(n - 2 * g) // g) * g) if t < g else n  # whole groups, then ≤ 2 groups
+        return head, -(-head // g), t
 
     @property
     def render_units(self) -> int:
-        return -(-self.levels[0].shape_zyx[0] // self.render_group) if self.render_stage else 0
+        """Units of ``render_group`` slices, then the last ``2 × render_group`` slices in units
+        of ``render_tail_group``: the stage ends on short units, so no worker waits long for
+        the last one before the first pass can start."""
+        if not self.render_stage:
+            return 0
+        head, head_units, t = self._render_split()
+        return head_units + -(-(self.levels[0].shape_zyx[0] - head) // t)
 
     def render_slices(self, i: int) -> tuple[int, int]:
         """z range [z0, z1) of render unit ``i``."""
         g, n = self.render_group, self.levels[0].shape_zyx[0]
-        return i * g, min((i + 1) * g, n)
+        head, head_units, t = self._render_split()
+        if i < head_units:
+            return i * g, min((i + 1) * g, head)
+        j = i - head_units
+        return head + j * t, min(head + (j + 1) * t, n)
 
     @property
     def slab_depth(self) -> int:
@@ -163,6 +181,12 @@ class Plan:
         """dtype of the integer sums handed off at ``level``."""
         n = math.prod(self.levels[level].factor_zyx)
         return sum_dtype(self.max_value, n).name
+
+    def _render_sizes(self) -> str:
+        head, head_units, t = self._render_split()
+        if head_units == self.render_units:
+            return str(self.render_group)
+        return f"{self.render_group} (the last {self.levels[0].shape_zyx[0] - head}: {t})"
 
     def stages(self) -> list[tuple[str, int, int]]:
         """(stage, units, planned memory per unit) in execution order (pyramid stages)."""
@@ -194,7 +218,7 @@ class Plan:
             )
         if self.render_stage:
             lines.append(
-                f"stage render: {self.render_units} units of {self.render_group} slice(s) "
+                f"stage render: {self.render_units} units of {self._render_sizes()} slice(s) "
                 f"(decode, warp, CLAHE → raw level-0 copy in the run folder), "
                 f"planned {_gib(self.render_memory)} per unit"
             )
@@ -251,6 +275,7 @@ class Plan:
             "budget_source": self.budget_source,
             "render_group": self.render_group,
             "align_memory": self.align_memory,
+            "render_tail_group": self.render_tail_group,
         }
 
     @classmethod
@@ -289,6 +314,7 @@ class Plan:
             budget_source=data["budget_source"],
             render_group=data.get("render_group", 1),
             align_memory=data.get("align_memory", 0),
+            render_tail_group=data.get("render_tail_group", 0),  # older plans: no tail units
         )
 
     def save(self, run_dir: Path) -> None:
@@ -672,9 +698,11 @@ def plan_output(
             f"rendering one {nx} × {ny} slice needs {_gib(render_mem)}, more than the "
             f"{_gib(budget)} a unit may use; raise run.memory_per_worker"
         )
-    # render units: RENDER_UNIT_BYTES of source each, yet at least MIN_UNITS of them
+    # render units: RENDER_UNIT_BYTES of source each, yet at least MIN_UNITS of them; the
+    # last 2 groups' slices in quarter-size units (a short tail before the first pass)
     n = len(levels) and levels[0].shape_zyx[0]
     group = max(1, min(RENDER_UNIT_BYTES // max(1, frame_px * in_bytes), n // MIN_UNITS))
+    tail_group = max(1, group // 4) if n > 2 * group else group
     return Plan(
         levels,
         tuple(passes),
@@ -688,6 +716,7 @@ def plan_output(
         source_text,
         group if render else 1,
         _align_memory(frame_shape_yx, in_bytes) if recipe.align.enabled else 0,
+        tail_group if render else 0,
     )
 
 
