@@ -550,6 +550,7 @@ def match_area(
     # ended: sub-pixel peaks lag the true residual motion, so strongly distorted pairs need a
     # few), then one round on the full grid gives the result
     last_step = float("inf")
+    settled = False
     for i in range(int(config.max_rounds)):
         fwd, bwd = both_ways(sparse, m)
         if fwd.m is None or bwd.m is None:
@@ -564,7 +565,12 @@ def match_area(
             break
         m, last_step = new, step
         if i >= config.refine_rounds and step * g <= config.settled_px:
+            settled = True
             break
+    if settled and config.final_sparse:
+        # the last round ran on the final round's grid and window and moved the estimate by
+        # at most settled_px: it is the final round (a repeat from here moves it by less)
+        return _judge(fwd, bwd, m, g, shape_yx, config, coarse)
     fwd, bwd = both_ways(sparse if config.final_sparse else config, m)
     if fwd.m is not None and bwd.m is not None:
         m = 0.5 * (np.linalg.inv(fwd.m) + bwd.m)
