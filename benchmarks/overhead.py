@@ -46,19 +46,27 @@ class _Stop(Exception):
 
 
 class _TimedClient:
-    """Forward to a Client; note when the ``window``-th unit has been submitted."""
+    """Forward to a Client; note when the ``window``-th unit has been submitted (submit or map)."""
 
     def __init__(self, client: object, window: int) -> None:
         self._client, self._window, self.n = client, window, 0
         self.t0 = time.perf_counter()
         self.window_submitted_s: float | None = None
 
+    def _count(self, n: int) -> None:
+        before, self.n = self.n, self.n + n
+        if before < self._window <= self.n:
+            self.window_submitted_s = time.perf_counter() - self.t0
+
     def submit(self, *args: object, **kwargs: object) -> object:
         fut = self._client.submit(*args, **kwargs)  # type: ignore[attr-defined]
-        self.n += 1
-        if self.n == self._window:
-            self.window_submitted_s = time.perf_counter() - self.t0
+        self._count(1)
         return fut
+
+    def map(self, *args: object, **kwargs: object) -> list:
+        futs = self._client.map(*args, **kwargs)  # type: ignore[attr-defined]
+        self._count(len(futs))
+        return futs
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._client, name)

@@ -47,6 +47,10 @@ CONTROL_POLL_S = 0.2
 #: cluster may grow to: queued units are what the scheduler's adaptive target sees
 WINDOW_PER_THREAD = 4
 WINDOW_MIN = 16
+#: new units are submitted once this share of the window is free, together (one graph per
+#: batch: the scheduler's cost per graph -- its update_graph, an offload to a thread -- and the
+#: driver's per submit are paid once per batch); the window stays at least half full
+REFILL_SHARE = 0.5
 
 # unit events of each run already copied from the plugin to the journal (emflow_control cursor)
 _CURSORS: dict[str, int] = {}
@@ -385,7 +389,8 @@ def run_stage(
 
     With ``client=None`` units run here, in order (notebooks, pdb). With a Dask
     client they are submitted in a window of ``window`` units (default WINDOW_PER_THREAD per
-    thread the cluster has or may adapt to, at least WINDOW_MIN); each unit passes the run's
+    thread the cluster has or may adapt to, at least WINDOW_MIN), refilled in batches once
+    REFILL_SHARE of it is free; each unit passes the run's
     start gate on its worker, so none starts while the run or this stage is paused (``emflow pause``) and none after
     ``emflow cancel``. ``where="driver"`` runs the units here, in order, yet through
     the same gate and lattice (the solve and finalize steps of a pipeline).
@@ -797,6 +802,39 @@ def _window(client: Any) -> int:
     return max(WINDOW_MIN, WINDOW_PER_THREAD * max(1, threads))
 
 
+def _submit_units(
+    client: Any, call: Callable[..., Any], batch: list[Unit], hooks: _Hooks, stage: str, run_id: str
+) -> list[Any]:
+    """Futures of ``call(u.fn, marker, *u.args)`` for the units of ``batch``, in order: one
+    ``Client.map`` (one graph) per run of units with the same number of arguments."""
+    futures: list[Any] = []
+    start = 0
+    while start < len(batch):
+        nargs = len(batch[start].args)
+        end = start + 1
+        while end < len(batch) and len(batch[end].args) == nargs:
+            end += 1
+        part = batch[start:end]
+        if len(part) == 1:
+            u = part[0]
+            futures.append(
+                client.submit(
+                    call, u.fn, hooks.marker(u), *u.args,
+                    key=unit_key(stage, run_id, u.index), pure=False,
+                )  # fmt: skip
+            )
+        else:
+            columns = [[u.args[i] for u in part] for i in range(nargs)]
+            futures.extend(
+                client.map(
+                    call, [u.fn for u in part], [hooks.marker(u) for u in part], *columns,
+                    key=[unit_key(stage, run_id, u.index) for u in part], pure=False,
+                )  # fmt: skip
+            )
+        start = end
+    return futures
+
+
 def _run_dask(
     todo: Sequence[Unit],
     client: Any,
@@ -846,20 +884,20 @@ def _run_dask(
         nonlocal window, next_window
         if fixed_window is None and time.monotonic() > next_window:  # workers join and leave
             window, next_window = _window(client), time.monotonic() + 2.0
-        while (retry or pending) and len(in_flight) < window:
-            if retry:
-                fut, u = retry.popleft()
-                fut.retry()
-            else:
-                u = pending.popleft()
-                fut = client.submit(
-                    durable_call,
-                    u.fn,
-                    hooks.marker(u),
-                    *u.args,
-                    key=unit_key(stage, run_id, u.index),
-                    pure=False,
-                )
+        while retry and len(in_flight) < window:
+            fut, u = retry.popleft()
+            fut.retry()
+            in_flight[fut.key] = u
+            ac.add(fut)
+        free = window - len(in_flight)
+        if not pending or free <= 0:
+            return
+        # new units go in batches (one graph each: the scheduler's per-graph cost is paid
+        # once per batch, not per unit) once a REFILL_SHARE of the window is free
+        if in_flight and free < min(len(pending), max(1, int(window * REFILL_SHARE))):
+            return
+        batch = [pending.popleft() for _ in range(min(free, len(pending)))]
+        for fut, u in zip(_submit_units(client, durable_call, batch, hooks, stage, run_id), batch):
             in_flight[fut.key] = u
             ac.add(fut)
 
