@@ -162,9 +162,11 @@ def match_unit(
     z_b: int,
     config: dict,
     initial: list[list[float]] | None = None,
+    initial_close: bool = False,
 ) -> dict:
     """Match the saved features of two slices (from ``initial``, a 2x3 b -> a estimate, if
-    given); returns the PairResult as a dict."""
+    given; ``initial_close``: see :func:`~emflow.align.match.match_features`); returns the
+    PairResult as a dict."""
     import cv2
 
     from emflow.align.match import MatchConfig, match_features
@@ -177,6 +179,7 @@ def match_unit(
         z_b=z_b,
         config=MatchConfig(**config),
         initial=None if initial is None else np.asarray(initial, np.float64),
+        initial_close=initial_close,
     )
     return result.to_dict()
 
@@ -226,6 +229,7 @@ def align_stack(
     from emflow.align.pairs import (
         bridge_pairs,
         check_neighbours,
+        close_estimate,
         neighbour_pairs,
         skipped,
         summary_lines,
@@ -275,22 +279,27 @@ def align_stack(
     MatchConfig(**config)  # fail early on a bad field
     zs = list(range(len(catalog.slices)))
 
-    def match_round(name: str, plan: list) -> dict[tuple[int, int], PairResult]:
+    def match_round(
+        name: str, plan: list, before: dict[tuple[int, int], PairResult]
+    ) -> dict[tuple[int, int], PairResult]:
         round_units = []
         for i, (a, b, m) in enumerate(plan):
             if (s := skipped(a, b, bad)) is not None:  # not matched: its result is known
                 round_units.append(Unit(i, _known, (s.to_dict(),)))
                 continue
             initial = None if m is None else np.asarray(m).tolist()
-            round_units.append(Unit(i, match_unit, (paths[a], paths[b], a, b, config, initial)))
+            close = m is not None and close_estimate(before, a, b)
+            round_units.append(
+                Unit(i, match_unit, (paths[a], paths[b], a, b, config, initial, close))
+            )
         done: dict[tuple[int, int], PairResult] = {}
         for d in stage(name, round_units).values():
             p = PairResult.from_dict(d)
             done[(p.z_a, p.z_b)] = p
         return done
 
-    first = match_round("match", [(a, b, None) for a, b in neighbour_pairs(zs)])
-    second = match_round("match2", bridge_pairs(zs, first, bad))
+    first = match_round("match", [(a, b, None) for a, b in neighbour_pairs(zs)], {})
+    second = match_round("match2", bridge_pairs(zs, first, bad), first)
     pairs = [p for _, p in sorted({**first, **second}.items())]
     failed, stop = check_neighbours(pairs, say)
     if stop:

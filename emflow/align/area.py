@@ -70,6 +70,7 @@ class AreaConfig:
     refine_search_px: int = 8
     refine_rounds: int = 1  # sparse-grid rounds after the first, at least ...
     max_rounds: int = 8  # ... and at most, until the corners move less than settled_px
+    # (0: no sparse rounds, the final round measures from the start estimate at once)
     settled_px: float = 0.2  # full-resolution px
     blur_px: float = 1.0  # Gaussian sigma applied before correlating
     min_ncc: float = 0.2  # patches whose peak NCC is lower are not used

@@ -19,12 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from emflow.align.match import PairResult, failed_pair
+from emflow.align.match import PairResult, failed_pair, sift_trusted
 
 __all__ = [
     "BRIDGE_REACH",
     "bridge_pairs",
     "check_neighbours",
+    "close_estimate",
     "composed_estimate",
     "failed_neighbours",
     "neighbour_pairs",
@@ -67,6 +68,17 @@ def composed_estimate(
             return None
         m = m @ np.vstack([p.matrix_array, [0.0, 0.0, 1.0]])
     return m[:2]
+
+
+def close_estimate(results: Mapping[tuple[int, int], PairResult], z_a: int, z_b: int) -> bool:
+    """Whether the composed estimate of second neighbours ``(z_a, z_b)`` comes from two SIFT
+    fits that stand alone (:func:`~emflow.align.match.sift_trusted`: slices that share their
+    fine detail, e.g. FIB-SEM): the area matcher then measures once from it
+    (``match_features(initial_close=True)``)."""
+    if z_b - z_a != 2:
+        return False
+    links = [results.get((z, z + 1)) for z in (z_a, z_a + 1)]
+    return all(p is not None and sift_trusted(p) for p in links)
 
 
 def bridge_pairs(

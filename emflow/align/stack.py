@@ -16,7 +16,7 @@ import numpy as np
 from emflow.align.features import Features, compute_features, working_block_means
 from emflow.align.frame import footprint_hull
 from emflow.align.match import MatchConfig, PairResult, match_features
-from emflow.align.pairs import bridge_pairs, neighbour_pairs, skipped
+from emflow.align.pairs import bridge_pairs, close_estimate, neighbour_pairs, skipped
 from emflow.align.quality import assess_slice
 from emflow.align.solve import Alignment, solve
 from emflow.align.trend import footprint_pose
@@ -51,8 +51,10 @@ def _match_one(job: tuple, config: MatchConfig) -> PairResult:
     import cv2
 
     cv2.setNumThreads(1)
-    fa, fb, z_a, z_b, initial = job
-    return match_features(fa, fb, z_a=z_a, z_b=z_b, config=config, initial=initial)
+    fa, fb, z_a, z_b, initial, close = job
+    return match_features(
+        fa, fb, z_a=z_a, z_b=z_b, config=config, initial=initial, initial_close=close
+    )
 
 
 def match_pairs(
@@ -66,15 +68,22 @@ def match_pairs(
     config = config or MatchConfig()
     zs = range(len(features))
 
-    def run(plan: list[tuple[int, int, np.ndarray | None]]) -> dict[tuple[int, int], PairResult]:
+    def run(
+        plan: list[tuple[int, int, np.ndarray | None]],
+        before: Mapping[tuple[int, int], PairResult],
+    ) -> dict[tuple[int, int], PairResult]:
         done = {(a, b): s for a, b, _ in plan if (s := skipped(a, b, bad)) is not None}
-        todo = [(features[a], features[b], a, b, m) for a, b, m in plan if (a, b) not in done]
+        todo = [
+            (features[a], features[b], a, b, m, m is not None and close_estimate(before, a, b))
+            for a, b, m in plan
+            if (a, b) not in done
+        ]
         for p in map_(partial(_match_one, config=config), todo):
             done[(p.z_a, p.z_b)] = p
         return done
 
-    first = run([(a, b, None) for a, b in neighbour_pairs(zs)])
-    second = run(bridge_pairs(zs, first, bad))
+    first = run([(a, b, None) for a, b in neighbour_pairs(zs)], {})
+    second = run(bridge_pairs(zs, first, bad), first)
     return [p for _, p in sorted({**first, **second}.items())]
 
 
