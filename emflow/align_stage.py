@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -339,8 +340,14 @@ def align_stack(
     )
     if alignment.cropped:
         say(crop_line(alignment.cropped))
-    content = measure_links(alignment, pairs, paths, stage)
-    write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx, content)
+    # the reslices need the solved transforms only: the driver draws them (matplotlib's import
+    # and first figure included, ~1 CPU-s) while the workers measure the links, instead of
+    # after them with the workers idle
+    with ThreadPoolExecutor(1, thread_name_prefix="emflow-qc-reslices") as pool:
+        drawn = pool.submit(write_reslices, alignment, paths, run_dir, recipe)
+        content = measure_links(alignment, pairs, paths, stage)
+        drawn.result()
+    write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx, content, reslices=False)
     used = [v for v in content.values() if v["median_px"] is not None]
     if used:
         say(
@@ -463,20 +470,31 @@ def write_qc(
     recipe: Recipe,
     shape_yx: tuple[int, int],
     content: dict[tuple[int, int], dict] | None = None,
+    reslices: bool = True,
 ) -> None:
     """Pair table (CSV), residual/inlier plots and before/after XZ/YZ reslices (PNG) in
     run_dir/qc. ``alignment`` None (the run stops before a solve): pairs only; the reslices
-    need the features' thumbnails (a rerun after they were tidied away keeps the old PNG)."""
-    import cv2
-
+    need the features' thumbnails (a rerun after they were tidied away keeps the old PNG).
+    ``reslices`` False: not the reslices (:func:`write_reslices`, which :func:`align_stack`
+    runs beside the qc stage)."""
     from emflow.align import qc
 
     qc_dir = run_dir / "qc"
     qc_dir.mkdir(exist_ok=True)
     qc.write_pair_table(pairs, alignment, qc_dir / "pairs.csv", shape_yx=shape_yx, content=content)
     qc.plot_pairs(pairs, alignment, qc_dir / "pairs.png", shape_yx=shape_yx, content=content)
-    if alignment is None:
-        return  # no solve yet
+    if alignment is not None and reslices:
+        write_reslices(alignment, feature_paths, run_dir, recipe)
+
+
+def write_reslices(alignment: Any, feature_paths: list[str], run_dir: Path, recipe: Recipe) -> None:
+    """run_dir/qc/reslices.png: XZ/YZ reslices of the features' thumbnails before and after
+    ``alignment``; nothing when the features were tidied away (a complete run's rerun keeps
+    the old PNG)."""
+    import cv2
+
+    from emflow.align import qc
+
     thumbs, scale = [], 1
     for p in feature_paths:
         try:
@@ -500,6 +518,8 @@ def write_qc(
         small = (s_inv @ full @ s)[:2]
         after[z] = cv2.warpAffine(thumb, small, (fx, fy), flags=cv2.INTER_LINEAR, borderValue=0)
     vs = recipe.voxel_size_nm
+    qc_dir = run_dir / "qc"
+    qc_dir.mkdir(exist_ok=True)
     qc.plot_reslices(before, after, qc_dir / "reslices.png", (vs[0] * scale, vs[1] * scale, vs[2]))
 
 
