@@ -435,8 +435,6 @@ def sift_trusted(p: PairResult) -> bool:
     )
 
 
-
-
 def _match_sift(fa: Features, fb: Features, z_a: int, z_b: int, config: MatchConfig) -> PairResult:
     """SIFT pair fit at the working scale, then on the coarse feature sets if that fails."""
     first = _match_at_scale(fa, fb, z_a, z_b, config)
