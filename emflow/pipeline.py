@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,11 +297,11 @@ def pyramid_stages(
         and runmirror.for_dir(run_dir) is None
         and not done_markers(run_dir, plan.passes[0].stage)
     )
-    opening = None if not overlap else _Background(open_outputs, "emflow-open-outputs")
-    if opening is None:
-        open_outputs()
     render_dir = None
-    try:
+    with ThreadPoolExecutor(1, thread_name_prefix="emflow-open-outputs") as pool:
+        opening = pool.submit(open_outputs) if overlap else None
+        if opening is None:
+            open_outputs()
         if plan.render_stage:
             render_dir = str(runmirror.data_path(run_dir, rendercache.FOLDER))
             _drop_lost_renders(run_dir, plan)
@@ -311,9 +312,8 @@ def pyramid_stages(
                 args = (how, slices[z0:z1], render_dir)
                 units.append(Unit(i, render_slices, args, per_slice * (z1 - z0)))
             stage("render", units)
-    finally:
         if opening is not None:
-            opening.join()  # its error, if any, is raised here (after the render stage's own)
+            opening.result()  # its error, if any (the render stage's own comes first)
     for p in plan.passes:
         units = []
         for i in range(p.n_units):
@@ -338,32 +338,6 @@ def pyramid_stages(
             units.append(Unit(i, build_brick, (job,), job.bytes_in))
         stage(p.stage, units)
     return writers
-
-
-class _Background:
-    """Run ``fn`` in a driver thread; :meth:`join` waits for it and raises what it raised."""
-
-    def __init__(self, fn: Any, name: str) -> None:
-        import threading
-
-        self._error: BaseException | None = None
-
-        def body() -> None:
-            try:
-                fn()
-            except BaseException as exc:  # re-raised in the caller by join()
-                self._error = exc
-
-        self._thread = threading.Thread(target=body, name=name)
-        self._thread.start()
-
-    def join(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            err, self._error = self._error, None
-            if sys.exc_info()[1] is None:  # an error already leaving the caller comes first
-                raise err
-            logger.warning("%s: %s", self._thread.name, err)
 
 
 def _labels(p: Pass) -> list[str] | None:
@@ -652,18 +626,19 @@ def _run(
     )  # fmt: skip
     # every pass is done: no unit reads the rendered copy again (a resumed run renders again
     # only for pass-0 units not done), so a local one is deleted while the outputs finalize
-    removed: list[str] = []
-    tidying = None
-    if plan.render_stage and not recipe.output_remote and runmirror.for_dir(run_dir) is None:
-        tidying = _Background(
-            lambda: removed.extend(tidy_run_folder(run_dir, recipe.run.keep, only=("rendered",))),
-            "emflow-tidy-rendered",
-        )
+    tidy_rendered = (
+        plan.render_stage and not recipe.output_remote and runmirror.for_dir(run_dir) is None
+    )
     # finalize: metadata, then move complete volumes into place (a unit per output)
     out_paths = {
         w.name: f"{root}/{w.name}" if recipe.output_remote else root / w.name for w in writers
     }
-    try:
+    with ThreadPoolExecutor(1, thread_name_prefix="emflow-tidy-rendered") as pool:
+        tidying = (
+            pool.submit(tidy_run_folder, run_dir, recipe.run.keep, only=("rendered",))
+            if tidy_rendered
+            else None
+        )
         stage(
             "finalize",
             [
@@ -672,9 +647,7 @@ def _run(
             ],
             where="driver",
         )
-    finally:
-        if tidying is not None:
-            tidying.join()
+        removed = tidying.result() if tidying is not None else []
     removed = tidy_run_folder(run_dir, recipe.run.keep) + removed
     if removed:
         say(f"removed intermediates from {run_dir}: {', '.join(removed)} (run.keep keeps them)")
