@@ -8,8 +8,10 @@ apart from the driver's), then:
    ``plan.plan_output`` (levels, slabs, coarse passes), plus one no-op ``Unit`` per
    slice (the per-slice stages, e.g. features) -- time and driver memory;
 2. runs that stage through ``emflow.lattice.execute.run_stage`` (bounded window, keys
-   ``("emflow-<stage>-<run>", i)``) and stops it after ``units`` results: time to the
-   first result (first window submitted + one round trip), units/s after that;
+   ``("emflow-<stage>-<run>", i)``; with 100,000 units on 2 threads run_stage runs
+   ``batch`` consecutive units per task, keyed ``("emflow-<stage>-<run>", (i, ...))``) and
+   stops it after ``units`` results: time to the first result (first window submitted + one
+   round trip), units/s after that;
 3. runs the same stage again without a run folder (no done markers, no journal):
    ``no_run_dir``, the cost of the markers by difference;
 4. reports the CPU-seconds per unit of driver, scheduler and workers (a figure that
@@ -316,6 +318,12 @@ def run(slices: int, units: int, workers: int) -> dict:
             timed, times = _run_units(client, unit_list, units, window, tmp / "run", have_emflow)
             out["cpu_ms_per_unit"] = _cpu_per_unit(cpu0, _cpu_s(groups), len(times))
             out["window"] = window
+            try:  # units per task run_stage chose for this stage (older emflow: one)
+                from emflow.lattice.execute import _threads, batch_size
+
+                out["batch"] = batch_size(len(unit_list), _threads(client))
+            except ImportError:
+                out["batch"] = 1
             out["first_window_submitted_s"] = (
                 round(timed.window_submitted_s, 4) if timed.window_submitted_s is not None else None
             )

@@ -82,3 +82,19 @@ def test_a_lost_or_empty_marker_makes_only_its_unit_run_again(tmp_path):
     # a third run finds every unit done: nothing runs
     assert run_stage("slab", units, run_dir=run_dir, run_id="r") == first
     assert len((data / "runs.log").read_text().split()) == 9
+
+
+def test_reserved_markers_read_as_absent_until_written_and_keep_a_written_one(tmp_path):
+    """The driver reserves a batch's markers (empty files) so that workers write into files
+    that exist: a reserved marker is not done; reserving never empties a written marker."""
+    paths = [str(lat.marker_path(tmp_path, "features", i)) for i in range(4)]
+    lat.write_marker(lat.marker_path(tmp_path, "features", 2), PAYLOAD, durable=False)
+    lat.reserve_markers(paths)  # also makes done/features/ (it exists here already)
+    size = len(json.dumps(PAYLOAD, separators=(",", ":")))
+    assert [os.path.getsize(p) for p in paths] == [0, 0, size, 0]
+    assert [lat.read_marker(p) for p in paths] == [None, None, PAYLOAD, None]
+    assert list(lat.done_markers(tmp_path, "features")) == [2]
+    lat.write_marker(lat.marker_path(tmp_path, "features", 0), {"result": 0}, durable=False)
+    assert lat.done_markers(tmp_path, "features") == {0: {"result": 0}, 2: PAYLOAD}
+    lat.reserve_markers([str(lat.marker_path(tmp_path / "fresh", "slab", 7))])  # makes the folder
+    assert lat.marker_path(tmp_path / "fresh", "slab", 7).read_bytes() == b""

@@ -98,7 +98,8 @@ from emflow.lattice.markers import MARKERS as MARKERS
 from emflow.lattice.markers import RUN_JSON as RUN_JSON
 from emflow.lattice.markers import SCHEDULER_JSON as SCHEDULER_JSON
 from emflow.lattice.markers import _fsync_dir as _fsync_dir
-from emflow.lattice.markers import done_markers, marker_path, sync_markers, write_marker
+from emflow.lattice.markers import done_markers, marker_path, reserve_markers, sync_markers
+from emflow.lattice.markers import write_marker
 from emflow.lattice.markers import read_marker as read_marker
 from emflow.lattice.plugin import PLUGIN_NAME as PLUGIN_NAME
 from emflow.lattice.plugin import LatticePlugin, parse_key
@@ -141,6 +142,7 @@ __all__ = [
     "open_run",
     "parse_key",
     "read_journal",
+    "reserve_markers",
     "session_id",
     "start_session",
     "summarize_journal",

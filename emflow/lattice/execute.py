@@ -11,6 +11,12 @@ With ``run_dir`` (the run folder, see :mod:`emflow.lattice`) every unit runs
 inside :func:`durable_call`, which writes the unit's done marker atomically
 after the unit function returned; units whose marker exists are skipped and
 return their recorded result; the driver appends every outcome to the journal.
+
+A stage with thousands of units per worker thread (:func:`batch_size`; e.g. the per-slice
+stages of a 100,000-slice run) runs k consecutive units per task (:func:`durable_batch`, key
+``("emflow-<stage>-<run_id>", (i, j, ...))``), each still through its own gate check, done
+marker, result event and journal records: Dask's per-task cost (about 2 ms of CPU between
+driver, scheduler and workers) is then paid once per k units.
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ WINDOW_MIN = 16
 #: batch: the scheduler's cost per graph -- its update_graph, an offload to a thread -- and the
 #: driver's per submit are paid once per batch); the window stays at least half full
 REFILL_SHARE = 0.5
+#: units per task where a stage has many units per worker thread: one task runs up to
+#: BATCH_MAX consecutive units (each with its own gate check, marker and result), so Dask's
+#: per-task cost (scheduler, worker, driver) is paid once per batch. A stage batches only
+#: from BATCH_FROM units per thread (k = units per thread // BATCH_FROM, at most BATCH_MAX):
+#: ordinary runs (tens to hundreds of units) keep one unit per task
+BATCH_FROM = 1000
+BATCH_MAX = 16
 
 # unit events of each run already copied from the plugin to the journal (emflow_control cursor)
 _CURSORS: dict[str, int] = {}
@@ -150,15 +163,17 @@ _QUIET = _QuietBadInput()
 _NO_GATE: set[str] = set()  # schedulers (by address) without the lattice plugin
 
 
-def _gate() -> dict[str, Any] | None:
-    """May the unit this worker thread runs start? From the gate table the scheduler pushed
-    to this worker (:mod:`emflow.lattice.gate`), else asked of the scheduler (see
-    :meth:`LatticePlugin.gate`); None when not on a Dask worker or there is no plugin."""
+def _gate(key: Any = None) -> dict[str, Any] | None:
+    """May the unit this worker thread runs (``key``: that unit of a batch task) start? From
+    the gate table the scheduler pushed to this worker (:mod:`emflow.lattice.gate`), else asked
+    of the scheduler (see :meth:`LatticePlugin.gate`); None when not on a Dask worker or there
+    is no plugin."""
     try:
         from distributed import get_worker
 
         worker = get_worker()
-        key = worker.get_current_task()
+        if key is None:
+            key = worker.get_current_task()
     except (ImportError, ValueError, KeyError):
         return None
     if not (isinstance(key, tuple) and len(key) == 2 and str(key[0]).startswith("emflow-")):
@@ -187,12 +202,14 @@ def _gate() -> dict[str, Any] | None:
     return ans
 
 
-def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict[str, Any]:
+def durable_call(
+    fn: Callable[..., Any], marker: str | None, *args: Any, _key: Any = None
+) -> dict[str, Any]:
     """:func:`_durable_call`, with failures that would recur (no space, no permission) made
     one-line :class:`~emflow.errors.EmflowError` s, so the run stops at once instead of retrying.
     """
     try:
-        return _durable_call(fn, marker, *args)
+        return _durable_call(fn, marker, *args, _key=_key)
     except Exception as exc:
         err = deterministic(exc)
         if err is None or err is exc:
@@ -200,7 +217,9 @@ def durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict
         raise err from exc
 
 
-def _durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dict[str, Any]:
+def _durable_call(
+    fn: Callable[..., Any], marker: str | None, *args: Any, _key: Any = None
+) -> dict[str, Any]:
     """Run a unit function and then record it durably (runs on the worker).
 
     Returns ``{"result", "worker", "start", "end", "attempt", "reused"}``, or
@@ -209,7 +228,8 @@ def _durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dic
     recomputation after a lost worker is a no-op), and otherwise the marker is written
     atomically *after* ``fn`` returned (unit functions return only once their output is
     written). The result is round-tripped through JSON so a fresh and a resumed run
-    return the same values.
+    return the same values. ``_key``: the unit's own key when it runs inside a batch task
+    (:func:`durable_batch`); None: the task's key.
     """
     worker_log = logging.getLogger("distributed.worker")
     if _QUIET not in worker_log.filters:
@@ -217,10 +237,10 @@ def _durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dic
     if marker is not None:
         old = lat.read_marker(Path(marker))
         if old is not None:
-            return _sent({**old, "reused": True})
-    gate = _gate()
+            return _sent({**old, "reused": True}, _key)
+    gate = _gate(_key)
     if gate is not None and not gate.get("go", True):
-        return _sent({"deferred": True})
+        return _sent({"deferred": True}, _key)
     start = time.time()
     result = fn(*args)
     end = time.time()
@@ -243,23 +263,55 @@ def _durable_call(fn: Callable[..., Any], marker: str | None, *args: Any) -> dic
             ) from exc
         lat.write_marker(Path(marker), payload, durable=False)  # see lattice.markers
     payload["reused"] = False
-    return _sent(payload)
+    return _sent(payload, _key)
 
 
-def _sent(payload: dict[str, Any]) -> dict[str, Any]:
+def _sent(payload: dict[str, Any], key: Any = None) -> dict[str, Any]:
     """The unit's payload, also sent to its driver ahead of the task's result when on a worker
-    with the gate plugin (:mod:`emflow.lattice.gate`): no gather round trip per unit."""
+    with the gate plugin (:mod:`emflow.lattice.gate`): no gather round trip per unit.
+    ``key``: the unit's key inside a batch task (the lattice marks it done on receipt)."""
     try:
         from distributed import get_worker
 
         worker = get_worker()
-        key = worker.get_current_task()
+        batch = key is not None
+        if key is None:
+            key = worker.get_current_task()
     except (ImportError, ValueError, KeyError):
         return payload
     table = worker.plugins.get(lat.GATE_PLUGIN)
     if table is not None and isinstance(key, tuple) and len(key) == 2:
-        table.send_result(key, payload)
+        table.send_result(key, payload, batch=batch)
     return payload
+
+
+def durable_batch(
+    prefix: str, units: Sequence[tuple[int, Callable[..., Any], str | None, tuple]]
+) -> list[dict[str, Any]]:
+    """Run consecutive units ``(index, fn, marker, args)`` of one stage in one task, each as
+    :func:`durable_call` runs it alone: its own gate check, done marker, result event.
+
+    Returns one payload per unit, in order. Once the gate refuses a unit (paused, cancelled)
+    it and the rest come back ``{"deferred": True}`` without running. A unit that raises stops
+    the batch: the exception propagates with ``emflow_unit`` set to that unit's index (the
+    units before it are done: markers written, results sent), so the driver redoes only the
+    units of the batch that did not finish.
+    """
+    out: list[dict[str, Any]] = []
+    for pos, (index, fn, marker, args) in enumerate(units):
+        try:
+            payload = durable_call(fn, marker, *args, _key=(prefix, index))
+        except BaseException as exc:
+            try:
+                exc.emflow_unit = index  # type: ignore[attr-defined]
+            except AttributeError:  # pragma: no cover - exceptions without a __dict__
+                pass
+            raise
+        out.append(payload)
+        if payload.get("deferred"):
+            out.extend({"deferred": True} for _ in units[pos + 1 :])
+            break
+    return out
 
 
 def _driver_marker(run_dir: Path, stage: str, index: int, payload: dict[str, Any]) -> dict:
@@ -384,6 +436,7 @@ def run_stage(
     keep_going: bool = False,
     where: str = "workers",
     labels: Sequence[str] | None = None,
+    batch: int | None = None,
 ) -> dict[int, Any]:
     """Run every unit of a stage and return ``{index: result}``.
 
@@ -414,6 +467,11 @@ def run_stage(
         are orphaned, and :func:`check_complete` raises at the end of the run.
     labels
         Per-unit labels for the dashboard (e.g. the z range of a slab).
+    batch
+        Units per Dask task (consecutive units run one after another by
+        :func:`durable_batch`, each with its own gate check, marker, result and journal
+        records). None (default): :func:`batch_size` of the stage's units per worker
+        thread -- 1 (a task per unit) unless the stage has thousands of units per thread.
 
     Raises
     ------
@@ -431,7 +489,7 @@ def run_stage(
         return _run_stage(
             stage, units, client=client, run_id=run_id, window=window, retries=retries,
             progress=progress, on_result=on_result, run_dir=run_dir, keep_going=keep_going,
-            where=where, labels=labels, driver_markers=False,
+            where=where, labels=labels, driver_markers=False, batch=batch,
         )  # fmt: skip
     mirror.flush()
     mirror.live(True)
@@ -440,6 +498,7 @@ def run_stage(
             stage, units, client=client, run_id=run_id, window=window, retries=retries,
             progress=progress, on_result=on_result, run_dir=run_dir, keep_going=keep_going,
             where=where, labels=labels, driver_markers=client is not None and where != "driver",
+            batch=batch,
         )  # fmt: skip
     except BaseException as exc:
         mirror.live(False)
@@ -469,6 +528,7 @@ def _run_stage(
     where: str,
     labels: Sequence[str] | None,
     driver_markers: bool,
+    batch: int | None = None,
 ) -> dict[int, Any]:
     results: dict[int, Any] = {}
     progress = progress or Progress(stage, len(units), enabled=False)
@@ -589,7 +649,7 @@ def _run_stage(
             failures, cancelled = _run_here(todo, retries, hooks, control, run_id)
         else:
             failures, cancelled = _run_dask(
-                todo, client, run_id, window, retries, hooks, control, journal, sid
+                todo, client, run_id, window, retries, hooks, control, journal, sid, batch
             )
         for f in failures:
             failed_before[(stage, f["index"])] = f
@@ -792,6 +852,11 @@ def _next_ready(ac: Any, timeout: float) -> list[Any]:
 
 def _window(client: Any) -> int:
     """Units to keep in flight: WINDOW_PER_THREAD per thread the cluster has or may adapt to."""
+    return max(WINDOW_MIN, WINDOW_PER_THREAD * _threads(client))
+
+
+def _threads(client: Any) -> int:
+    """Worker threads the cluster has or may adapt to (at least 1)."""
     nthreads = client.nthreads()
     threads = sum(nthreads.values())
     per_worker = threads / len(nthreads) if nthreads else 1
@@ -799,7 +864,37 @@ def _window(client: Any) -> int:
     maximum = getattr(adaptive, "maximum", None) if adaptive is not None else None
     if isinstance(maximum, int | float) and maximum < float("inf"):
         threads = max(threads, int(maximum * per_worker))
-    return max(WINDOW_MIN, WINDOW_PER_THREAD * max(1, threads))
+    return max(1, threads)
+
+
+def batch_size(units: int, threads: int) -> int:
+    """Units per task for a stage of ``units`` units on ``threads`` worker threads (see
+    BATCH_FROM): 1 below BATCH_FROM units per thread, at most BATCH_MAX."""
+    per_thread = units // max(1, threads)
+    return max(1, min(BATCH_MAX, per_thread // BATCH_FROM))
+
+
+def batch_key(stage: str, run_id: str, indices: Sequence[int]) -> tuple[str, tuple[int, ...]]:
+    """The Dask key of a batch task: ``("emflow-<stage>-<run>", (i, j, ...))`` (its units)."""
+    return (unit_key(stage, run_id, 0)[0], tuple(int(i) for i in indices))
+
+
+def _submit_batches(
+    client: Any, units: list[Unit], k: int, hooks: _Hooks, stage: str, run_id: str
+) -> list[tuple[Any, list[Unit]]]:
+    """``(future, its units)`` of :func:`durable_batch` tasks of up to ``k`` consecutive units
+    of ``units``, in order: one ``Client.map`` (one graph)."""
+    groups = [units[i : i + k] for i in range(0, len(units), k)]
+    prefix = unit_key(stage, run_id, 0)[0]
+    specs = [[(u.index, u.fn, hooks.marker(u), tuple(u.args)) for u in g] for g in groups]
+    paths = [spec[2] for g in specs for spec in g if spec[2] is not None]
+    if paths:
+        lat.reserve_markers(paths)
+    futures = client.map(
+        durable_batch, [prefix] * len(groups), specs,
+        key=[batch_key(stage, run_id, [u.index for u in g]) for g in groups], pure=False,
+    )  # fmt: skip
+    return list(zip(futures, groups, strict=True))
 
 
 def _submit_units(
@@ -845,6 +940,7 @@ def _run_dask(
     control: _Control,
     journal: lat.Journal | None,
     sid: str | None,
+    batch: int | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     from distributed import as_completed
 
@@ -852,10 +948,13 @@ def _run_dask(
     fixed_window = window
     window = fixed_window or _window(client)
     next_window = time.monotonic() + 2.0
+    # units per task (1: one task per unit, keyed by it); the window counts tasks
+    k = max(1, int(batch)) if batch is not None else batch_size(len(todo), _threads(client))
 
     pending: deque[Unit] = deque(todo)
     retry: deque[tuple[Any, Unit]] = deque()  # erred futures to retry (same key) on release
     in_flight: dict[Any, Unit] = {}
+    batches: dict[Any, list[Unit]] = {}  # batch task key -> its units (k > 1)
     attempts: dict[int, int] = {}
     failures: list[dict[str, Any]] = []
     # results come ahead of the completions as client events (emflow.lattice.gate), else
@@ -896,10 +995,60 @@ def _run_dask(
         # once per batch, not per unit) once a REFILL_SHARE of the window is free
         if in_flight and free < min(len(pending), max(1, int(window * REFILL_SHARE))):
             return
+        if k > 1:
+            batch = [pending.popleft() for _ in range(min(free * k, len(pending)))]
+            for fut, group in _submit_batches(client, batch, k, hooks, stage, run_id):
+                batches[fut.key] = group
+                in_flight[fut.key] = group[0]
+                ac.add(fut)
+            return
         batch = [pending.popleft() for _ in range(min(free, len(pending)))]
         for fut, u in zip(_submit_units(client, durable_call, batch, hooks, stage, run_id), batch):
             in_flight[fut.key] = u
             ac.add(fut)
+
+    def batch_ended(fut: Any, group: list[Unit]) -> None:
+        """Record the units of a batch task that ended: done ones done, the failed one failed
+        (or tried again), the rest back to waiting (they are submitted again)."""
+        payloads = [delivered.pop((prefix, u.index), None) for u in group]
+        exc: BaseException | None = None
+        if fut.status == "finished":
+            if any(p is None for p in payloads):  # not sent ahead: gather them
+                payloads = [p or q for p, q in zip(payloads, fut.result(), strict=True)]
+        elif fut.status != "cancelled":
+            exc = fut.exception()
+        fut.release()
+        failed_at = getattr(exc, "emflow_unit", None)
+        again: list[Unit] = []
+        deferred = False
+        for u, payload in zip(group, payloads, strict=True):
+            if payload is not None and not payload.get("deferred"):
+                attempts[u.index] = attempts.get(u.index, 0) + 1
+                hooks.done(u, payload, attempts[u.index])
+                continue
+            deferred = deferred or payload is not None
+            if exc is None or (failed_at is not None and u.index != failed_at):
+                again.append(u)  # not run (refused, cancelled, after the failed unit)
+                continue
+            attempts[u.index] = attempts.get(u.index, 0) + 1
+            n = attempts[u.index]
+            if isinstance(exc, FATAL_ERRORS):
+                hooks.failed(u, exc, n, True)
+                for other in list(ac.futures):
+                    other.cancel()
+                raise exc
+            final = n >= retries + 1 or control.cancelled
+            hooks.failed(u, exc, n, final)
+            if final:
+                failures.append(
+                    {"stage": stage, "index": u.index, "attempts": n, "error": _error_text(exc)}
+                )
+            else:
+                again.append(u)
+        if again and not control.cancelled:
+            pending.extendleft(reversed(again))
+        if deferred:
+            control.poll(force=True)
 
     try:
         while pending or retry or in_flight:
@@ -918,6 +1067,10 @@ def _run_dask(
                 continue
             for fut in _next_ready(ac, CONTROL_POLL_S):
                 u = in_flight.pop(fut.key)
+                group = batches.pop(fut.key, None)
+                if group is not None:
+                    batch_ended(fut, group)
+                    continue
                 payload = delivered.pop(fut.key, None)
                 if fut.status == "finished":
                     if payload is None:  # not sent ahead: gather it

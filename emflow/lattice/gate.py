@@ -128,11 +128,16 @@ class GateWorkerPlugin(WorkerPlugin):
             self.worker.loop.add_callback(_send, self.worker, notice)  # before the lock goes
         return {"go": go, "attempt": None}
 
-    def send_result(self, key: tuple[str, int], payload: dict[str, Any]) -> None:
+    def send_result(
+        self, key: tuple[str, int], payload: dict[str, Any], batch: bool = False
+    ) -> None:
         """Send a unit's payload to its driver through the scheduler's streams, ahead of the
-        task's own completion, so the driver needs no gather round trip (it still can)."""
+        task's own completion, so the driver needs no gather round trip (it still can).
+        ``batch``: the unit is one of a batch task's (the lattice marks it done on receipt)."""
         if not self.results:
             return
         blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         msg = {"op": OP_RESULT, "prefix": key[0], "index": int(key[1]), "payload": blob}
+        if batch:  # the lattice marks the unit done now (its task ends after the batch)
+            msg["finished"] = not payload.get("deferred")
         self.worker.loop.add_callback(_send, self.worker, msg)

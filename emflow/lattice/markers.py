@@ -6,7 +6,8 @@ A marker is read back only when it parses and holds a ``result`` key;
 fsync of the folder). Done markers are written in place without fsync -- per unit, that
 would cost more than a no-op unit: their unit's output is already durable (tensorstore
 fsyncs it before the unit returns), and a marker a crash drops, empties or tears reads as
-absent, so the unit runs again (units are idempotent).
+absent, so the unit runs again (units are idempotent). The driver may create a batch's markers
+empty before its units run (:func:`reserve_markers`): until written they read as absent too.
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ def write_marker(path: Path, payload: dict[str, Any], *, durable: bool = True) -
     target = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp") if durable else path
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if durable else os.O_TRUNC)
     try:
-        fd = os.open(target, flags, 0o644)
+        # a done marker reserved by reserve_markers is opened without O_CREAT: no lock on
+        # the folder, which workers creating files in it at once would contend for
+        fd = os.open(target, os.O_WRONLY | os.O_TRUNC) if not durable else -1
+    except FileNotFoundError:
+        fd = -1
+    try:
+        if fd < 0:
+            fd = os.open(target, flags, 0o644)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(target, flags, 0o644)
@@ -76,6 +84,28 @@ def write_marker(path: Path, payload: dict[str, Any], *, durable: bool = True) -
         _fsync_dir(path.parent)
 
 
+def reserve_markers(paths: list[str]) -> None:
+    """Create the done markers ``paths`` empty where absent (an empty marker reads as absent).
+
+    The driver reserves the markers of the units it submits together in a batch task: each
+    worker then writes its markers into files that exist. Creating files in one folder from
+    several processes at once costs each creator about 0.6 ms of CPU per file in lock contention
+    on that folder (2 workers, 2 cores; 0.05 ms when one process creates them all), more than a
+    no-op unit's whole cost.
+    """
+    made = False
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)  # no O_TRUNC: a marker stays
+        except FileNotFoundError:
+            if made:
+                raise
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+            made = True
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+
+
 def sync_markers(run_dir: Path, stage: str) -> None:
     """fsync the folder of a stage's done markers (once per stage, by the driver)."""
     folder = Path(run_dir) / MARKERS / stage
@@ -87,7 +117,9 @@ def read_marker(path: Path) -> dict[str, Any] | None:
     """The marker's payload, or None when absent, empty, torn or not a marker (then the unit
     is redone)."""
     try:
-        payload = json.loads(Path(path).read_text())
+        with open(path, "rb") as f:
+            data = f.read()
+        payload = json.loads(data) if data else None  # empty: reserved, not written yet
     except (OSError, ValueError):
         return None
     return payload if isinstance(payload, dict) and "result" in payload else None

@@ -1,12 +1,13 @@
 """The Dask scheduler side of the lattice: :class:`LatticePlugin`, :func:`ensure_plugin`, task keys.
 
 :func:`parse_key` maps task keys ``("emflow-<stage>-<run_id>", index)`` to
-``(run_id, stage, index)``; the plugin feeds a :class:`~emflow.lattice.state.Lattice`
-from scheduler transitions (a task assigned to a worker is *queued*) and from the start
-gate every unit passes on its worker (:meth:`LatticePlugin.gate`: only then is it
-*running*; a paused or cancelled run refuses it, so no unit starts after a pause was
-acknowledged). It serves the ``emflow_*`` RPC handlers and the dashboard, and keeps the
-unit events (started on a worker, lost with its worker) the driver copies to the journal.
+``(run_id, stage, index)`` (:func:`parse_batch` the keys of batch tasks, several units each);
+the plugin feeds a :class:`~emflow.lattice.state.Lattice` from scheduler transitions (a task
+assigned to a worker is *queued*) and from the start gate every unit passes on its worker
+(:meth:`LatticePlugin.gate`: only then is it *running*; a paused or cancelled run refuses it,
+so no unit starts after a pause was acknowledged). It serves the ``emflow_*`` RPC handlers and
+the dashboard, and keeps the unit events (started on a worker, lost with its worker) the driver
+copies to the journal.
 """
 
 from __future__ import annotations
@@ -56,6 +57,20 @@ def parse_key(
     if not sep or not stage:
         return None
     return run_id, stage, index
+
+
+def parse_batch(
+    key: Any, known: dict[str, tuple[str, str]]
+) -> tuple[str, str, tuple[int, ...]] | None:
+    """``("emflow-<stage>-<run_id>", (i, j, ...))`` (a batch task: units i, j, ... of a stage run
+    one after another, see :func:`emflow.lattice.execute.durable_batch`) -> ``(run_id, stage,
+    indices)``; None for other keys. Only prefixes the driver registered are batches."""
+    if type(key) is not tuple or len(key) != 2 or type(key[1]) is not tuple:
+        return None
+    found = known.get(key[0]) if isinstance(key[0], str) else None
+    if found is None or not all(type(i) is int for i in key[1]):
+        return None
+    return found[0], found[1], key[1]
 
 
 # --------------------------------------------------------------------------- scheduler plugin
@@ -220,9 +235,21 @@ class LatticePlugin(SchedulerPlugin):
             return
         self._start(run_id, stage, index, worker, t)
 
-    def result(self, prefix: str, index: int, payload: bytes, worker: str | None = None) -> None:
+    def result(
+        self,
+        prefix: str,
+        index: int,
+        payload: bytes,
+        worker: str | None = None,
+        finished: bool | None = None,
+    ) -> None:
         """A unit's payload from its worker: forwarded to the stage's driver as a client event
-        (ahead of the task's completion on the same stream; see emflow.lattice.gate)."""
+        (ahead of the task's completion on the same stream; see emflow.lattice.gate).
+        ``finished``: a unit of a batch task ran to its end (it is done from now on)."""
+        if finished:
+            parsed = parse_key((prefix, int(index)), self.known)
+            if parsed is not None and parsed[0] in self.lattice.runs:
+                self.lattice.apply(parsed[0], parsed[1], parsed[2], "finish", worker=worker)
         client = self.receivers.get(prefix)
         comms = getattr(self.scheduler, "client_comms", {}) if self.scheduler is not None else {}
         comm = comms.get(client) if client is not None else None
@@ -421,6 +448,9 @@ class LatticePlugin(SchedulerPlugin):
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         parsed = parse_key(key, self.known)
         if parsed is None:
+            batch = parse_batch(key, self.known)
+            if batch is not None:
+                self._batch_transition(key[0], *batch, start, finish, kwargs)
             return
         run_id, stage, index = parsed
         if finish == "processing":
@@ -456,6 +486,62 @@ class LatticePlugin(SchedulerPlugin):
                 self.lattice.apply(run_id, stage, index, "requeue")
         elif st.state(index) == Q:  # queued on a worker that is gone, or released
             self.lattice.apply(run_id, stage, index, "requeue")
+
+    def _batch_transition(
+        self,
+        prefix: str,
+        run_id: str,
+        stage: str,
+        indices: tuple[int, ...],
+        start: str,
+        finish: str,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """:meth:`transition` of a batch task, applied to each of its units: queued together;
+        each started by its own gate notice and done by its own result (:meth:`result`); when
+        the task ends, units still queued (refused at the gate, or after a unit that failed) go
+        back to waiting, a unit running when its task erred failed, and units running when it
+        was lost with its worker are lost (their batch reruns; finished units keep their
+        markers and are not run again)."""
+        apply = self.lattice.apply
+        if finish == "processing":
+            ts = self.scheduler.tasks.get((prefix, indices)) if self.scheduler else None
+            worker = ts.processing_on.address if ts is not None and ts.processing_on else None
+            for i in indices:  # a unit already done (an earlier attempt of the batch) stays done
+                apply(run_id, stage, i, "queue", worker=worker)
+            return
+        if start != "processing":
+            return
+        self.refused.difference_update((prefix, i) for i in indices)
+        st = self.lattice.run(run_id).stage(stage)
+        if finish == "memory":
+            for i in indices:
+                state = st.state(i)
+                if state == Q:  # not let through the gate
+                    apply(run_id, stage, i, "requeue")
+                elif state == R:  # ran, its result not streamed (a worker without the table)
+                    apply(run_id, stage, i, "finish", worker=kwargs.get("worker"))
+            return
+        text = kwargs.get("exception_text") or str(kwargs.get("exception") or "error")
+        stim = str(kwargs.get("stimulus_id") or "")
+        for i in indices:
+            state = st.state(i)
+            if state == Q:
+                apply(run_id, stage, i, "requeue")
+            elif state == R and finish == "erred":
+                apply(run_id, stage, i, "fail", worker=kwargs.get("worker"), error=text)
+            elif state == R:
+                cell = st.cells.get(i)
+                worker = cell.worker if cell is not None else None
+                gone = self.scheduler is not None and worker not in self.scheduler.workers
+                if gone or "worker" in stim:
+                    self.lattice.lose(run_id, stage, i, worker=worker, reason="worker lost")
+                    self._event(
+                        run_id, event="lost", stage=stage, index=i, worker=worker,
+                        reason="worker lost",
+                    )  # fmt: skip
+                else:
+                    apply(run_id, stage, i, "requeue")
 
 
 def ensure_plugin(client: Any) -> None:
