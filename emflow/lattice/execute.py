@@ -586,10 +586,13 @@ def _run_stage(
         for u in skipped:
             deliver(u, done[u.index]["result"], reused=True)
 
+        # the folder of the stage's markers, as lat.marker_path names it (a join per unit)
+        folder = str(lat.marker_path(run_dir, stage, 0).parent) if run_dir is not None else ""
+
         def marker(u: Unit) -> str | None:  # the path a worker writes (None: the driver does)
             if run_dir is None or driver_markers:
                 return None
-            return str(lat.marker_path(run_dir, stage, u.index))
+            return os.path.join(folder, f"{u.index}.json")
 
         def record_start(u: Unit, attempt: int, worker: str | None) -> None:
             if journal is not None:

@@ -19,6 +19,8 @@ from emflow.lattice.markers import MARKERS, RUN_JSON, done_markers
 from emflow.lattice.state import Lattice, R
 
 JOURNAL = "journal.jsonl"
+# one encoder for every record (json.dumps with options builds a new one per call)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 # --------------------------------------------------------------------------- journal
@@ -41,7 +43,7 @@ class Journal:
 
     def append(self, event: str, **fields: Any) -> None:
         rec = {"event": event, "t": round(time.time(), 3), **fields}
-        self._fh.write(json.dumps(rec, separators=(",", ":"), default=str) + "\n")
+        self._fh.write(_ENCODER.encode(rec) + "\n")
         self._fh.flush()
         now = time.monotonic()
         if now - self._last_sync >= self._sync_s:
