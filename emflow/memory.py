@@ -4,8 +4,14 @@ Units run in threads, and tensorstore encodes in threads of its own; glibc gives
 thread its own malloc arena (up to 8 per core), and memory freed in one arena is not
 reused by another, so a worker's resident memory grows unit after unit far beyond what a
 unit allocates (measured: 1.2 GiB after 14 units of 64 MiB bricks, 0.67 GiB with two
-arenas). :func:`limit_malloc_arenas` caps the arenas at run time; workers started by emflow
-also get ``MALLOC_ARENA_MAX`` in their environment (:data:`WORKER_ENV`).
+arenas). With two arenas the 16384² x 32 TIFF run (256 units of 1024² x 64, 2 threads) still
+crept from 540 to 870 MiB anonymous: at a unit's end the heaps held 500-700 MiB of which
+only 150-225 MiB were in use (mallinfo2) -- each arena keeps its own holes between
+tensorstore's chunk-sized buffers. One arena reuses them: peak worker RSS 918-956 -> 637-651
+MB, flat after the first units, same CPU (2 runs each; 2048² both formats: 6 alternating
+pairs, CPU 1.00x, futex calls 77.6k vs 76.3k). :func:`limit_malloc_arenas` caps the arenas
+at run time; workers started by emflow also get ``MALLOC_ARENA_MAX`` in their environment
+(:data:`WORKER_ENV`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import ctypes.util
 import sys
 
 #: environment for worker processes emflow starts (glibc reads it at process start)
-WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 #: malloc thresholds for the workers emflow starts (local, batch jobs, pods), set after Dask's
 #: nanny defaults.
 #: Dask sets ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's mmap threshold at
@@ -28,7 +34,7 @@ _M_ARENA_MAX = -8  # glibc mallopt parameter
 _done = False
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
+def limit_malloc_arenas(arenas: int = 1) -> bool:
     """Cap glibc's malloc arenas of this process (threads created later share them); idempotent.
 
     Returns False where there is no glibc (macOS, musl): nothing to do there.

@@ -87,7 +87,7 @@ def _worker_line(
 PROLOGUE = [
     "module load emflow",
     "export OMP_NUM_THREADS=1",
-    "export MALLOC_ARENA_MAX=2",
+    "export MALLOC_ARENA_MAX=1",
     "export MALLOC_MMAP_THRESHOLD_=33554432",
     "export MALLOC_TRIM_THRESHOLD_=268435456",
 ]

@@ -120,7 +120,7 @@ def test_spec_carries_the_site_config(tmp_path: Path) -> None:
     assert "DASK_DISTRIBUTED__SCHEDULER__PRELOAD" not in _env(worker)
     # emflow's malloc arenas and thresholds reach the worker (the pod's env wins in the nanny)
     assert {k: _env(worker)[k] for k in (*WORKER_ENV, *WORKER_MALLOC)} == {
-        "MALLOC_ARENA_MAX": "2",
+        "MALLOC_ARENA_MAX": "1",
         "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
         "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
     }
