@@ -9,14 +9,17 @@ traceback in the run's ``run.log`` (or a file in the temporary directory).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -46,12 +49,36 @@ for _name in COMMAND_MODULES:
 #: set by a command once its run folder has a log: where an internal error's traceback goes
 TRACEBACK_LOG: list[Path] = []
 _SIGNALLED: list[int] = []
-_STATE = {"depth": 0, "reported": False, "command": False}  # main() nests for `emflow demo`
+_STATE = {"depth": 0, "reported": False, "command": False, "deferred": False}  # main() nests for `emflow demo`
 
 
 def _on_signal(signum: int, frame: object) -> None:
     _SIGNALLED.append(signum)
+    if _STATE.get("deferred"):
+        return  # raised when the deferring block ends (imports_deferring_ctrl_c)
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def imports_deferring_ctrl_c() -> Iterator[None]:
+    """Ctrl-C or SIGTERM while this block imports is raised when it ends, not inside it.
+
+    A KeyboardInterrupt that cuts an import short can leave that module's import lock held;
+    another thread importing the same module then waits forever (seen while the local cluster
+    started in its thread and imported Bokeh, emflow.cluster.early). Signals that arrive
+    meanwhile are still recorded (the exit code and message are those of the signal).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = len(_SIGNALLED)
+    _STATE["deferred"] = True
+    try:
+        yield
+    finally:
+        _STATE["deferred"] = False
+    if len(_SIGNALLED) > before:
+        raise KeyboardInterrupt
 
 
 def install_signal_handlers() -> None:
@@ -165,6 +192,8 @@ def _main(argv: list[str] | None) -> int:
             return _interrupted()
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:
+        if _SIGNALLED:  # what failed after a Ctrl-C failed because of it (a worker process that
+            return _interrupted()  # got it while it started, an import it cut short)
         if isinstance(exc, _usage_errors()):  # bad option or value: click prints usage + one line
             exc.show()
             return int(getattr(exc, "exit_code", 2) or 2)

@@ -23,6 +23,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 #: warning text → emflow's one line for it (None: the log only)
 TRANSLATIONS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
@@ -41,11 +42,19 @@ TRANSLATIONS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...]
 
 
 class _Notices:
-    """emflow lines derived from library warnings, shown once each."""
+    """emflow lines derived from library warnings, shown once each; held until a ``say``
+    exists (a warning of a cluster that starts while the run is still checked)."""
 
-    def __init__(self, say: Callable[[str], None]) -> None:
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
         self.say = say
         self.seen: set[str] = set()
+        self.held: list[str] = []
+
+    def attach(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        held, self.held = self.held, []
+        for line in held:
+            say(line)
 
     def __call__(self, text: str) -> None:
         for pattern, make in TRANSLATIONS:
@@ -54,67 +63,211 @@ class _Notices:
                 line = make(m)
                 if line not in self.seen:
                     self.seen.add(line)
-                    self.say(line)
+                    if self.say is None:
+                        self.held.append(line)
+                    else:
+                        self.say(line)
+
+
+class _Route:
+    """fd 2 onto ``fd``, ``sys.stderr`` a new stream on the terminal, Python's warnings, thread
+    and unraisable exceptions written with ``write`` (text); :meth:`restore` undoes it."""
+
+    def __init__(self, fd: int, write: Callable[[str], object], notices: _Notices) -> None:
+        with contextlib.suppress(ImportError):  # Dask binds its log handlers to sys.stderr on
+            import distributed  # noqa: F401  import: bind them to fd 2 (the log), not the terminal
+        sys.stderr.flush()
+        self.notices = notices
+        self._saved_fd = os.dup(2)
+        os.dup2(fd, 2)
+        terminal = io.TextIOWrapper(
+            os.fdopen(os.dup(self._saved_fd), "wb", buffering=0),
+            encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+            errors="replace",
+            line_buffering=True,
+            write_through=True,
+        )
+        self._old = (
+            sys.stderr,
+            warnings.showwarning,
+            threading.excepthook,
+            sys.unraisablehook,
+            logging.lastResort,
+        )
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            write(warnings.formatwarning(message, category, filename, lineno, line))
+            notices(str(message))
+
+        def thread_hook(args: threading.ExceptHookArgs) -> None:
+            name = args.thread.name if args.thread else "?"
+            write(
+                f"exception in thread {name}:\n"
+                + "".join(
+                    traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
+                )
+            )
+
+        def unraisable(args) -> None:
+            write(
+                f"exception ignored in {args.object!r}: {args.exc_type.__name__}: "
+                f"{args.exc_value}\n"
+            )
+
+        class _Stream:  # logging.lastResort's stream
+            def write(self, text: str) -> None:
+                write(text)
+
+            def flush(self) -> None:
+                pass
+
+        self.terminal = terminal
+        sys.stderr = terminal
+        warnings.showwarning = show
+        threading.excepthook = thread_hook
+        sys.unraisablehook = unraisable
+        logging.lastResort = logging.StreamHandler(_Stream())
+        self.restored = False
+
+    def restore(self) -> None:
+        if self.restored:
+            return
+        self.restored = True
+        with contextlib.suppress(Exception):
+            self.terminal.flush()
+        (sys.stderr, warnings.showwarning, threading.excepthook, sys.unraisablehook) = self._old[:4]
+        logging.lastResort = self._old[4]
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        # the terminal stream stays open: a handler made meanwhile may still hold it
+
+
+class HeldOutput:
+    """Library output routed away from the terminal before the run's log file may be written.
+
+    ``emflow run`` starts its local cluster while the run is still being checked, and nothing
+    may be written in the run folder before the checks passed; the worker processes inherit
+    fd 2 when they are spawned. So fd 2 becomes a pipe, which a thread reads: it holds what
+    arrives (up to :data:`HELD_BYTES`) until :func:`libraries_to_log` attaches the log file,
+    then writes there. :meth:`discard` (the run was refused) drops what was held and gives the
+    terminal back.
+    """
+
+    #: at most this much output is held before the log file is known; the rest is dropped
+    HELD_BYTES = 4 << 20
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._file: Any = None  # the log, once attached
+        self._dropping = False
+        self._read_fd, write_fd = os.pipe()
+        self._idle = threading.Event()
+        self._idle.set()
+        self.notices = _Notices()
+        try:
+            self.route = _Route(write_fd, self._write_text, self.notices)
+        finally:
+            os.close(write_fd)  # fd 2 (and the processes spawned meanwhile) hold the pipe
+        self._reader = threading.Thread(target=self._pump, name="emflow-library-output", daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read_fd, 1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            self._idle.clear()
+            self._write_bytes(data)
+            self._idle.set()
+
+    def _write_bytes(self, data: bytes) -> None:
+        with self._lock:
+            if self._dropping:
+                return
+            if self._file is None:
+                if self._held_bytes < self.HELD_BYTES:
+                    self._held.append(data)
+                    self._held_bytes += len(data)
+                return
+            with contextlib.suppress(Exception):  # a full disk must not end the run
+                _write_raw(self._file, data)
+
+    def _write_text(self, text: str) -> None:
+        self._write_bytes(text.encode("utf-8", "replace"))
+
+    def attach(self, log: Any, say: Callable[[str], None]) -> None:
+        """From now on write into ``log`` (a text file open for appending): what was held
+        first; notices held meanwhile are said now."""
+        with self._lock:
+            held, self._held, self._held_bytes = self._held, [], 0
+            self._file = log
+            for data in held:
+                with contextlib.suppress(Exception):
+                    _write_raw(log, data)
+        self.notices.attach(say)
+
+    def settle(self, timeout: float = 1.0) -> None:
+        """Wait (up to ``timeout`` s) until what the pipe holds has been written out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _pending(self._read_fd) == 0 and self._idle.is_set():
+                return
+            time.sleep(0.005)
+
+    def discard(self) -> None:
+        """Give the terminal back; if no log was attached, drop what was held and what still
+        arrives (the run was refused: its cluster's output is nobody's business)."""
+        with self._lock:
+            if self._file is None:
+                self._dropping = True
+                self._held.clear()
+        self.route.restore()
+
+
+def _write_raw(log: Any, data: bytes) -> None:
+    log.flush()
+    os.write(log.fileno(), data)
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in the pipe ``fd`` (FIONREAD); 0 where it cannot be asked."""
+    try:
+        import fcntl
+        import struct
+        import termios
+
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ImportError):
+        return 0
 
 
 @contextlib.contextmanager
-def libraries_to_log(log_path: Path, say: Callable[[str], None]) -> Iterator[None]:
-    """Route fd 2, warnings, thread and unraisable exceptions to ``log_path`` while active."""
+def libraries_to_log(
+    log_path: Path, say: Callable[[str], None], held: HeldOutput | None = None
+) -> Iterator[None]:
+    """Route fd 2, warnings, thread and unraisable exceptions to ``log_path`` while active.
+
+    ``held``: the routing already made before the log could be written (:class:`HeldOutput`):
+    what it held goes into the log first, and it writes there from now on.
+    """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    notices = _Notices(say)
-    with contextlib.suppress(ImportError):  # Dask binds its log handlers to sys.stderr on import:
-        import distributed  # noqa: F401  bind them to fd 2 (the log), not to the terminal stream
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
     log = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
     log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} emflow pid {os.getpid()}\n")
-    os.dup2(log.fileno(), 2)
-    terminal = io.TextIOWrapper(
-        os.fdopen(os.dup(saved_fd), "wb", buffering=0),
-        encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
-        errors="replace",
-        line_buffering=True,
-        write_through=True,
-    )
-    old = (
-        sys.stderr,
-        warnings.showwarning,
-        threading.excepthook,
-        sys.unraisablehook,
-        logging.lastResort,
-    )
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        text = warnings.formatwarning(message, category, filename, lineno, line)
-        log.write(text)
-        notices(str(message))
-
-    def thread_hook(args: threading.ExceptHookArgs) -> None:
-        name = args.thread.name if args.thread else "?"
-        log.write(f"exception in thread {name}:\n")
-        log.write(
-            "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
-        )
-
-    def unraisable(args) -> None:
-        log.write(
-            f"exception ignored in {args.object!r}: {args.exc_type.__name__}: {args.exc_value}\n"
-        )
-
-    sys.stderr = terminal
-    warnings.showwarning = show
-    threading.excepthook = thread_hook
-    sys.unraisablehook = unraisable
-    logging.lastResort = logging.StreamHandler(log)
+    if held is None:
+        route = _Route(log.fileno(), log.write, _Notices(say))
+    else:
+        route = held.route
+        held.attach(log, say)
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):
-            terminal.flush()
-        (sys.stderr, warnings.showwarning, threading.excepthook, sys.unraisablehook) = old[:4]
-        logging.lastResort = old[4]
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-        # ``terminal`` stays open: a handler made meanwhile may still hold it; ``log`` stays open
-        # for stragglers (a worker thread finishing), the OS closes both at exit
+        route.restore()
+        if held is not None:
+            held.settle()
+        # ``log`` stays open for stragglers (a worker thread finishing); the OS closes it at exit

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from emflow import lattice as lat
 from emflow.errors import OutputError
+
+if TYPE_CHECKING:
+    from emflow import lattice as lat
 
 RunArg = Annotated[
     Path, typer.Argument(help="output directory, its emflow-run folder, or the recipe YAML")
@@ -32,6 +34,8 @@ RUN_FOLDER = "emflow-run"
 
 def find_run_dir(path: Path) -> Path:
     """The run folder of ``path`` (output dir, run folder or recipe file)."""
+    from emflow import lattice as lat  # on use: distributed is not for every command
+
     p = Path(path)
     if p.is_file() and p.suffix in (".yaml", ".yml", ".json"):
         from emflow.recipe import load_recipe
@@ -58,6 +62,8 @@ def format_snapshot(snap: dict[str, Any], *, source: str) -> str:
     """Human-readable status: one line per stage with counts, redo counts, rate and ETA,
     then failed units. ``redone``: units done after a failed or lost attempt; ``lost``:
     attempts lost with their worker (or with a driver that stopped)."""
+    from emflow import lattice as lat  # on use: distributed is not for every command
+
     lines: list[str] = []
     states = [s.value for s in lat.UnitState]
     for run in snap["runs"]:
@@ -91,6 +97,8 @@ def format_snapshot(snap: dict[str, Any], *, source: str) -> str:
 
 
 def _journal_view(run_dir: Path, contact: lat.RunContact) -> tuple[dict[str, Any], str]:
+    from emflow import lattice as lat  # on use: distributed is not for every command
+
     snap = lat.summarize_journal(run_dir, stopped=contact.stopped)
     if (run_dir / "COMPLETE").exists():
         return snap, "journal, run complete"
@@ -105,6 +113,8 @@ def status(
     A run whose scheduler cannot be reached (stopped, killed, unreachable) is shown from
     its journal, with the reason on stderr; the exit code is 0 either way.
     """
+    from emflow import lattice as lat  # on use: distributed is not for every command
+
     run_dir = find_run_dir(run)
     snap: dict[str, Any] | None = None
     with lat.connect_run(run_dir) as contact:
@@ -137,6 +147,8 @@ def status(
 
 def _control(run: Path, op: str, verb: str, **kw: Any) -> dict[str, Any] | None:
     """Send ``op`` to the live run; on a run that is not live say so, show the journal, None."""
+    from emflow import lattice as lat  # on use: distributed is not for every command
+
     run_dir = find_run_dir(run)
     ans: Any = None
     with lat.connect_run(run_dir) as contact:
