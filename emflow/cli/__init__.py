@@ -183,7 +183,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)  # typer turns Ctrl-C into a return of 130
     except EmflowError as exc:
-        print(f"emflow: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "emflow_said", False):
+            say_error(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         return _interrupted()
@@ -209,6 +210,13 @@ def _main(argv: list[str] | None) -> int:
     if _SIGNALLED or rc == EXIT_INTERRUPTED:
         return _interrupted()
     return rc if isinstance(rc, int) else 0
+
+
+def say_error(exc: EmflowError) -> None:
+    """The error's one line on stderr, once (a command may say it before it has cleaned up)."""
+    if not getattr(exc, "emflow_said", False):
+        print(f"emflow: error: {exc}", file=sys.stderr, flush=True)
+        exc.emflow_said = True  # type: ignore[attr-defined]
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:

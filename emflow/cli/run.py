@@ -125,7 +125,8 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe: discover → align → render slabs → write pyramids. Resumes an interrupted run."""
-    from emflow.cli import install_signal_handlers, pause_gc
+    from emflow.cli import install_signal_handlers, pause_gc, say_error
+    from emflow.errors import EmflowError
 
     pause_gc()  # until the cluster runs (see emflow.cli.pause_gc)
     from emflow.recipe import load_recipe
@@ -150,6 +151,11 @@ def run(
     early = _start_early(req)
     try:
         _checked_run(r, req, early, recipe, serial, restart, quiet, alignment, cluster, run_dir)
+    except EmflowError as exc:
+        if early is not None and not early.cluster.handed_over:
+            # refused by the checks: the one line now, not after the unused cluster's shutdown
+            say_error(exc)
+        raise
     finally:
         if early is not None:  # a cluster the run never used: the checks refused it, or Ctrl-C
             early.close()

@@ -30,6 +30,8 @@ class EarlyCluster:
         self._client: Any = None
         self._error: BaseException | None = None
         self._closed = False
+        #: the run asked for the client (its checks passed): the cluster is the run's now
+        self.handed_over = False
         self._thread = threading.Thread(target=self._start, name="emflow-cluster-start", daemon=True)
         self._thread.start()
 
@@ -52,6 +54,7 @@ class EarlyCluster:
     def client(self) -> Iterator[Any]:
         """Wait for the start and yield its client; on exit close client and cluster as
         :func:`~emflow.cluster.open_client` does. The start's error is raised here."""
+        self.handed_over = True
         try:
             self._wait()
         except BaseException:
