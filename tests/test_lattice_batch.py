@@ -19,6 +19,7 @@ import pytest
 from emflow import lattice as lat
 from emflow.lattice import execute
 from emflow.lattice.execute import Unit, batch_size, run_stage
+from emflow.lattice.plugin import parse_batch
 
 
 def chunk(i: int) -> bytes:
@@ -94,6 +95,12 @@ def test_batch_size_batches_only_stages_with_thousands_of_units_per_thread():
     assert batch_size(100_000, 2) == 16  # the 100,000-slice simulation
     assert batch_size(100_000, 0) == 16
     assert execute.batch_key("slab", "r", [4, 5, 6]) == ("emflow-slab-r", (4, 5, 6))
+    # the same units submitted again: a key of their own (see the test of a failing first unit)
+    assert execute.batch_key("slab", "r", [4, 5, 6], 2) == ("emflow-slab-r", (4, 5, 6), 2)
+    known = {"emflow-slab-r": ("r", "slab")}
+    assert parse_batch(("emflow-slab-r", (4, 5, 6), 2), known) == ("r", "slab", (4, 5, 6))
+    assert parse_batch(("emflow-slab-r", (4, 5, 6)), known) == ("r", "slab", (4, 5, 6))
+    assert parse_batch(("emflow-slab-r", (4, 5, 6), "x"), known) is None
 
 
 @pytest.mark.integration
@@ -263,3 +270,90 @@ def test_a_batch_lost_with_its_worker_redoes_only_its_unfinished_units(tmp_path)
     assert st["cells"][0:2] == "dd" and set(st["cells"]) <= {"d", "e"}
     assert sorted(lat.done_markers(run_dir, "slab")) == list(range(12))
     assert digest(out) == expected(12)
+
+
+@pytest.mark.integration
+def test_the_first_unit_of_a_batch_failing_once_runs_again_each_time(cluster, tmp_path):
+    """Unit 0 fails its first attempt: its batch is submitted again with the same units
+    (0-3), as a task of its own key; it must not attach to the erred task of the first
+    attempt (that would count a second failure at once, without running). Five runs, since
+    that race shows in some runs only."""
+    for trial in range(5):
+        base = tmp_path / str(trial)
+        run_dir, out, counter = base / "run", base / "out", base / "count"
+        out.mkdir(parents=True)
+        lat.open_run(run_dir, "fp", restart=False)
+        units = [
+            Unit(i, counted_unit, (str(out), str(counter), i, 0.0, int(i == 0))) for i in range(8)
+        ]
+        res = run_stage(
+            "slab", units, client=cluster, run_id=f"bfirst{trial}", run_dir=run_dir, batch=4,
+            retries=1,
+        )  # fmt: skip
+        assert sorted(res) == list(range(8)), trial
+        # the second attempt of units 0-3 ran as a task of its own key (generation 1)
+        again = repr((f"emflow-slab-bfirst{trial}", (0, 1, 2, 3), 1))
+        assert [res[i]["key"] for i in range(4)] == [again] * 4
+        assert attempts(counter) == {**dict.fromkeys(range(8), 1), 0: 2}, trial
+        failed = events(run_dir, "failed")
+        assert [(r["index"], r["attempts"], r["final"]) for r in failed] == [(0, 1, False)]
+        (done0,) = [r for r in events(run_dir, "done") if r["index"] == 0]
+        assert done0["attempts"] == 2 and done0["redone"] is True
+        assert stage_snap(cluster, f"bfirst{trial}")["cells"] == "eddddddd"
+        assert sorted(lat.done_markers(run_dir, "slab")) == list(range(8))
+        assert digest(out) == expected(8)
+
+
+@pytest.mark.integration
+def test_a_batch_whose_worker_dies_with_no_retries_fails_only_the_running_unit(tmp_path):
+    """allowed-failures=0: SIGKILL the worker while unit 2 of the batch 0-5 runs -> Dask gives
+    up on the task (KilledWorker, no unit index on it). With retries=0 unit 2 alone is failed
+    (one attempt); units 3-5 never started: they run afterwards, once, like 6-11."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    run_dir, out, counter = tmp_path / "run", tmp_path / "out", tmp_path / "count"
+    out.mkdir()
+    lat.open_run(run_dir, "fp", restart=False)
+    units = [Unit(i, counted_unit, (str(out), str(counter), i, 0.4)) for i in range(12)]
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as lc,
+        Client(lc) as client,
+    ):
+        pids = client.run(os.getpid)
+        lat.ensure_plugin(client)
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                run_stage("slab", units, client=client, run_id="bkw", run_dir=run_dir, batch=6)
+            except lat.IncompleteRun as exc:
+                box["failed"] = exc.failed
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        deadline = time.time() + 60
+        victim = None
+        while victim is None and time.time() < deadline:
+            cells = stage_snap(client, "bkw").get("cells", "")
+            if cells[:3] == "ddr":
+                victim = client.sync(
+                    client.scheduler.emflow_unit, run_id="bkw", stage="slab", index=2
+                )
+            else:
+                time.sleep(0.02)
+        assert victim is not None, stage_snap(client, "bkw")
+        os.kill(pids[victim["worker"]], signal.SIGKILL)
+        t.join(120)
+        assert not t.is_alive()
+        st = stage_snap(client, "bkw")
+    assert [(f["index"], f["attempts"]) for f in box["failed"]] == [(2, 1)]
+    failed = events(run_dir, "failed")
+    assert [(r["index"], r["attempts"], r["final"]) for r in failed] == [(2, 1, True)]
+    assert sorted(lat.done_markers(run_dir, "slab")) == [0, 1, *range(3, 12)]
+    assert attempts(counter) == dict.fromkeys(range(12), 1)  # 3-5 ran once, after the kill
+    assert st["cells"] == "ddf" + "d" * 9  # the scheduler agrees: 2 failed, the rest done
+    assert digest(out) == {k: v for k, v in expected(12).items() if k != "chunk002.bin"}

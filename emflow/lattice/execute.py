@@ -3,9 +3,10 @@
 A *unit* is one small, idempotent, serialisable call (one slice, pair or slab)
 that writes its own output and returns a small JSON-serialisable dict. Units
 of a stage are independent; stages run one after another. On Dask, at most
-``window`` units are in flight at once (a few per worker thread), so the
-scheduler never holds the whole run and a pause takes effect at once; task
-keys are ``("emflow-<stage>-<run_id>", index)`` (the lattice plugin reads them).
+``window`` tasks (one unit each, or k: see below) are in flight at once (a few
+per worker thread), so the scheduler never holds the whole run and a pause takes
+effect at once; task keys are ``("emflow-<stage>-<run_id>", index)`` (the lattice
+plugin reads them).
 
 With ``run_dir`` (the run folder, see :mod:`emflow.lattice`) every unit runs
 inside :func:`durable_call`, which writes the unit's done marker atomically
@@ -13,10 +14,10 @@ after the unit function returned; units whose marker exists are skipped and
 return their recorded result; the driver appends every outcome to the journal.
 
 A stage with thousands of units per worker thread (:func:`batch_size`; e.g. the per-slice
-stages of a 100,000-slice run) runs k consecutive units per task (:func:`durable_batch`, key
-``("emflow-<stage>-<run_id>", (i, j, ...))``), each still through its own gate check, done
-marker, result event and journal records: Dask's per-task cost (about 2 ms of CPU between
-driver, scheduler and workers) is then paid once per k units.
+stages of a 100,000-slice run) runs up to k units per task, in order (:func:`durable_batch`,
+key ``("emflow-<stage>-<run_id>", (i, j, ...))``, see :func:`batch_key`), each still through
+its own gate check, done marker, result event and journal records: Dask's per-task cost
+(about 2 ms of CPU between driver, scheduler and workers) is then paid once per k units.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (
 )
 #: seconds between two pause/cancel queries to the scheduler
 CONTROL_POLL_S = 0.2
-#: units in flight per worker thread (at least WINDOW_MIN), counting the threads an adaptive
+#: tasks in flight per worker thread (at least WINDOW_MIN), counting the threads an adaptive
 #: cluster may grow to: queued units are what the scheduler's adaptive target sees
 WINDOW_PER_THREAD = 4
 WINDOW_MIN = 16
@@ -58,7 +59,7 @@ WINDOW_MIN = 16
 #: driver's per submit are paid once per batch); the window stays at least half full
 REFILL_SHARE = 0.5
 #: units per task where a stage has many units per worker thread: one task runs up to
-#: BATCH_MAX consecutive units (each with its own gate check, marker and result), so Dask's
+#: BATCH_MAX units in order (each with its own gate check, marker and result), so Dask's
 #: per-task cost (scheduler, worker, driver) is paid once per batch. A stage batches only
 #: from BATCH_FROM units per thread (k = units per thread // BATCH_FROM, at most BATCH_MAX):
 #: ordinary runs (tens to hundreds of units) keep one unit per task
@@ -288,7 +289,7 @@ def _sent(payload: dict[str, Any], key: Any = None) -> dict[str, Any]:
 def durable_batch(
     prefix: str, units: Sequence[tuple[int, Callable[..., Any], str | None, tuple]]
 ) -> list[dict[str, Any]]:
-    """Run consecutive units ``(index, fn, marker, args)`` of one stage in one task, each as
+    """Run units ``(index, fn, marker, args)`` of one stage in one task, in order, each as
     :func:`durable_call` runs it alone: its own gate check, done marker, result event.
 
     Returns one payload per unit, in order. Once the gate refuses a unit (paused, cancelled)
@@ -441,8 +442,9 @@ def run_stage(
     """Run every unit of a stage and return ``{index: result}``.
 
     With ``client=None`` units run here, in order (notebooks, pdb). With a Dask
-    client they are submitted in a window of ``window`` units (default WINDOW_PER_THREAD per
-    thread the cluster has or may adapt to, at least WINDOW_MIN), refilled in batches once
+    client they are submitted in a window of ``window`` tasks of up to ``batch`` units each
+    (default WINDOW_PER_THREAD per thread the cluster has or may adapt to, at least
+    WINDOW_MIN), refilled in batches once
     REFILL_SHARE of it is free; each unit passes the run's
     start gate on its worker, so none starts while the run or this stage is paused (``emflow pause``) and none after
     ``emflow cancel``. ``where="driver"`` runs the units here, in order, yet through
@@ -468,7 +470,7 @@ def run_stage(
     labels
         Per-unit labels for the dashboard (e.g. the z range of a slab).
     batch
-        Units per Dask task (consecutive units run one after another by
+        Units per Dask task (units in order, run one after another by
         :func:`durable_batch`, each with its own gate check, marker, result and journal
         records). None (default): :func:`batch_size` of the stage's units per worker
         thread -- 1 (a task per unit) unless the stage has thousands of units per thread.
@@ -854,7 +856,8 @@ def _next_ready(ac: Any, timeout: float) -> list[Any]:
 
 
 def _window(client: Any) -> int:
-    """Units to keep in flight: WINDOW_PER_THREAD per thread the cluster has or may adapt to."""
+    """Tasks to keep in flight (each of up to k units, see :func:`batch_size`):
+    WINDOW_PER_THREAD per thread the cluster has or may adapt to, at least WINDOW_MIN."""
     return max(WINDOW_MIN, WINDOW_PER_THREAD * _threads(client))
 
 
@@ -877,17 +880,35 @@ def batch_size(units: int, threads: int) -> int:
     return max(1, min(BATCH_MAX, per_thread // BATCH_FROM))
 
 
-def batch_key(stage: str, run_id: str, indices: Sequence[int]) -> tuple[str, tuple[int, ...]]:
-    """The Dask key of a batch task: ``("emflow-<stage>-<run>", (i, j, ...))`` (its units)."""
-    return (unit_key(stage, run_id, 0)[0], tuple(int(i) for i in indices))
+def batch_key(
+    stage: str, run_id: str, indices: Sequence[int], generation: int = 0
+) -> tuple[Any, ...]:
+    """The Dask key of a batch task: ``("emflow-<stage>-<run>", (i, j, ...))`` (its units);
+    ``generation`` > 0 (the same first unit submitted again): ``(..., (i, j, ...), generation)``,
+    so a batch submitted again never shares a key with an earlier task (whose release may not
+    have reached the scheduler yet: the new future would attach to the old, erred task)."""
+    key = (unit_key(stage, run_id, 0)[0], tuple(int(i) for i in indices))
+    return key if generation <= 0 else (*key, int(generation))
 
 
 def _submit_batches(
-    client: Any, units: list[Unit], k: int, hooks: _Hooks, stage: str, run_id: str
+    client: Any,
+    units: list[Unit],
+    k: int,
+    hooks: _Hooks,
+    stage: str,
+    run_id: str,
+    firsts: dict[int, int],
 ) -> list[tuple[Any, list[Unit]]]:
-    """``(future, its units)`` of :func:`durable_batch` tasks of up to ``k`` consecutive units
-    of ``units``, in order: one ``Client.map`` (one graph)."""
+    """``(future, its units)`` of :func:`durable_batch` tasks of up to ``k`` units of ``units``
+    in order: one ``Client.map`` (one graph). ``firsts``: unit index -> tasks submitted so far
+    that began with it (updated; the key's generation, see :func:`batch_key`)."""
     groups = [units[i : i + k] for i in range(0, len(units), k)]
+    gens = []
+    for g in groups:
+        n = firsts.get(g[0].index, 0)
+        firsts[g[0].index] = n + 1
+        gens.append(n)
     prefix = unit_key(stage, run_id, 0)[0]
     specs = [[(u.index, u.fn, hooks.marker(u), tuple(u.args)) for u in g] for g in groups]
     paths = [spec[2] for g in specs for spec in g if spec[2] is not None]
@@ -895,7 +916,8 @@ def _submit_batches(
         lat.reserve_markers(paths)
     futures = client.map(
         durable_batch, [prefix] * len(groups), specs,
-        key=[batch_key(stage, run_id, [u.index for u in g]) for g in groups], pure=False,
+        key=[batch_key(stage, run_id, [u.index for u in g], n) for g, n in zip(groups, gens)],
+        pure=False,
     )  # fmt: skip
     return list(zip(futures, groups, strict=True))
 
@@ -958,6 +980,7 @@ def _run_dask(
     retry: deque[tuple[Any, Unit]] = deque()  # erred futures to retry (same key) on release
     in_flight: dict[Any, Unit] = {}
     batches: dict[Any, list[Unit]] = {}  # batch task key -> its units (k > 1)
+    firsts: dict[int, int] = {}  # unit index -> batch tasks begun with it (key generations)
     attempts: dict[int, int] = {}
     failures: list[dict[str, Any]] = []
     # results come ahead of the completions as client events (emflow.lattice.gate), else
@@ -996,11 +1019,12 @@ def _run_dask(
             return
         # new units go in batches (one graph each: the scheduler's per-graph cost is paid
         # once per batch, not per unit) once a REFILL_SHARE of the window is free
-        if in_flight and free < min(len(pending), max(1, int(window * REFILL_SHARE))):
+        tasks = -(-len(pending) // k)  # the pending units make this many tasks
+        if in_flight and free < min(tasks, max(1, int(window * REFILL_SHARE))):
             return
         if k > 1:
             batch = [pending.popleft() for _ in range(min(free * k, len(pending)))]
-            for fut, group in _submit_batches(client, batch, k, hooks, stage, run_id):
+            for fut, group in _submit_batches(client, batch, k, hooks, stage, run_id, firsts):
                 batches[fut.key] = group
                 in_flight[fut.key] = group[0]
                 ac.add(fut)
@@ -1009,6 +1033,23 @@ def _run_dask(
         for fut, u in zip(_submit_units(client, durable_call, batch, hooks, stage, run_id), batch):
             in_flight[fut.key] = u
             ac.add(fut)
+
+    def failed(u: Unit, exc: BaseException) -> bool:
+        """Record an attempt of ``u`` that raised ``exc``; True: it failed for good (no retries
+        left, or cancelled). A FATAL_ERRORS exception cancels the rest and is raised."""
+        attempts[u.index] = n = attempts.get(u.index, 0) + 1
+        if isinstance(exc, FATAL_ERRORS):
+            hooks.failed(u, exc, n, True)
+            for other in list(ac.futures):
+                other.cancel()
+            raise exc
+        final = n >= retries + 1 or control.cancelled
+        hooks.failed(u, exc, n, final)
+        if final:
+            failures.append(
+                {"stage": stage, "index": u.index, "attempts": n, "error": _error_text(exc)}
+            )
+        return final
 
     def batch_ended(fut: Any, group: list[Unit]) -> None:
         """Record the units of a batch task that ended: done ones done, the failed one failed
@@ -1022,6 +1063,11 @@ def _run_dask(
             exc = fut.exception()
         fut.release()
         failed_at = getattr(exc, "emflow_unit", None)
+        if exc is not None and failed_at is None:
+            # the task ended without saying which unit failed (its worker died and Dask gave
+            # up: KilledWorker; an exception without attributes): the unit running then, the
+            # first with no result (results reach the driver in order, ahead of the task's end)
+            failed_at = next((u.index for u, p in zip(group, payloads) if p is None), None)
         again: list[Unit] = []
         deferred = False
         for u, payload in zip(group, payloads, strict=True):
@@ -1030,23 +1076,9 @@ def _run_dask(
                 hooks.done(u, payload, attempts[u.index])
                 continue
             deferred = deferred or payload is not None
-            if exc is None or (failed_at is not None and u.index != failed_at):
+            if exc is None or u.index != failed_at:
                 again.append(u)  # not run (refused, cancelled, after the failed unit)
-                continue
-            attempts[u.index] = attempts.get(u.index, 0) + 1
-            n = attempts[u.index]
-            if isinstance(exc, FATAL_ERRORS):
-                hooks.failed(u, exc, n, True)
-                for other in list(ac.futures):
-                    other.cancel()
-                raise exc
-            final = n >= retries + 1 or control.cancelled
-            hooks.failed(u, exc, n, final)
-            if final:
-                failures.append(
-                    {"stage": stage, "index": u.index, "attempts": n, "error": _error_text(exc)}
-                )
-            else:
+            elif not failed(u, exc):
                 again.append(u)
         if again and not control.cancelled:
             pending.extendleft(reversed(again))
@@ -1091,21 +1123,8 @@ def _run_dask(
                     fut.release()
                     pending.appendleft(u)
                     continue
-                attempts[u.index] = attempts.get(u.index, 0) + 1
-                n = attempts[u.index]
-                exc = fut.exception()
-                if isinstance(exc, FATAL_ERRORS):
-                    hooks.failed(u, exc, n, True)
-                    for other in list(ac.futures):
-                        other.cancel()
-                    raise exc
-                final = n >= retries + 1 or control.cancelled
-                hooks.failed(u, exc, n, final)
-                if final:
+                if failed(u, fut.exception()):
                     fut.release()
-                    failures.append(
-                        {"stage": stage, "index": u.index, "attempts": n, "error": _error_text(exc)}
-                    )
                 else:
                     retry.append((fut, u))
     finally:

@@ -62,10 +62,13 @@ def parse_key(
 def parse_batch(
     key: Any, known: dict[str, tuple[str, str]]
 ) -> tuple[str, str, tuple[int, ...]] | None:
-    """``("emflow-<stage>-<run_id>", (i, j, ...))`` (a batch task: units i, j, ... of a stage run
-    one after another, see :func:`emflow.lattice.execute.durable_batch`) -> ``(run_id, stage,
+    """``("emflow-<stage>-<run_id>", (i, j, ...))`` or ``(..., (i, j, ...), generation)`` (a
+    batch task: units i, j, ... of a stage run one after another, see
+    :func:`emflow.lattice.execute.durable_batch` and ``batch_key``) -> ``(run_id, stage,
     indices)``; None for other keys. Only prefixes the driver registered are batches."""
-    if type(key) is not tuple or len(key) != 2 or type(key[1]) is not tuple:
+    if type(key) is not tuple or len(key) not in (2, 3) or type(key[1]) is not tuple:
+        return None
+    if len(key) == 3 and type(key[2]) is not int:
         return None
     found = known.get(key[0]) if isinstance(key[0], str) else None
     if found is None or not all(type(i) is int for i in key[1]):
@@ -246,10 +249,11 @@ class LatticePlugin(SchedulerPlugin):
         """A unit's payload from its worker: forwarded to the stage's driver as a client event
         (ahead of the task's completion on the same stream; see emflow.lattice.gate).
         ``finished``: a unit of a batch task ran to its end (it is done from now on)."""
-        if finished:
-            parsed = parse_key((prefix, int(index)), self.known)
-            if parsed is not None and parsed[0] in self.lattice.runs:
-                self.lattice.apply(parsed[0], parsed[1], parsed[2], "finish", worker=worker)
+        parsed = parse_key((prefix, int(index)), self.known)
+        if parsed is not None and parsed[0] not in self.lattice.runs:
+            parsed = None
+        if finished and parsed is not None:
+            self.lattice.apply(parsed[0], parsed[1], parsed[2], "finish", worker=worker)
         client = self.receivers.get(prefix)
         comms = getattr(self.scheduler, "client_comms", {}) if self.scheduler is not None else {}
         comm = comms.get(client) if client is not None else None
@@ -257,9 +261,8 @@ class LatticePlugin(SchedulerPlugin):
             return  # the driver gathers the task's result instead
         # the attempt this result is of (the scheduler counts them: a unit started from a
         # worker's table does not know whether an earlier attempt was lost with its worker)
-        parsed = parse_key((prefix, int(index)), self.known)
         attempt = None
-        if parsed is not None and parsed[0] in self.lattice.runs:
+        if parsed is not None:
             cell = self.lattice.run(parsed[0]).stage(parsed[1]).cells.get(parsed[2])
             attempt = cell.attempts if cell is not None and cell.attempts else None
         topic = wgate.RESULT_TOPIC.format(prefix=prefix)
@@ -450,7 +453,7 @@ class LatticePlugin(SchedulerPlugin):
         if parsed is None:
             batch = parse_batch(key, self.known)
             if batch is not None:
-                self._batch_transition(key[0], *batch, start, finish, kwargs)
+                self._batch_transition(key, *batch, start, finish, kwargs)
             return
         run_id, stage, index = parsed
         if finish == "processing":
@@ -472,24 +475,13 @@ class LatticePlugin(SchedulerPlugin):
                 run_id, stage, index, "fail", worker=kwargs.get("worker"), error=text
             )
         elif st.state(index) == R:  # started on a worker that is gone (or was cancelled)
-            cell = st.cells.get(index)
-            worker = cell.worker if cell is not None else None
-            stim = str(kwargs.get("stimulus_id") or "")
-            gone = self.scheduler is not None and worker not in self.scheduler.workers
-            if gone or "worker" in stim:
-                self.lattice.lose(run_id, stage, index, worker=worker, reason="worker lost")
-                self._event(
-                    run_id, event="lost", stage=stage, index=index, worker=worker,
-                    reason="worker lost",
-                )  # fmt: skip
-            else:
-                self.lattice.apply(run_id, stage, index, "requeue")
+            self._lost_or_requeued(run_id, stage, index, str(kwargs.get("stimulus_id") or ""))
         elif st.state(index) == Q:  # queued on a worker that is gone, or released
             self.lattice.apply(run_id, stage, index, "requeue")
 
     def _batch_transition(
         self,
-        prefix: str,
+        key: tuple[Any, ...],
         run_id: str,
         stage: str,
         indices: tuple[int, ...],
@@ -504,8 +496,9 @@ class LatticePlugin(SchedulerPlugin):
         was lost with its worker are lost (their batch reruns; finished units keep their
         markers and are not run again)."""
         apply = self.lattice.apply
+        prefix = key[0]
         if finish == "processing":
-            ts = self.scheduler.tasks.get((prefix, indices)) if self.scheduler else None
+            ts = self.scheduler.tasks.get(key) if self.scheduler else None
             worker = ts.processing_on.address if ts is not None and ts.processing_on else None
             for i in indices:  # a unit already done (an earlier attempt of the batch) stays done
                 apply(run_id, stage, i, "queue", worker=worker)
@@ -531,17 +524,22 @@ class LatticePlugin(SchedulerPlugin):
             elif state == R and finish == "erred":
                 apply(run_id, stage, i, "fail", worker=kwargs.get("worker"), error=text)
             elif state == R:
-                cell = st.cells.get(i)
-                worker = cell.worker if cell is not None else None
-                gone = self.scheduler is not None and worker not in self.scheduler.workers
-                if gone or "worker" in stim:
-                    self.lattice.lose(run_id, stage, i, worker=worker, reason="worker lost")
-                    self._event(
-                        run_id, event="lost", stage=stage, index=i, worker=worker,
-                        reason="worker lost",
-                    )  # fmt: skip
-                else:
-                    apply(run_id, stage, i, "requeue")
+                self._lost_or_requeued(run_id, stage, i, stim)
+
+    def _lost_or_requeued(self, run_id: str, stage: str, index: int, stimulus: str) -> None:
+        """A running unit whose task left its worker without a result: lost (a journal event)
+        when that worker is gone or the ``stimulus`` id names a worker, else waiting again."""
+        cell = self.lattice.run(run_id).stage(stage).cells.get(index)
+        worker = cell.worker if cell is not None else None
+        gone = self.scheduler is not None and worker not in self.scheduler.workers
+        if gone or "worker" in stimulus:
+            self.lattice.lose(run_id, stage, index, worker=worker, reason="worker lost")
+            self._event(
+                run_id, event="lost", stage=stage, index=index, worker=worker,
+                reason="worker lost",
+            )  # fmt: skip
+        else:
+            self.lattice.apply(run_id, stage, index, "requeue")
 
 
 def ensure_plugin(client: Any) -> None:
