@@ -1,4 +1,4 @@
-"""Batch tasks of the lattice: one Dask task runs k consecutive units of a stage, each with its
+"""Batch tasks of the lattice: one Dask task runs k units of a stage in order, each with its
 own gate check, done marker, result and journal records (emflow.lattice.execute.durable_batch),
 on a real LocalCluster; a failed unit, a held (paused) stage and a SIGKILLed worker redo only
 the units of a batch that did not finish."""
@@ -68,6 +68,20 @@ def events(run_dir: Path, event: str) -> list[dict]:
 def stage_snap(client, run_id: str) -> dict:
     snap = client.sync(client.scheduler.emflow_lattice, run_id=run_id)
     return snap["runs"][0]["stages"][0] if snap["runs"] and snap["runs"][0]["stages"] else {}
+
+
+def worker_running(client, run_id: str, index: int) -> str:
+    """The address of the worker running unit ``index`` of ``run_id``'s slab stage, once the
+    units before it are done and it runs (the stage's cells begin ``d...dr``)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if stage_snap(client, run_id).get("cells", "")[: index + 1] == "d" * index + "r":
+            unit = client.sync(
+                client.scheduler.emflow_unit, run_id=run_id, stage="slab", index=index
+            )
+            return unit["worker"]
+        time.sleep(0.02)
+    raise AssertionError(f"unit {index} did not run: {stage_snap(client, run_id)}")
 
 
 @pytest.fixture(scope="module")
@@ -238,21 +252,10 @@ def test_a_batch_lost_with_its_worker_redoes_only_its_unfinished_units(tmp_path)
             daemon=True,
         )
         t.start()
-        deadline = time.time() + 60
-        victim = None
-        while victim is None and time.time() < deadline:
-            st = stage_snap(client, "bkill")
-            cells = st.get("cells", "")
-            # the batch of units 0-5: two done, the third running
-            if cells[:3] == "ddr":
-                victim = client.sync(
-                    client.scheduler.emflow_unit, run_id="bkill", stage="slab", index=2
-                )
-            else:
-                time.sleep(0.02)
-        assert victim is not None, stage_snap(client, "bkill")
+        # the batch of units 0-5: two done, the third running
+        victim = worker_running(client, "bkill", 2)
         finished = set(lat.done_markers(run_dir, "slab"))
-        os.kill(pids[victim["worker"]], signal.SIGKILL)
+        os.kill(pids[victim], signal.SIGKILL)
         t.join(120)
         assert not t.is_alive() and sorted(box["res"]) == list(range(12))
         u2 = client.sync(client.scheduler.emflow_unit, run_id="bkill", stage="slab", index=2)
@@ -335,18 +338,7 @@ def test_a_batch_whose_worker_dies_with_no_retries_fails_only_the_running_unit(t
 
         t = threading.Thread(target=run, daemon=True)
         t.start()
-        deadline = time.time() + 60
-        victim = None
-        while victim is None and time.time() < deadline:
-            cells = stage_snap(client, "bkw").get("cells", "")
-            if cells[:3] == "ddr":
-                victim = client.sync(
-                    client.scheduler.emflow_unit, run_id="bkw", stage="slab", index=2
-                )
-            else:
-                time.sleep(0.02)
-        assert victim is not None, stage_snap(client, "bkw")
-        os.kill(pids[victim["worker"]], signal.SIGKILL)
+        os.kill(pids[worker_running(client, "bkw", 2)], signal.SIGKILL)
         t.join(120)
         assert not t.is_alive()
         st = stage_snap(client, "bkw")

@@ -1034,6 +1034,10 @@ def _run_dask(
             in_flight[fut.key] = u
             ac.add(fut)
 
+    def finished(u: Unit, payload: dict[str, Any]) -> None:
+        attempts[u.index] = attempts.get(u.index, 0) + 1
+        hooks.done(u, payload, attempts[u.index])
+
     def failed(u: Unit, exc: BaseException) -> bool:
         """Record an attempt of ``u`` that raised ``exc``; True: it failed for good (no retries
         left, or cancelled). A FATAL_ERRORS exception cancels the rest and is raised."""
@@ -1072,8 +1076,7 @@ def _run_dask(
         deferred = False
         for u, payload in zip(group, payloads, strict=True):
             if payload is not None and not payload.get("deferred"):
-                attempts[u.index] = attempts.get(u.index, 0) + 1
-                hooks.done(u, payload, attempts[u.index])
+                finished(u, payload)
                 continue
             deferred = deferred or payload is not None
             if exc is None or u.index != failed_at:
@@ -1116,8 +1119,7 @@ def _run_dask(
                             pending.appendleft(u)
                         control.poll(force=True)
                         continue
-                    attempts[u.index] = attempts.get(u.index, 0) + 1
-                    hooks.done(u, payload, attempts[u.index])
+                    finished(u, payload)
                     continue
                 if fut.status == "cancelled":  # cancelled from outside: run it again
                     fut.release()

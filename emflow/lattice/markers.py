@@ -51,19 +51,12 @@ def write_marker(path: Path, payload: dict[str, Any], *, durable: bool = True) -
     path = Path(path)
     data = json.dumps(payload, separators=(",", ":")).encode()
     target = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp") if durable else path
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if durable else os.O_TRUNC)
-    try:
-        # a done marker reserved by reserve_markers is opened without O_CREAT: no lock on
-        # the folder, which workers creating files in it at once would contend for
-        fd = os.open(target, os.O_WRONLY | os.O_TRUNC) if not durable else -1
-    except FileNotFoundError:
-        fd = -1
-    try:
-        if fd < 0:
-            fd = os.open(target, flags, 0o644)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, flags, 0o644)
+    fd = -1
+    if not durable:  # a done marker reserved by reserve_markers is opened without O_CREAT:
+        with contextlib.suppress(FileNotFoundError):  # no lock on the folder, which workers
+            fd = os.open(target, os.O_WRONLY | os.O_TRUNC)  # creating files in it contend for
+    if fd < 0:
+        fd = _create(target, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if durable else os.O_TRUNC))
     try:
         try:
             view = memoryview(data)
@@ -93,17 +86,17 @@ def reserve_markers(paths: list[str]) -> None:
     on that folder (2 workers, 2 cores; 0.05 ms when one process creates them all), more than a
     no-op unit's whole cost.
     """
-    made = False
     for p in paths:
-        try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)  # no O_TRUNC: a marker stays
-        except FileNotFoundError:
-            if made:
-                raise
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
-            made = True
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
-        os.close(fd)
+        os.close(_create(p, os.O_WRONLY | os.O_CREAT))  # no O_TRUNC: a written marker stays
+
+
+def _create(path: str | Path, flags: int) -> int:
+    """``os.open(path, flags)`` (flags with O_CREAT), making the folder when it is missing."""
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, flags, 0o644)
 
 
 def sync_markers(run_dir: Path, stage: str) -> None:
