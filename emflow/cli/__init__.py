@@ -103,18 +103,27 @@ def _interrupted() -> int:
     return EXIT_INTERRUPTED if sig != signal.SIGTERM else 128 + int(signal.SIGTERM)
 
 
-def _internal_error(exc: BaseException) -> int:
+def _keep_traceback(exc: BaseException, what: str, spare: bool = False) -> Path | None:
+    """Append ``exc``'s traceback to the run's log (``spare``: else a file in the temporary
+    directory); where it went, or None."""
     text = "".join(traceback.format_exception(exc))
     where = TRACEBACK_LOG[-1] if TRACEBACK_LOG else None
     try:
         if where is None:
+            if not spare:
+                return None
             where = Path(tempfile.gettempdir()) / f"emflow-traceback-{os.getpid()}.txt"
             where.write_text(text)
         else:
             with open(where, "a") as fh:
-                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} internal error\n{text}")
+                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n{text}")
     except OSError:
-        where = None
+        return None
+    return where
+
+
+def _internal_error(exc: BaseException) -> int:
+    where = _keep_traceback(exc, "internal error", spare=True)
     first = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
     kept = f"; traceback in {where}" if where else ""
     print(f"emflow: internal error (a bug, please report it): {first}{kept}", file=sys.stderr)
@@ -183,8 +192,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)  # typer turns Ctrl-C into a return of 130
     except EmflowError as exc:
-        if not getattr(exc, "emflow_said", False):
-            say_error(exc)
+        say_error(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         return _interrupted()
@@ -194,7 +202,8 @@ def _main(argv: list[str] | None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:
         if _SIGNALLED:  # what failed after a Ctrl-C failed because of it (a worker process that
-            return _interrupted()  # got it while it started, an import it cut short)
+            _keep_traceback(exc, "error after an interrupt")  # got it while it started, an
+            return _interrupted()  # import it cut short); its traceback stays in the run's log
         if isinstance(exc, _usage_errors()):  # bad option or value: click prints usage + one line
             exc.show()
             return int(getattr(exc, "exit_code", 2) or 2)

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+import select
 import sys
 import threading
 import time
@@ -77,7 +78,6 @@ class _Route:
         with contextlib.suppress(ImportError):  # Dask binds its log handlers to sys.stderr on
             import distributed  # noqa: F401  import: bind them to fd 2 (the log), not the terminal
         sys.stderr.flush()
-        self.notices = notices
         self._saved_fd = os.dup(2)
         os.dup2(fd, 2)
         terminal = io.TextIOWrapper(
@@ -150,7 +150,8 @@ class HeldOutput:
     fd 2 when they are spawned. So fd 2 becomes a pipe, which a thread reads: it holds what
     arrives (up to :data:`HELD_BYTES`) until :func:`libraries_to_log` attaches the log file,
     then writes there. :meth:`discard` (the run was refused) drops what was held and gives the
-    terminal back.
+    terminal back. The workers keep the pipe as their stderr for the whole run, so their output
+    reaches the log through this thread (lost with the driver if it is killed).
     """
 
     #: at most this much output is held before the log file is known; the rest is dropped
@@ -160,6 +161,7 @@ class HeldOutput:
         self._lock = threading.Lock()
         self._held: list[bytes] = []
         self._held_bytes = 0
+        self._dropped_bytes = 0  # beyond HELD_BYTES before the log was attached
         self._file: Any = None  # the log, once attached
         self._dropping = False
         self._read_fd, write_fd = os.pipe()
@@ -174,16 +176,22 @@ class HeldOutput:
         self._reader.start()
 
     def _pump(self) -> None:
-        while True:
-            try:
+        """Read the pipe until every writer closed it; busy (``_idle`` clear) from the moment
+        data is there until it is written, so :meth:`settle` never sees it in neither place."""
+        try:
+            while True:
+                select.select([self._read_fd], [], [])
+                self._idle.clear()
                 data = os.read(self._read_fd, 1 << 16)
-            except OSError:
-                return
-            if not data:
-                return
-            self._idle.clear()
-            self._write_bytes(data)
+                if not data:
+                    return
+                self._write_bytes(data)
+                self._idle.set()
+        except OSError:
+            return
+        finally:
             self._idle.set()
+            os.close(self._read_fd)
 
     def _write_bytes(self, data: bytes) -> None:
         with self._lock:
@@ -193,6 +201,8 @@ class HeldOutput:
                 if self._held_bytes < self.HELD_BYTES:
                     self._held.append(data)
                     self._held_bytes += len(data)
+                else:
+                    self._dropped_bytes += len(data)
                 return
             with contextlib.suppress(Exception):  # a full disk must not end the run
                 _write_raw(self._file, data)
@@ -206,6 +216,9 @@ class HeldOutput:
         with self._lock:
             held, self._held, self._held_bytes = self._held, [], 0
             self._file = log
+            if self._dropped_bytes:
+                note = f"[emflow: {self._dropped_bytes} bytes of early output dropped]\n"
+                held.append(note.encode())
             for data in held:
                 with contextlib.suppress(Exception):
                     _write_raw(log, data)
@@ -214,8 +227,8 @@ class HeldOutput:
     def settle(self, timeout: float = 1.0) -> None:
         """Wait (up to ``timeout`` s) until what the pipe holds has been written out."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if _pending(self._read_fd) == 0 and self._idle.is_set():
+        while time.monotonic() < deadline and self._reader.is_alive():
+            if self._idle.is_set() and _pending(self._read_fd) == 0:
                 return
             time.sleep(0.005)
 

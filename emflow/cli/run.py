@@ -152,9 +152,7 @@ def run(
     try:
         _checked_run(r, req, early, recipe, serial, restart, quiet, alignment, cluster, run_dir)
     except EmflowError as exc:
-        if early is not None and not early.cluster.handed_over:
-            # refused by the checks: the one line now, not after the unused cluster's shutdown
-            say_error(exc)
+        say_error(exc)  # refused by the checks: now, not after the unused cluster's shutdown
         raise
     finally:
         if early is not None:  # a cluster the run never used: the checks refused it, or Ctrl-C

@@ -30,8 +30,6 @@ class EarlyCluster:
         self._client: Any = None
         self._error: BaseException | None = None
         self._closed = False
-        #: the run asked for the client (its checks passed): the cluster is the run's now
-        self.handed_over = False
         self._thread = threading.Thread(target=self._start, name="emflow-cluster-start", daemon=True)
         self._thread.start()
 
@@ -54,7 +52,6 @@ class EarlyCluster:
     def client(self) -> Iterator[Any]:
         """Wait for the start and yield its client; on exit close client and cluster as
         :func:`~emflow.cluster.open_client` does. The start's error is raised here."""
-        self.handed_over = True
         try:
             self._wait()
         except BaseException:
@@ -79,8 +76,8 @@ class EarlyCluster:
         errors of its start or close are dropped: the run's own error is the one to report."""
         if self._closed:
             return
+        self._wait()  # (a Ctrl-C here leaves it to a later close: not yet closed)
         self._closed = True
-        self._wait()
         if self._cm is not None:
             try:
                 self._cm.__exit__(None, None, None)
