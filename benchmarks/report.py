@@ -359,12 +359,19 @@ def render(res: dict, findings: str = "") -> str:
     sc = res.get("scaling")
     if sc:
         L += ["## 4a. Scaling: 1 vs 2 workers (emflow, JPEG + zstd OME-Zarr)", ""]
+        reps = max((v.get("n", 1) for v in sc["runs"].values()), default=1)
+        L += [
+            f"Median wall [min–max] of {reps} repeats per configuration, the configurations "
+            "alternating run by run; the output folder is emptied before every run.",
+            "",
+        ]
         L += _table(
             ["run", "wall s", "MB/s", "CPU-s/GB", "load1"],
             [
                 [
                     k,
-                    _f(v.get("wall_s"), 2),
+                    f"{_f(v.get('wall_s'), 2)} [{_f(v.get('wall_min_s'), 2)}–"
+                    f"{_f(v.get('wall_max_s'), 2)}]",
                     _f(v.get("mb_s")),
                     _f(v.get("cpu_s_per_gb")),
                     "/".join(_f(x, 2) for x in v.get("load1", [])),
