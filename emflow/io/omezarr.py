@@ -17,6 +17,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorstore as ts
@@ -24,7 +25,39 @@ import tensorstore as ts
 from emflow.io.location import Location, is_url
 from emflow.io.tsopen import context, open_store
 from emflow.pyramid import Level
-from emflow.recipe import OmeZarrOutput
+
+if TYPE_CHECKING:
+    from emflow.recipe import OmeZarrOutput
+
+
+@dataclass(frozen=True)
+class OmeZarrSettings:
+    """The output settings an :class:`OmeZarrWriter` uses, as plain values.
+
+    A writer is pickled into every slab unit; holding the recipe's pydantic model instead would
+    make each worker import pydantic and the recipe module (~0.1 CPU-s per worker process) only
+    to unpickle it.
+    """
+
+    version: str  # "0.4" | "0.5"
+    chunk_size_xyz: tuple[int, int, int]
+    shard_size_xyz: tuple[int, int, int] | None
+    codec: str  # "zstd" | "blosc-zstd" | "none"
+    codec_level: int
+
+    @classmethod
+    def of(cls, output: OmeZarrOutput | OmeZarrSettings | Any) -> OmeZarrSettings:
+        """The settings of a recipe output (or settings already)."""
+        if isinstance(output, cls):
+            return output
+        shard = output.shard_size_xyz
+        return cls(
+            version=str(output.version),
+            chunk_size_xyz=tuple(int(v) for v in output.chunk_size_xyz),  # type: ignore[arg-type]
+            shard_size_xyz=None if shard is None else tuple(int(v) for v in shard),  # type: ignore
+            codec=str(output.codec),
+            codec_level=int(output.codec_level),
+        )
 
 
 def _round_up(v: int, m: int) -> int:
@@ -37,7 +70,7 @@ class OmeZarrWriter:
 
     name: str
     path: Path
-    config: OmeZarrOutput
+    config: OmeZarrSettings  # a recipe output (OmeZarrOutput) is turned into its settings
     levels: Sequence[Level]
     dtype: str
     cells: Sequence[
@@ -49,6 +82,7 @@ class OmeZarrWriter:
     def __post_init__(self) -> None:
         if not is_url(self.path):
             self.path = Path(self.path)
+        self.config = OmeZarrSettings.of(self.config)
         cx, cy, cz = self.config.chunk_size_xyz
         self.shard_zyx = []
         for lev, cell in zip(self.levels, self.cells, strict=True):

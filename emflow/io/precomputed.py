@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorstore as ts
@@ -22,7 +23,38 @@ from emflow.geometry import ShardLayout, shard_layout
 from emflow.io.location import Location, is_url
 from emflow.io.tsopen import context, open_store
 from emflow.pyramid import Level
-from emflow.recipe import PrecomputedOutput
+
+if TYPE_CHECKING:
+    from emflow.recipe import PrecomputedOutput
+
+
+@dataclass(frozen=True)
+class PrecomputedSettings:
+    """The output settings a :class:`PrecomputedWriter` uses, as plain values.
+
+    A writer is pickled into every slab unit; holding the recipe's pydantic model instead would
+    make each worker import pydantic and the recipe module (~0.1 CPU-s per worker process) only
+    to unpickle it.
+    """
+
+    encoding: str  # "raw" | "jpeg"
+    jpeg_quality: int
+    sharded: bool
+    chunk_size_xyz: tuple[int, int, int]
+    shard_chunks_max: int
+
+    @classmethod
+    def of(cls, output: PrecomputedOutput | PrecomputedSettings | Any) -> PrecomputedSettings:
+        """The settings of a recipe output (or settings already)."""
+        if isinstance(output, cls):
+            return output
+        return cls(
+            encoding=str(output.encoding),
+            jpeg_quality=int(output.jpeg_quality),
+            sharded=bool(output.sharded),
+            chunk_size_xyz=tuple(int(v) for v in output.chunk_size_xyz),  # type: ignore[arg-type]
+            shard_chunks_max=int(output.shard_chunks_max),
+        )
 
 
 @dataclass
@@ -31,7 +63,7 @@ class PrecomputedWriter:
 
     name: str
     path: Path
-    config: PrecomputedOutput
+    config: PrecomputedSettings  # a recipe output (PrecomputedOutput) is turned into its settings
     levels: Sequence[Level]
     dtype: str
     cells: Sequence[
@@ -43,6 +75,7 @@ class PrecomputedWriter:
     def __post_init__(self) -> None:
         if not is_url(self.path):
             self.path = Path(self.path)
+        self.config = PrecomputedSettings.of(self.config)
         cx, cy, cz = self.config.chunk_size_xyz
         self.shards = []
         for lev, cell in zip(self.levels, self.cells, strict=True):
