@@ -69,17 +69,18 @@ def features_unit(
         image,
         downsample=downsample,
         nfeatures=nfeatures,
-        coarse=coarse,
+        coarse="lazy" if coarse else False,  # SIFT of the coarse copy when a pair needs it
         area=area,
         reduced=reduced,
     )
     thumb, scale = thumbnail(image)
     extra = {}
-    if feats.coarse is not None:
+    if feats.coarse_copy is not None:
         extra = {
-            "coarse_keypoints_xy": feats.coarse.keypoints_xy,
-            "coarse_descriptors": feats.coarse.descriptors,
-            "coarse_downsample": np.array(feats.coarse.downsample),
+            "coarse_work": feats.coarse_copy.work,
+            "coarse_valid": feats.coarse_copy.valid,
+            "coarse_downsample": np.array(feats.coarse_copy.downsample),
+            "coarse_nfeatures": np.array(feats.coarse_copy.nfeatures),
         }
     if feats.area is not None:
         extra["area"] = feats.area
@@ -124,17 +125,27 @@ def _npz(path: str) -> Any:
 
 
 def _load_features(path: str) -> Any:
-    from emflow.align.features import Features
+    """Saved features; their coarse set as saved: computed (a run folder of an earlier
+    version) or as its working copy (SIFT when a pair needs it: ``Features.coarse_set``)."""
+    from emflow.align.features import CoarseCopy, Features
 
     with _npz(path) as d:
         shape_yx = tuple(int(v) for v in d["shape_yx"])
-        coarse = None
+        coarse = coarse_copy = None
         if "coarse_keypoints_xy" in d:
             coarse = Features(
                 d["coarse_keypoints_xy"],
                 d["coarse_descriptors"],
                 shape_yx,
                 int(d["coarse_downsample"]),
+            )
+        elif "coarse_work" in d:
+            coarse_copy = CoarseCopy(
+                d["coarse_work"],
+                d["coarse_valid"],
+                int(d["coarse_downsample"]),
+                int(d["coarse_nfeatures"]),
+                shape_yx,
             )
         return Features(
             d["keypoints_xy"],
@@ -144,6 +155,7 @@ def _load_features(path: str) -> Any:
             coarse,
             d["area"] if "area" in d else None,
             int(d["area_factor"]) if "area_factor" in d else 1,
+            coarse_copy,
         )
 
 

@@ -81,3 +81,35 @@ def test_align_and_enhance_do_not_import_dask():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n.split(".")[0] in ("dask", "distributed") for n in names), path
+
+
+def test_lazy_coarse_set_equals_the_eager_one(tmp_path):
+    """The pipeline's features unit keeps the coarse working copy instead of its SIFT; the
+    coarse set a pair makes from it has the eager set's keypoints and descriptors, bit for
+    bit, and the pair fits the same (VNC neighbours: the working scale finds too few
+    inliers, the coarse set matches)."""
+    from emflow.align.match import MatchConfig, match_features
+    from emflow.align_stage import _load_features, features_unit, match_unit
+    from emflow.discover import SliceRef
+
+    paths, eager = [], []
+    for z in (0, 1):
+        src = VNC0.with_name(f"{z:02d}.tif")
+        if not src.exists():
+            pytest.skip(f"real EM test data not found at {DATA}")
+        paths.append(str(tmp_path / f"z{z}.npz"))
+        features_unit(SliceRef(z, z, str(src), 0), (1024, 1024), None, 4000, paths[-1])
+        eager.append(compute_features(tifffile.imread(src)))
+    lazy = [_load_features(p) for p in paths]
+    for e, f in zip(eager, lazy, strict=True):
+        assert f.coarse is None and f.coarse_copy is not None
+        c = f.coarse_set()
+        assert c.downsample == e.coarse.downsample == 4 and len(c) > 300
+        assert c.keypoints_xy.tobytes() == e.coarse.keypoints_xy.tobytes()
+        assert c.descriptors.tobytes() == e.coarse.descriptors.tobytes()
+        assert f.keypoints_xy.tobytes() == e.keypoints_xy.tobytes()
+    # SIFT alone (no area refinement): the coarse set's fit is the result
+    got = match_unit(paths[0], paths[1], 0, 1, {"area": False})
+    want = match_features(eager[0], eager[1], z_a=0, z_b=1, config=MatchConfig(area=False))
+    assert got["ok"] and got["downsample"] == 4  # the coarse fallback made the fit
+    assert got == want.to_dict()

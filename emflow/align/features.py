@@ -15,7 +15,11 @@ create features.
 A second, coarse feature set (``COARSE_FACTOR`` x coarser) rides along: serial-section TEM
 neighbours 40-50 nm apart share their large structures but few fine ones, so a pair that
 finds too few matches at the working scale is retried on the coarse set (see ``match``).
-It costs ~1/16 of the working-scale SIFT.
+It costs ~1/16 of the working-scale SIFT. It can also ride along *lazily*
+(``compute_features(coarse="lazy")``): only its working copy is kept (:class:`CoarseCopy`,
+64 KiB per 256² copy and mask) and SIFT runs on it when a pair first needs the coarse set
+(:meth:`Features.coarse_set`), with the same keypoints and descriptors: stacks whose pairs
+match at the working scale (FIB-SEM) never pay for it (0.04-0.07 CPU-s per 2048²-4096² slice).
 
 The *area copy* (:func:`emflow.align.area.area_copy`, long side 512-1023 px, uint8, 0 = fill)
 rides along as well: it is what area-based matching correlates (``emflow.align.area``), the
@@ -24,6 +28,7 @@ matcher that serial sections need, and what the QC measures the aligned links ag
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -34,6 +39,7 @@ from emflow.align.area import area_copy
 
 __all__ = [
     "BlockMeans",
+    "CoarseCopy",
     "Features",
     "block_means",
     "choose_downsample",
@@ -59,6 +65,45 @@ MIN_COARSE_LONG_SIDE_PX = 200
 
 
 @dataclass(frozen=True)
+class CoarseCopy:
+    """The coarse working copy of a slice, kept instead of its coarse feature set until a pair
+    needs that set (:meth:`Features.coarse_set`).
+
+    ``work``/``valid``: uint8 ``(y, x)`` working copy and valid mask (:func:`working_copy`
+    at ``downsample``); ``nfeatures``: SIFT's keypoint limit; ``shape_yx``: full-res slice shape.
+    """
+
+    work: np.ndarray
+    valid: np.ndarray
+    downsample: int
+    nfeatures: int
+    shape_yx: tuple[int, int]
+
+    def features(self) -> Features:
+        """SIFT of the copy: the coarse set :func:`compute_features` computes eagerly."""
+        key = (
+            self.work.shape, self.downsample, self.nfeatures, self.shape_yx,
+            self.work.tobytes(), self.valid.tobytes(),
+        )  # fmt: skip
+        with _COARSE_LOCK:
+            got = _COARSE_DONE.get(key)
+        if got is None:
+            got = _detect(self.work, self.valid, self.downsample, self.nfeatures, self.shape_yx)
+            with _COARSE_LOCK:
+                _COARSE_DONE[key] = got
+                while len(_COARSE_DONE) > _COARSE_KEEP:
+                    _COARSE_DONE.pop(next(iter(_COARSE_DONE)))
+        return got
+
+
+#: Coarse sets computed from a :class:`CoarseCopy` in this process, by the copy's content (a
+#: slice is in up to 4 pairs; the units of one worker reuse it): at most _COARSE_KEEP (~1 MB each)
+_COARSE_DONE: dict[tuple, Features] = {}
+_COARSE_KEEP = 8
+_COARSE_LOCK = threading.Lock()  # a worker's threads share the table
+
+
+@dataclass(frozen=True)
 class Features:
     """Keypoints (full-resolution ``(x, y)`` px) and SIFT descriptors of one slice.
 
@@ -79,6 +124,9 @@ class Features:
         The slice's area copy (uint8 ``(y, x)``, 0 = fill) for area-based matching.
     area_factor : int
         Its integer reduction factor (area px ``u`` is centred on full-res ``f u + (f-1)/2``).
+    coarse_copy : CoarseCopy or None
+        The coarse working copy, when the coarse set is made lazily (``coarse`` is then None;
+        :meth:`coarse_set` makes it).
     """
 
     keypoints_xy: np.ndarray
@@ -88,9 +136,17 @@ class Features:
     coarse: Features | None = field(default=None, repr=False, compare=False)
     area: np.ndarray | None = field(default=None, repr=False, compare=False)
     area_factor: int = field(default=1, compare=False)
+    coarse_copy: CoarseCopy | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.keypoints_xy.shape[0])
+
+    def coarse_set(self) -> Features | None:
+        """The coarse feature set: ``coarse``, or SIFT of ``coarse_copy`` (same keypoints and
+        descriptors); None when the slice has none."""
+        if self.coarse is not None:
+            return self.coarse
+        return None if self.coarse_copy is None else self.coarse_copy.features()
 
 
 def choose_downsample(shape_yx: tuple[int, int]) -> int:
@@ -221,7 +277,7 @@ def compute_features(
     *,
     downsample: int | None = None,
     nfeatures: int = 4000,
-    coarse: bool = True,
+    coarse: bool | str = True,
     area: bool = True,
     reduced: BlockMeans | None = None,
 ) -> Features:
@@ -235,9 +291,10 @@ def compute_features(
         Working-copy factor; default :func:`choose_downsample` of the slice shape.
     nfeatures : int
         Keep at most this many strongest keypoints (OpenCV SIFT ``nfeatures``).
-    coarse : bool
+    coarse : bool or "lazy"
         Also compute the coarse fallback set (``Features.coarse``) when the coarse copy's
-        long side is at least ``MIN_COARSE_LONG_SIDE_PX``.
+        long side is at least ``MIN_COARSE_LONG_SIDE_PX``; ``"lazy"``: keep only its
+        working copy (``Features.coarse_copy``; :meth:`Features.coarse_set` computes it).
     area : bool
         Also keep the area copy (``Features.area``) for area-based matching.
     reduced : BlockMeans, optional
@@ -252,7 +309,10 @@ def compute_features(
     f = choose_downsample(shape_yx) if downsample is None else int(downsample)
     out = _sift(image, f, nfeatures, shape_yx, reduced)
     fc = f * COARSE_FACTOR
-    if coarse and max(shape_yx) // fc >= MIN_COARSE_LONG_SIDE_PX:
+    if coarse == "lazy" and max(shape_yx) // fc >= MIN_COARSE_LONG_SIDE_PX:
+        work, valid = working_copy(image, fc)
+        out = replace(out, coarse_copy=CoarseCopy(work, valid, fc, int(nfeatures), shape_yx))
+    elif coarse and max(shape_yx) // fc >= MIN_COARSE_LONG_SIDE_PX:
         out = replace(out, coarse=_sift(image, fc, nfeatures, shape_yx))
     if area:
         copy, g = area_copy(image)
@@ -283,6 +343,13 @@ def _sift(
     reduced: BlockMeans | None = None,
 ) -> Features:
     work, valid = working_copy(image, f, reduced)
+    return _detect(work, valid, f, nfeatures, shape_yx)
+
+
+def _detect(
+    work: np.ndarray, valid: np.ndarray, f: int, nfeatures: int, shape_yx: tuple[int, int]
+) -> Features:
+    """SIFT of a working copy (factor ``f``) and its valid mask; keypoints at full res."""
     kps: list = []
     desc = None
     if work.size and work.max() > 0 and valid.any():

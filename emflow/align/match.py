@@ -441,9 +441,11 @@ def _match_sift(fa: Features, fb: Features, z_a: int, z_b: int, config: MatchCon
     if first.ok or not config.coarse_fallback:
         return first
     reasons = [first.reason]
-    if fa.coarse is not None and fb.coarse is not None:
+    ca = fa.coarse_set()
+    cb = fb.coarse_set() if ca is not None else None
+    if ca is not None and cb is not None:
         coarse = replace(config, ratio=max(config.ratio, config.coarse_ratio))
-        second = _match_at_scale(fa.coarse, fb.coarse, z_a, z_b, coarse)
+        second = _match_at_scale(ca, cb, z_a, z_b, coarse)
         if second.ok:
             return second
         reasons.append(f"at {second.downsample}x: {second.reason}")
