@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +229,7 @@ def align_stack(
     run_dir: Path,
     stage: Callable[..., dict[int, Any]],
     say: Callable[[str], None],
+    pending: list[Future] | None = None,
 ) -> Any:
     """Run features → match → match2 → solve → qc for a catalog; returns the Alignment (read
     back from the run folder's alignment.json). Raises AlignmentError (after writing ``qc/``)
@@ -237,6 +238,10 @@ def align_stack(
 
     ``stage(name, units, **kw)`` runs a lattice stage (``kw`` passed to
     :func:`~emflow.lattice.execute.run_stage`; the solve runs ``where="driver"``).
+    ``pending``: the ``qc/`` files of an aligned stack (reslices, pair table and plot: ~0.3-1
+    CPU-s of drawing in the driver) are written in a driver thread that goes on after this
+    returns, while the workers render, and its futures are appended there for the caller to
+    wait on (:func:`wait_written`); None: they are written before this returns.
     """
     from emflow.align.match import MatchConfig, PairResult
     from emflow.align.pairs import (
@@ -354,12 +359,24 @@ def align_stack(
         say(crop_line(alignment.cropped))
     # the reslices need the solved transforms only: the driver draws them (matplotlib's import
     # and first figure included, ~1 CPU-s) while the workers measure the links, instead of
-    # after them with the workers idle
-    with ThreadPoolExecutor(1, thread_name_prefix="emflow-qc-reslices") as pool:
+    # after them with the workers idle; the pair table and plot follow in the same thread
+    # while the workers render (``pending``)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="emflow-qc-files")
+    try:
         drawn = pool.submit(write_reslices, alignment, paths, run_dir, recipe)
         content = measure_links(alignment, pairs, paths, stage)
-        drawn.result()
-    write_qc(alignment, pairs, paths, run_dir, recipe, catalog.shape_yx, content, reslices=False)
+    except BaseException:
+        pool.shutdown(wait=True)  # the reslices are drawn before the error goes on
+        raise
+    written = pool.submit(
+        write_qc, alignment, pairs, paths, run_dir, recipe, catalog.shape_yx, content,
+        reslices=False,
+    )  # fmt: skip
+    pool.shutdown(wait=False)  # its thread ends once both files are written
+    if pending is None:
+        wait_written([drawn, written])
+    else:
+        pending.extend([drawn, written])
     used = [v for v in content.values() if v["median_px"] is not None]
     if used:
         say(
@@ -368,6 +385,17 @@ def align_stack(
             f"{np.median([v['shift_px'] for v in used]):.2f} global over {len(used)} pairs"
         )
     return alignment
+
+
+def wait_written(pending: list[Future], *, quiet: bool = False) -> None:
+    """Wait for the ``qc/`` files :func:`align_stack` left to a driver thread; raise the first
+    error (``quiet``: none, e.g. while another error is on its way)."""
+    for fut in pending:
+        if quiet:
+            wait([fut])
+        else:
+            fut.result()
+    pending.clear()
 
 
 def crop_line(cropped: dict[int, float]) -> str:

@@ -418,6 +418,14 @@ def claim_run_folder(recipe: Recipe) -> str:
     return ownership.claim_run_folder(recipe.run_folder)
 
 
+def _qc_written(pending: list[Any], *, quiet: bool = False) -> None:
+    """Wait for the qc/ files of the alignment (:func:`emflow.align_stage.wait_written`)."""
+    if pending:
+        from emflow.align_stage import wait_written
+
+        wait_written(pending, quiet=quiet)
+
+
 def _warm_up_workers(client: Any) -> None:
     """One fire-and-forget import task per connected worker (see :func:`emflow.render.warm_up`)."""
     from distributed import fire_and_forget
@@ -573,6 +581,7 @@ def _run(
     # alignment
     alignment = None
     transforms: list[Any] = [None] * len(catalog.slices)
+    qc_files: list[Any] = []  # the qc/ files a driver thread writes while the workers render
     refs = list(catalog.slices)
     source_index = list(range(len(refs)))
     if alignment_path is not None or recipe.align.enabled:
@@ -582,7 +591,7 @@ def _run(
             alignment = saved_alignment
             say(f"alignment from {alignment_path} (no feature matching)")
         else:
-            alignment = align_stack(recipe, catalog, run_dir, stage, say)
+            alignment = align_stack(recipe, catalog, run_dir, stage, say, pending=qc_files)
         frame = tuple(alignment.frame_shape_yx)  # type: ignore[assignment]
         for i, ref in enumerate(catalog.slices):
             m = alignment.transforms.get(ref.z)
@@ -596,34 +605,40 @@ def _run(
                 other = catalog.slices[src]
                 refs[i] = SliceRef(ref.z, ref.source_z, other.path, other.page, fill="previous")
                 source_index[i] = src
-    cache_dir = None
-    if recipe.align.enabled and alignment_path is None and recipe.run.cache_decoded:
-        from emflow.align_stage import slice_cache_dir
+    try:
+        cache_dir = None
+        if recipe.align.enabled and alignment_path is None and recipe.run.cache_decoded:
+            from emflow.align_stage import slice_cache_dir
 
-        cache_dir = str(slice_cache_dir(run_dir))
-    windowed = windowed_stack(recipe, catalog.slices, alignment is not None)
-    plan, resuming = plan_for_run(
-        recipe, run_dir, len(catalog.slices), frame, catalog.dtype, resuming, windowed=windowed
-    )
-    say(plan.summary())
-    announce(plan)
-    check_worker_memory(client, plan)
-    record_resolved(run_dir, **resolved_values(recipe, plan, window, alignment, catalog))
-    how = SliceRender(
-        shape_yx=catalog.shape_yx,
-        frame_shape_yx=frame,
-        window=window,
-        out_dtype=plan.out_dtype,
-        clip_limit=recipe.enhance.clip_limit,
-        kernel_size_px=recipe.enhance.kernel_size_px,
-        in_dtype=catalog.dtype,
-        cache_dir=cache_dir,
-    )
-    slices = [SliceJob(refs[i], transforms[i], source_index[i]) for i in range(len(refs))]
-    writers = pyramid_stages(
-        recipe, plan, how, slices, root, run_dir, run_id, stage,
-        threads=2 if threads <= 2 else 1, owner=owner,
-    )  # fmt: skip
+            cache_dir = str(slice_cache_dir(run_dir))
+        windowed = windowed_stack(recipe, catalog.slices, alignment is not None)
+        plan, resuming = plan_for_run(
+            recipe, run_dir, len(catalog.slices), frame, catalog.dtype, resuming,
+            windowed=windowed,
+        )  # fmt: skip
+        say(plan.summary())
+        announce(plan)
+        check_worker_memory(client, plan)
+        record_resolved(run_dir, **resolved_values(recipe, plan, window, alignment, catalog))
+        how = SliceRender(
+            shape_yx=catalog.shape_yx,
+            frame_shape_yx=frame,
+            window=window,
+            out_dtype=plan.out_dtype,
+            clip_limit=recipe.enhance.clip_limit,
+            kernel_size_px=recipe.enhance.kernel_size_px,
+            in_dtype=catalog.dtype,
+            cache_dir=cache_dir,
+        )
+        slices = [SliceJob(refs[i], transforms[i], source_index[i]) for i in range(len(refs))]
+        writers = pyramid_stages(
+            recipe, plan, how, slices, root, run_dir, run_id, stage,
+            threads=2 if threads <= 2 else 1, owner=owner,
+        )  # fmt: skip
+    except BaseException:
+        _qc_written(qc_files, quiet=True)
+        raise
+    _qc_written(qc_files)  # every qc/ file is written before the outputs are finalized
     # every pass is done: no unit reads the rendered copy again (a resumed run renders again
     # only for pass-0 units not done), so a local one is deleted while the outputs finalize
     tidy_rendered = (
