@@ -113,3 +113,27 @@ def test_lazy_coarse_set_equals_the_eager_one(tmp_path):
     want = match_features(eager[0], eager[1], z_a=0, z_b=1, config=MatchConfig(area=False))
     assert got["ok"] and got["downsample"] == 4  # the coarse fallback made the fit
     assert got == want.to_dict()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int64])
+def test_reductions_of_a_slice_without_fill_equal_the_masked_ones(dtype):
+    """A slice without an exact-zero pixel skips the fill masks (``has_zero``): its block
+    means, fill shares and area copy are those of the masked computation, and one zero pixel
+    makes it mask again."""
+    from emflow.align.area import area_copy, has_zero
+    from emflow.align.features import block_means
+
+    rng = np.random.default_rng(5)
+    img = rng.integers(1, 250, (301, 403)).astype(dtype)
+    assert not has_zero(img) and not has_zero(img[:300, :400])
+    for f in (1, 3):
+        got = block_means(img, f)
+        h, w = 301 // f * f, 403 // f * f
+        means = img[:h, :w].astype(np.float64).reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+        assert got.fill.dtype == np.uint8 and not got.fill.any()
+        assert np.abs(got.means - means).max() <= (0.5 if f > 1 and dtype != np.float32 else 1e-3)
+    copy, g = area_copy(img, 2)
+    assert copy.min() >= 1  # no pixel is fill
+    img[7, 9] = 0
+    assert has_zero(img)
+    assert block_means(img, 1).fill[7, 9] == 255 and block_means(img, 1).fill.sum() == 255

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from emflow.align.area import area_copy
+from emflow.align.area import area_copy, has_zero
 
 __all__ = [
     "BlockMeans",
@@ -196,13 +196,19 @@ def block_means(image: np.ndarray, factor: int) -> BlockMeans:
     f = int(factor)
     h, w = (image.shape[0] // f) * f, (image.shape[1] // f) * f
     img = image[:h, :w]
-    zero = (img == 0).view(np.uint8) * np.uint8(255)
+    any_zero = has_zero(img)
     if f == 1:
+        zero = np.zeros(img.shape, np.uint8)
+        if any_zero:
+            zero = (img == 0).view(np.uint8) * np.uint8(255)
         return BlockMeans(1, img.astype(np.float32), zero)
     # INTER_AREA with an integer factor is the exact block mean
     size = (w // f, h // f)
     native = img if img.dtype in (np.uint8, np.uint16, np.float32) else img.astype(np.float32)
     small = cv2.resize(native, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    if not any_zero:  # no fill: the block means of an all-zero mask are 0
+        return BlockMeans(f, small, np.zeros(small.shape, np.uint8))
+    zero = (img == 0).view(np.uint8) * np.uint8(255)
     return BlockMeans(f, small, cv2.resize(zero, size, interpolation=cv2.INTER_AREA))
 
 
