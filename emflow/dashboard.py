@@ -70,11 +70,26 @@ def _prefix(scheduler: Any) -> str:
 
 
 def install(scheduler: Any, plugin: Any) -> None:
-    """Add the JSON route and the Bokeh page to a running scheduler (no-op without a dashboard)."""
+    """Add the JSON route and the Bokeh page to a running scheduler (no-op without a dashboard).
+
+    A scheduler whose dashboard loads on its first visit (emflow's local cluster,
+    :mod:`emflow.cluster.lazy_dashboard`) gets the Bokeh page once the dashboard has loaded,
+    so starting the plugin does not import Bokeh.
+    """
     http_app = getattr(scheduler, "http_application", None)
     if http_app is None:
         return
+    on_visit = getattr(scheduler, "emflow_dashboard_on_visit", None)
+    if on_visit is not None:
+        _add_json(scheduler, plugin, "")  # the on-visit dashboard has no prefix
+        on_visit.then(lambda: _add_page(scheduler, _prefix(scheduler)))
+        return
     prefix = _prefix(scheduler)
+    _add_json(scheduler, plugin, prefix)
+    _add_page(scheduler, prefix)
+
+
+def _add_json(scheduler: Any, plugin: Any, prefix: str) -> None:
     try:
         from distributed.http.utils import RequestHandler
 
@@ -88,11 +103,14 @@ def install(scheduler: Any, plugin: Any) -> None:
 
                 self.write(json.dumps(plugin.snapshot(run, cells=cells)))
 
-        http_app.add_handlers(
+        scheduler.http_application.add_handlers(
             r".*", [(prefix + JSON_ROUTE, LatticeJSON, {"dask_server": scheduler})]
         )
     except Exception:
         logger.warning("emflow: could not add %s", JSON_ROUTE, exc_info=True)
+
+
+def _add_page(scheduler: Any, prefix: str) -> None:
     try:
         from distributed.dashboard.core import BokehApplication
         from tornado.ioloop import IOLoop
@@ -101,7 +119,7 @@ def install(scheduler: Any, plugin: Any) -> None:
             {PAGE: lattice_doc}, scheduler, prefix=prefix or "/",
             template_variables=_dask_navigation(scheduler),
         )  # fmt: skip
-        http_app.add_application(app)
+        scheduler.http_application.add_application(app)
         app.initialize(IOLoop.current())
     except Exception:  # no bokeh: the JSON route still works
         logger.warning("emflow: could not add the %s dashboard page", PAGE, exc_info=True)

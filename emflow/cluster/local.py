@@ -142,42 +142,18 @@ def worker_environment() -> Iterator[None]:
         yield
 
 
-def _dashboard_after_start(kw: dict[str, Any]) -> Callable[[Any], None] | None:
-    """Start the scheduler without its Bokeh dashboard and return what connects it once the
-    cluster runs; the dashboard's imports (~0.5 CPU-s) run in a thread meanwhile.
-
-    A LocalCluster starts its scheduler (which imports Bokeh when it has a dashboard) before
-    it spawns the worker processes; so the driver imports Bokeh while the workers import
-    Dask, instead of before. Nothing changes when the config sets the scheduler's or the
-    services' keywords itself, or has no dashboard.
+def _dashboard_on_visit(kw: dict[str, Any]) -> Callable[[Any], object] | None:
+    """Start the scheduler without its Bokeh dashboard and return what serves it on its first
+    visit once the cluster runs (:mod:`emflow.cluster.lazy_dashboard`: a run nobody watches
+    never imports Bokeh, ~0.6 CPU-s of the driver's start). Nothing changes when the config
+    sets the scheduler's or the services' keywords itself, or has no dashboard.
     """
     if kw.get("dashboard_address") is None or "scheduler_kwargs" in kw or "service_kwargs" in kw:
         return None
-    import threading
-
-    failed: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            import distributed.dashboard.scheduler  # noqa: F401
-        except ImportError as exc:  # no Bokeh: Dask's plain HTTP routes only
-            failed.append(exc)
-
-    loading = threading.Thread(target=load, name="emflow-dashboard-import", daemon=True)
-    loading.start()
     kw["scheduler_kwargs"] = {"dashboard": False}
+    from emflow.cluster.lazy_dashboard import serve_on_visit
 
-    async def add(scheduler: Any) -> None:  # on the scheduler's event loop, as Dask does it
-        from distributed.dashboard.scheduler import connect
-
-        connect(scheduler.http_application, scheduler.http_server, scheduler, prefix="/")
-
-    def connect_dashboard(cluster: Any) -> None:
-        loading.join()
-        if not failed:
-            cluster.sync(add, cluster.scheduler)
-
-    return connect_dashboard
+    return serve_on_visit
 
 
 @contextmanager
@@ -185,7 +161,7 @@ def _local_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[A
     from distributed import LocalCluster
 
     kw = _local_kwargs(request, config)
-    dashboard = _dashboard_after_start(kw)
+    dashboard = _dashboard_on_visit(kw)
     try:
         with worker_environment():
             cluster = LocalCluster(**kw)
