@@ -156,3 +156,26 @@ print("terminal line", file=sys.stderr)
     assert lines[0].startswith("--- ") and lines[1:] == ["held line", "later line"]
     second = (tmp_path / "second.log").read_text().splitlines()
     assert len(second) == 1 and second[0].startswith("--- "), second
+
+
+@two_cores
+def test_spawned_returns_once_a_worker_process_runs():
+    """EarlyCluster.spawned lets the driver hold its own imports until the local cluster has
+    spawned a worker process (a child of this process, running), and no longer."""
+    from emflow.cluster import ClusterRequest
+    from emflow.cluster.early import EarlyCluster
+
+    request = ClusterRequest("local", workers=1, threads_per_worker=1, dashboard_address=":0")
+    before = {p.pid for p in psutil.Process().children()}
+    early = EarlyCluster(request)
+    try:
+        assert early.spawned(120) is True
+        new = [p for p in psutil.Process().children() if p.pid not in before]
+        workers = [p for p in new if "spawn_main" in " ".join(p.cmdline())]
+        assert workers, [p.cmdline() for p in new]
+        with early.client() as client:
+            assert client.submit(sum, [2, 3]).result() == 5
+    finally:
+        early.close()
+    _gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert alive == []

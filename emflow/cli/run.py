@@ -39,6 +39,9 @@ from emflow.cli.options import (
 
 #: what libraries and local worker processes print, kept in the run folder
 LIBRARY_LOG = "libraries.log"
+#: at most this long (s) the driver lets the local cluster spawn its workers before its own
+#: imports and checks (a config that starts no worker costs this once)
+SPAWN_WAIT_S = 0.5
 #: the logger of the CLI's own lines (printed by ``say``; run.log through the "emflow" logger)
 CLI_LOGGER = "emflow.cli"
 
@@ -209,6 +212,8 @@ def _checked_run(r, req, early, recipe, serial, restart, quiet, alignment, clust
     """The checks, then the run (the cluster of ``early`` starts meanwhile)."""
     from emflow.cli import TRACEBACK_LOG, imports_deferring_ctrl_c
 
+    if early is not None:  # the driver's imports below would slow the workers' spawn
+        early.cluster.spawned(SPAWN_WAIT_S)
     with imports_deferring_ctrl_c():  # the cluster's thread imports meanwhile
         import emflow.logs  # noqa: F401  (run.log)
         import emflow.plan  # noqa: F401  (the checks use it)

@@ -43,6 +43,27 @@ class EarlyCluster:
         except BaseException as exc:  # raised in the caller's thread by client()
             self._error = exc
 
+    def spawned(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until the cluster has spawned a worker process or its start
+        has ended; True if a worker process runs. The driver is one interpreter: its own
+        imports, run while the scheduler starts, delay the spawn, and the workers' imports
+        (~0.45 CPU-s each, in their own processes) only begin after it."""
+        import multiprocessing.process
+        import time
+
+        # the processes this one started with multiprocessing (a Nanny's worker process, not
+        # the resource tracker), read without polling them: active_children() would reap an
+        # exit status that the Nanny's own watcher waits for (CPython 3.8-3.13 keep the set)
+        started = getattr(multiprocessing.process, "_children", None)
+        if started is None:
+            return False
+        end = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < end:
+            if started:
+                return True
+            time.sleep(0.005)
+        return bool(started)
+
     def _wait(self) -> None:
         """Until the start has ended (a lock wait: Ctrl-C still reaches the main thread)."""
         while self._thread.is_alive():
