@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emflow.errors import SourceError
 from emflow.io.location import is_url
 from emflow.io.readers import IMAGE_SUFFIXES, ImageHeader, read_header
-from emflow.recipe import Recipe, Source
+
+if TYPE_CHECKING:  # annotations only: workers unpickle SliceRef from here, without pydantic
+    from emflow.recipe import Recipe, Source
 
 
 @dataclass(frozen=True)
