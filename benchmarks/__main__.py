@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -102,11 +103,12 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
     nz, lv = args.slices, args.levels
     variants = []
     if "e2e" in sections:
-        variants += [e2e.ceiling_variant(k, src, work, lv) for k in ("jpeg", "zarr", "both")]
-        variants += [
-            e2e.emflow_variant(f"emflow-{k.replace('+', '-')}", k, src, nz, work, lv)
-            for k in ("jpeg", "zarr", "both", "both+clahe")
-        ]
+        # each ceiling runs right before emflow's same-format variant, so each repeat gives one
+        # adjacent pair (load drifts hit both alike): the ceiling ratios are medians of pairs
+        for k in ("jpeg", "zarr", "both"):
+            variants.append(e2e.ceiling_variant(k, src, work, lv))
+            variants.append(e2e.emflow_variant(f"emflow-{k}", k, src, nz, work, lv))
+        variants.append(e2e.emflow_variant("emflow-both-clahe", "both+clahe", src, nz, work, lv))
         # alignment costs seconds per slice: the full pipeline runs on the first slices only
         nf = min(nz, args.full_slices)
         full = e2e.emflow_variant(
@@ -191,9 +193,27 @@ def section_e2e(res: dict, args, src: Path, source, sections: set[str]) -> None:
             f"emflow-{k}",
             "ceiling wall ÷ emflow wall (1 = as fast as the hand-written pipeline)",
         )
+        paired = paired_ratios(runs.get(f"ceiling-{k}", []), runs.get(f"emflow-{k}", []))
+        if paired:
+            res["ratios"][f"emflow {k} vs ceiling, paired"] = {
+                "ratio": statistics.median(paired),
+                "pairs": paired,
+                "meaning": "median over repeats of ceiling wall ÷ emflow wall, each pair run "
+                "back to back; range " + f"{min(paired):.2f}–{max(paired):.2f}, n = {len(paired)}",
+            }
     ratio("ceiling JPEG vs igneous", "igneous-jpeg", "ceiling-jpeg", "igneous ÷ ceiling")
     ratio("CLAHE cost", "emflow-both-clahe", "emflow-both", "wall with CLAHE ÷ without")
     ratio("alignment + CLAHE cost", "emflow-full", "emflow-both", "full pipeline ÷ pyramid only")
+
+
+def paired_ratios(num: list, den: list) -> list[float]:
+    """Wall ratios num[i] ÷ den[i] of the repeats where both runs succeeded (same repeat = adjacent
+    runs of the same input)."""
+    return [
+        a.wall_s / b.wall_s
+        for a, b in zip(num, den, strict=False)
+        if a.returncode == 0 and b.returncode == 0 and a.wall_s and b.wall_s
+    ]
 
 
 def section_scaling(res: dict, args, src: Path, source) -> None:

@@ -52,9 +52,15 @@ def targets(res: dict) -> list[list[str]]:
     r = wall_ratio(e2e.get("igneous-jpeg", {}), e2e.get("emflow-jpeg", {}))
     add("emflow JPEG ≥ 1.45× igneous (wall)", _f(r, 2) + "×" if r else "–",
         None if r is None else r >= 1.45)  # fmt: skip
-    r = wall_ratio(e2e.get("ceiling-both", {}), b)
-    add("JPEG + zstd ≥ 0.9× the hand-written tensorstore ceiling (wall)",
-        _f(r, 2) + "×" if r else "–", None if r is None else r >= 0.9)  # fmt: skip
+    paired = (res.get("ratios") or {}).get("emflow both vs ceiling, paired")
+    if paired:  # repeats run back to back: the median of the pairs, robust to load drift
+        r, pr = paired["ratio"], paired["pairs"]
+        shown = f"{r:.2f}× (median of {len(pr)} adjacent pairs, {min(pr):.2f}–{max(pr):.2f})"
+    else:
+        r = wall_ratio(e2e.get("ceiling-both", {}), b)
+        shown = _f(r, 2) + "×" if r else "–"
+    add("JPEG + zstd ≥ 0.9× the hand-written tensorstore ceiling (wall)", shown,
+        None if r is None else r >= 0.9)  # fmt: skip
     sc = (res.get("scaling") or {}).get("ratios", {})
     r = sc.get("speed-up 2 workers vs 1")
     add("1 → 2 workers ≥ 1.8× (same input)", _f(r, 2) + "×" if r else "–",
