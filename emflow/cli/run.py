@@ -173,6 +173,9 @@ class _Early:
 
         self.output = HeldOutput()
         try:
+            from emflow.cluster import forkserver
+
+            forkserver.start()  # after HeldOutput: the workers' fd 2 is the held pipe
             self.cluster = EarlyCluster(req)
         except BaseException:
             self.output.discard()
@@ -181,9 +184,12 @@ class _Early:
     def close(self) -> None:
         """Shut down what the run did not use, quietly (its output is dropped), and give the
         terminal back; nothing after a run that used them."""
+        from emflow.cluster import forkserver
+
         try:
             self.cluster.close()
         finally:
+            forkserver.stop()  # the cluster that would have forked from it is gone
             self.output.discard()
 
 

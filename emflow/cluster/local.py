@@ -128,17 +128,35 @@ def client_on(
                 after_close()
 
 
-@contextmanager
-def worker_environment() -> Iterator[None]:
-    """Nannies created inside start their workers with emflow's environment (malloc arenas and
-    thresholds)."""
+def worker_env() -> dict[str, str]:
+    """The environment local workers start with: Dask's pre-spawn variables and emflow's malloc
+    arenas and thresholds."""
     import dask
 
     from emflow.memory import WORKER_ENV, WORKER_MALLOC
 
     env = {**WORKER_ENV, **(dask.config.get("distributed.nanny.pre-spawn-environ") or {})}
     env.update(WORKER_MALLOC)  # after Dask's MALLOC_TRIM_THRESHOLD_ (see emflow.memory)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+    return {k: str(v) for k, v in env.items()}
+
+
+@contextmanager
+def worker_environment() -> Iterator[None]:
+    """Nannies created inside start their workers with emflow's environment (malloc arenas and
+    thresholds), forked from :mod:`emflow.cluster.forkserver`'s server if it runs."""
+    import dask
+
+    from emflow.cluster import forkserver
+
+    settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": worker_env()}
+    if forkserver.running():
+        import distributed.utils
+
+        settings["distributed.worker.multiprocessing-method"] = "forkserver"
+        # the server runs with its preload: without this flag (distributed 2026.8) Dask would
+        # import every optional package here to choose a preload that can no longer apply
+        distributed.utils._forkserver_preload_set = True
+    with dask.config.set(settings):
         yield
 
 
@@ -178,5 +196,7 @@ def _local_client(request: ClusterRequest, config: dict[str, Any]) -> Iterator[A
     adapt = None
     if wants and bounds is not None:
         adapt = lambda: cluster.adapt(minimum=bounds[0], maximum=bounds[1])  # noqa: E731
-    with client_on(cluster, setup=adapt) as client:
+    from emflow.cluster import forkserver
+
+    with client_on(cluster, setup=adapt, after_close=forkserver.stop) as client:
         yield client

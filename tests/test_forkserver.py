@@ -1,0 +1,94 @@
+"""``emflow run`` forks its local workers from a server that imported Dask while the driver
+started (emflow.cluster.forkserver): the workers start with the workers' environment, the
+server is gone when the command ends, and the output is the output of spawned workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from emflow.testing import synthetic_slices, write_stack
+from tests import clirun
+
+pytestmark = pytest.mark.integration
+two_cores = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="the fork server is used only on >= 2 cores"
+)
+
+RECIPE = """\
+source: {{glob: "{src}/*.png"}}
+voxel_size_nm: [8, 8, 40]
+align: false
+output_dir: {out}
+outputs:
+  - {{format: precomputed, encoding: jpeg}}
+  - {{format: omezarr}}
+"""
+
+# a worker preload that says, as its worker starts, who its parent process is and what
+# malloc settings the process was started with (/proc/<pid>/environ: the exec-time environment)
+WORKER_SAYS = """\
+import os
+
+def dask_setup(worker):
+    parent = os.getppid()
+    with open(f"/proc/{parent}/cmdline", "rb") as f:
+        cmd = f.read().replace(b"\\0", b" ").decode()
+    with open(f"/proc/{os.getpid()}/environ", "rb") as f:
+        env = dict(x.split("=", 1) for x in f.read().decode().split("\\0") if "=" in x)
+    line = (f"WORKER-START {parent} {'forkserver' in cmd} {env.get('MALLOC_ARENA_MAX')} "
+            f"{env.get('MALLOC_TRIM_THRESHOLD_')}\\n")
+    os.write(2, line.encode())  # one write: two workers share the pipe
+"""
+
+ARGS = ("--workers", "2", "--threads", "1", "--dashboard", ":0", "-q")
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "emflow-run" not in p.parts and p.name != ".emflow-output.json"
+    }
+
+
+@two_cores
+def test_workers_fork_from_the_server_with_their_environment_and_it_ends_with_the_run(tmp_path):
+    from emflow.memory import WORKER_MALLOC
+
+    write_stack(synthetic_slices((6, 96, 128), seed=5), tmp_path / "src")
+    (tmp_path / "says.py").write_text(WORKER_SAYS)
+    preload = {"DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(tmp_path / "says.py")])}
+    runs = {}
+    for mode in ("forked", "spawned"):
+        (tmp_path / f"{mode}.yaml").write_text(
+            RECIPE.format(src=tmp_path / "src", out=tmp_path / mode)
+        )
+        env = {**preload, "EMFLOW_FORKSERVER": "0" if mode == "spawned" else None}
+        done = clirun.run(
+            [sys.executable, "-m", "emflow", "run", f"{mode}.yaml", *ARGS], tmp_path, env=env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        log = (tmp_path / mode / "emflow-run" / "libraries.log").read_text()
+        runs[mode] = [line.split()[1:] for line in log.splitlines() if "WORKER-START" in line]
+    forked, spawned = runs["forked"], runs["spawned"]
+    assert len(forked) == 2 and len(spawned) == 2
+    # both workers forked by one server, which was started with the workers' malloc settings
+    assert {w[1] for w in forked} == {"True"} and len({w[0] for w in forked}) == 1
+    assert {w[1] for w in spawned} == {"False"}
+    trim = WORKER_MALLOC["MALLOC_TRIM_THRESHOLD_"]
+    assert {(w[2], w[3]) for w in forked + spawned} == {("1", trim)}
+    # the server ended with the command
+    assert not psutil.pid_exists(int(forked[0][0])) or (
+        psutil.Process(int(forked[0][0])).status() == psutil.STATUS_ZOMBIE
+    )
+    # the same bytes as spawned workers write
+    a, b = _digests(tmp_path / "forked"), _digests(tmp_path / "spawned")
+    assert len(a) >= 8 and a == b
