@@ -60,6 +60,19 @@ class OmeZarrSettings:
         )
 
 
+class _Committed:
+    """A transaction's commit, holding its writes (dropping a write's future cancels it):
+    ``result()`` returns once every write is copied and the commit is durable."""
+
+    def __init__(self, commit: ts.Future, writes: list[ts.WriteFutures]) -> None:
+        self.commit, self.writes = commit, writes
+
+    def result(self) -> object:
+        for w in self.writes:
+            w.copy.result()
+        return self.commit.result()
+
+
 def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
@@ -256,13 +269,57 @@ class OmeZarrWriter:
             return open_store(spec, token=self.token, assume_metadata=True)
         return open_store(self._array_spec(level, create=False), token=self.token)
 
+    def _padded_shape(self, level: int) -> tuple[int, int, int]:
+        """The level's (z, y, x) shape rounded up to whole chunks."""
+        cx, cy, cz = self.config.chunk_size_xyz
+        shape = self.levels[level].shape_zyx
+        pz, py, px = (_round_up(n, c) for n, c in zip(shape, (cz, cy, cx), strict=True))
+        return pz, py, px
+
+    def _padded_store(self, level: int) -> ts.TensorStore:
+        """The level as an array of whole chunks (metadata assumed, never written): Zarr stores
+        edge chunks whole, their part beyond the array's shape holding the fill value."""
+        spec = self._array_spec(level, create=True)
+        spec["metadata"]["shape"] = list(self._padded_shape(level))
+        return open_store(spec, token=self.token, assume_metadata=True)
+
     def write(
         self, level: int, origin_zyx: tuple[int, int, int], block_zyx: np.ndarray
-    ) -> ts.WriteFutures:
+    ) -> ts.WriteFutures | _Committed:
+        """Write a block; one that reaches the level's far edge writes its edge chunks whole.
+
+        tensorstore counts the part of an edge chunk beyond the array's shape as unwritten, so a
+        write ending at the shape merges each such chunk with a fill-value copy of it, element by
+        element (a stack thinner than the chunk depth: every chunk; a fifth of a 4096² x 32 slab
+        unit's CPU). Written through the array padded to whole chunks, the block and the fill
+        value beyond the shape (one transaction) cover every chunk whole: the same bytes.
+        """
         (z0, y0, x0), (nz, ny, nx) = origin_zyx, block_zyx.shape
-        region = self._store(level)[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx]
-        # chunks are encoded from the block itself, not from a copy (see Writer.write)
-        return region.write(block_zyx, can_reference_source_data_indefinitely=True)
+        lo, hi = (z0, y0, x0), (z0 + nz, y0 + ny, x0 + nx)
+        shape, padded = self.levels[level].shape_zyx, self._padded_shape(level)
+        end = tuple(p if h == n else h for h, n, p in zip(hi, shape, padded, strict=True))
+        if end == hi:
+            region = self._store(level)[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx]
+            # chunks are encoded from the block itself, not from a copy (see Writer.write)
+            return region.write(block_zyx, can_reference_source_data_indefinitely=True)
+        txn = ts.Transaction()
+        store = self._padded_store(level).with_transaction(txn)
+        writes = [
+            store[z0 : hi[0], y0 : hi[1], x0 : hi[2]].write(
+                block_zyx, can_reference_source_data_indefinitely=True
+            )
+        ]
+        fill = np.zeros((), dtype=block_zyx.dtype)  # the arrays' fill_value
+        for a in range(3):  # [lo, end) minus [lo, hi): one box per padded axis
+            if end[a] == hi[a]:
+                continue
+            b0 = [lo[b] for b in range(3)]
+            b1 = [end[b] if b < a else hi[b] for b in range(3)]
+            b0[a], b1[a] = hi[a], end[a]
+            part = store[b0[0] : b1[0], b0[1] : b1[1], b0[2] : b1[2]]
+            writes.append(part.write(np.broadcast_to(fill, part.shape)))
+        # the commit waits for the writes' copies (tensorstore holds the transaction open)
+        return _Committed(txn.commit_async(), writes)
 
     def finalize(self) -> None:
         """Add the OME multiscales metadata: only a complete image is an OME-Zarr image.

@@ -157,10 +157,29 @@ class PrecomputedWriter:
     def _store(self, level: int) -> ts.TensorStore:
         return open_store(self._spec(level), token=self.token, assume_metadata=self.remote)
 
+    def _write_store(self, level: int) -> ts.TensorStore:
+        """The store a unit writes level ``level`` through.
+
+        Where the level is smaller than one chunk along an axis (a stack thinner than the chunk
+        depth), every chunk is cut by the volume's edge there, and tensorstore merges a write
+        that covers only the in-bounds part of a chunk into a fill-value copy of the whole
+        chunk, element by element (its out-of-bounds part counts as unwritten). That axis then
+        gets a chunk as large as the level: the same chunk grid (one chunk along it), the same
+        chunk ids and names and the same encoded bytes (edge chunks are stored clipped to the
+        volume), and each write covers whole chunks. Metadata is assumed, never written.
+        """
+        md = self._scale_metadata(level)
+        clipped = [min(c, n) for c, n in zip(md["chunk_size"], md["size"], strict=True)]
+        if clipped == md["chunk_size"]:
+            return self._store(level)
+        spec = self._create_spec(level, Location.of(self.path).kvstore)
+        spec["scale_metadata"]["chunk_size"] = clipped
+        return open_store(spec, token=self.token, assume_metadata=True)
+
     def write(
         self, level: int, origin_zyx: tuple[int, int, int], block_zyx: np.ndarray
     ) -> ts.WriteFutures:
-        store = self._store(level)
+        store = self._write_store(level)
         (z0, y0, x0), (nz, ny, nx) = origin_zyx, block_zyx.shape
         # a view, not a copy: (z, y, x) C-order memory is x-fastest, the chunk layout of precomputed
         region = store[x0 : x0 + nx, y0 : y0 + ny, z0 : z0 + nz, 0]
