@@ -161,14 +161,20 @@ def area_copy(image: np.ndarray, factor: int | None = None) -> tuple[np.ndarray,
     k = cv2.getStructuringElement(cv2.MORPH_RECT, (MIN_FILL_SIZE_PX, MIN_FILL_SIZE_PX))
     fill = cv2.morphologyEx(fill.view(np.uint8), cv2.MORPH_OPEN, k).astype(bool)
     out = np.zeros(small.shape, np.uint8)
-    values = small[~fill]
-    if values.size < 16:
+    keep = ~fill
+    if np.count_nonzero(keep) < 16:
         return out, g
-    lo, hi = np.percentile(values, [0.5, 99.5])
+    levels = {np.dtype(np.uint8): 256, np.dtype(np.uint16): 65536}.get(img.dtype)
+    if levels is None:
+        lo, hi = np.percentile(small[keep], [0.5, 99.5])
+    else:  # integer block means: the same values from a histogram (emflow.align.stats)
+        from emflow.align.stats import masked_percentiles
+
+        lo, hi = masked_percentiles(small, keep, [0.5, 99.5], levels)
     if not hi > lo:
         return out, g
     scaled = np.clip(np.rint(1 + (small - lo) * (254.0 / (hi - lo))), 1, 255).astype(np.uint8)
-    out[~fill] = scaled[~fill]
+    out[keep] = scaled[keep]
     return out, g
 
 

@@ -55,6 +55,25 @@ def _lag1_correlation(a: np.ndarray, valid: np.ndarray, axis: int) -> float:
     return float(min(1.0, max(-1.0, cov / (sx * sy))))
 
 
+def _integer_stats(sample: np.ndarray) -> tuple[float, float | None]:
+    """Share of the non-zero px of a uint8/uint16 sample at the dtype maximum and their
+    standard deviation (None: no non-zero px), from a histogram instead of a copy of the
+    non-zero px (~10 ms per 1 M px less). The share is the same float as NumPy's mean of
+    ``values >= top``, the mean the same (integer sums are exact), the deviation within
+    rounding of ``values.std()`` (~1e-16 relative: only a slice whose deviation lies that
+    close to the blank threshold could be judged otherwise)."""
+    counts = np.bincount(sample.ravel(), minlength=int(np.iinfo(sample.dtype).max) + 1)
+    counts[0] = 0
+    n = int(counts.sum())
+    if n == 0:
+        return 0.0, None
+    levels = np.arange(counts.size, dtype=np.float64)
+    share = np.float64(counts[-1]) / n  # np.mean of a bool array: its count / n
+    mean = float(counts @ levels) / n  # integer-valued sum below 2**53: exact, as NumPy's
+    var = float(counts @ (levels - mean) ** 2) / n
+    return float(share), float(np.sqrt(var))
+
+
 def assess_slice(image: np.ndarray, reduced: BlockMeans | None = None) -> str | None:
     """Whether a (y, x) slice can be aligned: None if usable, else the reason.
 
@@ -78,12 +97,20 @@ def assess_slice(image: np.ndarray, reduced: BlockMeans | None = None) -> str | 
         return "blank"
     step = max(1, int(np.sqrt(image.size / STATS_SAMPLE_PX)))  # strided sample for the stats
     sample = image[::step, ::step]
-    values = sample[sample != 0]
-    if values.size == 0:
-        return "blank"
-    if np.mean(values >= top) > MAX_SATURATED_FRACTION:
+    stats = _integer_stats(sample) if image.dtype in (np.uint8, np.uint16) else None
+    if stats is None:
+        values = sample[sample != 0]
+        if values.size == 0:
+            return "blank"
+        saturated = np.mean(values >= top)
+        std = float(values.std())
+    else:
+        saturated, std = stats
+        if std is None:
+            return "blank"
+    if saturated > MAX_SATURATED_FRACTION:
         return "saturated"
-    if float(values.std()) < MIN_STD_FRACTION * top:
+    if std < MIN_STD_FRACTION * top:
         return "blank"
     f = choose_downsample(image.shape)
     if reduced is None or reduced.factor != f:  # block means without a full-res float copy

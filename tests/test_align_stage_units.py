@@ -1,0 +1,69 @@
+"""What the alignment stage's worker units load: no recipe model (pydantic) on a worker, and
+no SIFT data for a pair matched by area from a given estimate."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from emflow.align_stage import _load_features, features_unit, match_unit
+from emflow.discover import SliceRef
+from emflow.testing import synthetic_slices, write_stack
+
+CONFIG = {"model": "auto", "model_corner_threshold_px": 1.0, "ratio": 0.75, "area": True}
+
+
+def test_unpickling_the_units_module_imports_no_recipe_model():
+    code = (
+        "import sys, json, emflow.align_stage\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic'"
+        " or m == 'emflow.recipe')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out) == []
+
+
+def _features(tmp_path: Path) -> list[str]:
+    files = write_stack(synthetic_slices((3, 384, 384), seed=7), tmp_path / "src")
+    paths = []
+    for z, src in enumerate(files):
+        paths.append(str(tmp_path / f"z{z}.npz"))
+        features_unit(SliceRef(z, z, str(src), 0), (384, 384), None, 2000, paths[-1])
+    return paths
+
+
+def _without_sift(path: str, out: Path) -> str:
+    """The same features file without keypoints, descriptors and coarse copy."""
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            if not info.filename.startswith(("keypoints", "descriptors", "coarse")):
+                dst.writestr(info, src.read(info))
+    return str(out)
+
+
+def test_a_pair_from_a_given_estimate_reads_no_sift_data(tmp_path):
+    paths = _features(tmp_path)
+    first = match_unit(paths[0], paths[1], 0, 1, CONFIG)
+    second = match_unit(paths[1], paths[2], 1, 2, CONFIG)
+    assert first["ok"] and second["ok"]
+    m = np.vstack([first["matrix"], [0, 0, 1]]) @ np.vstack([second["matrix"], [0, 0, 1]])
+    want = match_unit(paths[0], paths[2], 0, 2, CONFIG, m[:2].tolist())
+    assert want["ok"] and want["method"] == "area+"
+    # the same result from files without any SIFT data: none of it was read
+    bare = [_without_sift(p, tmp_path / f"bare{i}.npz") for i, p in enumerate(paths)]
+    got = match_unit(bare[0], bare[2], 0, 2, CONFIG, m[:2].tolist())
+    assert got == want
+    f = _load_features(paths[0], sift=False)
+    assert len(f) == 0 and f.area is not None and f.downsample == _load_features(paths[0]).downsample
+    # without area matching SIFT is needed: everything is read
+    assert len(_load_features(paths[0])) > 20
+    with np.load(io.BytesIO(Path(paths[0]).read_bytes())) as d:
+        assert "descriptors" in d
