@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,10 +307,12 @@ def pyramid_stages(
             render_dir = str(runmirror.data_path(run_dir, rendercache.FOLDER))
             _drop_lost_renders(run_dir, plan)
             per_slice = how.shape_yx[0] * how.shape_yx[1] * (2 if how.in_dtype == "uint16" else 1)
+            # the render stage is the decoded-slice cache's last reader (unless run.keep keeps it)
+            drop_cached = "slice_cache" not in recipe.run.keep
             units = []
             for i in range(plan.render_units):
                 z0, z1 = plan.render_slices(i)
-                args = (how, slices[z0:z1], render_dir)
+                args = (how, slices[z0:z1], render_dir, drop_cached)
                 units.append(Unit(i, render_slices, args, per_slice * (z1 - z0)))
             stage("render", units)
         if opening is not None:
@@ -630,7 +633,11 @@ def _run(
             in_dtype=catalog.dtype,
             cache_dir=cache_dir,
         )
-        slices = [SliceJob(refs[i], transforms[i], source_index[i]) for i in range(len(refs))]
+        shown = Counter(source_index)  # a cached slice shown by one z only may go once rendered
+        slices = [
+            SliceJob(refs[i], transforms[i], source_index[i], shown[source_index[i]] == 1)
+            for i in range(len(refs))
+        ]
         writers = pyramid_stages(
             recipe, plan, how, slices, root, run_dir, run_id, stage,
             threads=2 if threads <= 2 else 1, owner=owner,

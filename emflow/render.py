@@ -25,7 +25,7 @@ from emflow.enhance import clahe
 from emflow.errors import SourceError
 from emflow.io import rendercache, windows
 from emflow.io.readers import read_image
-from emflow.io.slicecache import load_slice
+from emflow.io.slicecache import drop_slice, load_slice
 from emflow.memory import limit_malloc_arenas, no_huge_page_advice
 from emflow.pyramid import Level, axis_counts, divide_round, downsample_sums, steps_between
 
@@ -56,6 +56,7 @@ class SliceJob:
     ref: SliceRef
     transform: tuple[tuple[float, ...], ...] | None
     source_z: int | None = None  # catalog z whose pixels it shows (fill_previous)
+    last_use: bool = False  # no other slice shows source_z: its cached copy may go once read
 
 
 def _load_slice(
@@ -80,9 +81,15 @@ def _load_slice(
     return img
 
 
-def render_one(how: SliceRender, job: SliceJob) -> np.ndarray:
-    """Decode, warp into the output frame, convert to the output dtype, and CLAHE one slice."""
+def render_one(how: SliceRender, job: SliceJob, *, drop_cached: bool = False) -> np.ndarray:
+    """Decode, warp into the output frame, convert to the output dtype, and CLAHE one slice.
+
+    ``drop_cached``: delete the slice's cached decoded copy once read when this job is its
+    last reader (:attr:`SliceJob.last_use`; the render stage, which reads every slice once).
+    """
     img = _load_slice(job.ref, how.shape_yx, np.dtype(how.in_dtype), how.cache_dir, job.source_z)
+    if drop_cached and job.last_use and how.cache_dir is not None and job.source_z is not None:
+        drop_slice(how.cache_dir, job.source_z)  # its pages go to this slice's rendered copy
     if job.transform is not None:
         img = warp_slice(
             img, np.asarray(job.transform, dtype=np.float64), (0, 0), how.frame_shape_yx
@@ -121,8 +128,14 @@ def render_window(
     out[...] = render_one(how, job)[y0:y1, x0:x1]
 
 
-def render_slices(how: SliceRender, jobs: Sequence[SliceJob], folder: str) -> dict:
-    """Render unit: slices, one after the other, into the run folder's rendered level-0 copy."""
+def render_slices(
+    how: SliceRender, jobs: Sequence[SliceJob], folder: str, drop_cached: bool = False
+) -> dict:
+    """Render unit: slices, one after the other, into the run folder's rendered level-0 copy.
+
+    ``drop_cached``: delete each slice's cached decoded copy once read (see :func:`render_one`);
+    a unit run again after that decodes the source instead (same pixels).
+    """
     import cv2
 
     limit_malloc_arenas()
@@ -130,7 +143,7 @@ def render_slices(how: SliceRender, jobs: Sequence[SliceJob], folder: str) -> di
     cv2.setNumThreads(1)
     t0 = time.perf_counter()
     for job in jobs:
-        rendercache.store_slice(folder, job.ref.z, render_one(how, job))
+        rendercache.store_slice(folder, job.ref.z, render_one(how, job, drop_cached=drop_cached))
     nbytes = len(jobs) * how.shape_yx[0] * how.shape_yx[1] * np.dtype(how.in_dtype).itemsize
     return {
         "z": [jobs[0].ref.z, jobs[-1].ref.z + 1] if jobs else [],
