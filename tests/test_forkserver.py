@@ -92,3 +92,27 @@ def test_workers_fork_from_the_server_with_their_environment_and_it_ends_with_th
     # the same bytes as spawned workers write
     a, b = _digests(tmp_path / "forked"), _digests(tmp_path / "spawned")
     assert len(a) >= 8 and a == b
+
+
+def test_worker_env_is_the_same_before_and_after_dask_is_imported(tmp_path):
+    """The fork server starts before the driver imports Dask: the environment it gets (Dask's
+    pre-spawn defaults read from distributed.yaml, the user's config, emflow's malloc settings)
+    is the one the nannies use once Dask is imported, a user's setting included."""
+    code = (
+        "import sys\n"
+        "from emflow.cluster.local import worker_env\n"
+        "before = worker_env()\n"
+        "assert 'distributed' not in sys.modules\n"
+        "import distributed  # noqa: F401\n"
+        "after = worker_env()\n"
+        "assert before == after, (before, after)\n"
+        "assert after['OMP_NUM_THREADS'] == '1' and after['MALLOC_ARENA_MAX'] == '1'\n"
+        "assert after['MY_SETTING'] == 'yes'\n"
+    )
+    (tmp_path / "dask").mkdir()
+    (tmp_path / "dask" / "mine.yaml").write_text(
+        "distributed:\n  nanny:\n    pre-spawn-environ:\n      MY_SETTING: 'yes'\n"
+    )
+    env = {"DASK_CONFIG": str(tmp_path / "dask")}
+    done = clirun.run([sys.executable, "-c", code], tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]

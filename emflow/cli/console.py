@@ -74,12 +74,25 @@ class _Route:
     """fd 2 onto ``fd``, ``sys.stderr`` a new stream on the terminal, Python's warnings, thread
     and unraisable exceptions written with ``write`` (text); :meth:`restore` undoes it."""
 
-    def __init__(self, fd: int, write: Callable[[str], object], notices: _Notices) -> None:
-        with contextlib.suppress(ImportError):  # Dask binds its log handlers to sys.stderr on
-            import distributed  # noqa: F401  import: bind them to fd 2 (the log), not the terminal
+    def __init__(
+        self,
+        fd: int,
+        write: Callable[[str], object],
+        notices: _Notices,
+        redirected: Callable[[], object] | None = None,
+    ) -> None:
         sys.stderr.flush()
         self._saved_fd = os.dup(2)
         os.dup2(fd, 2)
+        try:
+            if redirected is not None:
+                redirected()  # e.g. start a process whose fd 2 must be the pipe
+            with contextlib.suppress(ImportError):  # Dask binds its log handlers to sys.stderr
+                import distributed  # noqa: F401  on import: to this stream, whose fd 2 is the pipe
+        except BaseException:
+            os.dup2(self._saved_fd, 2)
+            os.close(self._saved_fd)
+            raise
         terminal = io.TextIOWrapper(
             os.fdopen(os.dup(self._saved_fd), "wb", buffering=0),
             encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
@@ -157,7 +170,9 @@ class HeldOutput:
     #: at most this much output is held before the log file is known; the rest is dropped
     HELD_BYTES = 4 << 20
 
-    def __init__(self) -> None:
+    def __init__(self, redirected: Callable[[], object] | None = None) -> None:
+        """``redirected``: called once fd 2 is the pipe, before Dask is imported (the local
+        cluster's fork server starts there, beside that import)."""
         self._lock = threading.Lock()
         self._held: list[bytes] = []
         self._held_bytes = 0
@@ -169,7 +184,7 @@ class HeldOutput:
         self._idle.set()
         self.notices = _Notices()
         try:
-            self.route = _Route(write_fd, self._write_text, self.notices)
+            self.route = _Route(write_fd, self._write_text, self.notices, redirected)
         finally:
             os.close(write_fd)  # fd 2 (and the processes spawned meanwhile) hold the pipe
         self._reader = threading.Thread(target=self._pump, name="emflow-library-output", daemon=True)

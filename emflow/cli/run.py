@@ -171,13 +171,18 @@ class _Early:
         from emflow.cli.console import HeldOutput
         from emflow.cluster.early import EarlyCluster
 
-        self.output = HeldOutput()
-        try:
-            from emflow.cluster import forkserver
+        from emflow.cluster import forkserver
 
-            forkserver.start()  # after HeldOutput: the workers' fd 2 is the held pipe
+        try:  # the fork server starts once fd 2 is the held pipe (its workers inherit it),
+            # beside the driver's own import of Dask
+            self.output = HeldOutput(redirected=forkserver.start)
+        except BaseException:
+            forkserver.stop()
+            raise
+        try:
             self.cluster = EarlyCluster(req)
         except BaseException:
+            forkserver.stop()
             self.output.discard()
             raise
 

@@ -8,6 +8,7 @@ the Kubernetes client) turns a failed connection into a :class:`ClusterError`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -135,9 +136,34 @@ def worker_env() -> dict[str, str]:
 
     from emflow.memory import WORKER_ENV, WORKER_MALLOC
 
-    env = {**WORKER_ENV, **(dask.config.get("distributed.nanny.pre-spawn-environ") or {})}
+    if "distributed" in sys.modules:
+        dask_env = dask.config.get("distributed.nanny.pre-spawn-environ") or {}
+    else:  # Dask's defaults are in its config once distributed is imported: read them here
+        dask_env = {
+            **_distributed_default("nanny", "pre-spawn-environ"),
+            **(dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {}),
+        }
+    env = {**WORKER_ENV, **dask_env}
     env.update(WORKER_MALLOC)  # after Dask's MALLOC_TRIM_THRESHOLD_ (see emflow.memory)
     return {k: str(v) for k, v in env.items()}
+
+
+def _distributed_default(*keys: str) -> dict[str, Any]:
+    """A mapping of distributed's own defaults (its distributed.yaml), without importing it."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    spec = importlib.util.find_spec("distributed")
+    if spec is None or spec.origin is None:
+        return {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    with open(Path(spec.origin).parent / "distributed.yaml") as f:
+        node = (yaml.load(f, Loader=loader) or {}).get("distributed", {})
+    for k in keys:
+        node = node.get(k) if isinstance(node, dict) else None
+    return dict(node) if isinstance(node, dict) else {}
 
 
 @contextmanager
