@@ -46,13 +46,14 @@ def start() -> None:
 
     from emflow.cluster.local import worker_env
 
-    env = worker_env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # no other thread runs yet: the server's environment only
+    saved: dict[str, str | None] = {}
     try:
+        env = worker_env()
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # no other thread runs yet: the server's environment only
         multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
         forkserver.ensure_running()
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # e.g. no distributed.yaml to read, no socket: spawn as Dask does
         logger.info("no fork server (%s): local workers are spawned", exc)
         return
     finally:
