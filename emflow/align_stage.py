@@ -196,19 +196,15 @@ def match_unit(
     PairResult as a dict."""
     import cv2
 
-    from emflow.align.match import MatchConfig, match_features
+    from emflow.align.match import MatchConfig, area_applies, match_features
 
     cv2.setNumThreads(1)
     # from a given estimate, pairs whose slices both have area copies (of one shape and
     # factor) are matched by area alone (match_features): no SIFT data needed (2 x 2 MB)
-    area_only = initial is not None and bool(config.get("area", True))
-    fa, fb = _load_features(path_a, not area_only), _load_features(path_b, not area_only)
-    if area_only and not (
-        fa.area is not None
-        and fb.area is not None
-        and fa.area.shape == fb.area.shape
-        and fa.area_factor == fb.area_factor
-    ):
+    area = bool(config.get("area", True))
+    sift = initial is None or not area
+    fa, fb = _load_features(path_a, sift), _load_features(path_b, sift)
+    if not sift and not area_applies(fa, fb, area):
         fa, fb = _load_features(path_a), _load_features(path_b)
     result = match_features(
         fa,

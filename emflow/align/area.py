@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from emflow.align.affine import apply_affine, homogeneous
+from emflow.align.stats import block_mean_percentiles
 
 __all__ = [
     "AREA_LONG_SIDE_PX",
@@ -164,13 +165,7 @@ def area_copy(image: np.ndarray, factor: int | None = None) -> tuple[np.ndarray,
     keep = ~fill
     if np.count_nonzero(keep) < 16:
         return out, g
-    levels = {np.dtype(np.uint8): 256, np.dtype(np.uint16): 65536}.get(img.dtype)
-    if levels is None:
-        lo, hi = np.percentile(small[keep], [0.5, 99.5])
-    else:  # integer block means: the same values from a histogram (emflow.align.stats)
-        from emflow.align.stats import masked_percentiles
-
-        lo, hi = masked_percentiles(small, keep, [0.5, 99.5], levels)
+    lo, hi = block_mean_percentiles(small, keep, [0.5, 99.5], img.dtype)
     if not hi > lo:
         return out, g
     scaled = np.clip(np.rint(1 + (small - lo) * (254.0 / (hi - lo))), 1, 255).astype(np.uint8)

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from emflow.align.area import area_copy, has_zero
-from emflow.align.stats import masked_percentiles
+from emflow.align.stats import block_mean_percentiles
 
 __all__ = [
     "BlockMeans",
@@ -57,8 +57,6 @@ WORKING_LONG_SIDE_PX = 1024
 FILL_MARGIN_PX = 9
 #: Zero regions smaller than this square (working px) are dark pixels, not fill.
 MIN_FILL_SIZE_PX = 5
-#: grey levels of the slice dtypes whose block means (OpenCV INTER_AREA) are integers
-_INT_LEVELS = {np.dtype(np.uint8): 256, np.dtype(np.uint16): 65536}
 #: Long side (px) of the per-slice thumbnail kept for the QC reslices.
 THUMB_PX = 256
 #: The coarse feature set is this many times coarser than the working copy ...
@@ -269,14 +267,9 @@ def working_copy(
     valid = keep.view(np.uint8) * np.uint8(255)
     if reduced.fill.any():
         keep &= reduced.fill < 255  # blocks wholly fill never count
-    n_keep = int(np.count_nonzero(keep))
-    if n_keep < 16:
+    if np.count_nonzero(keep) < 16:
         return np.zeros(small.shape, np.uint8), valid
-    levels = _INT_LEVELS.get(image.dtype)  # block means of an integer slice are integers
-    if levels is None:
-        lo, hi = np.percentile(small[keep], [0.1, 99.9])
-    else:  # the same values from a histogram, without a partition of the px
-        lo, hi = masked_percentiles(small, keep, [0.1, 99.9], levels)
+    lo, hi = block_mean_percentiles(small, keep, [0.1, 99.9], image.dtype)
     if not hi > lo:
         return np.zeros(small.shape, np.uint8), valid
     work = small - lo  # float64 (lo is), in place from here: the same values as before

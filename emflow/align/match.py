@@ -380,13 +380,7 @@ def match_features(
     PairResult
         ``ok=False`` with a reason when a check fails; never raises for bad data.
     """
-    use_area = (
-        config.area
-        and fa.area is not None
-        and fb.area is not None
-        and fa.area.shape == fb.area.shape
-        and fa.area_factor == fb.area_factor
-    )
+    use_area = area_applies(fa, fb, config.area)
     sift = None
     if initial is None or not use_area:
         sift = _match_sift(fa, fb, z_a, z_b, config)
@@ -423,6 +417,18 @@ def match_features(
         return sift
     assert best is not None
     return replace(best, reason="; ".join(reasons))
+
+
+def area_applies(fa: Features, fb: Features, area: bool = True) -> bool:
+    """Whether :func:`match_features` fits the pair by area: area matching on (``area``) and
+    both slices carry area copies of one shape and factor."""
+    return (
+        bool(area)
+        and fa.area is not None
+        and fb.area is not None
+        and fa.area.shape == fb.area.shape
+        and fa.area_factor == fb.area_factor
+    )
 
 
 def sift_trusted(p: PairResult) -> bool:

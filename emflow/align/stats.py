@@ -17,10 +17,24 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["masked_percentiles"]
+__all__ = ["block_mean_percentiles", "masked_percentiles"]
 
 #: calcHist counts in float32: exact up to 2**24 px (a 4096² copy); above, NumPy is used
 _EXACT_COUNTS = 1 << 24
+#: grey levels of the slice dtypes whose block means (OpenCV INTER_AREA) are integers
+_INT_LEVELS = {np.dtype(np.uint8): 256, np.dtype(np.uint16): 65536}
+
+
+def block_mean_percentiles(
+    small: np.ndarray, keep: np.ndarray, q: Sequence[float], slice_dtype: np.dtype
+) -> np.ndarray:
+    """``np.percentile(small[keep], q)`` for block means ``small`` of a slice of
+    ``slice_dtype``: from a histogram when the slice is uint8/uint16 (its block means are
+    integers), else NumPy's."""
+    levels = _INT_LEVELS.get(np.dtype(slice_dtype))
+    if levels is None:
+        return np.percentile(small[keep], q)
+    return masked_percentiles(small, keep, q, levels)
 
 
 def masked_percentiles(
