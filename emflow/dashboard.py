@@ -79,7 +79,9 @@ def install(scheduler: Any, plugin: Any) -> None:
     http_app = getattr(scheduler, "http_application", None)
     if http_app is None:
         return
-    on_visit = getattr(scheduler, "emflow_dashboard_on_visit", None)
+    from emflow.cluster.lazy_dashboard import ATTRIBUTE
+
+    on_visit = getattr(scheduler, ATTRIBUTE, None)
     if on_visit is not None:
         _add_json(scheduler, plugin, "")  # the on-visit dashboard has no prefix
         on_visit.then(lambda: _add_page(scheduler, _prefix(scheduler)))

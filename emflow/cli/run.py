@@ -169,9 +169,8 @@ class _Early:
 
     def __init__(self, req) -> None:
         from emflow.cli.console import HeldOutput
-        from emflow.cluster.early import EarlyCluster
-
         from emflow.cluster import forkserver
+        from emflow.cluster.early import EarlyCluster
 
         try:  # the fork server starts once fd 2 is the held pipe (its workers inherit it),
             # beside the driver's own import of Dask
