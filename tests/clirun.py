@@ -14,6 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+#: ``emflow run`` starts its local cluster early, its workers forked from a server, only with two
+#: usable cores (emflow.cli.run._start_early); on one core a test of that would test nothing
+TWO_CORES = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2,
+    reason="emflow run starts its local cluster early (workers forked) only on >= 2 cores",
+)
+
 
 def start(
     argv: list[str] | tuple[str, ...],

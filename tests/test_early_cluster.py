@@ -25,11 +25,7 @@ from emflow.testing import synthetic_slices, write_stack
 from tests import clirun
 
 pytestmark = pytest.mark.integration
-#: the early start needs two usable cores (emflow.cli.run._start_early); on one core these runs
-#: would test the old order only
-two_cores = pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2, reason="the local cluster starts early only on >= 2 cores"
-)
+two_cores = clirun.TWO_CORES
 
 RECIPE = """\
 source: {{glob: "{src}/*.png"}}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,9 +17,7 @@ from emflow.testing import synthetic_slices, write_stack
 from tests import clirun
 
 pytestmark = pytest.mark.integration
-two_cores = pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2, reason="the fork server is used only on >= 2 cores"
-)
+two_cores = clirun.TWO_CORES
 
 RECIPE = """\
 source: {{glob: "{src}/*.png"}}
