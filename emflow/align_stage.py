@@ -16,6 +16,7 @@ reasons can be inspected.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -337,8 +338,15 @@ def align_stack(
             done[(p.z_a, p.z_b)] = p
         return done
 
-    first = match_round("match", [(a, b, None) for a, b in neighbour_pairs(zs)], {})
-    second = match_round("match2", bridge_pairs(zs, first, bad), first)
+    # the solve runs in the driver while every worker waits: SciPy's import, most of its
+    # ~0.5 CPU-s, is done in a driver thread now, while the workers match
+    solver = threading.Thread(target=_import_solver, name="emflow-import-solver")
+    solver.start()
+    try:
+        first = match_round("match", [(a, b, None) for a, b in neighbour_pairs(zs)], {})
+        second = match_round("match2", bridge_pairs(zs, first, bad), first)
+    finally:
+        solver.join()
     pairs = [p for _, p in sorted({**first, **second}.items())]
     failed, stop = check_neighbours(pairs, say)
     if stop:
@@ -406,6 +414,15 @@ def align_stack(
             f"{np.median([v['shift_px'] for v in used]):.2f} global over {len(used)} pairs"
         )
     return alignment
+
+
+def _import_solver() -> None:
+    """Import what :func:`emflow.align.solve.solve` imports on first use (SciPy's sparse LU,
+    ~0.4 CPU-s); an error is left for the solve to raise."""
+    try:
+        import scipy.sparse.linalg  # noqa: F401
+    except Exception:  # noqa: BLE001 -- the solve imports it again and reports the error
+        pass
 
 
 def wait_written(pending: list[Future], *, quiet: bool = False) -> None:

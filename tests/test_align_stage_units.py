@@ -31,6 +31,21 @@ def test_unpickling_the_units_module_imports_no_recipe_model():
     assert json.loads(out) == []
 
 
+def test_scipy_is_imported_by_the_driver_thread_not_by_the_units_module():
+    """Workers unpickle emflow.align_stage without SciPy (~0.4 CPU-s); the driver imports it
+    for the solve in a thread (``_import_solver``) while the workers match."""
+    code = (
+        "import sys, json, emflow.align_stage as s\n"
+        "before = 'scipy.sparse.linalg' in sys.modules\n"
+        "s._import_solver()\n"
+        "print(json.dumps([before, 'scipy.sparse.linalg' in sys.modules]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out) == [False, True]
+
+
 def _features(tmp_path: Path) -> list[str]:
     files = write_stack(synthetic_slices((3, 384, 384), seed=7), tmp_path / "src")
     paths = []
