@@ -185,3 +185,31 @@ def test_patch_peak_offsets_equal_the_per_peak_formula():
     got = _peak_offsets(ym, y0, yp)
     assert got.tolist() == want
     assert np.all(np.abs(got) <= 0.5) and np.count_nonzero(got) > 4000
+
+
+def _matcher_ratio_matches(fa, fb, ratio: float) -> tuple[list[int], list[int]]:
+    """The ratio test on cv2.FlannBasedMatcher's DMatch pairs (the matcher's own path)."""
+    cv2.setRNGSeed(0)
+    matcher = cv2.FlannBasedMatcher({"algorithm": 1, "trees": 4}, {"checks": 32})
+    ib, ia = [], []
+    for pair in matcher.knnMatch(fb.descriptors, fa.descriptors, k=2):
+        if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance:
+            ib.append(pair[0].queryIdx)
+            ia.append(pair[0].trainIdx)
+    return ib, ia
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.9, 0.8123])
+def test_flann_ratio_matches_equal_the_matchers_dmatch_pairs(ratio):
+    """Above FLANN_MIN_KEYPOINTS the ratio test runs on FLANN's index directly: the same
+    matches, in the same order, as cv2.FlannBasedMatcher's DMatch pairs (same seed)."""
+    from emflow.align.match import FLANN_MIN_KEYPOINTS, _ratio_matches
+    from emflow.testing import synthetic_slices
+
+    a, b = synthetic_slices((2, 1536, 1536), seed=3)
+    fa, fb = compute_features(a, downsample=1), compute_features(b, downsample=1)
+    assert min(len(fa), len(fb)) > FLANN_MIN_KEYPOINTS
+    ib, ia = _ratio_matches(fa, fb, MatchConfig(ratio=ratio))
+    want_b, want_a = _matcher_ratio_matches(fa, fb, ratio)
+    assert ib.tolist() == want_b and ia.tolist() == want_a
+    assert len(want_b) > 200

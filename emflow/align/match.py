@@ -328,9 +328,8 @@ def _ratio_matches(
     """Indices (into fb, into fa) of descriptor matches passing the ratio test."""
     cv2.setRNGSeed(int(config.seed))
     if min(len(fa), len(fb)) > FLANN_MIN_KEYPOINTS:
-        matcher = cv2.FlannBasedMatcher({"algorithm": 1, "trees": 4}, {"checks": 32})
-    else:
-        matcher = cv2.BFMatcher(cv2.NORM_L2)
+        return _flann_ratio_matches(fa, fb, config.ratio)
+    matcher = cv2.BFMatcher(cv2.NORM_L2)
     knn = matcher.knnMatch(fb.descriptors, fa.descriptors, k=2)
     ib, ia = [], []
     for pair in knn:
@@ -338,6 +337,19 @@ def _ratio_matches(
             ib.append(pair[0].queryIdx)
             ia.append(pair[0].trainIdx)
     return np.asarray(ib, np.int64), np.asarray(ia, np.int64)
+
+
+def _flann_ratio_matches(fa: Features, fb: Features, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_ratio_matches` by FLANN (4 KD-trees, 32 checks; the caller seeds OpenCV's RNG):
+    the index and search of ``cv2.FlannBasedMatcher`` (same tree, same neighbours), its two
+    nearest distances (sqrt of FLANN's squared L2 in float32) compared in float64 as
+    ``DMatch.distance`` are, without 2 DMatch objects per keypoint: ~5 of ~60 ms per pair
+    of 4000 keypoints."""
+    index = cv2.flann_Index(fa.descriptors, {"algorithm": 1, "trees": 4})
+    idx, dist2 = index.knnSearch(fb.descriptors, 2, params={"checks": 32})
+    dist = np.sqrt(dist2).astype(np.float64)  # float32 sqrt, as the matcher's DMatch
+    ok = (idx[:, 0] >= 0) & (idx[:, 1] >= 0) & (dist[:, 0] < ratio * dist[:, 1])
+    return np.flatnonzero(ok).astype(np.int64), idx[ok, 0].astype(np.int64)
 
 
 def match_features(
