@@ -14,6 +14,8 @@ level's array metadata and, last, the group with its ``multiscales``.
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,17 +62,24 @@ class OmeZarrSettings:
         )
 
 
-class _Committed:
-    """A transaction's commit, holding its writes (dropping a write's future cancels it):
-    ``result()`` returns once every write is copied and the commit is durable."""
+_PADS = threading.local()  # per unit thread: padded edge buffers, reused once released
 
-    def __init__(self, commit: ts.Future, writes: list[ts.WriteFutures]) -> None:
-        self.commit, self.writes = commit, writes
 
-    def result(self) -> object:
-        for w in self.writes:
-            w.copy.result()
-        return self.commit.result()
+def _padded_buffer(shape: tuple[int, int, int], block: np.ndarray) -> np.ndarray:
+    """``block`` at the start of a zero-filled ``shape`` array (the arrays' fill value is 0).
+
+    A buffer of this shape and block shape the thread used before is reused once tensorstore
+    released it (only the block's part is ever written: the rest stays zero); else a new one."""
+    key = (shape, block.shape, block.dtype.str)
+    pool = getattr(_PADS, "pool", None)
+    if pool is None:
+        pool = _PADS.pool = {}
+    buf = pool.get(key)
+    if buf is None or sys.getrefcount(buf) > 3:  # pool, buf, argument: more = a write holds it
+        buf = pool[key] = np.zeros(shape, dtype=block.dtype)
+    nz, ny, nx = block.shape
+    buf[:nz, :ny, :nx] = block
+    return buf
 
 
 def _round_up(v: int, m: int) -> int:
@@ -285,14 +294,14 @@ class OmeZarrWriter:
 
     def write(
         self, level: int, origin_zyx: tuple[int, int, int], block_zyx: np.ndarray
-    ) -> ts.WriteFutures | _Committed:
+    ) -> ts.WriteFutures:
         """Write a block; one that reaches the level's far edge writes its edge chunks whole.
 
         tensorstore counts the part of an edge chunk beyond the array's shape as unwritten, so a
         write ending at the shape merges each such chunk with a fill-value copy of it, element by
         element (a stack thinner than the chunk depth: every chunk; a fifth of a 4096² x 32 slab
-        unit's CPU). Written through the array padded to whole chunks, the block and the fill
-        value beyond the shape (one transaction) cover every chunk whole: the same bytes.
+        unit's CPU). Written through the array padded to whole chunks as the block followed by
+        the fill value (:func:`_padded_buffer`), every chunk is covered whole: the same bytes.
         """
         (z0, y0, x0), (nz, ny, nx) = origin_zyx, block_zyx.shape
         lo, hi = (z0, y0, x0), (z0 + nz, y0 + ny, x0 + nx)
@@ -302,24 +311,12 @@ class OmeZarrWriter:
             region = self._store(level)[z0 : z0 + nz, y0 : y0 + ny, x0 : x0 + nx]
             # chunks are encoded from the block itself, not from a copy (see Writer.write)
             return region.write(block_zyx, can_reference_source_data_indefinitely=True)
-        txn = ts.Transaction()
-        store = self._padded_store(level).with_transaction(txn)
-        writes = [
-            store[z0 : hi[0], y0 : hi[1], x0 : hi[2]].write(
-                block_zyx, can_reference_source_data_indefinitely=True
-            )
-        ]
-        fill = np.zeros((), dtype=block_zyx.dtype)  # the arrays' fill_value
-        for a in range(3):  # [lo, end) minus [lo, hi): one box per padded axis
-            if end[a] == hi[a]:
-                continue
-            b0 = [lo[b] for b in range(3)]
-            b1 = [end[b] if b < a else hi[b] for b in range(3)]
-            b0[a], b1[a] = hi[a], end[a]
-            part = store[b0[0] : b1[0], b0[1] : b1[1], b0[2] : b1[2]]
-            writes.append(part.write(np.broadcast_to(fill, part.shape)))
-        # the commit waits for the writes' copies (tensorstore holds the transaction open)
-        return _Committed(txn.commit_async(), writes)
+        # the padded box as one array (the block, the fill value beyond the shape): every chunk
+        # is covered whole by one write that tensorstore references -- no chunk buffers, no copy
+        # into them, no element-wise fill (a thin stack: 7.8 % of a 4096² x 32 run's CPU)
+        padded_block = _padded_buffer(tuple(e - o for e, o in zip(end, lo, strict=True)), block_zyx)
+        region = self._padded_store(level)[z0 : end[0], y0 : end[1], x0 : end[2]]
+        return region.write(padded_block, can_reference_source_data_indefinitely=True)
 
     def finalize(self) -> None:
         """Add the OME multiscales metadata: only a complete image is an OME-Zarr image.
