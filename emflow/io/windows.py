@@ -7,6 +7,7 @@ decoded whole by the caller.
 
 from __future__ import annotations
 
+import mmap
 from functools import lru_cache
 
 import numpy as np
@@ -32,17 +33,30 @@ def contiguous_page(path: str, page: int = 0) -> tuple[int, tuple[int, int], str
 
 
 def read_window(path: str, page: int, window: tuple[int, int, int, int], out: np.ndarray) -> bool:
-    """Copy rows y0:y1, columns x0:x1 of a page into ``out``; False if the page is not windowable."""
+    """Copy rows y0:y1, columns x0:x1 of a page into ``out``; False if the page is not windowable.
+
+    Maps only the window's rows (a plain ``mmap``, unmapped right after the copy): numpy's
+    ``memmap`` class costs ~0.2 CPU-s per GB read more in Python for the same pages."""
     layout = contiguous_page(path, page)
     if layout is None:
         return False
-    offset, shape, dtype = layout
+    offset, (ny, nx), dtype = layout
     y0, y1, x0, x1 = window
-    mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    y1 = min(y1, ny)  # as slicing a whole-page map would
+    row = nx * np.dtype(dtype).itemsize
+    start = offset + y0 * row
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    length = start - aligned + (y1 - y0) * row
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), length, offset=aligned, access=mmap.ACCESS_READ)
     try:
-        out[...] = mm[y0:y1, x0:x1]
+        rows = np.frombuffer(mm, dtype, (y1 - y0) * nx, start - aligned).reshape(y1 - y0, nx)
+        try:
+            out[...] = rows[:, x0:x1]
+        finally:
+            del rows  # the map closes only once no array refers to it
     finally:
-        del mm
+        mm.close()
     return True
 
 
