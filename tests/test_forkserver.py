@@ -113,3 +113,33 @@ def test_worker_env_is_the_same_before_and_after_dask_is_imported(tmp_path):
     env = {"DASK_CONFIG": str(tmp_path / "dask")}
     done = clirun.run([sys.executable, "-c", code], tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_server_forks_from_one_thread_and_stop_kills_and_reaps_it(tmp_path):
+    """The server forks from one thread (a fork of a process with more threads may copy a held
+    lock); stop() ends and reaps it (no zombie), and a later start() in the same process starts
+    a new one."""
+    code = (
+        "import multiprocessing, time\n"
+        "import psutil\n"
+        "from multiprocessing import forkserver as mp_forkserver\n"
+        "from emflow.cluster import forkserver\n"
+        "forkserver.start()\n"
+        "assert forkserver.running()\n"
+        "p = multiprocessing.get_context('forkserver').Process(target=time.sleep, args=(0,))\n"
+        "p.start(); p.join()  # forked once the server's preload is done\n"
+        "assert p.exitcode == 0, p.exitcode\n"
+        "pid = mp_forkserver._forkserver._forkserver_pid\n"
+        "server = psutil.Process(pid)\n"
+        "assert server.num_threads() == 1, server.num_threads()\n"
+        "forkserver.stop()\n"
+        "assert not psutil.pid_exists(pid)  # reaped: no zombie either\n"
+        "assert not forkserver.running()\n"
+        "forkserver.start()  # a second run in this process gets a server again\n"
+        "q = multiprocessing.get_context('forkserver').Process(target=time.sleep, args=(0,))\n"
+        "q.start(); q.join()\n"
+        "assert q.exitcode == 0, q.exitcode\n"
+        "forkserver.stop()\n"
+    )
+    done = clirun.run([sys.executable, "-c", code], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -67,7 +67,12 @@ def start() -> None:
 
 def stop() -> None:
     """Stop the server once its workers are gone, and reap it: their CPU time then counts as
-    this process's children's (``getrusage``), and nothing outlives the run."""
+    this process's children's (``getrusage``), and nothing outlives the run.
+
+    The server has nothing left to do then, so it is killed (SIGKILL) rather than asked to
+    exit: an exit of its own first tears down every module it imported (Dask: 0.1-0.2 s the
+    driver waited at the end of each run, and 0.06-0.18 CPU-s).
+    """
     global _started
     if not _started:
         return
@@ -78,8 +83,16 @@ def stop() -> None:
     stop_server = getattr(server, "_stop", None)  # CPython 3.8-3.13; else it exits with us
     if stop_server is None:
         return
-    _reaped(getattr(server, "_forkserver_pid", None), timeout_s=1.0)
-    stop_server()
+    pid = getattr(server, "_forkserver_pid", None)
+    _reaped(pid, timeout_s=1.0)
+    if pid is not None:
+        import signal
+
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone already
+            pass
+    stop_server()  # closes its pipe and socket, and reaps it
 
 
 def _reaped(pid: int | None, timeout_s: float) -> None:
