@@ -267,7 +267,7 @@ def section_big(res: dict, args) -> None:
     the plan's largest unit."""
     import fcntl
 
-    from benchmarks.bigdata import ensure_tiff_stack
+    from benchmarks.bigdata import ensure_tiff_stack, warm
 
     work = OUT / "big"
     model = res.get("limits", {}).get("model", {})
@@ -282,6 +282,13 @@ def section_big(res: dict, args) -> None:
             name = f"emflow-tiff-{nx}x{ny}x{nz}"
             v = e2e.emflow_variant(name, "both-tiff", src, nz, work, None)
             v.format_note += f" ({nx}² x {nz})" if nx == ny else f" ({nx} x {ny} x {nz})"
+            w = warm(src)
+            cached = "?" if w["cached_before"] is None else f"{100 * w['cached_before']:.0f} %"
+            v.format_note += (
+                f"; input warmed before the run ({cached} was in the page cache; read "
+                f"{w['bytes'] / 1e9:.1f} GB in {w['seconds']:.0f} s, untimed)"
+            )
+            log(f"big {name}: warmed {json.dumps(w)}")
             m = e2e.measure_variant(v, timeout_s=3600)
             log(f"big {name}: rc {m.returncode} wall {m.wall_s:.1f} s")
             rows.append(e2e.summarize_runs(v, [m], nz * ny * nx, ny * nx, model))

@@ -331,6 +331,9 @@ def render(res: dict, findings: str = "") -> str:
             "",
             "Uncompressed uint8 TIFF (read by window, no rendered copy) to both outputs, and "
             "the full pipeline on 4096² PNG; one run each, under the machine's big-memory lock. "
+            "Each TIFF stack is read once before its run (untimed), so the run reads it from the "
+            "page cache like the 2048² runs do (the limit counts a TIFF read at memcpy cost); a "
+            "stack read from disk costs ~1.2 CPU-s/GB more and may wait for the disk. "
             "% limit against `jpeg+zstd_tiff` (TIFF) or `full` with SIFT per slice (4096²). "
             "RSS/planned worker: over base + threads × (unit − base), the per-worker figure "
             "`emflow plan` prints for the default local cluster's 2 threads per worker.",
@@ -537,7 +540,7 @@ def _notes(r: dict) -> str:
         bits.append("stages " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_wall_s"].items()))
     if r.get("unit_phase_s"):
         bits.append(
-            "unit CPU-side s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["unit_phase_s"].items())
+            "unit wall s summed over units (includes waiting for a core): " + ", ".join(f"{k} {v:.1f}" for k, v in r["unit_phase_s"].items())
         )
     ph = r.get("phases") or {}
     for k in (
