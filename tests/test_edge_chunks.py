@@ -128,3 +128,24 @@ def test_units_cut_in_xy_write_the_same_bytes_as_one_write(tmp_path):
         if a.name == "z5":
             continue
         assert _files(Path(a.path)) == _files(Path(b.path)), a.name
+
+
+def test_padded_edge_buffer_is_reused_only_once_nothing_else_holds_it():
+    """The OME-Zarr edge write's padded buffer: a buffer still referenced (by a tensorstore
+    write in flight) is never overwritten; a released one is reused, zero beyond the block."""
+    import weakref
+
+    from emflow.io.omezarr import _padded_buffer
+
+    shape = (4, 5, 6)
+    block = np.arange(1, 2 * 3 * 4 + 1, dtype=np.uint8).reshape(2, 3, 4)
+    first = _padded_buffer(shape, block)  # still held here: as by a write in flight
+    second = _padded_buffer(shape, block + 100)
+    assert second is not first
+    assert np.array_equal(first[:2, :3, :4], block)  # not overwritten by the second block
+    assert first.sum() == block.sum()  # zero beyond the block
+    released = weakref.ref(second)
+    del second
+    third = _padded_buffer(shape, block + 50)
+    assert released() is third  # reused once released
+    assert np.array_equal(third[:2, :3, :4], block + 50) and third.sum() == (block + 50).sum()

@@ -74,12 +74,25 @@ def _padded_buffer(shape: tuple[int, int, int], block: np.ndarray) -> np.ndarray
     pool = getattr(_PADS, "pool", None)
     if pool is None:
         pool = _PADS.pool = {}
-    buf = pool.get(key)
-    if buf is None or sys.getrefcount(buf) > 3:  # pool, buf, argument: more = a write holds it
-        buf = pool[key] = np.zeros(shape, dtype=block.dtype)
+    slot = pool.get(key)
+    if slot is None or _held_elsewhere(slot):
+        slot = pool[key] = [np.zeros(shape, dtype=block.dtype), 0]
+        slot[1] = _references(slot)  # the count while only the pool holds it
+    buf = slot[0]
     nz, ny, nx = block.shape
     buf[:nz, :ny, :nx] = block
     return buf
+
+
+def _references(slot: list) -> int:
+    """Reference count of a pooled buffer, measured the same way whenever it is asked (how an
+    interpreter counts a local or an argument differs between Python versions; this does not)."""
+    return sys.getrefcount(slot[0])
+
+
+def _held_elsewhere(slot: list) -> bool:
+    """True while anything beyond the pool (a tensorstore write) still refers to the buffer."""
+    return _references(slot) > slot[1]
 
 
 def _round_up(v: int, m: int) -> int:
