@@ -25,10 +25,7 @@ def test_unpickling_the_units_module_imports_no_recipe_model():
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic'"
         " or m == 'emflow.recipe')))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert json.loads(out) == []
+    assert _printed_json(code) == []
 
 
 def test_scipy_is_imported_by_the_driver_thread_not_by_the_units_module():
@@ -40,10 +37,15 @@ def test_scipy_is_imported_by_the_driver_thread_not_by_the_units_module():
         "s._import_solver()\n"
         "print(json.dumps([before, 'scipy.sparse.linalg' in sys.modules]))"
     )
+    assert _printed_json(code) == [False, True]
+
+
+def _printed_json(code: str) -> object:
+    """What ``code`` prints as JSON when run in a fresh interpreter (nothing imported yet)."""
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert json.loads(out) == [False, True]
+    return json.loads(out)
 
 
 def _features(tmp_path: Path) -> list[str]:
