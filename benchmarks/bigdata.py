@@ -15,7 +15,9 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +78,6 @@ def ensure_tiff_stack(shape_zyx: tuple[int, int, int]) -> Path:
 
 def cached_fraction(folder: Path) -> float | None:
     """Share of the folder's TIFF bytes in the page cache (util-linux ``fincore``), or None."""
-    import subprocess
-
     files = sorted(str(f) for f in folder.glob("*.tif"))
     try:
         out = subprocess.run(
@@ -95,8 +95,6 @@ def warm(folder: Path) -> dict:
     """Read every TIFF of the folder once (untimed by the caller), so a run reads its input
     from the page cache, as the 2048² benchmark's repeated runs do: the derived limit counts a
     TIFF read at memcpy cost. Returns the share cached before, the bytes and the seconds."""
-    import time
-
     before = cached_fraction(folder)
     buf = bytearray(8 << 20)
     total, t0 = 0, time.perf_counter()

@@ -540,7 +540,8 @@ def _notes(r: dict) -> str:
         bits.append("stages " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_wall_s"].items()))
     if r.get("unit_phase_s"):
         bits.append(
-            "unit wall s summed over units (includes waiting for a core): " + ", ".join(f"{k} {v:.1f}" for k, v in r["unit_phase_s"].items())
+            "unit wall s summed over units (includes waiting for a core): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["unit_phase_s"].items())
         )
     ph = r.get("phases") or {}
     for k in (

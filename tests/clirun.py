@@ -20,7 +20,8 @@ import pytest
 #: usable cores (emflow.cli.run._start_early); on one core a test of that would test nothing
 TWO_CORES = pytest.mark.skipif(
     len(os.sched_getaffinity(0)) < 2,
-    reason="emflow run starts its local cluster early (workers forked) only on >= 2 cores",
+    reason="needs 2 usable CPU cores (this process may use 1): only then does emflow run start "
+    "its local cluster early, with workers forked from a server, which is what this checks",
 )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ def stop() -> None:
     pid = getattr(server, "_forkserver_pid", None)
     _reaped(pid, timeout_s=1.0)
     if pid is not None:
-        import signal
-
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:  # gone already
