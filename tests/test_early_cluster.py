@@ -175,3 +175,34 @@ def test_spawned_returns_once_a_worker_process_runs():
         early.close()
     _gone, alive = psutil.wait_procs(workers, timeout=30)
     assert alive == []
+
+
+def test_a_process_spawned_on_the_held_pipe_before_routing_writes_into_the_log(tmp_path):
+    """``emflow run`` starts its fork server on the held output's pipe before it reads the
+    recipe (HeldOutput(routed=False).spawn): that process's output reaches the run's log, while
+    the driver's own fd 2 stays the terminal until it is routed; a refused run's never-routed
+    pipe is dropped, terminal intact."""
+    code = f"""
+import os, subprocess, sys
+from emflow.cli.console import HeldOutput, libraries_to_log
+said = []
+held = HeldOutput(routed=False)
+procs = []
+held.spawn(lambda: procs.append(subprocess.Popen(
+    [sys.executable, "-c", "import os; os.write(2, b'child line\\\\n')"])))
+procs[0].wait()
+os.write(2, b"terminal before\\n")
+with libraries_to_log({str(tmp_path / 'libraries.log')!r}, said.append, held=held):
+    os.write(2, b"later line\\n")
+held.discard()
+refused = HeldOutput(routed=False)
+refused.spawn(lambda: subprocess.run(
+    [sys.executable, "-c", "import os; os.write(2, b'refused child\\\\n')"]))
+refused.discard()
+print("terminal after", file=sys.stderr)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "terminal before\nterminal after\n"
+    lines = (tmp_path / "libraries.log").read_text().splitlines()
+    assert lines[0].startswith("--- ") and lines[1:] == ["child line", "later line"]

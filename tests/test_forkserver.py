@@ -143,3 +143,34 @@ def test_server_forks_from_one_thread_and_stop_kills_and_reaps_it(tmp_path):
     )
     done = clirun.run([sys.executable, "-c", code], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_server_started_before_dask_is_used_only_with_the_workers_environment(tmp_path):
+    """``emflow run`` starts the server before it imports Dask, with Dask's defaults read from
+    distributed.yaml; once Dask is imported, a server whose environment is not the workers'
+    (a user's ``pre-spawn-environ``) is stopped and the workers are spawned with it instead."""
+    code = (
+        "import sys\n"
+        "from emflow.cluster import forkserver\n"
+        "from emflow.cluster.local import worker_environment\n"
+        "forkserver.start()\n"
+        "assert 'dask' not in sys.modules, 'the server waited for Dask'\n"
+        "assert forkserver.running()\n"
+        "with worker_environment():\n"
+        "    import dask\n"
+        "    method = dask.config.get('distributed.worker.multiprocessing-method', None)\n"
+        "    env = dask.config.get('distributed.nanny.pre-spawn-environ')\n"
+        "print(forkserver.running(), method, env.get('MY_SETTING'))\n"
+        "forkserver.stop()\n"
+    )
+    (tmp_path / "dask").mkdir()
+    (tmp_path / "dask" / "mine.yaml").write_text(
+        "distributed:\n  nanny:\n    pre-spawn-environ:\n      MY_SETTING: 'yes'\n"
+    )
+    said = {}
+    for case, env in (("default", {}), ("user", {"DASK_CONFIG": str(tmp_path / "dask")})):
+        done = clirun.run([sys.executable, "-c", code], tmp_path, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        said[case] = done.stdout.split()
+    assert said["default"] == ["True", "forkserver", "None"]
+    assert said["user"] == ["False", "None", "yes"]  # Dask's own method (spawn)

@@ -192,3 +192,19 @@ def test_workers_of_a_run_without_alignment_import_no_scipy(folder):
     assert "emflow.render" in mods and "tensorstore" in mods  # the worker ran the units
     assert not _packages(mods) & set(UNUSED), sorted(_packages(mods) & set(UNUSED))
     assert not mods & set(NOT_IN_WORKERS), sorted(mods & set(NOT_IN_WORKERS))
+
+
+def test_the_command_line_imports_no_http_server_until_it_serves(folder):
+    """``http.server`` (with http.client and email, ~25 ms) is imported by ``emflow serve`` and
+    ``emflow view`` when they serve, not by every command (``emflow run`` registers them all)."""
+    code = (
+        "import sys, emflow.cli\n"
+        "before = 'http.server' in sys.modules\n"
+        "from emflow.cli.serve import make_server\n"
+        "server = make_server(sys.argv[1], 0)\n"
+        "server.server_close()\n"
+        "print(before, type(server).__name__, 'http.server' in sys.modules)"
+    )
+    proc = clirun.start([sys.executable, "-c", code, str(folder)], folder)
+    out, err = clirun.outputs(proc, timeout=120)
+    assert out.split() == ["False", "ThreadingHTTPServer", "True"], err

@@ -170,25 +170,48 @@ class HeldOutput:
     #: at most this much output is held before the log file is known; the rest is dropped
     HELD_BYTES = 4 << 20
 
-    def __init__(self, redirected: Callable[[], object] | None = None) -> None:
-        """``redirected``: called once fd 2 is the pipe, before Dask is imported (the local
-        cluster's fork server starts there, beside that import)."""
+    def __init__(
+        self, redirected: Callable[[], object] | None = None, *, routed: bool = True
+    ) -> None:
+        """``redirected``: called once fd 2 is the pipe, before Dask is imported. ``routed=False``:
+        only the pipe and its reader for now (:meth:`spawn` starts processes on it), fd 2 and
+        ``sys.stderr`` are routed later by :meth:`route_now`."""
         self._lock = threading.Lock()
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._dropped_bytes = 0  # beyond HELD_BYTES before the log was attached
         self._file: Any = None  # the log, once attached
         self._dropping = False
-        self._read_fd, write_fd = os.pipe()
+        self._read_fd, self._write_fd = os.pipe()
         self._idle = threading.Event()
         self._idle.set()
         self.notices = _Notices()
-        try:
-            self.route = _Route(write_fd, self._write_text, self.notices, redirected)
-        finally:
-            os.close(write_fd)  # fd 2 (and the processes spawned meanwhile) hold the pipe
+        self.route: _Route | None = None
+        if routed:
+            self.route_now(redirected)
         self._reader = threading.Thread(target=self._pump, name="emflow-library-output", daemon=True)
         self._reader.start()
+
+    def spawn(self, start: Callable[[], object]) -> None:
+        """Call ``start`` with fd 2 on the pipe: the processes it starts write there (the local
+        cluster's fork server, and the workers it forks, for the whole run); fd 2 is the
+        terminal again afterwards, until :meth:`route_now`."""
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(self._write_fd, 2)
+            start()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    def route_now(self, redirected: Callable[[], object] | None = None) -> None:
+        """Route fd 2, ``sys.stderr``, warnings and thread errors to the pipe (:class:`_Route`)."""
+        try:
+            self.route = _Route(self._write_fd, self._write_text, self.notices, redirected)
+        finally:
+            os.close(self._write_fd)  # fd 2 (and the processes spawned meanwhile) hold the pipe
+            self._write_fd = -1
 
     def _pump(self) -> None:
         """Read the pipe until every writer closed it; busy (``_idle`` clear) from the moment
@@ -254,7 +277,11 @@ class HeldOutput:
             if self._file is None:
                 self._dropping = True
                 self._held.clear()
-        self.route.restore()
+        if self.route is not None:
+            self.route.restore()
+        elif self._write_fd >= 0:  # never routed: the processes spawned on the pipe hold it
+            os.close(self._write_fd)
+            self._write_fd = -1
 
 
 def _write_raw(log: Any, data: bytes) -> None:
@@ -290,6 +317,9 @@ def libraries_to_log(
     if held is None:
         route = _Route(log.fileno(), log.write, _Notices(say))
     else:
+        if held.route is None:
+            held.route_now()
+        assert held.route is not None
         route = held.route
         held.attach(log, say)
     try:

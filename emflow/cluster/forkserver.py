@@ -13,8 +13,12 @@ whole run 1.86-2.12 → 1.63-1.72 s; the first unit starts at 1.21-1.57 s instea
 
 The server is started with the workers' environment (:func:`emflow.cluster.local.worker_env`):
 glibc reads its malloc settings when a process starts, and a forked worker inherits the
-server's. Workers a nanny starts again later (after a crash) are spawned as usual, and
-``EMFLOW_FORKSERVER=0`` in the environment turns the server off (every worker spawned).
+server's. ``emflow run`` starts it before it imports Dask (or reads the recipe), with Dask's
+defaults read from distributed.yaml (:func:`~emflow.cluster.local.default_worker_env`); a
+user's Dask config that changes them makes the cluster spawn its workers instead
+(:func:`~emflow.cluster.local.worker_environment`). Workers a nanny starts again later
+(after a crash) are spawned as usual, and ``EMFLOW_FORKSERVER=0`` in the environment turns
+the server off (every worker spawned).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ logger = logging.getLogger(__name__)
 PRELOAD = ("distributed",)
 
 _started = False
+#: the environment the running server was started with
+_env: dict[str, str] = {}
 
 
 def running() -> bool:
@@ -36,20 +42,27 @@ def running() -> bool:
     return _started
 
 
+def environment() -> dict[str, str]:
+    """The environment the running server (and every worker it forks) was started with."""
+    return dict(_env) if _started else {}
+
+
 def start() -> None:
     """Start the fork server, once, with the workers' environment; on any failure the workers
     are spawned as usual."""
-    global _started
+    global _started, _env
     if _started or os.environ.get("EMFLOW_FORKSERVER") == "0":
         return
     import multiprocessing
+    import sys
     from multiprocessing import forkserver
 
-    from emflow.cluster.local import worker_env
+    from emflow.cluster.local import default_worker_env, worker_env
 
     saved: dict[str, str | None] = {}
     try:
-        env = worker_env()
+        # before the driver imports Dask (emflow run): its defaults, read without it
+        env = worker_env() if "dask" in sys.modules else default_worker_env()
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # no other thread runs yet: the server's environment only
         multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
@@ -63,7 +76,7 @@ def start() -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    _started = True
+    _started, _env = True, env
 
 
 def stop() -> None:
