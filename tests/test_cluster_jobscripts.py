@@ -90,6 +90,9 @@ PROLOGUE = [
     "export MALLOC_ARENA_MAX=1",
     "export MALLOC_MMAP_THRESHOLD_=33554432",
     "export MALLOC_TRIM_THRESHOLD_=268435456",
+    # Dask's tick and worker profile samples made rarer (emflow.cluster.quiet)
+    "export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=100ms",
+    "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s",
 ]
 
 

@@ -124,6 +124,10 @@ def test_spec_carries_the_site_config(tmp_path: Path) -> None:
         "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
         "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
     }
+    # Dask's rarer tick (scheduler and workers) and profile samples (emflow.cluster.quiet)
+    assert _env(sched)["DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL"] == "1s"
+    assert _env(worker)["DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL"] == "1s"
+    assert _env(worker)["DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL"] == "100ms"
     # current distributed has only `dask scheduler` / `dask worker` (dask/distributed#9335)
     assert sched["args"] == ["dask", "scheduler", "--host", "0.0.0.0", "--protocol", "tls"]
     assert worker["args"][:3] == ["dask", "worker", "tls://em-ingest-scheduler.em:8786"]

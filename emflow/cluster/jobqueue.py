@@ -60,7 +60,11 @@ def _jobqueue_kwargs(request: ClusterRequest, config: dict[str, Any]) -> dict[st
     # malloc arenas and thresholds (emflow.memory). The job's environment reaches the worker
     # process: the nanny lets a variable set in its own environment win over Dask's
     # pre-spawn-environ default (MALLOC_TRIM_THRESHOLD_=65536)
-    for name, value in {**WORKER_ENV, **WORKER_MALLOC}.items():
+    from emflow.cluster import quiet
+
+    # and Dask's rarer tick and profile samples (emflow.cluster.quiet), unless the site set them
+    dask_env = quiet.env_vars(quiet.settings())
+    for name, value in {**WORKER_ENV, **WORKER_MALLOC, **dask_env}.items():
         if not any(f"{name}=" in str(line) for line in prologue):
             prologue.append(f"export {name}={value}")
     kw["job_script_prologue"] = prologue
@@ -208,8 +212,13 @@ def _jobqueue_client(request: ClusterRequest, config: dict[str, Any]) -> Iterato
                 ) from exc
     if request.secrets_dir is not None:
         secrets.prepare(request.secrets_dir)  # 0700; a dead driver's certificates and jobs go
+    import dask
+
+    from emflow.cluster import quiet
+
     try:
-        cluster = cluster_cls(**kw)
+        with dask.config.set(quiet.settings()):  # the scheduler, in this process
+            cluster = cluster_cls(**kw)
     except (TypeError, ValueError, OSError) as exc:
         msg = str(exc).splitlines()[0]
         raise ClusterError(f"--cluster {request.kind}: cannot start ({msg})") from exc

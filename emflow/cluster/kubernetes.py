@@ -76,12 +76,18 @@ def kubernetes_spec(request: ClusterRequest) -> dict[str, Any]:
     name = str(kw.get("name", "emflow"))
     namespace = config.get("namespace") or "default"
 
-    scheduler_env = {**user_env, "DASK_DISTRIBUTED__SCHEDULER__PRELOAD": PRELOAD_MODULE}
+    from emflow.cluster import quiet
+
+    # Dask's rarer tick and profile samples (emflow.cluster.quiet); the site's values win
+    dask_env = quiet.env_vars(quiet.settings())
+    scheduler_env = {
+        **dask_env, **user_env, "DASK_DISTRIBUTED__SCHEDULER__PRELOAD": PRELOAD_MODULE
+    }  # fmt: skip
     from emflow.memory import WORKER_ENV, WORKER_MALLOC
 
     # malloc arenas and thresholds (emflow.memory; the pod's environment wins over the nanny's
     # MALLOC_TRIM_THRESHOLD_ default); the site's values win over emflow's
-    worker_env = {**WORKER_ENV, **WORKER_MALLOC, **user_env}
+    worker_env = {**WORKER_ENV, **WORKER_MALLOC, **dask_env, **user_env}
     volumes = list((config.get("pod") or {}).get("volumes") or [])
     mounts = list((config.get("pod") or {}).get("volumeMounts") or [])
     if not request.insecure:

@@ -187,8 +187,11 @@ def worker_environment() -> Iterator[None]:
 
     from emflow.cluster import forkserver
 
+    from emflow.cluster import quiet
+
     env = worker_env()
-    settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": env}
+    # the scheduler and nannies made inside read them; the nannies hand them to their workers
+    settings: dict[str, Any] = {"distributed.nanny.pre-spawn-environ": env, **quiet.settings()}
     if forkserver.running() and forkserver.environment() != env:
         forkserver.stop()  # started with Dask's defaults, which the user's config changed
     if forkserver.running():
