@@ -26,7 +26,7 @@ import numpy as np
 
 from emflow.discover import SliceCatalog, SliceRef
 from emflow.errors import AlignmentError
-from emflow.io.location import get_bytes, join, put_bytes
+from emflow.io.location import join, put_bytes
 from emflow.lattice.execute import Unit
 
 if TYPE_CHECKING:  # annotations only: workers unpickle this module's units without pydantic
@@ -119,68 +119,77 @@ def slice_cache_dir(run_dir: Path) -> str:
     return data_path(run_dir, "slice-cache")
 
 
-def _npz(path: str) -> Any:
-    """The saved features at a path or URL (np.load of their bytes)."""
-    data = get_bytes(path)
-    if data is None:
-        raise FileNotFoundError(f"features {path} are missing")
-    return np.load(io.BytesIO(data))
+#: What a pair unit reads of a slice's saved features (those present in the file)
+_SIFT_NAMES = (
+    "shape_yx", "downsample", "keypoints_xy", "descriptors", "coarse_keypoints_xy",
+    "coarse_descriptors", "coarse_downsample", "coarse_work", "coarse_valid",
+    "coarse_nfeatures", "area", "area_factor",
+)  # fmt: skip
+_AREA_NAMES = ("shape_yx", "downsample", "area", "area_factor")
 
 
 def _load_features(path: str, sift: bool = True) -> Any:
     """Saved features; their coarse set as saved: computed (a run folder of an earlier
     version) or as its working copy (SIFT when a pair needs it: ``Features.coarse_set``).
     ``sift`` False: without keypoints, descriptors and coarse set (none of them read) when
-    the file has an area copy -- what a match from a given estimate uses."""
+    the file has an area copy -- what a match from a given estimate uses. Arrays are
+    read-only, shared through the worker's cache (:mod:`emflow.align.saved`)."""
     from emflow.align.features import CoarseCopy, Features
+    from emflow.align.saved import read_arrays
 
-    with _npz(path) as d:
-        shape_yx = tuple(int(v) for v in d["shape_yx"])
-        coarse = coarse_copy = None
-        if not sift and "area" in d:
-            empty = np.zeros((0, 2), np.float32)
-            return Features(
-                empty,
-                np.zeros((0, 128), np.float32),
-                shape_yx,
-                int(d["downsample"]),
-                area=d["area"],
-                area_factor=int(d["area_factor"]) if "area_factor" in d else 1,
-            )
-        if "coarse_keypoints_xy" in d:
-            coarse = Features(
-                d["coarse_keypoints_xy"],
-                d["coarse_descriptors"],
-                shape_yx,
-                int(d["coarse_downsample"]),
-            )
-        elif "coarse_work" in d:
-            coarse_copy = CoarseCopy(
-                d["coarse_work"],
-                d["coarse_valid"],
-                int(d["coarse_downsample"]),
-                int(d["coarse_nfeatures"]),
-                shape_yx,
-            )
+    def wanted(names: frozenset[str]) -> tuple[str, ...]:
+        return _AREA_NAMES if not sift and "area" in names else _SIFT_NAMES
+
+    d = read_arrays(path, wanted)
+    shape_yx = tuple(int(v) for v in d["shape_yx"])
+    factor = int(d["area_factor"]) if "area_factor" in d else 1
+    if not sift and "area" in d:
+        empty = np.zeros((0, 2), np.float32)
         return Features(
-            d["keypoints_xy"],
-            d["descriptors"],
+            empty,
+            np.zeros((0, 128), np.float32),
             shape_yx,
             int(d["downsample"]),
-            coarse,
-            d["area"] if "area" in d else None,
-            int(d["area_factor"]) if "area_factor" in d else 1,
-            coarse_copy,
+            area=d["area"],
+            area_factor=factor,
         )
+    coarse = coarse_copy = None
+    if "coarse_keypoints_xy" in d:
+        coarse = Features(
+            d["coarse_keypoints_xy"],
+            d["coarse_descriptors"],
+            shape_yx,
+            int(d["coarse_downsample"]),
+        )
+    elif "coarse_work" in d:
+        coarse_copy = CoarseCopy(
+            d["coarse_work"],
+            d["coarse_valid"],
+            int(d["coarse_downsample"]),
+            int(d["coarse_nfeatures"]),
+            shape_yx,
+        )
+    return Features(
+        d["keypoints_xy"],
+        d["descriptors"],
+        shape_yx,
+        int(d["downsample"]),
+        coarse,
+        d.get("area"),
+        factor,
+        coarse_copy,
+    )
 
 
 def _load_area(path: str) -> tuple[np.ndarray | None, int]:
     """Only the area copy and its factor of saved features (what the QC needs: not the
     keypoints and descriptors)."""
-    with _npz(path) as d:
-        if "area" not in d:
-            return None, 1
-        return d["area"], int(d["area_factor"]) if "area_factor" in d else 1
+    from emflow.align.saved import read_arrays
+
+    d = read_arrays(path, lambda names: ("area", "area_factor"))
+    if "area" not in d:
+        return None, 1
+    return d["area"], int(d["area_factor"]) if "area_factor" in d else 1
 
 
 def match_unit(
@@ -572,16 +581,16 @@ def write_reslices(alignment: Any, feature_paths: list[str], run_dir: Path, reci
     import cv2
 
     from emflow.align import qc
+    from emflow.align.saved import read_arrays
 
     thumbs, scale = [], 1
     for p in feature_paths:
-        try:
-            d = _npz(p)
+        try:  # the thumbnail alone (not the whole file); not kept: the driver's read
+            d = read_arrays(p, lambda names: ("thumb", "thumb_scale"), keep=False)
         except FileNotFoundError:  # a complete run's rerun (features tidied away): keep the PNG
             return
-        with d:
-            thumbs.append(d["thumb"])
-            scale = int(d["thumb_scale"])
+        thumbs.append(d["thumb"])
+        scale = int(d["thumb_scale"])
     before = np.stack(thumbs)
     fy = -(-alignment.frame_shape_yx[0] // scale)
     fx = -(-alignment.frame_shape_yx[1] // scale)
