@@ -329,7 +329,10 @@ def align_stack(
     zs = list(range(len(catalog.slices)))
 
     def match_round(
-        name: str, plan: list, before: dict[tuple[int, int], PairResult]
+        name: str,
+        plan: list,
+        before: dict[tuple[int, int], PairResult],
+        on_result: Callable[[Unit, Any], None] | None = None,
     ) -> dict[tuple[int, int], PairResult]:
         round_units = []
         for i, (a, b, m) in enumerate(plan):
@@ -342,18 +345,22 @@ def align_stack(
                 Unit(i, match_unit, (paths[a], paths[b], a, b, config, initial, close))
             )
         done: dict[tuple[int, int], PairResult] = {}
-        for d in stage(name, round_units).values():
+        for d in stage(name, round_units, on_result=on_result).values():
             p = PairResult.from_dict(d)
             done[(p.z_a, p.z_b)] = p
         return done
 
     # the solve runs in the driver while every worker waits: SciPy's import, most of its
-    # ~0.5 CPU-s, is done in a driver thread now, while the workers match
-    solver = threading.Thread(target=_import_solver, name="emflow-import-solver")
-    solver.start()
+    # ~0.5 CPU-s, is done in a driver thread while the workers match -- from the first
+    # result on: started before, it holds the GIL while the driver hands out the units
+    # (the first match unit started ~0.1 s later)
+    solver = _Later(_import_solver, "emflow-import-solver")
     try:
-        first = match_round("match", [(a, b, None) for a, b in neighbour_pairs(zs)], {})
-        second = match_round("match2", bridge_pairs(zs, first, bad), first)
+        first = match_round(
+            "match", [(a, b, None) for a, b in neighbour_pairs(zs)], {}, solver.start
+        )
+        second = match_round("match2", bridge_pairs(zs, first, bad), first, solver.start)
+        solver.start()  # no unit ran (a stack of one slice)
     finally:
         solver.join()
     pairs = [p for _, p in sorted({**first, **second}.items())]
@@ -397,15 +404,24 @@ def align_stack(
         say(crop_line(alignment.cropped))
     # the reslices need the solved transforms only: the driver draws them (matplotlib's import
     # and first figure included, ~1 CPU-s) while the workers measure the links, instead of
-    # after them with the workers idle; the pair table and plot follow in the same thread
-    # while the workers render (``pending``)
+    # after them with the workers idle -- from the first link measured on, so that the
+    # import does not hold the GIL while the driver hands out the units; the pair table and
+    # plot follow in the same thread while the workers render (``pending``)
     pool = ThreadPoolExecutor(1, thread_name_prefix="emflow-qc-files")
+    futures: list[Future] = []
+
+    def draw(*_: Any) -> None:
+        if not futures:
+            futures.append(pool.submit(write_reslices, alignment, paths, run_dir, recipe))
+
     try:
-        drawn = pool.submit(write_reslices, alignment, paths, run_dir, recipe)
-        content = measure_links(alignment, pairs, paths, stage)
+        content = measure_links(alignment, pairs, paths, stage, on_result=draw)
+        draw()
     except BaseException:
+        draw()
         pool.shutdown(wait=True)  # the reslices are drawn before the error goes on
         raise
+    drawn = futures[0]
     written = pool.submit(
         write_qc, alignment, pairs, paths, run_dir, recipe, catalog.shape_yx, content,
         reslices=False,
@@ -423,6 +439,24 @@ def align_stack(
             f"{np.median([v['shift_px'] for v in used]):.2f} global over {len(used)} pairs"
         )
     return alignment
+
+
+class _Later:
+    """A driver thread running ``target`` once :meth:`start` is first called (e.g. as a
+    stage's ``on_result``: once its units run); :meth:`join` waits for it if started."""
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self.thread = threading.Thread(target=target, name=name)
+        self.started = False
+
+    def start(self, *_: Any) -> None:
+        if not self.started:
+            self.started = True
+            self.thread.start()
+
+    def join(self) -> None:
+        if self.started:
+            self.thread.join()
 
 
 def _import_solver() -> None:
@@ -515,8 +549,10 @@ def measure_links(
     pairs: list,
     paths: list[str],
     stage: Callable[..., dict[int, Any]],
+    on_result: Callable[[Unit, Any], None] | None = None,
 ) -> dict[tuple[int, int], dict]:
-    """The ``qc`` stage: every successful pair measured against the content after alignment."""
+    """The ``qc`` stage: every successful pair measured against the content after alignment
+    (``on_result`` called with each unit's result as it comes)."""
     todo = [p for p in pairs if p.ok]
     units = []
     for i, p in enumerate(todo):
@@ -524,7 +560,7 @@ def measure_links(
         tb = np.vstack([alignment.transforms[p.z_b], [0.0, 0.0, 1.0]])
         m = (np.linalg.inv(ta) @ tb)[:2]
         units.append(Unit(i, content_unit, (paths[p.z_a], paths[p.z_b], m.tolist())))
-    res = stage("qc", units)
+    res = stage("qc", units, on_result=on_result)
     return {(todo[i].z_a, todo[i].z_b): v for i, v in res.items()}
 
 
