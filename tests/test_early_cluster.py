@@ -145,11 +145,8 @@ with libraries_to_log({str(tmp_path / 'second.log')!r}, said.append, held=droppe
     pass
 print("terminal line", file=sys.stderr)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == "terminal line\n"
-    lines = (tmp_path / "libraries.log").read_text().splitlines()
-    assert lines[0].startswith("--- ") and lines[1:] == ["held line", "later line"]
+    assert _stderr_of(code) == "terminal line\n"
+    assert _log_lines(tmp_path / "libraries.log") == ["held line", "later line"]
     second = (tmp_path / "second.log").read_text().splitlines()
     assert len(second) == 1 and second[0].startswith("--- "), second
 
@@ -201,8 +198,19 @@ refused.spawn(lambda: subprocess.run(
 refused.discard()
 print("terminal after", file=sys.stderr)
 """
+    assert _stderr_of(code) == "terminal before\nterminal after\n"
+    assert _log_lines(tmp_path / "libraries.log") == ["child line", "later line"]
+
+
+def _stderr_of(code: str) -> str:
+    """What a fresh interpreter running ``code`` wrote to its stderr (it must exit 0)."""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stderr == "terminal before\nterminal after\n"
-    lines = (tmp_path / "libraries.log").read_text().splitlines()
-    assert lines[0].startswith("--- ") and lines[1:] == ["child line", "later line"]
+    return done.stderr
+
+
+def _log_lines(path) -> list[str]:
+    """The lines of a libraries.log after its "--- " header line."""
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("--- "), lines
+    return lines[1:]
