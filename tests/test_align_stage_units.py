@@ -84,3 +84,42 @@ def test_a_pair_from_a_given_estimate_reads_no_sift_data(tmp_path):
     assert len(_load_features(paths[0])) > 20
     with np.load(io.BytesIO(Path(paths[0]).read_bytes())) as d:
         assert "descriptors" in d
+
+
+def test_saved_descriptors_are_bytes_and_read_back_as_computed(tmp_path):
+    """OpenCV's float32 SIFT descriptors are whole numbers 0..255: the features file keeps them
+    as uint8 (0.5 of 2.5 MB for 4000 keypoints) and matching gets the same float32 values, so a
+    pair matched from the files equals one matched from the features in memory; a descriptor
+    that is not a byte (another SIFT, an older file) is kept as float32."""
+    import cv2
+
+    from emflow.align.features import compute_features
+    from emflow.align.match import MatchConfig, match_features
+    from emflow.align_stage import saved_descriptors
+    from emflow.io.readers import read_image
+
+    paths = _features(tmp_path)
+    src = sorted((tmp_path / "src").iterdir())
+    cv2.setNumThreads(1)
+    mem = [compute_features(read_image(str(p), 0), nfeatures=2000) for p in src[:2]]
+    for p, m in zip(paths, mem):
+        with np.load(p) as d:
+            assert d["descriptors"].dtype == np.uint8
+        f = _load_features(p)
+        assert f.descriptors.dtype == np.float32
+        assert f.descriptors.tobytes() == m.descriptors.tobytes()
+    cfg = MatchConfig(**{k: v for k, v in CONFIG.items() if k != "area"}, area=False)
+    want = match_features(mem[0], mem[1], z_a=0, z_b=1, config=cfg).to_dict()
+    got = match_unit(paths[0], paths[1], 0, 1, {**CONFIG, "area": False})
+    assert got["ok"] and got == want
+    # not bytes: kept as they are
+    for odd in (np.full((4, 128), 0.5, np.float32), np.full((4, 128), 256.0, np.float32)):
+        assert saved_descriptors(odd) is odd
+    nan = np.zeros((4, 128), np.float32)
+    nan[1, 2] = np.nan
+    assert saved_descriptors(nan).dtype == np.float32
+    # an older run folder's float32 file reads back the same
+    old = tmp_path / "old.npz"
+    with np.load(paths[0]) as d:
+        np.savez(old, **{k: (d[k].astype(np.float32) if k == "descriptors" else d[k]) for k in d.files})
+    assert _load_features(str(old)).descriptors.tobytes() == _load_features(paths[0]).descriptors.tobytes()

@@ -2,7 +2,7 @@
 
 A slice's file is read by up to ~8 units (2 match, 2 or more match2, ~4 qc) and the units of
 a stage run along z, so a worker often reads a file one of its units has just read. A whole
-read of a 2048² slice's file (4000 keypoints: 2.5 MB, mostly descriptors) costs ~5 ms of CPU
+read of a 2048² slice's file (4000 keypoints: 1.0 MB, descriptors as bytes) costs ~2 ms of CPU
 (a fresh copy of its bytes, a zip CRC-32 over each member, a fresh array), its area copy alone
 ~0.6 ms.
 
@@ -12,9 +12,9 @@ file at each call (~0.1 ms). A file rewritten with other content (a rerun, anoth
 same process, e.g. a notebook) is therefore read again, whatever its timestamps or inode.
 Arrays handed out are read-only (shared between the units of a worker and its threads).
 Least recently used files go first; the arrays kept never exceed :data:`KEEP_BYTES` per
-process (16 MiB: ~6 whole 2048² files, or ~60 area copies of 512²; the units of the 2048² x 32
-benchmark on two threads of one process read 36 whole files instead of 62 and ~29 area
-copies instead of 182). Files at a URL (a bucket's run folder) are read whole at each call,
+process (16 MiB: ~15 whole 2048² files, or ~60 area copies of 512²; with float32 descriptors,
+~6 files: then the units of the 2048² x 32 benchmark on two threads of one process read 36
+whole files instead of 62 and ~29 area copies instead of 182). Files at a URL (a bucket's run folder) are read whole at each call,
 as before, and not kept.
 """
 
