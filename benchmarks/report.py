@@ -171,6 +171,7 @@ def render(res: dict, findings: str = "") -> str:
                 "cv2_mb_s",
                 "keypoints",
                 "s_per_slice",
+                "runs_mb_s",
                 "impl",
             ):
                 if key in k:
@@ -180,7 +181,9 @@ def render(res: dict, findings: str = "") -> str:
         L += [
             "",
             "**Derived limit** (PERFORMANCE.md §4 method: CPU-s per GB of level-0 input; "
-            "all levels = 1.143× L0; page-cache write of the output bytes):",
+            "all levels = 1.143× L0; page-cache write of the output bytes at the cost of new "
+            "pages, `page_cache_growth`, where measured; `page_cache_write` reuses the pages "
+            "of a file deleted a moment before):",
             "",
         ]
         rows = []

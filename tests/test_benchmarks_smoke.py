@@ -24,6 +24,7 @@ KERNELS = {
     "clahe",
     "sift_feature_copy",
     "page_cache_write",
+    "page_cache_growth",
     "memcpy",
 }
 MODEL = {
@@ -176,3 +177,20 @@ def test_writer_memory_measures_both_write_modes(tmp_path) -> None:
         assert r["writer_mb"] >= 0 and r["per_output_voxel"] >= 0
         assert r["minflt"] >= 0 and r["user_s"] + r["sys_s"] > 0  # (warm heap: no new faults)
         assert r["stored_equal"]  # the lossless output holds the blocks, in either mode
+
+
+def test_the_limit_writes_output_bytes_at_the_new_page_cost():
+    """The derived limit counts output bytes at ``page_cache_growth`` (new pages) when the
+    run measured it, and at ``page_cache_write`` for results of earlier runs."""
+    k = {
+        "png_decode": {"mb_s": 100.0}, "downsample_2x_mean": {"mb_s": 1000.0},
+        "memcpy": {"mb_s": 5000.0}, "jpeg_q90_encode": {"mb_s": 200.0, "ratio": 2.0},
+        "zstd1_encode": {"mb_s": 500.0, "ratio": 1.25, "decode_mb_s": 1000.0},
+        "warp_affine_linear": {"mb_s": 300.0}, "clahe": {"mb_s": 100.0, "cv2_mb_s": 150.0},
+        "sift_feature_copy": {"mb_s": 7.0}, "page_cache_write": {"mb_s": 3000.0},
+    }  # fmt: skip
+    old = limits.cost_model(k)["jpeg+zstd"]["parts_cpu_s_per_gb"]
+    new = limits.cost_model({**k, "page_cache_growth": {"mb_s": 300.0}})["jpeg+zstd"]
+    assert new["parts_cpu_s_per_gb"]["jpeg_write"] == pytest.approx(10 * old["jpeg_write"])
+    assert new["parts_cpu_s_per_gb"]["jpeg_write"] == pytest.approx(limits.LEVEL_FACTOR / 2.0 / 0.3)
+    assert new["parts_cpu_s_per_gb"]["zstd_write"] == pytest.approx(limits.LEVEL_FACTOR / 1.25 / 0.3)
