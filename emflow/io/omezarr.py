@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorstore as ts
 
+from emflow.io import pagecache
 from emflow.io.location import Location, is_url
 from emflow.io.tsopen import context, open_store
 from emflow.pyramid import Level
@@ -316,6 +317,37 @@ class OmeZarrWriter:
         unit's CPU). Written through the array padded to whole chunks as the block followed by
         the fill value (:func:`_padded_buffer`), every chunk is covered whole: the same bytes.
         """
+        future = self._write(level, origin_zyx, block_zyx)
+        if self.remote:
+            return future
+        # durable once done (fsynced): its pages may go to the next writes (emflow.io.pagecache)
+        shape = block_zyx.shape
+        return pagecache.DropWhenDone(  # type: ignore[return-value]
+            future, lambda: self.files(level, origin_zyx, shape)
+        )
+
+    def files(
+        self, level: int, origin_zyx: tuple[int, int, int], shape_zyx: tuple[int, ...]
+    ) -> list[Path]:
+        """The files (shards, or chunks for 0.4) a block of ``level`` at ``origin_zyx`` is
+        stored in (local volumes; a file whose chunks are all the fill value is not written)."""
+        cx, cy, cz = self.config.chunk_size_xyz
+        shard = self.shard_zyx[level]
+        step = shard if shard is not None else (cz, cy, cx)
+        ranges = [
+            range(o // s, -(-(o + n) // s))
+            for o, n, s in zip(origin_zyx, shape_zyx, step, strict=True)
+        ]
+        base = Path(self.path) / str(level)
+        if shard is not None:
+            base = base / "c"
+        return [
+            base / str(i) / str(j) / str(k) for i in ranges[0] for j in ranges[1] for k in ranges[2]
+        ]
+
+    def _write(
+        self, level: int, origin_zyx: tuple[int, int, int], block_zyx: np.ndarray
+    ) -> ts.WriteFutures:
         (z0, y0, x0), (nz, ny, nx) = origin_zyx, block_zyx.shape
         lo, hi = (z0, y0, x0), (z0 + nz, y0 + ny, x0 + nx)
         shape, padded = self.levels[level].shape_zyx, self._padded_shape(level)

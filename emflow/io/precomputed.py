@@ -11,6 +11,7 @@ written first with the metadata assumed, and ``info`` is published last, in one 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorstore as ts
 
-from emflow.geometry import ShardLayout, shard_layout
+from emflow.geometry import ShardLayout, ceil_div, shard_layout
+from emflow.io import pagecache
 from emflow.io.location import Location, is_url
 from emflow.io.tsopen import context, open_store
 from emflow.pyramid import Level
@@ -184,9 +186,48 @@ class PrecomputedWriter:
         # a view, not a copy: (z, y, x) C-order memory is x-fastest, the chunk layout of precomputed
         region = store[x0 : x0 + nx, y0 : y0 + ny, z0 : z0 + nz, 0]
         # chunks are encoded from the block itself, not from a copy (see Writer.write)
-        return region.write(
+        future = region.write(
             block_zyx.transpose(2, 1, 0), can_reference_source_data_indefinitely=True
         )
+        if self.remote:
+            return future
+        # durable once done (fsynced): its pages may go to the next writes (emflow.io.pagecache)
+        shape = block_zyx.shape
+        return pagecache.DropWhenDone(  # type: ignore[return-value]
+            future, lambda: self.files(level, origin_zyx, shape)
+        )
+
+    def files(
+        self, level: int, origin_zyx: tuple[int, int, int], shape_zyx: tuple[int, ...]
+    ) -> list[Path]:
+        """The files (shards, or chunks when unsharded) a block of ``level`` at ``origin_zyx``
+        is stored in (local volumes)."""
+        md = self._scale_metadata(level)
+        size, chunk = md["size"], md["chunk_size"]
+        lo = origin_zyx[::-1]
+        hi = [o + n for o, n in zip(lo, shape_zyx[::-1], strict=True)]
+        ranges = [range(a // c, ceil_div(b, c)) for a, b, c in zip(lo, hi, chunk, strict=True)]
+        base = Path(self.path) / self._key(level)
+        shard = self.shards[level]
+        if shard is None:
+            return [
+                base / "_".join(f"{i * c}-{min((i + 1) * c, n)}" for i, c, n in zip(g, chunk, size))
+                for g in itertools.product(*ranges)
+            ]
+        grid_bits = [_bits(ceil_div(n, c)) for n, c in zip(size, chunk, strict=True)]
+        shift = shard.preshift_bits + shard.minishard_bits
+        mask = (1 << shard.shard_bits) - 1
+        width = ceil_div(shard.shard_bits, 4)
+        numbers = {(_morton(g, grid_bits) >> shift) & mask for g in itertools.product(*ranges)}
+        return [base / f"{s:0{width}x}.shard" for s in sorted(numbers)]
+
+    def _key(self, level: int) -> str:
+        """The scale's key (its folder), as tensorstore named it from the resolution."""
+        keys = self.__dict__.setdefault("_keys", {})
+        if level not in keys:
+            spec = self._store(level).spec(minimal_spec=False).to_json()
+            keys[level] = spec["scale_metadata"]["key"]
+        return keys[level]
 
     def finalize(self) -> None:
         """Locally nothing to add: ``info`` is complete from the start (the ``.partial`` folder
@@ -200,3 +241,20 @@ class PrecomputedWriter:
             ts.open(spec, create=True, open=True, context=ctx).result()
         memory = ts.KvStore.open({"driver": "memory", "path": "v/"}, context=ctx).result()
         Location.of(self.path).write("info", bytes(memory.read("info").result().value))
+
+
+def _bits(n: int) -> int:
+    """Bits of a compressed Morton code along an axis of ``n`` chunks."""
+    return (n - 1).bit_length()
+
+
+def _morton(grid_xyz: Sequence[int], bits_xyz: Sequence[int]) -> int:
+    """Neuroglancer's compressed Morton code of a chunk (bit i of x, y, z in turn, each axis
+    only while it has bits)."""
+    code, j = 0, 0
+    for i in range(max(bits_xyz)):
+        for d in range(3):
+            if i < bits_xyz[d]:
+                code |= ((grid_xyz[d] >> i) & 1) << j
+                j += 1
+    return code
