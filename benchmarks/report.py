@@ -181,9 +181,9 @@ def render(res: dict, findings: str = "") -> str:
         L += [
             "",
             "**Derived limit** (PERFORMANCE.md §4 method: CPU-s per GB of level-0 input; "
-            "all levels = 1.143× L0; page-cache write of the output bytes at the cost of new "
-            "pages, `page_cache_growth`, where measured; `page_cache_write` reuses the pages "
-            "of a file deleted a moment before):",
+            "all levels = 1.143× L0; page-cache write of the output bytes into reused pages, "
+            "`page_cache_write`; new pages, `page_cache_growth`, cost more on this VM and are "
+            "not charged):",
             "",
         ]
         rows = []
