@@ -16,15 +16,8 @@ import pytest
 from emflow.io import pagecache
 from emflow.plan import make_writers, plan_output
 from emflow.recipe import recipe_from_dict
+from tests.test_edge_chunks import OUTPUTS  # the same six layouts
 
-OUTPUTS = [
-    {"format": "precomputed", "name": "jpeg"},
-    {"format": "precomputed", "name": "raw", "encoding": "raw", "sharded": False},
-    {"format": "precomputed", "name": "small", "encoding": "raw", "chunk_size_xyz": [32, 16, 8]},
-    {"format": "omezarr", "name": "z5"},
-    {"format": "omezarr", "name": "z5s", "shard_size_xyz": [128, 128, 64]},
-    {"format": "omezarr", "name": "z4", "version": "0.4"},
-]
 
 
 def _data_files(root: Path) -> set[Path]:

@@ -318,13 +318,8 @@ class OmeZarrWriter:
         the fill value (:func:`_padded_buffer`), every chunk is covered whole: the same bytes.
         """
         future = self._write(level, origin_zyx, block_zyx)
-        if self.remote:
-            return future
         # durable once done (fsynced): its pages may go to the next writes (emflow.io.pagecache)
-        shape = block_zyx.shape
-        return pagecache.DropWhenDone(  # type: ignore[return-value]
-            future, lambda: self.files(level, origin_zyx, shape)
-        )
+        return pagecache.drop_when_done(self, future, level, origin_zyx, block_zyx.shape)
 
     def files(
         self, level: int, origin_zyx: tuple[int, int, int], shape_zyx: tuple[int, ...]

@@ -53,3 +53,13 @@ class DropWhenDone:
             drop(paths())
         return out
 
+
+
+def drop_when_done(
+    writer: Any, future: Any, level: int, origin_zyx: tuple[int, int, int], shape_zyx: tuple[int, ...]
+) -> Any:
+    """A writer's block write ``future``, dropping the pages of the files the block went into
+    (``writer.files(level, origin_zyx, shape_zyx)``) once durable; a remote volume's as is."""
+    if writer.remote:
+        return future
+    return DropWhenDone(future, lambda: writer.files(level, origin_zyx, shape_zyx))

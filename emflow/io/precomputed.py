@@ -189,13 +189,8 @@ class PrecomputedWriter:
         future = region.write(
             block_zyx.transpose(2, 1, 0), can_reference_source_data_indefinitely=True
         )
-        if self.remote:
-            return future
         # durable once done (fsynced): its pages may go to the next writes (emflow.io.pagecache)
-        shape = block_zyx.shape
-        return pagecache.DropWhenDone(  # type: ignore[return-value]
-            future, lambda: self.files(level, origin_zyx, shape)
-        )
+        return pagecache.drop_when_done(self, future, level, origin_zyx, block_zyx.shape)
 
     def files(
         self, level: int, origin_zyx: tuple[int, int, int], shape_zyx: tuple[int, ...]
