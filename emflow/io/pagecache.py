@@ -54,7 +54,6 @@ class DropWhenDone:
         return out
 
 
-
 def drop_when_done(
     writer: Any, future: Any, level: int, origin_zyx: tuple[int, int, int], shape_zyx: tuple[int, ...]
 ) -> Any:

@@ -73,6 +73,8 @@ class PrecomputedWriter:
     ]  # per level: (z, y, x) box one unit owns, None = whole axis
     token: str = ""
     shards: list[ShardLayout | None] = field(default_factory=list)
+    # level -> the scale's folder as tensorstore named it (files(): read once per level)
+    _keys: dict[int, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not is_url(self.path):
@@ -218,11 +220,10 @@ class PrecomputedWriter:
 
     def _key(self, level: int) -> str:
         """The scale's key (its folder), as tensorstore named it from the resolution."""
-        keys = self.__dict__.setdefault("_keys", {})
-        if level not in keys:
+        if level not in self._keys:
             spec = self._store(level).spec(minimal_spec=False).to_json()
-            keys[level] = spec["scale_metadata"]["key"]
-        return keys[level]
+            self._keys[level] = spec["scale_metadata"]["key"]
+        return self._keys[level]
 
     def finalize(self) -> None:
         """Locally nothing to add: ``info`` is complete from the start (the ``.partial`` folder
