@@ -239,21 +239,35 @@ def section_scaling(res: dict, args, src: Path, source) -> None:
     ]  # fmt: skip
     # Repeats alternate between the configurations (load drifts hit each alike); medians.
     ms: dict[str, list] = {label: [] for label, _ in variants}
+    # per repeat: the wall of the stages (journal: first stage → last stage_end), to split
+    # the speed-up into the stages (the units) and the rest (start-up, exit)
+    staged: dict[str, list[float]] = {label: [] for label, _ in variants}
     for rep in range(max(1, args.repeat)):
         for label, v in variants:
             if ms[label] and ms[label][-1].returncode:
                 continue  # failed once: do not repeat a failure
             m = e2e.measure_variant(v)
             ms[label].append(m)
+            walls = e2e.stages_span_s(v.out_dir) if m.returncode == 0 else None
+            if walls:
+                staged[label].append(walls)
             log(f"scaling {label} rep {rep}: rc {m.returncode} wall {m.wall_s:.2f} s")
     for label, v in variants:
         out["runs"][label] = e2e.summarize_runs(v, ms[label], source.nbytes, frame, model)
+        if staged[label]:
+            out["runs"][label]["stages_span_s"] = statistics.median(staged[label])
     r = out["runs"]
     one = r["1 worker × 1 thread, pinned to 1 core"].get("wall_s")
     two = r["2 workers × 1 thread"].get("wall_s")
     if one and two:
         out["ratios"]["speed-up 2 workers vs 1"] = one / two
         out["ratios"]["parallel efficiency (speed-up / 2)"] = one / two / 2
+    s1 = r["1 worker × 1 thread, pinned to 1 core"].get("stages_span_s")
+    s2 = r["2 workers × 1 thread"].get("stages_span_s")
+    if one and two and s1 and s2:
+        out["ratios"]["speed-up of the stages alone (journal span)"] = s1 / s2
+        out["ratios"]["outside the stages s (start-up, exit), 1 worker"] = one - s1
+        out["ratios"]["outside the stages s, 2 workers"] = two - s2
     default = r["default local cluster (1 worker × 2 threads)"].get("wall_s")
     if default and two:
         out["ratios"]["default (1 worker × 2 threads) / 2 workers wall"] = default / two

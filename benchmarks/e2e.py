@@ -268,6 +268,29 @@ def _emflow_log(out_dir: Path) -> dict:
     return info
 
 
+def stages_span_s(out_dir: Path) -> float | None:
+    """Seconds from the last session's first ``stage`` event to its last ``stage_end`` (the
+    run's units and the hand-offs between stages; not start-up or exit), from the journal."""
+    import json
+
+    journal = out_dir / "emflow-run" / "journal.jsonl"
+    if not journal.exists():
+        return None
+    first = last = None
+    for line in journal.read_text().splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") == "session":
+            first = last = None  # the last session only
+        elif ev.get("event") == "stage" and first is None:
+            first = ev["t"]
+        elif ev.get("event") == "stage_end":
+            last = ev["t"]
+    return None if first is None or last is None else last - first
+
+
 def _emflow_stages(out_dir: Path) -> dict:
     """Per-stage wall (journal stage -> stage_end) and summed unit phases (done markers)."""
     import json

@@ -33,6 +33,21 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def pct_with_neighbour_match(row: dict, name: str, res: dict) -> float | None:
+    """% of a limit that, beside the ``full`` limit's SIFT detection, also counts one
+    first-neighbour match per slice (section 5's ``match1_s`` at the run's slice size): where
+    the full pipeline stands if matching, which every SIFT/RANSAC aligner does, were counted.
+    Reported beside the verdict, not instead of it; None without the figures."""
+    size = int(name.rsplit("-", 1)[1]) if name.startswith("emflow-full-") else None
+    size = size or (res.get("config") or {}).get("size")
+    fig = ((res.get("alignment") or {}).get("figures") or {}).get(str(size)) or {}
+    match_s, limit, cores = fig.get("match1_s"), row.get("limit_mb_s"), row.get("cores")
+    if not (size and match_s and limit and cores and row.get("mb_s")):
+        return None
+    cpu_s_per_gb = 1000.0 * cores / limit + match_s / (size * size / 1e9)
+    return row["mb_s"] / (1000.0 * cores / cpu_s_per_gb)
+
+
 def targets(res: dict) -> list[list[str]]:
     """(target, measured, met) rows of issue 14's targets; "–" where the figure is missing."""
     e2e = {r["name"]: r for r in res.get("e2e", [])}
@@ -63,8 +78,11 @@ def targets(res: dict) -> list[list[str]]:
         None if r is None else r >= 0.9)  # fmt: skip
     sc = (res.get("scaling") or {}).get("ratios", {})
     r = sc.get("speed-up 2 workers vs 1")
-    add("1 → 2 workers ≥ 1.8× (same input)", _f(r, 2) + "×" if r else "–",
-        None if r is None else r >= 1.8)  # fmt: skip
+    shown = _f(r, 2) + "×" if r else "–"
+    inner = sc.get("speed-up of the stages alone (journal span)")
+    if r and inner:  # the verdict is the wall's; the stages' figure says where it is lost
+        shown += f" (stages alone {inner:.2f}×)"
+    add("1 → 2 workers ≥ 1.8× (same input)", shown, None if r is None else r >= 1.8)
     for name, row in big.items():
         if row.get("kind") != "both-tiff":
             continue
@@ -85,8 +103,12 @@ def targets(res: dict) -> list[list[str]]:
     for name in fulls:
         row = e2e.get(name) or big.get(name) or {}
         p = row.get("pct_of_limit")
-        add(f"full pipeline ({name}) ≥ 60 % of its derived limit", _pct(p) if p else
-            (row.get("error", "–")[:80] or "–"), None if p is None else p >= 0.60)  # fmt: skip
+        shown = _pct(p) if p else (row.get("error", "–")[:80] or "–")
+        side = pct_with_neighbour_match(row, name, res)
+        if p and side:  # the verdict is against the limit as derived (SIFT detection only)
+            shown += f" ({_pct(side)} if the limit also counted one neighbour match per slice)"
+        add(f"full pipeline ({name}) ≥ 60 % of its derived limit", shown,
+            None if p is None else p >= 0.60)  # fmt: skip
     rss = [
         r["rss_per_planned_unit"]
         for r in e2e.values()

@@ -195,3 +195,42 @@ def test_the_limit_writes_output_bytes_into_reused_pages():
     parts = new["parts_cpu_s_per_gb"]
     assert parts["jpeg_write"] == pytest.approx(limits.LEVEL_FACTOR / 2.0 / 3.0)
     assert parts["zstd_write"] == pytest.approx(limits.LEVEL_FACTOR / 1.25 / 3.0)
+
+
+def test_stages_span_is_the_last_sessions_first_stage_to_its_last_stage_end(tmp_path):
+    """The scaling section splits the speed-up into the stages and the rest by this span: a
+    resumed run's earlier session must not count, and start-up (before the first stage)
+    and exit (after the last stage_end) must not either."""
+    import json
+
+    from benchmarks.e2e import stages_span_s
+
+    run = tmp_path / "emflow-run"
+    run.mkdir()
+    events = [
+        {"event": "session", "t": 0.0}, {"event": "stage", "t": 1.0, "stage": "render"},
+        {"event": "stage_end", "t": 9.0, "stage": "render"},  # an earlier session
+        {"event": "session", "t": 100.0}, {"event": "plan", "t": 100.5},
+        {"event": "stage", "t": 101.0, "stage": "render"},
+        {"event": "stage_end", "t": 103.5, "stage": "render"},
+        {"event": "stage", "t": 103.6, "stage": "slab"},
+        {"event": "stage_end", "t": 106.25, "stage": "slab"},
+    ]  # fmt: skip
+    (run / "journal.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + "{torn")
+    assert stages_span_s(tmp_path) == pytest.approx(5.25)
+    assert stages_span_s(tmp_path / "nothing-here") is None
+
+
+def test_the_full_pipeline_side_figure_adds_one_match_per_slice_to_the_limit():
+    """Beside the verdict, the report says where the full pipeline stands if the limit also
+    counted one first-neighbour match per slice: 100 CPU-s/GB of limit plus a 0.1 s match
+    per 1000² slice (1 MB, so +100 CPU-s/GB) halves the limit and doubles the %."""
+    from benchmarks.report import pct_with_neighbour_match
+
+    res = {"config": {"size": 1000}, "alignment": {"figures": {"1000": {"match1_s": 0.1}}}}
+    row = {"limit_mb_s": 20.0, "cores": 2, "mb_s": 5.0}  # 2 cores x 10 MB/s = 100 CPU-s/GB
+    assert pct_with_neighbour_match(row, "emflow-full", res) == pytest.approx(0.5)
+    res["alignment"]["figures"]["2000"] = {"match1_s": 0.4}  # 4 MB slices: +100 CPU-s/GB
+    assert pct_with_neighbour_match(row, "emflow-full-2000", res) == pytest.approx(0.5)
+    assert pct_with_neighbour_match(row, "emflow-full-4096", res) is None  # not measured
+    assert pct_with_neighbour_match({}, "emflow-full", res) is None
