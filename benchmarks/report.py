@@ -470,6 +470,10 @@ def render(res: dict, findings: str = "") -> str:
                 f"→ {a.get('load1_after')}.",
                 "",
             ]
+            # real sections (shared/data beside the checkout) or the noise stand-in: say which
+            used = sorted({str(d["sections"]) for d in a["figures"].values() if d.get("sections")})
+            if used:
+                L += ["Sections matched: " + "; ".join(used) + ".", ""]
             rows = []
             for size, d in a["figures"].items():
                 rows.append(
