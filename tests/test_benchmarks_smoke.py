@@ -221,16 +221,14 @@ def test_stages_span_is_the_last_sessions_first_stage_to_its_last_stage_end(tmp_
     assert stages_span_s(tmp_path / "nothing-here") is None
 
 
-def test_the_full_pipeline_side_figure_adds_one_match_per_slice_to_the_limit():
+def test_the_full_pipeline_side_figure_adds_the_runs_match_stage_to_the_limit():
     """Beside the verdict, the report says where the full pipeline stands if the limit also
-    counted one first-neighbour match per slice: 100 CPU-s/GB of limit plus a 0.1 s match
-    per 1000² slice (1 MB, so +100 CPU-s/GB) halves the limit and doubles the %."""
+    counted the run's own first-neighbour match stage: a limit of 100 CPU-s/GB plus a 2.5 s
+    match stage on 2 cores over 0.05 GB (+100 CPU-s/GB) halves the limit and doubles the %."""
     from benchmarks.report import pct_with_neighbour_match
 
-    res = {"config": {"size": 1000}, "alignment": {"figures": {"1000": {"match1_s": 0.1}}}}
-    row = {"limit_mb_s": 20.0, "cores": 2, "mb_s": 5.0}  # 2 cores x 10 MB/s = 100 CPU-s/GB
-    assert pct_with_neighbour_match(row, "emflow-full", res) == pytest.approx(0.5)
-    res["alignment"]["figures"]["2000"] = {"match1_s": 0.4}  # 4 MB slices: +100 CPU-s/GB
-    assert pct_with_neighbour_match(row, "emflow-full-2000", res) == pytest.approx(0.5)
-    assert pct_with_neighbour_match(row, "emflow-full-4096", res) is None  # not measured
-    assert pct_with_neighbour_match({}, "emflow-full", res) is None
+    row = {"limit_mb_s": 20.0, "cores": 2, "mb_s": 5.0, "input_bytes": 50_000_000,
+           "stage_wall_s": {"features": 9.0, "match": 2.5}}  # fmt: skip
+    assert pct_with_neighbour_match(row) == pytest.approx(0.5)
+    assert pct_with_neighbour_match({**row, "stage_wall_s": {"features": 9.0}}) is None
+    assert pct_with_neighbour_match({}) is None
