@@ -248,9 +248,9 @@ def section_scaling(res: dict, args, src: Path, source) -> None:
                 continue  # failed once: do not repeat a failure
             m = e2e.measure_variant(v)
             ms[label].append(m)
-            walls = e2e.stages_span_s(v.out_dir) if m.returncode == 0 else None
-            if walls:
-                staged[label].append(walls)
+            span = e2e.stages_span_s(v.out_dir) if m.returncode == 0 else None
+            if span:
+                staged[label].append(span)
             log(f"scaling {label} rep {rep}: rc {m.returncode} wall {m.wall_s:.2f} s")
     for label, v in variants:
         out["runs"][label] = e2e.summarize_runs(v, ms[label], source.nbytes, frame, model)

@@ -363,7 +363,10 @@ def measure_all(
             (4 if quick else 64) * 2**20, scratch, **kw(3)
         ),
         "page_cache_growth": measure_page_cache_growth(
-            (16 if quick else 512) * 2**20, (4 if quick else 64) * 2**20, scratch, runs=1 if quick else 3
+            (16 if quick else 512) * 2**20,
+            (4 if quick else 64) * 2**20,
+            scratch,
+            runs=1 if quick else 3,
         ),
         "memcpy": measure_copy((4 if quick else 64) * 2**20, **kw(5)),
     }

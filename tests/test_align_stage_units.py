@@ -121,5 +121,7 @@ def test_saved_descriptors_are_bytes_and_read_back_as_computed(tmp_path):
     # an older run folder's float32 file reads back the same
     old = tmp_path / "old.npz"
     with np.load(paths[0]) as d:
-        np.savez(old, **{k: (d[k].astype(np.float32) if k == "descriptors" else d[k]) for k in d.files})
-    assert _load_features(str(old)).descriptors.tobytes() == _load_features(paths[0]).descriptors.tobytes()
+        arrays = {k: d[k] for k in d.files}
+    np.savez(old, **{**arrays, "descriptors": arrays["descriptors"].astype(np.float32)})
+    as_read = _load_features(str(old)).descriptors
+    assert as_read.tobytes() == _load_features(paths[0]).descriptors.tobytes()

@@ -30,6 +30,20 @@ OUTPUTS = [
 ]
 
 
+def layouts_recipe(levels: int, run: dict | None = None):
+    """A recipe writing :data:`OUTPUTS` (the six layouts) of a ``x/*.png`` stack."""
+    return recipe_from_dict(
+        {
+            "source": {"glob": "x/*.png"},
+            "voxel_size_nm": [8, 8, 8],
+            "output_dir": "o",
+            "outputs": OUTPUTS,
+            "pyramid": {"levels": levels},
+            **({"run": run} if run else {}),
+        }
+    )
+
+
 def _files(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -53,15 +67,7 @@ def _levels(shape_zyx: tuple[int, int, int], n: int, seed: int) -> list[np.ndarr
 
 @pytest.mark.parametrize("n_slices", [5, 12, 70])
 def test_edge_writes_store_the_bytes_of_a_plain_tensorstore_write(tmp_path, n_slices):
-    r = recipe_from_dict(
-        {
-            "source": {"glob": "x/*.png"},
-            "voxel_size_nm": [8, 8, 8],
-            "output_dir": "o",
-            "outputs": OUTPUTS,
-            "pyramid": {"levels": 3},
-        }
-    )
+    r = layouts_recipe(levels=3)
     plan = plan_output(r, n_slices, (100, 130), "uint8")
     fast = make_writers(r, plan, tmp_path / "fast", token="fast")
     plain = make_writers(r, plan, tmp_path / "plain", token="plain")

@@ -15,9 +15,7 @@ import pytest
 
 from emflow.io import pagecache
 from emflow.plan import make_writers, plan_output
-from emflow.recipe import recipe_from_dict
-from tests.test_edge_chunks import OUTPUTS  # the same six layouts
-
+from tests.test_edge_chunks import layouts_recipe  # the same six layouts
 
 
 def _data_files(root: Path) -> set[Path]:
@@ -36,16 +34,7 @@ def _boxes(shape, cell):
 
 @pytest.mark.parametrize(("n_slices", "frame"), [(5, (100, 130)), (40, (600, 520)), (70, (96, 64))])
 def test_files_named_are_the_files_written(tmp_path, n_slices, frame, monkeypatch):
-    r = recipe_from_dict(
-        {
-            "source": {"glob": "x/*.png"},
-            "voxel_size_nm": [8, 8, 8],
-            "output_dir": "o",
-            "outputs": OUTPUTS,
-            "pyramid": {"levels": 4},
-            "run": {"memory_per_worker": "0.6GiB", "threads_per_worker": 1},
-        }
-    )
+    r = layouts_recipe(levels=4, run={"memory_per_worker": "0.6GiB", "threads_per_worker": 1})
     plan = plan_output(r, n_slices, frame, "uint8")
     assert (plan.cells[0] != (None, None, None)) == (frame[0] > 512)  # units cut in x/y too
     dropped: list[Path] = []

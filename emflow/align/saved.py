@@ -14,8 +14,8 @@ Arrays handed out are read-only (shared between the units of a worker and its th
 Least recently used files go first; the arrays kept never exceed :data:`KEEP_BYTES` per
 process (16 MiB: ~15 whole 2048² files, or ~60 area copies of 512²; with float32 descriptors,
 ~6 files: then the units of the 2048² x 32 benchmark on two threads of one process read 36
-whole files instead of 62 and ~29 area copies instead of 182). Files at a URL (a bucket's run folder) are read whole at each call,
-as before, and not kept.
+whole files instead of 62 and ~29 area copies instead of 182). Files at a URL (a bucket's run
+folder) are read whole at each call, as before, and not kept.
 """
 
 from __future__ import annotations

@@ -55,7 +55,11 @@ class DropWhenDone:
 
 
 def drop_when_done(
-    writer: Any, future: Any, level: int, origin_zyx: tuple[int, int, int], shape_zyx: tuple[int, ...]
+    writer: Any,
+    future: Any,
+    level: int,
+    origin_zyx: tuple[int, int, int],
+    shape_zyx: tuple[int, ...],
 ) -> Any:
     """A writer's block write ``future``, dropping the pages of the files the block went into
     (``writer.files(level, origin_zyx, shape_zyx)``) once durable; a remote volume's as is."""
