@@ -31,6 +31,9 @@ SECTIONS = ("limits", "e2e", "peers", "scaling", "big", "overhead", "alignment",
 #: the large stacks of section "big": uncompressed uint8 TIFF (z, y, x), and the full
 #: pipeline (alignment + CLAHE + both outputs) on 4096² PNG slices
 BIG_STACKS = ((64, 8192, 8192), (32, 16384, 16384), (256, 4096, 4096))
+#: the big stack 1 -> 2 workers is measured on as well (where a second of start-up is ~3 %
+#: of a run, against ~17 % on the 2048² stack); at most this many rounds
+BIG_SCALING, BIG_SCALING_REPEATS = (64, 8192, 8192), 3
 FULL_4096 = (32, 4096, 4096)
 BIGMEM_LOCK = "/tmp/emflow-bigmem.lock"
 HERE = Path(__file__).resolve().parent
@@ -216,59 +219,80 @@ def paired_ratios(num: list, den: list) -> list[float]:
     ]
 
 
-def section_scaling(res: dict, args, src: Path, source) -> None:
-    work = OUT / "scaling"
-    frame = args.size * args.size
-    model = res.get("limits", {}).get("model", {})
-    out: dict = {"runs": {}, "ratios": {}}
-    variants = [
-        (
-            "1 worker × 1 thread, pinned to 1 core",
-            e2e.emflow_variant("scale-1w-1core", "both", src, args.slices, work, args.levels,
-                               workers=1, threads=1, pin_cores="0"),
-        ),
-        (
-            "2 workers × 1 thread",
-            e2e.emflow_variant("scale-2w", "both", src, args.slices, work, args.levels,
-                               workers=2, threads=1),
-        ),
-        (
-            "default local cluster (1 worker × 2 threads)",
-            e2e.emflow_variant("scale-default", "both", src, args.slices, work, args.levels),
-        ),
+ONE_CORE = "1 worker × 1 thread, pinned to 1 core"
+TWO_WORKERS = "2 workers × 1 thread"
+
+
+def scaling_variants(
+    prefix: str, kind: str, src: Path, nz: int, work: Path, levels: int | None
+) -> list[tuple[str, e2e.Variant]]:
+    """The two configurations 1 → 2 workers compares: one worker with one thread on one core
+    (the whole process tree pinned there) and two one-thread workers on both cores."""
+    return [
+        (ONE_CORE, e2e.emflow_variant(f"{prefix}-1w-1core", kind, src, nz, work, levels,
+                                      workers=1, threads=1, pin_cores="0")),
+        (TWO_WORKERS, e2e.emflow_variant(f"{prefix}-2w", kind, src, nz, work, levels,
+                                         workers=2, threads=1)),
     ]  # fmt: skip
-    # Repeats alternate between the configurations (load drifts hit each alike); medians.
+
+
+def alternate_scaling(
+    variants: list[tuple[str, e2e.Variant]],
+    repeats: int,
+    input_bytes: int,
+    frame: int,
+    model: dict,
+    what: str = "scaling",
+) -> dict:
+    """Run the configurations in turn, ``repeats`` rounds (load drifts hit each alike), and
+    return ``{"runs": {label: median row}, "ratios": {...}}``: the 1 → 2 worker speed-up of the
+    wall and of the stages alone (journal span: first stage to last stage_end), and the seconds
+    outside the stages (start-up, exit) in each configuration."""
     ms: dict[str, list] = {label: [] for label, _ in variants}
-    # per repeat: the wall of the stages (journal: first stage → last stage_end), to split
-    # the speed-up into the stages (the units) and the rest (start-up, exit)
     staged: dict[str, list[float]] = {label: [] for label, _ in variants}
-    for rep in range(max(1, args.repeat)):
+    for rep in range(max(1, repeats)):
         for label, v in variants:
             if ms[label] and ms[label][-1].returncode:
                 continue  # failed once: do not repeat a failure
-            m = e2e.measure_variant(v)
+            m = e2e.measure_variant(v, timeout_s=3600)
             ms[label].append(m)
             span = e2e.stages_span_s(v.out_dir) if m.returncode == 0 else None
             if span:
                 staged[label].append(span)
-            log(f"scaling {label} rep {rep}: rc {m.returncode} wall {m.wall_s:.2f} s")
+            log(f"{what} {label} rep {rep}: rc {m.returncode} wall {m.wall_s:.2f} s")
+    out: dict = {"runs": {}, "ratios": {}}
     for label, v in variants:
-        out["runs"][label] = e2e.summarize_runs(v, ms[label], source.nbytes, frame, model)
+        out["runs"][label] = e2e.summarize_runs(v, ms[label], input_bytes, frame, model)
         if staged[label]:
             out["runs"][label]["stages_span_s"] = statistics.median(staged[label])
     r = out["runs"]
-    one = r["1 worker × 1 thread, pinned to 1 core"].get("wall_s")
-    two = r["2 workers × 1 thread"].get("wall_s")
+    one, two = r[ONE_CORE].get("wall_s"), r[TWO_WORKERS].get("wall_s")
     if one and two:
         out["ratios"]["speed-up 2 workers vs 1"] = one / two
         out["ratios"]["parallel efficiency (speed-up / 2)"] = one / two / 2
-    s1 = r["1 worker × 1 thread, pinned to 1 core"].get("stages_span_s")
-    s2 = r["2 workers × 1 thread"].get("stages_span_s")
+    s1, s2 = r[ONE_CORE].get("stages_span_s"), r[TWO_WORKERS].get("stages_span_s")
     if one and two and s1 and s2:
         out["ratios"]["speed-up of the stages alone (journal span)"] = s1 / s2
         out["ratios"]["outside the stages s (start-up, exit), 1 worker"] = one - s1
         out["ratios"]["outside the stages s, 2 workers"] = two - s2
-    default = r["default local cluster (1 worker × 2 threads)"].get("wall_s")
+    return out
+
+
+def section_scaling(res: dict, args, src: Path, source) -> None:
+    work = OUT / "scaling"
+    frame = args.size * args.size
+    model = res.get("limits", {}).get("model", {})
+    variants = [
+        *scaling_variants("scale", "both", src, args.slices, work, args.levels),
+        (
+            "default local cluster (1 worker × 2 threads)",
+            e2e.emflow_variant("scale-default", "both", src, args.slices, work, args.levels),
+        ),
+    ]
+    out = alternate_scaling(variants, args.repeat, source.nbytes, frame, model)
+    out["input"] = f"{args.slices} × {args.size}² PNG ({source.nbytes / 1e9:.2f} GB)"
+    default = out["runs"]["default local cluster (1 worker × 2 threads)"].get("wall_s")
+    two = out["runs"][TWO_WORKERS].get("wall_s")
     if default and two:
         out["ratios"]["default (1 worker × 2 threads) / 2 workers wall"] = default / two
     res["scaling"] = out
@@ -302,7 +326,7 @@ def section_big(res: dict, args) -> None:
     """Large stacks on the default local cluster (held under the machine's big-memory lock):
     8192² x 64, 16384² x 32 and 4096² x 256 uncompressed TIFF to both outputs, and the full
     pipeline on 4096² PNG slices. Figures: MB/s, % of the derived limit, peak worker RSS over
-    the plan's largest unit."""
+    the plan's largest unit; and 1 -> 2 workers on the 8192² stack (``res["scaling_big"]``)."""
     import fcntl
 
     from benchmarks.bigdata import ensure_tiff_stack, warm
@@ -331,6 +355,16 @@ def section_big(res: dict, args) -> None:
             log(f"big {name}: rc {m.returncode} wall {m.wall_s:.1f} s")
             rows.append(e2e.summarize_runs(v, [m], nz * ny * nx, ny * nx, model))
             shutil.rmtree(v.out_dir, ignore_errors=True)  # GBs: keep only the figures
+            if shape == BIG_SCALING or args.quick:
+                pair = scaling_variants(f"scale-{nx}", "both-tiff", src, nz, work, None)
+                out = alternate_scaling(
+                    pair, min(args.repeat, BIG_SCALING_REPEATS), nz * ny * nx, ny * nx, model,
+                    what=f"big scaling {nx}",
+                )  # fmt: skip
+                out["input"] = f"{nz} × {nx}² uncompressed TIFF ({nz * ny * nx / 1e9:.1f} GB)"
+                res["scaling_big"] = out
+                for _, pv in pair:
+                    shutil.rmtree(pv.out_dir, ignore_errors=True)
         shape = (4, 1024, 1024) if args.quick else FULL_4096
         src, _ = ensure_png_stack(shape)
         nz, ny, nx = shape
@@ -419,7 +453,7 @@ SECTION_KEYS = {
     "limits": ("limits",),
     "e2e": ("e2e", "quality", "quality_levels", "ratios"),
     "scaling": ("scaling",),
-    "big": ("big",),
+    "big": ("big", "scaling_big"),
     "overhead": ("overhead",),
     "alignment": ("alignment",),
     "profile": ("profile",),

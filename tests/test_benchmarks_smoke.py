@@ -232,3 +232,31 @@ def test_the_full_pipeline_side_figure_adds_the_runs_match_stage_to_the_limit():
     assert pct_with_neighbour_match(row) == pytest.approx(0.5)
     assert pct_with_neighbour_match({**row, "stage_wall_s": {"features": 9.0}}) is None
     assert pct_with_neighbour_match({}) is None
+
+
+def test_one_to_two_workers_gets_a_verdict_and_a_section_per_input():
+    """1 -> 2 workers is judged on each input it was measured on (the 2048² PNG stack and the
+    big TIFF stack), each row naming its input; a run without the big stack keeps one row."""
+    from benchmarks import report
+
+    def scaling(one: float, two: float, on: str) -> dict:
+        runs = {label: {"wall_s": w, "wall_min_s": w, "wall_max_s": w, "n": 3}
+                for label, w in (("1 worker × 1 thread, pinned to 1 core", one),
+                                 ("2 workers × 1 thread", two))}  # fmt: skip
+        return {"input": on, "runs": runs, "ratios": {"speed-up 2 workers vs 1": one / two}}
+
+    res = {
+        "scaling": scaling(10.9, 6.2, "128 × 2048² PNG (0.54 GB)"),
+        "scaling_big": scaling(36.5, 20.0, "64 × 8192² uncompressed TIFF (4.3 GB)"),
+    }
+    rows = [r for r in report.targets(res) if r[0].startswith("1 → 2 workers")]
+    assert rows == [
+        ["1 → 2 workers ≥ 1.8× (same input: 128 × 2048² PNG (0.54 GB))", "1.76×", "**missed**"],
+        ["1 → 2 workers ≥ 1.8× (same input: 64 × 8192² uncompressed TIFF (4.3 GB))", "1.82×",
+         "**met**"],
+    ]  # fmt: skip
+    del res["scaling_big"]
+    assert [r[2] for r in report.targets(res) if r[0].startswith("1 → 2")] == ["**missed**"]
+    md = "\n".join(report._scaling_section(scaling(36.5, 20.0, "a big stack"), big=True))
+    assert "## 4a′. Scaling on a big stack: 1 vs 2 workers" in md
+    assert "| 2 workers × 1 thread | 20.00 [20.00–20.00] |" in md
