@@ -31,7 +31,7 @@ SECTIONS = ("limits", "e2e", "peers", "scaling", "big", "overhead", "alignment",
 #: the large stacks of section "big": uncompressed uint8 TIFF (z, y, x), and the full
 #: pipeline (alignment + CLAHE + both outputs) on 4096² PNG slices
 BIG_STACKS = ((64, 8192, 8192), (32, 16384, 16384), (256, 4096, 4096))
-#: the big stack 1 -> 2 workers is measured on as well (where a second of start-up is ~3 %
+#: the big stack 1 -> 2 workers is measured on as well (where a second of start-up is ~5 %
 #: of a run, against ~17 % on the 2048² stack); at most this many rounds
 BIG_SCALING, BIG_SCALING_REPEATS = (64, 8192, 8192), 3
 FULL_4096 = (32, 4096, 4096)
