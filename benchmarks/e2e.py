@@ -268,27 +268,26 @@ def _emflow_log(out_dir: Path) -> dict:
     return info
 
 
+def _last_session(out_dir: Path) -> list[dict]:
+    """The journal records of the run's last session (a resumed run's earlier sessions left
+    out; emflow's own reader skips a torn line)."""
+    from emflow.lattice.journal import read_journal
+
+    records: list[dict] = []
+    for rec in read_journal(out_dir / "emflow-run"):
+        if rec.get("event") == "session":
+            records = []
+        records.append(rec)
+    return records
+
+
 def stages_span_s(out_dir: Path) -> float | None:
     """Seconds from the last session's first ``stage`` event to its last ``stage_end`` (the
     run's units and the hand-offs between stages; not start-up or exit), from the journal."""
-    import json
-
-    journal = out_dir / "emflow-run" / "journal.jsonl"
-    if not journal.exists():
-        return None
-    first = last = None
-    for line in journal.read_text().splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if ev.get("event") == "session":
-            first = last = None  # the last session only
-        elif ev.get("event") == "stage" and first is None:
-            first = ev["t"]
-        elif ev.get("event") == "stage_end":
-            last = ev["t"]
-    return None if first is None or last is None else last - first
+    events = _last_session(out_dir)
+    starts = [ev["t"] for ev in events if ev.get("event") == "stage"]
+    ends = [ev["t"] for ev in events if ev.get("event") == "stage_end"]
+    return ends[-1] - starts[0] if starts and ends else None
 
 
 def _emflow_stages(out_dir: Path) -> dict:
@@ -297,23 +296,14 @@ def _emflow_stages(out_dir: Path) -> dict:
 
     run = out_dir / "emflow-run"
     out: dict = {}
-    journal = run / "journal.jsonl"
-    if journal.exists():
-        starts: dict[str, float] = {}
-        events = []
-        for line in journal.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-        sessions = [i for i, ev in enumerate(events) if ev.get("event") == "session"]
-        for ev in events[sessions[-1] if sessions else 0 :]:  # the last session only
-            if ev.get("event") == "stage":
-                starts[ev["stage"]] = ev["t"]
-            elif ev.get("event") == "stage_end" and ev.get("stage") in starts:
-                out.setdefault("stage_wall_s", {})[ev["stage"]] = round(
-                    ev["t"] - starts[ev["stage"]], 3
-                )
+    starts: dict[str, float] = {}
+    for ev in _last_session(out_dir):
+        if ev.get("event") == "stage":
+            starts[ev["stage"]] = ev["t"]
+        elif ev.get("event") == "stage_end" and ev.get("stage") in starts:
+            out.setdefault("stage_wall_s", {})[ev["stage"]] = round(
+                ev["t"] - starts[ev["stage"]], 3
+            )
     phases: dict[str, float] = {}
     for marker in sorted((run / "done").glob("*/*.json")) if (run / "done").exists() else []:
         try:

@@ -47,7 +47,7 @@ def pct_with_neighbour_match(row: dict) -> float | None:
     return row["mb_s"] / (1000.0 * cores / cpu_s_per_gb)
 
 
-def _scaling_section(sc: dict | None, big: bool) -> list[str]:
+def scaling_section(sc: dict | None, big: bool) -> list[str]:
     """Section 4a (the 2048² stack) or 4a′ (the big TIFF stack): the configurations' median
     walls and the 1 → 2 worker ratios."""
     if not sc:
@@ -107,9 +107,8 @@ def targets(res: dict) -> list[list[str]]:
         shown = _f(r, 2) + "×" if r else "–"
     add("JPEG + zstd ≥ 0.9× the hand-written tensorstore ceiling (wall)", shown,
         None if r is None else r >= 0.9)  # fmt: skip
-    for key in ("scaling", "scaling_big"):  # one row per input: the 2048² PNG, the big TIFF
-        if key == "scaling_big" and key not in res:
-            continue
+    # one row per input: the 2048² PNG stack always (– when not run), the big TIFF when run
+    for key in ["scaling", *(["scaling_big"] if "scaling_big" in res else [])]:
         sc = (res.get(key) or {}).get("ratios", {})
         r = sc.get("speed-up 2 workers vs 1")
         shown = _f(r, 2) + "×" if r else "–"
@@ -427,7 +426,7 @@ def render(res: dict, findings: str = "") -> str:
         )  # fmt: skip
         L.append("")
     for key in ("scaling", "scaling_big"):
-        L += _scaling_section(res.get(key), big=key == "scaling_big")
+        L += scaling_section(res.get(key), big=key == "scaling_big")
     o = res.get("overhead")
     if o:
         L += [

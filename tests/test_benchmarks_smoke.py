@@ -257,6 +257,6 @@ def test_one_to_two_workers_gets_a_verdict_and_a_section_per_input():
     ]  # fmt: skip
     del res["scaling_big"]
     assert [r[2] for r in report.targets(res) if r[0].startswith("1 → 2")] == ["**missed**"]
-    md = "\n".join(report._scaling_section(scaling(36.5, 20.0, "a big stack"), big=True))
+    md = "\n".join(report.scaling_section(scaling(36.5, 20.0, "a big stack"), big=True))
     assert "## 4a′. Scaling on a big stack: 1 vs 2 workers" in md
     assert "| 2 workers × 1 thread | 20.00 [20.00–20.00] |" in md
