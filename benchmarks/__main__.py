@@ -268,11 +268,11 @@ def alternate_scaling(
     r = out["runs"]
     one, two = r[ONE_CORE].get("wall_s"), r[TWO_WORKERS].get("wall_s")
     if one and two:
-        out["ratios"]["speed-up 2 workers vs 1"] = one / two
+        out["ratios"][report.SPEED_UP] = one / two
         out["ratios"]["parallel efficiency (speed-up / 2)"] = one / two / 2
     s1, s2 = r[ONE_CORE].get("stages_span_s"), r[TWO_WORKERS].get("stages_span_s")
     if one and two and s1 and s2:
-        out["ratios"]["speed-up of the stages alone (journal span)"] = s1 / s2
+        out["ratios"][report.STAGES_SPEED_UP] = s1 / s2
         out["ratios"]["outside the stages s (start-up, exit), 1 worker"] = one - s1
         out["ratios"]["outside the stages s, 2 workers"] = two - s2
     return out

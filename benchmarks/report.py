@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+#: the scaling sections' ratio keys that the targets read (written by benchmarks.__main__;
+#: the keys of results.json files already kept, so not to be reworded)
+SPEED_UP = "speed-up 2 workers vs 1"
+STAGES_SPEED_UP = "speed-up of the stages alone (journal span)"
+
 
 def _f(v: object, nd: int = 1) -> str:
     if v is None or v == "":
@@ -110,9 +115,9 @@ def targets(res: dict) -> list[list[str]]:
     # one row per input: the 2048² PNG stack always (– when not run), the big TIFF when run
     for key in ["scaling", *(["scaling_big"] if "scaling_big" in res else [])]:
         sc = (res.get(key) or {}).get("ratios", {})
-        r = sc.get("speed-up 2 workers vs 1")
+        r = sc.get(SPEED_UP)
         shown = _f(r, 2) + "×" if r else "–"
-        inner = sc.get("speed-up of the stages alone (journal span)")
+        inner = sc.get(STAGES_SPEED_UP)
         if r and inner:  # the verdict is the wall's; the stages' figure says where it is lost
             shown += f" (stages alone {inner:.2f}×)"
         on = (res.get(key) or {}).get("input")
